@@ -1,0 +1,125 @@
+//! Checks the function's signature against the arguments.
+//!
+//! Input:  `async fn create_order(&self, req: Req) -> Result<Order, OrderError>` and its `Args`
+//! Output: `Checked { ok: Some(Order), err: Some(OrderError), .. }`, or every problem found.
+
+use proc_macro2::Span;
+use syn::{FnArg, GenericArgument, Pat, PathArguments, ReturnType, Signature, Type};
+
+use crate::args::{Args, Errors};
+
+/// What the expansion needs to know about the signature.
+pub struct Checked {
+    /// The declared return type, as written.
+    pub ret: Type,
+    /// `T` in `Result<T, E>`.
+    pub ok: Type,
+    /// `E` in `Result<T, E>`, when written out (an alias like `Result<T>` hides it).
+    pub err: Option<Type>,
+}
+
+/// Validates `sig` and `args`, collecting every problem.
+pub fn check(sig: &Signature, args: &Args) -> syn::Result<Checked> {
+    let mut errors = Errors::default();
+    let attr_span = args.span.unwrap_or_else(Span::call_site);
+
+    if sig.asyncness.is_none() {
+        errors.push(syn::Error::new_spanned(
+            sig.fn_token,
+            "#[idempotent] needs an `async fn`: it waits on the store before and after the body",
+        ));
+    }
+    let checked = return_type(sig).map_err(|e| errors.push(e)).ok();
+
+    if args.key.is_none() {
+        errors.push(syn::Error::new(
+            attr_span,
+            "missing `key`: say what makes two calls the same, e.g. `key = req.order_id` or `key = (req.user_id, req.product_id)`",
+        ));
+    }
+    if args.store.is_none() {
+        errors.push(syn::Error::new(
+            attr_span,
+            "missing `store`: name the store to keep records in, e.g. `store = self.store`",
+        ));
+    }
+    if let Some(tx) = &args.tx {
+        let names: Vec<String> = sig.inputs.iter().filter_map(param_name).collect();
+        if !names.iter().any(|n| tx == n) {
+            let listed = if names.is_empty() {
+                "it has no named parameters".to_owned()
+            } else {
+                format!("its parameters are: {}", names.join(", "))
+            };
+            errors.push(syn::Error::new_spanned(
+                tx,
+                format!(
+                    "`tx = {tx}` names no parameter of `{}`; {listed}",
+                    sig.ident
+                ),
+            ));
+        }
+    }
+    errors.finish()?;
+    checked.ok_or_else(|| syn::Error::new(Span::call_site(), "invalid return type"))
+}
+
+fn param_name(arg: &FnArg) -> Option<String> {
+    match arg {
+        FnArg::Typed(typed) => match &*typed.pat {
+            Pat::Ident(ident) => Some(ident.ident.to_string()),
+            _ => None,
+        },
+        FnArg::Receiver(_) => None,
+    }
+}
+
+fn return_type(sig: &Signature) -> syn::Result<Checked> {
+    let not_result = |span: &dyn quote::ToTokens| {
+        syn::Error::new_spanned(
+            span,
+            "#[idempotent] functions must return `Result<T, E>`: the `Ok` value is stored and replayed, and `E` carries idem's errors",
+        )
+    };
+    let ty = match &sig.output {
+        ReturnType::Default => return Err(not_result(&sig.ident)),
+        ReturnType::Type(_, ty) => ty,
+    };
+    let mut inner: &Type = ty;
+    while let Type::Paren(p) = inner {
+        inner = &p.elem;
+    }
+    let Type::Path(path) = inner else {
+        return Err(not_result(ty));
+    };
+    let Some(last) = path.path.segments.last() else {
+        return Err(not_result(ty));
+    };
+    if last.ident != "Result" {
+        return Err(not_result(ty));
+    }
+    let PathArguments::AngleBracketed(generics) = &last.arguments else {
+        return Err(not_result(ty));
+    };
+    let types: Vec<&Type> = generics
+        .args
+        .iter()
+        .filter_map(|a| match a {
+            GenericArgument::Type(t) => Some(t),
+            _ => None,
+        })
+        .collect();
+    match types.as_slice() {
+        [ok] => Ok(Checked {
+            ret: (**ty).clone(),
+            ok: (*ok).clone(),
+            err: None,
+        }),
+        [ok, err] => Ok(Checked {
+            ret: (**ty).clone(),
+            ok: (*ok).clone(),
+            err: Some((*err).clone()),
+        }),
+        _ => Err(not_result(ty)),
+    }
+}

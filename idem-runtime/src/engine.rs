@@ -1,0 +1,440 @@
+//! The engine: claim → run → complete / release, as SPEC §3 lays out.
+//!
+//! [`execute`] is what `#[idempotent]` expands to. It is an ordinary async
+//! function, so services that cannot use the attribute (a closure, a trait
+//! object) call it directly:
+//!
+//! ```
+//! use std::sync::Arc;
+//! use idem_runtime::engine::{execute, Options};
+//! use idem_runtime::codec::ReleaseErrors;
+//! use idem_runtime::key::KeyBuilder;
+//! use idem_runtime::{Error, MemoryStore, Store};
+//!
+//! # #[tokio::main(flavor = "current_thread")] async fn main() {
+//! static OPTIONS: Options = Options::new("doc::charge");
+//! let store = MemoryStore::new();
+//! let key = KeyBuilder::new(OPTIONS.namespace).part("order-7").map(|b| b.finish());
+//! let out: Result<u32, Error> =
+//!     execute(store.handle(), &OPTIONS, key, None, ReleaseErrors, async { Ok(42) }).await;
+//! assert_eq!(out.unwrap(), 42);
+//! # }
+//! ```
+
+use std::future::{poll_fn, Future};
+use std::pin::{pin, Pin};
+use std::sync::Arc;
+use std::task::Poll;
+use std::time::Duration;
+
+use tracing::Instrument as _;
+
+use crate::codec::OutcomePolicy;
+use crate::error::Error;
+use crate::key::{Digest, Key};
+use crate::store::{Claim, ClaimRequest, FencingToken, Store};
+
+/// What to do when a duplicate arrives while the first call is still running.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum InProgress {
+    /// Fail at once with [`Error::InProgress`].
+    Reject,
+    /// Wait up to this long for the first call's outcome (then replay it, or run
+    /// if the first call released its claim); after that, [`Error::InProgress`].
+    Wait(Duration),
+}
+
+/// Per-function settings: the namespace, ttl, lease and in-progress policy.
+#[derive(Debug, Clone, Copy)]
+pub struct Options {
+    /// The key namespace (default: `module_path::fn_name`).
+    pub namespace: &'static str,
+    /// How long a completed outcome is replayed.
+    pub ttl: Duration,
+    /// How long a claim is held without renewal.
+    pub lease: Duration,
+    /// What a duplicate does while the first call runs.
+    pub in_progress: InProgress,
+}
+
+impl Options {
+    /// The defaults: ttl 24 h, lease 30 s, reject duplicates in progress.
+    pub const fn new(namespace: &'static str) -> Self {
+        Options {
+            namespace,
+            ttl: Duration::from_secs(24 * 60 * 60),
+            lease: Duration::from_secs(30),
+            in_progress: InProgress::Reject,
+        }
+    }
+
+    /// Sets the ttl.
+    pub const fn ttl(mut self, ttl: Duration) -> Self {
+        self.ttl = ttl;
+        self
+    }
+
+    /// Sets the lease.
+    pub const fn lease(mut self, lease: Duration) -> Self {
+        self.lease = lease;
+        self
+    }
+
+    /// Sets the in-progress policy.
+    pub const fn in_progress(mut self, policy: InProgress) -> Self {
+        self.in_progress = policy;
+        self
+    }
+}
+
+/// The attempt that is running now: what [`current`] returns inside the body.
+#[derive(Debug, Clone)]
+pub struct Attempt {
+    key: Key,
+    token: FencingToken,
+}
+
+impl Attempt {
+    /// The key this attempt holds (namespace and digest, never the raw key material).
+    pub fn key(&self) -> &Key {
+        &self.key
+    }
+
+    /// The digest of the key material.
+    pub fn digest(&self) -> &Digest {
+        self.key.digest()
+    }
+
+    /// This attempt's fencing token.
+    pub fn token(&self) -> FencingToken {
+        self.token
+    }
+
+    /// A key for a downstream call (a payment provider's idempotency key, say),
+    /// derived from this key's digest and `purpose`. It is the same for every
+    /// attempt of the same logical call, so a rerun after a crash is deduplicated
+    /// downstream too; 64 hex characters.
+    pub fn derive_key(&self, purpose: &str) -> String {
+        crate::key::FingerprintBuilder::new()
+            .bytes(self.key.as_str().as_bytes())
+            .bytes(purpose.as_bytes())
+            .finish()
+            .to_hex()
+    }
+}
+
+tokio::task_local! {
+    static CURRENT: Attempt;
+}
+
+/// The attempt running now, inside an `#[idempotent]` body; `None` elsewhere.
+pub fn current() -> Option<Attempt> {
+    CURRENT.try_with(Attempt::clone).ok()
+}
+
+/// The longest `retry_after` suggested by [`Error::InProgress`]: a running call
+/// usually finishes well before its lease lapses, so hint a short retry.
+pub const MAX_RETRY_AFTER: Duration = Duration::from_secs(1);
+
+fn retry_after(lease_remaining: Duration) -> Duration {
+    lease_remaining.clamp(Duration::from_millis(1), MAX_RETRY_AFTER)
+}
+
+/// Runs `body` at most once per key: claims `key`, runs the body while renewing
+/// the lease, then records the outcome (or releases the claim), or replays the
+/// recorded outcome to a duplicate.
+///
+/// `key` and `fingerprint` are passed as results so a key that could not be
+/// derived fails the call without running the body.
+pub async fn execute<T, E, P, F>(
+    store: Arc<dyn Store>,
+    options: &Options,
+    key: Result<Key, Error>,
+    fingerprint: Option<Result<Digest, Error>>,
+    policy: P,
+    body: F,
+) -> Result<T, E>
+where
+    P: OutcomePolicy<T, E>,
+    F: Future<Output = Result<T, E>>,
+    E: From<Error>,
+{
+    let key = key?;
+    let fingerprint = fingerprint.transpose()?;
+    let span = tracing::debug_span!(
+        "idempotent",
+        namespace = options.namespace,
+        digest = %key.digest(),
+    );
+    run(store, options, key, fingerprint, policy, body)
+        .instrument(span)
+        .await
+}
+
+async fn run<T, E, P, F>(
+    store: Arc<dyn Store>,
+    options: &Options,
+    key: Key,
+    fingerprint: Option<Digest>,
+    policy: P,
+    body: F,
+) -> Result<T, E>
+where
+    P: OutcomePolicy<T, E>,
+    F: Future<Output = Result<T, E>>,
+    E: From<Error>,
+{
+    let token = match claim(&*store, options, &key, fingerprint.as_ref()).await? {
+        Claimed::Run(token) => token,
+        Claimed::Replay(outcome) => {
+            let decoded = policy.decode(&outcome);
+            return match decoded {
+                Ok(outcome) => {
+                    tracing::debug!("replayed");
+                    outcome
+                }
+                Err(err) => {
+                    tracing::error!(error = %err, "stored outcome could not be decoded");
+                    Err(err.into())
+                }
+            };
+        }
+    };
+
+    let mut guard = ClaimGuard {
+        store: &store,
+        key: key.as_str(),
+        token,
+        armed: true,
+    };
+    let attempt = Attempt {
+        key: key.clone(),
+        token,
+    };
+    let outcome = run_renewing(&*store, options, &key, token, CURRENT.scope(attempt, body)).await;
+
+    // From here the outcome is in hand: record it, or release the claim.
+    guard.armed = false;
+    match policy.encode(&outcome) {
+        None => {
+            match store.release(key.as_str(), token).await {
+                Ok(()) => tracing::debug!(token = token.0, "released after error"),
+                Err(err) => tracing::warn!(
+                    token = token.0, error = %err,
+                    "could not release the claim after an error; it lapses with its lease"
+                ),
+            }
+            outcome
+        }
+        Some(Ok(bytes)) => match complete(&*store, &key, token, &bytes, options.ttl).await {
+            Ok(()) => {
+                tracing::debug!(token = token.0, "completed");
+                outcome
+            }
+            Err(Error::LeaseLost) => {
+                tracing::error!(
+                    token = token.0,
+                    "lease lost: another call took the key over while this one ran; \
+                     its outcome was not recorded"
+                );
+                Err(Error::LeaseLost.into())
+            }
+            Err(err) => {
+                tracing::error!(token = token.0, error = %err, "could not record the outcome");
+                Err(err.into())
+            }
+        },
+        Some(Err(err)) => {
+            tracing::error!(token = token.0, error = %err, "the outcome cannot be encoded; releasing");
+            if let Err(e) = store.release(key.as_str(), token).await {
+                tracing::warn!(token = token.0, error = %e, "could not release the claim");
+            }
+            Err(err.into())
+        }
+    }
+}
+
+enum Claimed {
+    Run(FencingToken),
+    Replay(Vec<u8>),
+}
+
+/// Claims the key, waiting for a running duplicate if the policy says so.
+async fn claim(
+    store: &dyn Store,
+    options: &Options,
+    key: &Key,
+    fingerprint: Option<&Digest>,
+) -> Result<Claimed, Error> {
+    let request = ClaimRequest {
+        key: key.as_str(),
+        fingerprint,
+        lease: options.lease,
+    };
+    let deadline = match options.in_progress {
+        InProgress::Wait(d) => Some(tokio::time::Instant::now() + d),
+        InProgress::Reject => None,
+    };
+    let mut backoff = Duration::from_millis(2);
+    loop {
+        match store.claim(request).await {
+            Ok(Claim::Acquired { token, took_over }) => {
+                if took_over {
+                    tracing::warn!(token = token.0, "took over a claim whose lease lapsed");
+                } else {
+                    tracing::debug!(token = token.0, "claimed");
+                }
+                return Ok(Claimed::Run(token));
+            }
+            Ok(Claim::Completed { outcome }) => return Ok(Claimed::Replay(outcome)),
+            Ok(Claim::InProgress { lease_remaining }) => {
+                let now = tokio::time::Instant::now();
+                match deadline {
+                    Some(deadline) if now < deadline => {
+                        let pause = backoff.min(lease_remaining).min(deadline - now);
+                        tokio::time::sleep(pause.max(Duration::from_millis(1))).await;
+                        backoff = (backoff * 2).min(Duration::from_millis(100));
+                    }
+                    _ => {
+                        tracing::debug!("in progress");
+                        return Err(Error::InProgress {
+                            retry_after: retry_after(lease_remaining),
+                        });
+                    }
+                }
+            }
+            Ok(Claim::FingerprintMismatch) => {
+                tracing::warn!("key reused with a different fingerprint");
+                return Err(Error::KeyReused);
+            }
+            Err(err) => {
+                tracing::error!(error = %err, "claim failed; the body did not run");
+                return Err(err);
+            }
+        }
+    }
+}
+
+/// Completes, retrying a transient store failure twice: giving up early would
+/// leave the key claimed until the lease lapses and invite a second execution.
+async fn complete(
+    store: &dyn Store,
+    key: &Key,
+    token: FencingToken,
+    outcome: &[u8],
+    ttl: Duration,
+) -> Result<(), Error> {
+    let mut attempt = 0;
+    loop {
+        match store.complete(key.as_str(), token, outcome, ttl).await {
+            Err(Error::Store(err)) if attempt < 2 => {
+                attempt += 1;
+                tracing::warn!(error = %err, attempt, "completion failed; retrying");
+                tokio::time::sleep(Duration::from_millis(20 << attempt)).await;
+            }
+            other => return other,
+        }
+    }
+}
+
+type RenewFuture<'a> = Pin<Box<dyn Future<Output = Result<(), Error>> + Send + 'a>>;
+
+/// Polls the body, renewing the lease every third of it until the body finishes.
+/// The body is polled first on every wake-up, and a body that finishes without
+/// waiting never sets a timer.
+async fn run_renewing<F: Future>(
+    store: &dyn Store,
+    options: &Options,
+    key: &Key,
+    token: FencingToken,
+    body: F,
+) -> F::Output {
+    let mut body = pin!(body);
+    let interval = (options.lease / 3).max(Duration::from_millis(1));
+    let mut timer: Option<Pin<Box<tokio::time::Sleep>>> = None;
+    let mut renewing: Option<RenewFuture<'_>> = None;
+    let mut renewing_alive = true;
+    poll_fn(move |cx| {
+        if let Poll::Ready(out) = body.as_mut().poll(cx) {
+            return Poll::Ready(out);
+        }
+        loop {
+            if let Some(fut) = renewing.as_mut() {
+                match fut.as_mut().poll(cx) {
+                    Poll::Pending => return Poll::Pending,
+                    Poll::Ready(result) => {
+                        renewing = None;
+                        match result {
+                            Ok(()) => tracing::trace!(token = token.0, "lease renewed"),
+                            Err(Error::LeaseLost) => {
+                                tracing::error!(
+                                    token = token.0,
+                                    "lease lost while the body runs; its outcome will not be recorded"
+                                );
+                                renewing_alive = false;
+                            }
+                            Err(err) => {
+                                tracing::warn!(token = token.0, error = %err, "lease renewal failed; retrying")
+                            }
+                        }
+                    }
+                }
+            }
+            if !renewing_alive {
+                return Poll::Pending;
+            }
+            let timer = timer.get_or_insert_with(|| Box::pin(tokio::time::sleep(interval)));
+            match timer.as_mut().poll(cx) {
+                Poll::Pending => return Poll::Pending,
+                Poll::Ready(()) => {
+                    timer.as_mut().reset(tokio::time::Instant::now() + interval);
+                    renewing = Some(store.renew(key.as_str(), token, options.lease));
+                }
+            }
+        }
+    })
+    .await
+}
+
+/// Releases the claim if the call's future is dropped (cancelled) or the body
+/// panics before the outcome is in hand.
+struct ClaimGuard<'a> {
+    store: &'a Arc<dyn Store>,
+    key: &'a str,
+    token: FencingToken,
+    armed: bool,
+}
+
+impl Drop for ClaimGuard<'_> {
+    fn drop(&mut self) {
+        if !self.armed {
+            return;
+        }
+        let token = self.token;
+        match self.store.release_now(self.key, token) {
+            Some(Ok(())) => tracing::debug!(token = token.0, "released after cancellation"),
+            Some(Err(err)) => {
+                tracing::warn!(token = token.0, error = %err, "could not release after cancellation")
+            }
+            None => match tokio::runtime::Handle::try_current() {
+                Ok(runtime) => {
+                    let store = Arc::clone(self.store);
+                    let key = self.key.to_owned();
+                    runtime.spawn(async move {
+                        match store.release(&key, token).await {
+                            Ok(()) => tracing::debug!(token = token.0, "released after cancellation"),
+                            Err(err) => tracing::warn!(
+                                token = token.0, error = %err,
+                                "could not release after cancellation; the claim lapses with its lease"
+                            ),
+                        }
+                    });
+                }
+                Err(_) => tracing::warn!(
+                    token = token.0,
+                    "cancelled outside a Tokio runtime; the claim lapses with its lease"
+                ),
+            },
+        }
+    }
+}

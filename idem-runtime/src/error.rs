@@ -1,0 +1,106 @@
+//! The one error type every idem operation returns.
+
+use std::time::Duration;
+
+/// A boxed error from a backend or codec, kept as the `source()` of an [`Error`].
+pub type BoxError = Box<dyn std::error::Error + Send + Sync + 'static>;
+
+/// Why an idempotent call did not run its body or could not record its outcome.
+///
+/// Every variant has a message a person can act on. The enum may grow, so match
+/// it with a wildcard arm.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum Error {
+    /// Another call with the same key is running now; try again after `retry_after`.
+    #[error(
+        "a call with the same idempotency key is already in progress; retry after {}",
+        fmt_duration(*retry_after)
+    )]
+    InProgress {
+        /// A suggested delay before retrying (at most the remaining lease of the running call).
+        retry_after: Duration,
+    },
+
+    /// The key was used before with a different request (fingerprint mismatch).
+    #[error(
+        "the idempotency key was already used with a different request; \
+         use a new key for a new request"
+    )]
+    KeyReused,
+
+    /// The key, or one of its parts, was `None` or empty; the body did not run.
+    #[error(
+        "the idempotency key is missing (a key part was `None` or empty); the call did not run"
+    )]
+    MissingKey,
+
+    /// A client-supplied key was rejected by [`ClientKey::parse`](crate::ClientKey::parse).
+    #[error("invalid idempotency key: {0}")]
+    InvalidKey(#[from] InvalidKey),
+
+    /// The claim this call held was lost (its lease lapsed and another call took it
+    /// over, or the record expired); the outcome was not recorded.
+    #[error(
+        "the claim on this idempotency key was lost (its lease lapsed and another call \
+         took it over, or the record expired); the outcome was not recorded"
+    )]
+    LeaseLost,
+
+    /// The store could not be reached or failed; the body did not run (fail-closed).
+    #[error("the idempotency store failed: {0}")]
+    Store(#[source] BoxError),
+
+    /// A stored outcome (or an outcome to be stored) could not be encoded or decoded.
+    #[error("the stored outcome could not be encoded or decoded: {0}")]
+    Codec(#[source] BoxError),
+}
+
+impl Error {
+    /// Wraps a backend failure as [`Error::Store`].
+    pub fn store(err: impl Into<BoxError>) -> Self {
+        Error::Store(err.into())
+    }
+
+    /// Wraps an encoding failure as [`Error::Codec`].
+    pub fn codec(err: impl Into<BoxError>) -> Self {
+        Error::Codec(err.into())
+    }
+
+    /// Whether a retry of the same call may succeed later (in progress, or a store failure).
+    pub fn is_retryable(&self) -> bool {
+        matches!(self, Error::InProgress { .. } | Error::Store(_))
+    }
+}
+
+/// Why a client-supplied idempotency key was rejected.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum InvalidKey {
+    /// The key was empty.
+    #[error("the key is empty; it must be 1 to 255 visible ASCII characters")]
+    Empty,
+    /// The key was longer than 255 bytes.
+    #[error("the key is {len} characters long; at most 255 are allowed")]
+    TooLong {
+        /// The length that was supplied.
+        len: usize,
+    },
+    /// The key held a character outside visible ASCII (`!`..=`~`).
+    #[error(
+        "the key has a character that is not visible ASCII at position {position}; \
+         only `!` to `~` are allowed (no spaces or control characters)"
+    )]
+    InvalidCharacter {
+        /// Zero-based byte position of the first offending character.
+        position: usize,
+    },
+}
+
+fn fmt_duration(d: Duration) -> String {
+    if d.as_millis() < 1000 {
+        format!("{}ms", d.as_millis())
+    } else {
+        format!("{:.1}s", d.as_secs_f64())
+    }
+}

@@ -1,0 +1,199 @@
+//! idem makes side-effecting async operations safe to retry: a payment, an order,
+//! a consumed message runs once, and every repeat gets the first result back.
+//!
+//! Put `#[idempotent]` on an async function that returns `Result<T, E>`:
+//!
+//! ```
+//! use idem_runtime::{idempotent, MemoryStore};
+//! use serde::{Deserialize, Serialize};
+//!
+//! #[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
+//! struct Order { id: u64, user_id: u64, product_id: u64 }
+//!
+//! #[derive(Debug)]
+//! enum OrderError { Idem(idem_runtime::Error) }
+//! impl From<idem_runtime::Error> for OrderError {
+//!     fn from(e: idem_runtime::Error) -> Self { OrderError::Idem(e) }
+//! }
+//!
+//! struct OrderService { store: MemoryStore, next_id: std::sync::atomic::AtomicU64 }
+//!
+//! impl OrderService {
+//!     #[idempotent(key = (user_id, product_id), window = "1d", ttl = "24h", store = self.store)]
+//!     async fn create_order(&self, user_id: u64, product_id: u64) -> Result<Order, OrderError> {
+//!         let id = self.next_id.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+//!         Ok(Order { id, user_id, product_id })
+//!     }
+//! }
+//!
+//! # #[tokio::main(flavor = "current_thread")] async fn main() {
+//! let service = OrderService { store: MemoryStore::new(), next_id: 1.into() };
+//! let first = service.create_order(7, 42).await.unwrap();
+//! let retry = service.create_order(7, 42).await.unwrap(); // replayed, not run again
+//! assert_eq!(first, retry);
+//! assert_eq!(service.next_id.load(std::sync::atomic::Ordering::SeqCst), 2);
+//! # }
+//! ```
+//!
+//! The attribute claims the key atomically in the store, runs the body once
+//! (renewing its lease while it runs), stores the serialized result — or releases
+//! the claim on error, unless `cache_errors` — and replays the stored result to
+//! every duplicate. See `SPEC.md` §2 for every argument.
+//!
+//! | module | what it holds |
+//! |---|---|
+//! | [`store`] | the [`Store`] trait and [`MemoryStore`] |
+//! | [`engine`] | claim → run → complete / release, callable without the macro |
+//! | [`key`] | canonical key encoding, digests, windows, [`ClientKey`] |
+//! | [`codec`] | how outcomes are stored (JSON) |
+//! | `testing` | the store conformance suite (feature `testing`) |
+#![cfg_attr(docsrs, feature(doc_cfg))]
+
+pub mod codec;
+pub mod engine;
+mod error;
+pub mod key;
+pub mod store;
+#[cfg(feature = "testing")]
+#[cfg_attr(docsrs, doc(cfg(feature = "testing")))]
+pub mod testing;
+
+pub use engine::{current, Attempt, InProgress, Options};
+pub use error::{BoxError, Error, InvalidKey};
+pub use idem_macros::idempotent;
+pub use key::{ClientKey, Digest, Key};
+pub use store::memory::MemoryStore;
+pub use store::{Claim, ClaimRequest, FencingToken, Record, RecordState, Store};
+
+/// What generated code calls. Not a public API: names here change without notice.
+#[doc(hidden)]
+pub mod __private {
+    use std::sync::Arc;
+
+    use serde::de::DeserializeOwned;
+    use serde::Serialize;
+
+    pub use crate::codec::{CacheAllErrors, CacheErrorsIf, ReleaseErrors};
+    pub use crate::engine::{execute, InProgress, Options};
+    pub use core::time::Duration;
+
+    use crate::key::{Digest, FingerprintBuilder, Key, KeyBuilder};
+    use crate::{Error, Store};
+
+    /// An owned handle to the store named by `store =`.
+    #[inline]
+    pub fn store_handle<S: Store + ?Sized>(store: &S) -> Arc<dyn Store> {
+        store.handle()
+    }
+
+    /// Builds a key part by part, keeping the first error for the engine to return.
+    pub struct Keyer<'n>(Result<KeyBuilder<'n>, Error>);
+
+    impl<'n> Keyer<'n> {
+        #[inline]
+        pub fn new(namespace: &'n str) -> Self {
+            Keyer(Ok(KeyBuilder::new(namespace)))
+        }
+        #[inline]
+        pub fn part<T: Serialize + ?Sized>(self, value: &T) -> Self {
+            Keyer(self.0.and_then(|b| b.part(value)))
+        }
+        #[inline]
+        pub fn window(self, window: Duration) -> Self {
+            Keyer(self.0.map(|b| b.window(window)))
+        }
+        #[inline]
+        pub fn finish(self) -> Result<Key, Error> {
+            self.0.and_then(KeyBuilder::try_finish)
+        }
+    }
+
+    /// Builds a fingerprint part by part.
+    pub struct Fingerprinter(Result<FingerprintBuilder, Error>);
+
+    impl Fingerprinter {
+        #[inline]
+        #[allow(clippy::new_without_default)]
+        pub fn new() -> Self {
+            Fingerprinter(Ok(FingerprintBuilder::new()))
+        }
+        #[inline]
+        pub fn part<T: Serialize + ?Sized>(self, value: &T) -> Self {
+            Fingerprinter(self.0.and_then(|b| b.part(value)))
+        }
+        #[inline]
+        pub fn finish(self) -> Option<Result<Digest, Error>> {
+            Some(self.0.map(FingerprintBuilder::finish))
+        }
+    }
+
+    /// The success type of an `#[idempotent]` function is stored as JSON and replayed.
+    #[diagnostic::on_unimplemented(
+        message = "`{Self}` cannot be stored: the success type of an #[idempotent] function must implement `Serialize` and `DeserializeOwned`",
+        label = "the result is stored and replayed, so this type must be serializable",
+        note = "derive them: `#[derive(serde::Serialize, serde::Deserialize)]`"
+    )]
+    pub trait StorableOutput {}
+    impl<T: Serialize + DeserializeOwned> StorableOutput for T {}
+
+    /// An `#[idempotent]` function must be able to return idem's own errors.
+    #[diagnostic::on_unimplemented(
+        message = "the error type `{Self}` must implement `From<idem_runtime::Error>`",
+        label = "an #[idempotent] call can fail before the body runs (in progress, key reused, store down), so this error must hold an `idem_runtime::Error`",
+        note = "add `impl From<idem_runtime::Error> for {Self}`"
+    )]
+    pub trait IdempotentError {}
+    impl<E: From<Error>> IdempotentError for E {}
+
+    /// With `cache_errors`, errors are stored and replayed too.
+    #[diagnostic::on_unimplemented(
+        message = "`cache_errors` needs an error type that implements `Serialize` and `DeserializeOwned`, and `{Self}` does not",
+        label = "cached errors are stored and replayed, so this type must be serializable",
+        note = "derive them on the error type, or remove `cache_errors`"
+    )]
+    pub trait StorableError {}
+    impl<E: Serialize + DeserializeOwned> StorableError for E {}
+
+    /// A store that can write its records inside the caller's SQL transaction (`tx =`).
+    #[diagnostic::on_unimplemented(
+        message = "`{Self}` cannot write idempotency records inside your transaction",
+        label = "`tx =` needs a store that shares the transaction's database",
+        note = "`tx =` works with the SQL stores (features `sqlite` and `postgres`); remove `tx =` to use this store"
+    )]
+    pub trait TransactionalStore {}
+
+    /// Names the parts of a `Result` written through an alias such as `Result<T>`.
+    pub trait ResultParts {
+        type Ok;
+        type Err;
+    }
+    impl<T, E> ResultParts for ::core::result::Result<T, E> {
+        type Ok = T;
+        type Err = E;
+    }
+
+    /// An owned handle to a store that must also support `tx =`.
+    #[inline]
+    pub fn tx_store_handle<S: Store + TransactionalStore + ?Sized>(store: &S) -> Arc<dyn Store> {
+        store.handle()
+    }
+
+    #[inline]
+    pub fn assert_result_error<R: ResultParts>()
+    where
+        R::Err: IdempotentError,
+    {
+    }
+    #[inline]
+    pub fn assert_result_cached_error<R: ResultParts>()
+    where
+        R::Err: StorableError,
+    {
+    }
+    #[inline]
+    pub fn assert_output<T: StorableOutput + ?Sized>() {}
+    #[inline]
+    pub fn assert_error<E: IdempotentError + ?Sized>() {}
+    #[inline]
+    pub fn assert_cached_error<E: StorableError + ?Sized>() {}
+}

@@ -1,0 +1,379 @@
+//! [`MemoryStore`]: a sharded in-process store, for tests and single-process services.
+
+use std::collections::HashMap;
+use std::hash::{BuildHasher, RandomState};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, Weak};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use tokio::time::Instant;
+
+use super::{Claim, ClaimRequest, FencingToken, Record, RecordState, Store};
+use crate::error::Error;
+use crate::key::Digest;
+
+const DEFAULT_SHARDS: usize = 64;
+/// A shard is swept after this many claims, or once it has doubled since its last sweep.
+const SWEEP_EVERY: usize = 1024;
+
+/// An in-process store: a mutex-sharded map, with expired records swept as it is used.
+///
+/// Records live only as long as the process; use it in tests, or where a single
+/// process is the whole service. Time is Tokio's clock, so tests that pause time
+/// (`tokio::time::pause`) can move leases and ttls forward without sleeping.
+///
+/// ```
+/// use idem_runtime::MemoryStore;
+/// let store = MemoryStore::new();
+/// let shared = store.clone(); // clones share the same records
+/// # drop(shared);
+/// ```
+#[derive(Clone)]
+pub struct MemoryStore {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    shards: Box<[Mutex<Shard>]>,
+    hasher: RandomState,
+    next_token: AtomicU64,
+    me: Weak<Inner>,
+}
+
+#[derive(Default)]
+struct Shard {
+    records: HashMap<String, Entry>,
+    claims_since_sweep: usize,
+    len_after_sweep: usize,
+}
+
+struct Entry {
+    token: FencingToken,
+    fingerprint: Option<Digest>,
+    state: State,
+}
+
+enum State {
+    Processing {
+        lease_until: Instant,
+    },
+    Completed {
+        outcome: Vec<u8>,
+        expires_at: Instant,
+    },
+}
+
+impl Entry {
+    /// Whether the record still decides claims (a live lease, or an unexpired outcome).
+    fn is_live(&self, now: Instant) -> bool {
+        match &self.state {
+            State::Processing { lease_until } => *lease_until > now,
+            State::Completed { expires_at, .. } => *expires_at > now,
+        }
+    }
+}
+
+impl Default for MemoryStore {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl std::fmt::Debug for MemoryStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("MemoryStore")
+            .field("shards", &self.inner.shards.len())
+            .finish_non_exhaustive()
+    }
+}
+
+impl MemoryStore {
+    /// An empty store with 64 shards.
+    pub fn new() -> Self {
+        Self::with_shards(DEFAULT_SHARDS)
+    }
+
+    /// An empty store with `shards` shards (at least one).
+    pub fn with_shards(shards: usize) -> Self {
+        let shards = (0..shards.max(1)).map(|_| Mutex::default()).collect();
+        MemoryStore {
+            inner: Arc::new_cyclic(|me| Inner {
+                shards,
+                hasher: RandomState::new(),
+                next_token: AtomicU64::new(1),
+                me: me.clone(),
+            }),
+        }
+    }
+
+    /// How many records are held (live or not yet swept).
+    pub fn len(&self) -> usize {
+        self.inner
+            .shards
+            .iter()
+            .map(|s| lock(s).records.len())
+            .sum()
+    }
+
+    /// Whether the store holds no records.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Replaces the stored outcome of a completed record, as a corrupt or
+    /// incompatible writer would. For tests of how corrupt records are handled.
+    #[doc(hidden)]
+    pub fn overwrite_outcome(&self, key: &str, outcome: Vec<u8>) -> bool {
+        let mut shard = self.inner.shard(key);
+        match shard.records.get_mut(key).map(|e| &mut e.state) {
+            Some(State::Completed { outcome: o, .. }) => {
+                *o = outcome;
+                true
+            }
+            _ => false,
+        }
+    }
+}
+
+fn lock(shard: &Mutex<Shard>) -> MutexGuard<'_, Shard> {
+    // A panic while holding a shard lock leaves the map consistent (every
+    // mutation is a single insert/remove/assign), so a poisoned lock is usable.
+    shard
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+impl Inner {
+    fn shard(&self, key: &str) -> MutexGuard<'_, Shard> {
+        let index = (self.hasher.hash_one(key) as usize) % self.shards.len();
+        lock(&self.shards[index])
+    }
+
+    fn next_token(&self) -> FencingToken {
+        FencingToken(self.next_token.fetch_add(1, Ordering::Relaxed))
+    }
+
+    fn claim_now(&self, request: ClaimRequest<'_>) -> Claim {
+        let now = Instant::now();
+        let mut shard = self.shard(request.key);
+        shard.maybe_sweep(now);
+        let took_over = match shard.records.get(request.key) {
+            Some(entry) if entry.is_live(now) => {
+                if let (Some(stored), Some(given)) = (&entry.fingerprint, request.fingerprint) {
+                    if stored != given {
+                        return Claim::FingerprintMismatch;
+                    }
+                }
+                return match &entry.state {
+                    State::Completed { outcome, .. } => Claim::Completed {
+                        outcome: outcome.clone(),
+                    },
+                    State::Processing { lease_until } => Claim::InProgress {
+                        lease_remaining: lease_until.saturating_duration_since(now),
+                    },
+                };
+            }
+            Some(entry) => matches!(entry.state, State::Processing { .. }),
+            None => false,
+        };
+        let token = self.next_token();
+        let entry = Entry {
+            token,
+            fingerprint: request.fingerprint.copied(),
+            state: State::Processing {
+                lease_until: now + request.lease,
+            },
+        };
+        shard.records.insert(request.key.to_owned(), entry);
+        Claim::Acquired { token, took_over }
+    }
+
+    /// Runs `f` on the record if `token` is its current token and it is processing.
+    fn with_claim(
+        &self,
+        key: &str,
+        token: FencingToken,
+        f: impl FnOnce(&mut Entry),
+    ) -> Result<(), Error> {
+        let mut shard = self.shard(key);
+        match shard.records.get_mut(key) {
+            Some(entry)
+                if entry.token == token && matches!(entry.state, State::Processing { .. }) =>
+            {
+                f(entry);
+                Ok(())
+            }
+            _ => Err(Error::LeaseLost),
+        }
+    }
+
+    fn release_sync(&self, key: &str, token: FencingToken) -> Result<(), Error> {
+        let mut shard = self.shard(key);
+        match shard.records.get(key) {
+            Some(entry)
+                if entry.token == token && matches!(entry.state, State::Processing { .. }) =>
+            {
+                shard.records.remove(key);
+                Ok(())
+            }
+            _ => Err(Error::LeaseLost),
+        }
+    }
+
+    fn purge(&self, batch: usize) -> u64 {
+        let now = Instant::now();
+        let mut purged = 0u64;
+        for shard in self.shards.iter() {
+            if purged as usize >= batch {
+                break;
+            }
+            let mut shard = lock(shard);
+            let budget = batch - purged as usize;
+            let expired: Vec<String> = shard
+                .records
+                .iter()
+                .filter(|(_, e)| !e.is_live(now))
+                .map(|(k, _)| k.clone())
+                .take(budget)
+                .collect();
+            for k in &expired {
+                shard.records.remove(k);
+            }
+            purged += expired.len() as u64;
+        }
+        purged
+    }
+}
+
+impl Shard {
+    /// Amortised sweep: O(1) per claim on average, so memory stays bounded by live records.
+    fn maybe_sweep(&mut self, now: Instant) {
+        self.claims_since_sweep += 1;
+        let grown = self.records.len() >= 2 * self.len_after_sweep.max(SWEEP_EVERY / 8);
+        if self.claims_since_sweep >= SWEEP_EVERY || grown {
+            self.records.retain(|_, e| e.is_live(now));
+            self.claims_since_sweep = 0;
+            self.len_after_sweep = self.records.len();
+        }
+    }
+}
+
+#[async_trait]
+impl Store for Inner {
+    async fn claim(&self, request: ClaimRequest<'_>) -> Result<Claim, Error> {
+        Ok(self.claim_now(request))
+    }
+
+    async fn complete(
+        &self,
+        key: &str,
+        token: FencingToken,
+        outcome: &[u8],
+        ttl: Duration,
+    ) -> Result<(), Error> {
+        let expires_at = Instant::now() + ttl;
+        self.with_claim(key, token, |entry| {
+            entry.state = State::Completed {
+                outcome: outcome.to_vec(),
+                expires_at,
+            };
+        })
+    }
+
+    async fn release(&self, key: &str, token: FencingToken) -> Result<(), Error> {
+        self.release_sync(key, token)
+    }
+
+    async fn renew(&self, key: &str, token: FencingToken, lease: Duration) -> Result<(), Error> {
+        let lease_until = Instant::now() + lease;
+        self.with_claim(key, token, |entry| {
+            entry.state = State::Processing { lease_until };
+        })
+    }
+
+    async fn get(&self, key: &str) -> Result<Option<Record>, Error> {
+        let now = Instant::now();
+        let shard = self.shard(key);
+        Ok(shard.records.get(key).and_then(|entry| {
+            let (state, outcome, until) = match &entry.state {
+                State::Processing { lease_until } => (RecordState::Processing, None, *lease_until),
+                State::Completed {
+                    outcome,
+                    expires_at,
+                } => {
+                    if *expires_at <= now {
+                        return None;
+                    }
+                    (RecordState::Completed, Some(outcome.clone()), *expires_at)
+                }
+            };
+            Some(Record::new(
+                key.to_owned(),
+                state,
+                entry.token,
+                entry.fingerprint,
+                outcome,
+                until.saturating_duration_since(now),
+            ))
+        }))
+    }
+
+    async fn purge_expired(&self, batch: usize) -> Result<u64, Error> {
+        Ok(self.purge(batch))
+    }
+
+    fn handle(&self) -> Arc<dyn Store> {
+        // `Inner` lives only inside the `Arc` made in `with_shards`, so while `&self`
+        // exists the upgrade succeeds.
+        match self.me.upgrade() {
+            Some(me) => me,
+            None => unreachable!("a MemoryStore is always owned by its Arc"),
+        }
+    }
+
+    fn release_now(&self, key: &str, token: FencingToken) -> Option<Result<(), Error>> {
+        Some(self.release_sync(key, token))
+    }
+}
+
+#[async_trait]
+impl Store for MemoryStore {
+    async fn claim(&self, request: ClaimRequest<'_>) -> Result<Claim, Error> {
+        Ok(self.inner.claim_now(request))
+    }
+
+    async fn complete(
+        &self,
+        key: &str,
+        token: FencingToken,
+        outcome: &[u8],
+        ttl: Duration,
+    ) -> Result<(), Error> {
+        Store::complete(&*self.inner, key, token, outcome, ttl).await
+    }
+
+    async fn release(&self, key: &str, token: FencingToken) -> Result<(), Error> {
+        self.inner.release_sync(key, token)
+    }
+
+    async fn renew(&self, key: &str, token: FencingToken, lease: Duration) -> Result<(), Error> {
+        Store::renew(&*self.inner, key, token, lease).await
+    }
+
+    async fn get(&self, key: &str) -> Result<Option<Record>, Error> {
+        Store::get(&*self.inner, key).await
+    }
+
+    async fn purge_expired(&self, batch: usize) -> Result<u64, Error> {
+        Ok(self.inner.purge(batch))
+    }
+
+    fn handle(&self) -> Arc<dyn Store> {
+        self.inner.clone()
+    }
+
+    fn release_now(&self, key: &str, token: FencingToken) -> Option<Result<(), Error>> {
+        Some(self.inner.release_sync(key, token))
+    }
+}

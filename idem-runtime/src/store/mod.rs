@@ -1,0 +1,230 @@
+//! The [`Store`] trait every backend implements, and the records it keeps.
+//!
+//! A store keeps one record per storage key (`namespace:hex(digest)`), in one of
+//! two states: `PROCESSING` (claimed, with a lease and a fencing token) or
+//! `COMPLETED` (holding the encoded outcome until the ttl elapses). The whole
+//! claim decision is one atomic [`Store::claim`] call; the table it implements is
+//! in the crate docs and SPEC §3.
+
+use std::fmt;
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+
+use crate::error::Error;
+use crate::key::Digest;
+
+pub mod memory;
+
+/// A claim's fencing token: never reused for a key, increasing where the backend allows.
+///
+/// `complete`, `release` and `renew` succeed only with the record's current token.
+#[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct FencingToken(pub u64);
+
+impl FencingToken {
+    /// The token as a number.
+    pub fn get(self) -> u64 {
+        self.0
+    }
+}
+
+impl fmt::Display for FencingToken {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        self.0.fmt(f)
+    }
+}
+
+impl fmt::Debug for FencingToken {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "FencingToken({})", self.0)
+    }
+}
+
+/// What a caller asks of [`Store::claim`].
+#[derive(Debug, Clone, Copy)]
+pub struct ClaimRequest<'a> {
+    /// The storage key, `namespace:hex(digest)`.
+    pub key: &'a str,
+    /// The request fingerprint, if the caller has one.
+    pub fingerprint: Option<&'a Digest>,
+    /// How long the claim is held without renewal.
+    pub lease: Duration,
+}
+
+/// The whole decision of one atomic claim.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum Claim {
+    /// The caller now holds the key (it was absent, expired, or its lease lapsed).
+    Acquired {
+        /// The new fencing token.
+        token: FencingToken,
+        /// Whether a lapsed claim of another caller was taken over.
+        took_over: bool,
+    },
+    /// The key is completed: replay this encoded outcome.
+    Completed {
+        /// The encoded outcome (see [`codec`](crate::codec)).
+        outcome: Vec<u8>,
+    },
+    /// Another caller holds a live lease on the key.
+    InProgress {
+        /// How long until that lease lapses (unless renewed).
+        lease_remaining: Duration,
+    },
+    /// A live record exists for the key with a different fingerprint.
+    FingerprintMismatch,
+}
+
+/// The state of a stored record.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum RecordState {
+    /// Claimed and running (or abandoned, once the lease has lapsed).
+    Processing,
+    /// Finished; the outcome is replayed until the record expires.
+    Completed,
+}
+
+/// A stored record, as [`Store::get`] returns it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct Record {
+    /// The storage key.
+    pub key: String,
+    /// Processing or completed.
+    pub state: RecordState,
+    /// The current fencing token.
+    pub token: FencingToken,
+    /// The fingerprint stored with the claim, if any.
+    pub fingerprint: Option<Digest>,
+    /// The encoded outcome, for completed records.
+    pub outcome: Option<Vec<u8>>,
+    /// Time left, by the store's clock: of the lease while processing, of the ttl once completed.
+    /// Zero for a processing record whose lease has lapsed.
+    pub expires_in: Duration,
+}
+
+impl Record {
+    /// Builds a record (for store implementations).
+    pub fn new(
+        key: String,
+        state: RecordState,
+        token: FencingToken,
+        fingerprint: Option<Digest>,
+        outcome: Option<Vec<u8>>,
+        expires_in: Duration,
+    ) -> Self {
+        Record {
+            key,
+            state,
+            token,
+            fingerprint,
+            outcome,
+            expires_in,
+        }
+    }
+}
+
+/// A backend that keeps idempotency records.
+///
+/// Implementations decide every claim atomically in one round trip (never a
+/// get followed by a set), judge leases and expiry by their own clock, and
+/// check the fencing token on `complete`, `release` and `renew`. Run
+/// [`testing::conformance`](crate::testing) (feature `testing`) against a new store.
+///
+/// The trait is object-safe: `Arc<dyn Store>` and `Box<dyn Store>` are stores.
+#[diagnostic::on_unimplemented(
+    message = "`{Self}` is not an idempotency store",
+    label = "this must be a value implementing `idem_runtime::Store` (or a reference, `Arc` or `Box` of one)",
+    note = "stores are `MemoryStore`, or any type that implements `idem_runtime::Store`"
+)]
+#[async_trait]
+pub trait Store: Send + Sync {
+    /// Atomically decides a claim, per the table in SPEC §3:
+    /// absent / expired / lapsed → [`Claim::Acquired`] with a new token;
+    /// live processing → [`Claim::InProgress`]; completed → [`Claim::Completed`];
+    /// a live record with a different fingerprint → [`Claim::FingerprintMismatch`].
+    async fn claim(&self, request: ClaimRequest<'_>) -> Result<Claim, Error>;
+
+    /// Records the outcome and keeps it for `ttl`. Fails with [`Error::LeaseLost`]
+    /// (changing nothing) unless `token` is the record's current token and the
+    /// record is processing.
+    async fn complete(
+        &self,
+        key: &str,
+        token: FencingToken,
+        outcome: &[u8],
+        ttl: Duration,
+    ) -> Result<(), Error>;
+
+    /// Deletes a processing record so the next claim runs at once. Fails with
+    /// [`Error::LeaseLost`] (changing nothing) unless `token` is current.
+    async fn release(&self, key: &str, token: FencingToken) -> Result<(), Error>;
+
+    /// Extends a processing record's lease to `lease` from now. Fails with
+    /// [`Error::LeaseLost`] (changing nothing) unless `token` is current.
+    async fn renew(&self, key: &str, token: FencingToken, lease: Duration) -> Result<(), Error>;
+
+    /// Reads a live record (expired completed records are absent).
+    async fn get(&self, key: &str) -> Result<Option<Record>, Error>;
+
+    /// Deletes up to `batch` expired records; returns how many were deleted.
+    async fn purge_expired(&self, batch: usize) -> Result<u64, Error>;
+
+    /// An owned handle to this store, used by the engine to renew the lease while
+    /// the body runs and to release a claim whose caller went away.
+    ///
+    /// For a store that is cheap to clone: `Arc::new(self.clone())`.
+    fn handle(&self) -> Arc<dyn Store>;
+
+    /// Releases a claim without awaiting, when the caller's future was dropped or
+    /// panicked. Return `None` if the store cannot do it synchronously: the engine
+    /// then spawns [`release`](Store::release) on the current Tokio runtime.
+    fn release_now(&self, key: &str, token: FencingToken) -> Option<Result<(), Error>> {
+        let _ = (key, token);
+        None
+    }
+}
+
+macro_rules! forward_store {
+    ($($ty:ty),*) => {$(
+        #[async_trait]
+        impl<S: Store + ?Sized> Store for $ty {
+            async fn claim(&self, request: ClaimRequest<'_>) -> Result<Claim, Error> {
+                (**self).claim(request).await
+            }
+            async fn complete(
+                &self,
+                key: &str,
+                token: FencingToken,
+                outcome: &[u8],
+                ttl: Duration,
+            ) -> Result<(), Error> {
+                (**self).complete(key, token, outcome, ttl).await
+            }
+            async fn release(&self, key: &str, token: FencingToken) -> Result<(), Error> {
+                (**self).release(key, token).await
+            }
+            async fn renew(&self, key: &str, token: FencingToken, lease: Duration) -> Result<(), Error> {
+                (**self).renew(key, token, lease).await
+            }
+            async fn get(&self, key: &str) -> Result<Option<Record>, Error> {
+                (**self).get(key).await
+            }
+            async fn purge_expired(&self, batch: usize) -> Result<u64, Error> {
+                (**self).purge_expired(batch).await
+            }
+            fn handle(&self) -> Arc<dyn Store> {
+                (**self).handle()
+            }
+            fn release_now(&self, key: &str, token: FencingToken) -> Option<Result<(), Error>> {
+                (**self).release_now(key, token)
+            }
+        }
+    )*};
+}
+
+forward_store!(&S, Arc<S>, Box<S>);

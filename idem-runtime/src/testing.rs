@@ -1,0 +1,420 @@
+//! The store conformance suite: run it against any [`Store`] with one call.
+//!
+//! ```
+//! # #[tokio::main] async fn main() {
+//! idem_runtime::testing::conformance(&idem_runtime::MemoryStore::new()).await;
+//! # }
+//! ```
+//!
+//! Every check uses keys under a fresh random namespace, so the suite can run
+//! against a persistent store that holds other data. Checks that need time to
+//! pass use short leases and ttls (150 ms) and sleep well past them; checks that
+//! need a record to stay live use long ones, so nothing depends on timing luck.
+//! A failed check panics with a message naming the rule it broke.
+
+use std::collections::HashSet;
+use std::hash::{BuildHasher, RandomState};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use crate::error::Error;
+use crate::key::{fingerprint, Digest};
+use crate::store::{Claim, ClaimRequest, FencingToken, RecordState, Store};
+
+const LONG: Duration = Duration::from_secs(60);
+const SHORT: Duration = Duration::from_millis(150);
+const PAST_SHORT: Duration = Duration::from_millis(400);
+
+/// Runs every check against `store`, panicking on the first rule broken.
+pub async fn conformance(store: &dyn Store) {
+    let ns = Namespace::new();
+    claim_absent_then_in_progress(store, &ns).await;
+    complete_then_replay(store, &ns).await;
+    stale_tokens_change_nothing(store, &ns).await;
+    release_lets_the_next_claim_run(store, &ns).await;
+    renew_extends_only_the_current_claim(store, &ns).await;
+    fingerprints_guard_every_live_state(store, &ns).await;
+    keys_are_isolated(store, &ns).await;
+    concurrent_claims_have_one_winner(store, &ns).await;
+    tokens_never_repeat(store, &ns).await;
+    handle_shares_records(store, &ns).await;
+    release_now_if_supported(store, &ns).await;
+    lapsed_lease_is_taken_over(store, &ns).await;
+    ttl_expiry_allows_a_new_claim(store, &ns).await;
+    purge_removes_expired_records(store, &ns).await;
+}
+
+/// A random namespace for one run of the suite.
+pub struct Namespace(String);
+
+impl Namespace {
+    /// A namespace no other run uses.
+    pub fn new() -> Self {
+        let nanos = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map(|d| d.as_nanos())
+            .unwrap_or(0);
+        let salt = RandomState::new().hash_one(nanos);
+        Namespace(format!("conformance-{nanos:x}-{salt:x}"))
+    }
+
+    /// The storage key for `name` in this namespace.
+    pub fn key(&self, name: &str) -> String {
+        crate::key::Key::derive(&self.0, name)
+            .map(|k| k.as_str().to_owned())
+            .unwrap_or_else(|_| format!("{}:{name}", self.0))
+    }
+}
+
+impl Default for Namespace {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+fn req<'a>(key: &'a str, fp: Option<&'a Digest>, lease: Duration) -> ClaimRequest<'a> {
+    ClaimRequest {
+        key,
+        fingerprint: fp,
+        lease,
+    }
+}
+
+async fn acquire(store: &dyn Store, key: &str, lease: Duration) -> FencingToken {
+    match store.claim(req(key, None, lease)).await {
+        Ok(Claim::Acquired { token, .. }) => token,
+        other => panic!("claim of an absent key must be acquired, got {other:?}"),
+    }
+}
+
+fn lease_lost(result: Result<(), Error>, what: &str) {
+    assert!(
+        matches!(result, Err(Error::LeaseLost)),
+        "{what} with a stale token must fail with LeaseLost, got {result:?}"
+    );
+}
+
+/// An absent key is acquired; a second claim sees it in progress with a bounded lease.
+pub async fn claim_absent_then_in_progress(store: &dyn Store, ns: &Namespace) {
+    let key = ns.key("in-progress");
+    acquire(store, &key, LONG).await;
+    match store.claim(req(&key, None, LONG)).await {
+        Ok(Claim::InProgress { lease_remaining }) => assert!(
+            lease_remaining <= LONG && lease_remaining > LONG / 2,
+            "lease_remaining must be the remaining lease, got {lease_remaining:?}"
+        ),
+        other => panic!("a live claim must be reported in progress, got {other:?}"),
+    }
+    let record = store.get(&key).await.unwrap().expect("claimed record");
+    assert_eq!(record.state, RecordState::Processing);
+}
+
+/// A completed record replays its exact bytes; it cannot be completed twice.
+pub async fn complete_then_replay(store: &dyn Store, ns: &Namespace) {
+    let key = ns.key("complete");
+    let token = acquire(store, &key, LONG).await;
+    let outcome = br#"{"ok":{"id":1,"note":"\u00e9"}}"#;
+    store.complete(&key, token, outcome, LONG).await.unwrap();
+    for _ in 0..2 {
+        match store.claim(req(&key, None, LONG)).await {
+            Ok(Claim::Completed { outcome: got }) => assert_eq!(got, outcome),
+            other => panic!("a completed record must be replayed, got {other:?}"),
+        }
+    }
+    let record = store.get(&key).await.unwrap().expect("completed record");
+    assert_eq!(record.state, RecordState::Completed);
+    assert_eq!(record.token, token);
+    assert_eq!(record.outcome.as_deref(), Some(&outcome[..]));
+    assert!(record.expires_in <= LONG && record.expires_in > LONG / 2);
+    lease_lost(
+        store.complete(&key, token, b"{}", LONG).await,
+        "complete of a completed record",
+    );
+    lease_lost(
+        store.release(&key, token).await,
+        "release of a completed record",
+    );
+    lease_lost(
+        store.renew(&key, token, LONG).await,
+        "renew of a completed record",
+    );
+    assert!(store.get(&ns.key("never-claimed")).await.unwrap().is_none());
+}
+
+/// complete, release and renew with a wrong token fail and change nothing.
+pub async fn stale_tokens_change_nothing(store: &dyn Store, ns: &Namespace) {
+    let key = ns.key("stale");
+    let token = acquire(store, &key, LONG).await;
+    let wrong = FencingToken(token.0.wrapping_add(1_000_000));
+    lease_lost(store.complete(&key, wrong, b"{}", LONG).await, "complete");
+    lease_lost(store.release(&key, wrong).await, "release");
+    lease_lost(store.renew(&key, wrong, LONG).await, "renew");
+    let record = store.get(&key).await.unwrap().expect("record");
+    assert_eq!(record.state, RecordState::Processing);
+    assert_eq!(record.token, token);
+    lease_lost(
+        store.complete(&ns.key("absent"), token, b"{}", LONG).await,
+        "complete of an absent key",
+    );
+}
+
+/// After release the key is absent: the next claim runs at once with a new token.
+pub async fn release_lets_the_next_claim_run(store: &dyn Store, ns: &Namespace) {
+    let key = ns.key("release");
+    let first = acquire(store, &key, LONG).await;
+    store.release(&key, first).await.unwrap();
+    assert!(
+        store.get(&key).await.unwrap().is_none(),
+        "released record must be gone"
+    );
+    let second = acquire(store, &key, LONG).await;
+    assert_ne!(first, second, "a token must never repeat for a key");
+    lease_lost(store.release(&key, first).await, "release");
+    store.release(&key, second).await.unwrap();
+}
+
+/// renew extends the current claim; the record stays processing with the same token.
+pub async fn renew_extends_only_the_current_claim(store: &dyn Store, ns: &Namespace) {
+    let key = ns.key("renew");
+    let token = acquire(store, &key, SHORT).await;
+    store.renew(&key, token, LONG).await.unwrap();
+    tokio::time::sleep(PAST_SHORT).await;
+    match store.claim(req(&key, None, LONG)).await {
+        Ok(Claim::InProgress { .. }) => {}
+        other => panic!("a renewed lease must still be live, got {other:?}"),
+    }
+    let record = store.get(&key).await.unwrap().expect("record");
+    assert_eq!(record.token, token);
+}
+
+/// Any live record with a different fingerprint is a mismatch; no fingerprint matches any.
+pub async fn fingerprints_guard_every_live_state(store: &dyn Store, ns: &Namespace) {
+    let key = ns.key("fingerprint");
+    let a = fingerprint("request a").unwrap();
+    let b = fingerprint("request b").unwrap();
+    let token = match store.claim(req(&key, Some(&a), LONG)).await {
+        Ok(Claim::Acquired { token, .. }) => token,
+        other => panic!("expected acquired, got {other:?}"),
+    };
+    assert_eq!(
+        store.claim(req(&key, Some(&b), LONG)).await.unwrap(),
+        Claim::FingerprintMismatch,
+        "processing record, different fingerprint"
+    );
+    assert!(matches!(
+        store.claim(req(&key, Some(&a), LONG)).await.unwrap(),
+        Claim::InProgress { .. }
+    ));
+    store
+        .complete(&key, token, b"{\"ok\":1}", LONG)
+        .await
+        .unwrap();
+    assert_eq!(
+        store.claim(req(&key, Some(&b), LONG)).await.unwrap(),
+        Claim::FingerprintMismatch,
+        "completed record, different fingerprint"
+    );
+    for fp in [Some(&a), None] {
+        assert!(matches!(
+            store.claim(req(&key, fp, LONG)).await.unwrap(),
+            Claim::Completed { .. }
+        ));
+    }
+    let record = store.get(&key).await.unwrap().unwrap();
+    assert_eq!(record.fingerprint, Some(a));
+}
+
+/// Two keys never see each other's records.
+pub async fn keys_are_isolated(store: &dyn Store, ns: &Namespace) {
+    let one = ns.key("isolated-1");
+    let two = ns.key("isolated-2");
+    let t1 = acquire(store, &one, LONG).await;
+    let t2 = acquire(store, &two, LONG).await;
+    store.complete(&one, t1, b"{\"ok\":1}", LONG).await.unwrap();
+    lease_lost(
+        store.complete(&two, t1, b"{}", LONG).await,
+        "complete with another key's token",
+    );
+    assert!(matches!(
+        store.claim(req(&two, None, LONG)).await.unwrap(),
+        Claim::InProgress { .. }
+    ));
+    store.release(&two, t2).await.unwrap();
+}
+
+/// Many concurrent claims on one key: exactly one is acquired.
+pub async fn concurrent_claims_have_one_winner(store: &dyn Store, ns: &Namespace) {
+    let key = ns.key("race");
+    let claims = (0..64).map(|_| store.claim(req(&key, None, LONG)));
+    let results = join_all(claims).await;
+    let won = results
+        .iter()
+        .filter(|r| matches!(r, Ok(Claim::Acquired { .. })))
+        .count();
+    let in_progress = results
+        .iter()
+        .filter(|r| matches!(r, Ok(Claim::InProgress { .. })))
+        .count();
+    assert_eq!(won, 1, "exactly one concurrent claim must win: {results:?}");
+    assert_eq!(in_progress, 63);
+}
+
+/// Claim and release the same key many times: every token is new.
+pub async fn tokens_never_repeat(store: &dyn Store, ns: &Namespace) {
+    let key = ns.key("tokens");
+    let mut seen = HashSet::new();
+    for _ in 0..50 {
+        let token = acquire(store, &key, LONG).await;
+        assert!(
+            seen.insert(token),
+            "token {token} was issued twice for one key"
+        );
+        store.release(&key, token).await.unwrap();
+    }
+}
+
+/// Operations through `handle()` act on the same records.
+pub async fn handle_shares_records(store: &dyn Store, ns: &Namespace) {
+    let key = ns.key("handle");
+    let handle: Arc<dyn Store> = store.handle();
+    let token = acquire(&*handle, &key, LONG).await;
+    assert!(matches!(
+        store.claim(req(&key, None, LONG)).await.unwrap(),
+        Claim::InProgress { .. }
+    ));
+    store
+        .complete(&key, token, b"{\"ok\":2}", LONG)
+        .await
+        .unwrap();
+    assert!(matches!(
+        handle.handle().claim(req(&key, None, LONG)).await.unwrap(),
+        Claim::Completed { .. }
+    ));
+}
+
+/// `release_now`, where a store offers it, releases like `release`.
+pub async fn release_now_if_supported(store: &dyn Store, ns: &Namespace) {
+    let key = ns.key("release-now");
+    let token = acquire(store, &key, LONG).await;
+    match store.release_now(&key, token) {
+        Some(result) => {
+            result.unwrap();
+            assert!(store.get(&key).await.unwrap().is_none());
+            assert!(matches!(
+                store.release_now(&key, token),
+                Some(Err(Error::LeaseLost))
+            ));
+        }
+        None => store.release(&key, token).await.unwrap(),
+    }
+}
+
+/// A lapsed lease is taken over with a new token; the stale holder's
+/// completion is refused and changes nothing.
+pub async fn lapsed_lease_is_taken_over(store: &dyn Store, ns: &Namespace) {
+    let key = ns.key("lapse");
+    let stale = acquire(store, &key, SHORT).await;
+    tokio::time::sleep(PAST_SHORT).await;
+    let fresh = match store.claim(req(&key, None, LONG)).await {
+        Ok(Claim::Acquired { token, took_over }) => {
+            assert!(took_over, "taking over a lapsed claim must say so");
+            token
+        }
+        other => panic!("a lapsed lease must be taken over, got {other:?}"),
+    };
+    assert_ne!(stale, fresh);
+    lease_lost(
+        store.complete(&key, stale, b"{\"ok\":0}", LONG).await,
+        "complete",
+    );
+    lease_lost(store.renew(&key, stale, LONG).await, "renew");
+    lease_lost(store.release(&key, stale).await, "release");
+    let record = store.get(&key).await.unwrap().expect("record");
+    assert_eq!(record.state, RecordState::Processing);
+    assert_eq!(record.token, fresh);
+    assert_eq!(record.outcome, None);
+    store
+        .complete(&key, fresh, b"{\"ok\":1}", LONG)
+        .await
+        .unwrap();
+}
+
+/// Once the ttl elapses the record is gone and the key can be claimed again.
+pub async fn ttl_expiry_allows_a_new_claim(store: &dyn Store, ns: &Namespace) {
+    let key = ns.key("ttl");
+    let first = acquire(store, &key, LONG).await;
+    store
+        .complete(&key, first, b"{\"ok\":1}", SHORT)
+        .await
+        .unwrap();
+    tokio::time::sleep(PAST_SHORT).await;
+    assert!(
+        store.get(&key).await.unwrap().is_none(),
+        "expired record must read as absent"
+    );
+    let second = acquire(store, &key, LONG).await;
+    assert_ne!(
+        first, second,
+        "a token must never repeat for a key, even after expiry"
+    );
+}
+
+/// `purge_expired` deletes expired records in batches and keeps live ones.
+pub async fn purge_removes_expired_records(store: &dyn Store, ns: &Namespace) {
+    for i in 0..5 {
+        let key = ns.key(&format!("purge-{i}"));
+        let token = acquire(store, &key, LONG).await;
+        store
+            .complete(&key, token, b"{\"ok\":1}", SHORT)
+            .await
+            .unwrap();
+    }
+    let live = ns.key("purge-live");
+    let token = acquire(store, &live, LONG).await;
+    store
+        .complete(&live, token, b"{\"ok\":1}", LONG)
+        .await
+        .unwrap();
+    tokio::time::sleep(PAST_SHORT).await;
+    let mut purged = 0;
+    for _ in 0..1000 {
+        let n = store.purge_expired(2).await.unwrap();
+        assert!(n <= 2, "purge_expired(2) deleted {n} records");
+        if n == 0 {
+            break;
+        }
+        purged += n;
+    }
+    assert!(
+        purged >= 5,
+        "expected at least 5 expired records purged, got {purged}"
+    );
+    assert!(
+        store.get(&live).await.unwrap().is_some(),
+        "a live record must survive a purge"
+    );
+}
+
+/// Runs futures concurrently on the current task (no extra dependency).
+async fn join_all<F: std::future::Future>(futures: impl Iterator<Item = F>) -> Vec<F::Output> {
+    let mut futures: Vec<_> = futures.map(Box::pin).collect();
+    let mut outputs: Vec<Option<F::Output>> = futures.iter().map(|_| None).collect();
+    std::future::poll_fn(|cx| {
+        let mut pending = false;
+        for (fut, out) in futures.iter_mut().zip(outputs.iter_mut()) {
+            if out.is_none() {
+                match fut.as_mut().poll(cx) {
+                    std::task::Poll::Ready(v) => *out = Some(v),
+                    std::task::Poll::Pending => pending = true,
+                }
+            }
+        }
+        if pending {
+            std::task::Poll::Pending
+        } else {
+            std::task::Poll::Ready(())
+        }
+    })
+    .await;
+    outputs.into_iter().flatten().collect()
+}

@@ -1,0 +1,1 @@
+//! Workspace-level tests for idem live in `tests/`.
