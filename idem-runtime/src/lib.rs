@@ -58,6 +58,8 @@ pub mod store;
 #[cfg_attr(docsrs, doc(cfg(feature = "testing")))]
 pub mod testing;
 
+/// Implement [`Store`] with this attribute (re-exported from `async-trait`).
+pub use async_trait::async_trait;
 pub use engine::{current, Attempt, InProgress, Options};
 pub use error::{BoxError, Error, InvalidKey};
 pub use idem_macros::idempotent;

@@ -1,0 +1,185 @@
+//! Leases: renewed while the body runs; a lapsed claim is taken over with a new
+//! token, and the stale holder's completion is refused and changes nothing.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use idem_runtime::{idempotent, Claim, ClaimRequest, Error, MemoryStore, RecordState, Store};
+use partition::PartitionedRenewals;
+
+use crate::{AppError, Runs};
+
+struct Jobs<S> {
+    store: S,
+    runs: Runs,
+}
+
+impl<S: Store> Jobs<S> {
+    #[idempotent(key = job, lease = "100ms", store = self.store)]
+    async fn run(&self, job: u32, work: Duration) -> Result<usize, AppError> {
+        let n = self.runs.hit();
+        tokio::time::sleep(work).await;
+        Ok(n)
+    }
+}
+
+fn key(job: u32) -> String {
+    idem_runtime::Key::derive(concat!(module_path!(), "::run"), &job)
+        .unwrap()
+        .as_str()
+        .to_owned()
+}
+
+#[tokio::test(start_paused = true)]
+async fn the_lease_is_renewed_while_the_body_runs() {
+    let jobs = Arc::new(Jobs {
+        store: MemoryStore::new(),
+        runs: Runs::default(),
+    });
+    let long = tokio::spawn({
+        let jobs = jobs.clone();
+        async move { jobs.run(1, Duration::from_millis(1000)).await }
+    });
+    // Ten leases later the first call still holds the key.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let dup = jobs.run(1, Duration::ZERO).await;
+    assert!(matches!(dup, Err(ref e) if e.is_in_progress()), "{dup:?}");
+    assert_eq!(long.await.unwrap().unwrap(), 1);
+    assert_eq!(jobs.runs.get(), 1);
+}
+
+#[tokio::test(start_paused = true)]
+async fn an_abandoned_claim_is_taken_over_after_the_lease() {
+    let jobs = Jobs {
+        store: MemoryStore::new(),
+        runs: Runs::default(),
+    };
+    // A caller that crashed after claiming: its claim is never renewed or completed.
+    let crashed = match jobs
+        .store
+        .claim(ClaimRequest {
+            key: &key(2),
+            fingerprint: None,
+            lease: Duration::from_millis(100),
+        })
+        .await
+        .unwrap()
+    {
+        Claim::Acquired { token, .. } => token,
+        other => panic!("{other:?}"),
+    };
+    let early = jobs.run(2, Duration::ZERO).await;
+    assert!(
+        matches!(early, Err(ref e) if e.is_in_progress()),
+        "lease still live: {early:?}"
+    );
+    tokio::time::advance(Duration::from_millis(150)).await;
+    assert_eq!(
+        jobs.run(2, Duration::ZERO).await.unwrap(),
+        1,
+        "taken over and run"
+    );
+    let record = jobs.store.get(&key(2)).await.unwrap().unwrap();
+    assert!(record.token > crashed, "the takeover has a newer token");
+    // The crashed holder comes back: its completion is refused and changes nothing.
+    let late = jobs
+        .store
+        .complete(&key(2), crashed, b"{\"ok\":99}", Duration::from_secs(60))
+        .await;
+    assert!(matches!(late, Err(Error::LeaseLost)));
+    assert_eq!(jobs.store.get(&key(2)).await.unwrap().unwrap(), record);
+    assert_eq!(
+        jobs.run(2, Duration::ZERO).await.unwrap(),
+        1,
+        "the takeover's result replays"
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_holder_that_lost_its_lease_gets_lease_lost_and_records_nothing() {
+    let store = PartitionedRenewals::new(MemoryStore::new());
+    let jobs = Arc::new(Jobs {
+        store: store.clone(),
+        runs: Runs::default(),
+    });
+    // The first call's renewals cannot reach the store, so its lease lapses mid-body.
+    let slow = tokio::spawn({
+        let jobs = jobs.clone();
+        async move { jobs.run(3, Duration::from_millis(500)).await }
+    });
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let second = jobs.run(3, Duration::ZERO).await.unwrap();
+    assert_eq!(
+        second, 2,
+        "the lapsed claim was taken over and the body ran"
+    );
+    let stale = slow.await.unwrap();
+    assert!(
+        matches!(stale, Err(AppError::Idem(Error::LeaseLost))),
+        "the stale holder learns its outcome was not recorded: {stale:?}"
+    );
+    let record = store.inner().get(&key(3)).await.unwrap().unwrap();
+    assert_eq!(record.state, RecordState::Completed);
+    assert_eq!(record.outcome.as_deref(), Some(&b"{\"ok\":2}"[..]));
+    assert_eq!(jobs.runs.get(), 2);
+}
+
+mod partition {
+    //! A store wrapper whose lease renewals fail, as if a network partition
+    //! cut off only the renewing connection. Everything else goes to a real store.
+
+    use std::sync::Arc;
+    use std::time::Duration;
+
+    use idem_runtime::{
+        async_trait, Claim, ClaimRequest, Error, FencingToken, MemoryStore, Record, Store,
+    };
+
+    #[derive(Clone)]
+    pub struct PartitionedRenewals(Arc<MemoryStore>);
+
+    impl PartitionedRenewals {
+        pub fn new(store: MemoryStore) -> Self {
+            PartitionedRenewals(Arc::new(store))
+        }
+        pub fn inner(&self) -> &MemoryStore {
+            &self.0
+        }
+    }
+
+    #[async_trait]
+    impl Store for PartitionedRenewals {
+        async fn claim(&self, request: ClaimRequest<'_>) -> Result<Claim, Error> {
+            self.0.claim(request).await
+        }
+        async fn complete(
+            &self,
+            key: &str,
+            token: FencingToken,
+            outcome: &[u8],
+            ttl: Duration,
+        ) -> Result<(), Error> {
+            self.0.complete(key, token, outcome, ttl).await
+        }
+        async fn release(&self, key: &str, token: FencingToken) -> Result<(), Error> {
+            self.0.release(key, token).await
+        }
+        async fn renew(
+            &self,
+            _key: &str,
+            _token: FencingToken,
+            _lease: Duration,
+        ) -> Result<(), Error> {
+            Err(Error::store("renewal connection partitioned"))
+        }
+        async fn get(&self, key: &str) -> Result<Option<Record>, Error> {
+            self.0.get(key).await
+        }
+        async fn purge_expired(&self, batch: usize) -> Result<u64, Error> {
+            self.0.purge_expired(batch).await
+        }
+        fn handle(&self) -> Arc<dyn Store> {
+            Arc::new(self.clone())
+        }
+    }
+}
