@@ -1,0 +1,83 @@
+//! The shared store conformance suite, run against every store in this build.
+//! A new store is one more line here.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use idem_runtime::testing::conformance;
+use idem_runtime::{Claim, ClaimRequest, MemoryStore, Store};
+
+#[tokio::test]
+async fn memory_store() {
+    conformance(&MemoryStore::new()).await;
+}
+
+#[tokio::test]
+async fn memory_store_behind_arc_dyn_store() {
+    let store: Arc<dyn Store> = Arc::new(MemoryStore::with_shards(1));
+    conformance(&store).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn memory_store_claims_race_across_threads() {
+    let store = MemoryStore::new();
+    for round in 0..20 {
+        let key = format!("race:{round}");
+        let tasks: Vec<_> = (0..64)
+            .map(|_| {
+                let store = store.clone();
+                let key = key.clone();
+                tokio::spawn(async move {
+                    let req = ClaimRequest {
+                        key: &key,
+                        fingerprint: None,
+                        lease: Duration::from_secs(60),
+                    };
+                    store.claim(req).await.unwrap()
+                })
+            })
+            .collect();
+        let mut won = 0;
+        for t in tasks {
+            if matches!(t.await.unwrap(), Claim::Acquired { .. }) {
+                won += 1;
+            }
+        }
+        assert_eq!(won, 1, "round {round}: exactly one winner");
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn memory_store_sweeps_expired_records_as_it_is_used() {
+    let store = MemoryStore::with_shards(1);
+    let claim = |key: String| {
+        let store = store.clone();
+        async move {
+            let req = ClaimRequest {
+                key: &key,
+                fingerprint: None,
+                lease: Duration::from_secs(1),
+            };
+            match store.claim(req).await.unwrap() {
+                Claim::Acquired { token, .. } => store
+                    .complete(&key, token, b"{\"ok\":1}", Duration::from_secs(1))
+                    .await
+                    .unwrap(),
+                other => panic!("{other:?}"),
+            }
+        }
+    };
+    for i in 0..10_000 {
+        claim(format!("old:{i}")).await;
+    }
+    assert_eq!(store.len(), 10_000);
+    tokio::time::advance(Duration::from_secs(2)).await;
+    for i in 0..2_000 {
+        claim(format!("new:{i}")).await;
+    }
+    assert!(
+        store.len() <= 2_000,
+        "expired records were swept without an explicit purge: {} left",
+        store.len()
+    );
+}
