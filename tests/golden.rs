@@ -90,7 +90,10 @@ fn vectors() -> Vec<(&'static str, String)> {
             }),
         ),
         ("tuple variant", key(&Method::Split(1, 2))),
-        ("newtype struct (same as str)", key(&Newtype("hello".into()))),
+        (
+            "newtype struct (same as str)",
+            key(&Newtype("hello".into())),
+        ),
         (
             "two parts",
             KeyBuilder::new("orders")
@@ -159,7 +162,11 @@ fn digests_match_the_committed_vectors() {
     }
     let committed: BTreeMap<String, String> =
         serde_json::from_str(&std::fs::read_to_string(PATH).expect("golden file")).unwrap();
-    assert_eq!(committed.len(), actual.len(), "a vector was added or removed");
+    assert_eq!(
+        committed.len(),
+        actual.len(),
+        "a vector was added or removed"
+    );
     for (name, digest) in &actual {
         assert_eq!(
             committed.get(*name),
@@ -180,5 +187,9 @@ fn equivalent_values_share_digests_and_others_do_not() {
     assert_ne!(v["tuple (ab, c)"], v["tuple (a, bc)"]);
     assert_ne!(v["two parts"], v["two parts, window 1d at 2023-11-14"]);
     let distinct: std::collections::HashSet<&String> = v.values().collect();
-    assert_eq!(distinct.len(), v.len() - 5, "only the listed equivalences collide");
+    assert_eq!(
+        distinct.len(),
+        v.len() - 5,
+        "only the listed equivalences collide"
+    );
 }

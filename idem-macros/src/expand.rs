@@ -9,8 +9,6 @@
 //! Output:
 //! ```text
 //! async fn create_order(&self, req: Req) -> Result<Order, OrderError> {
-//!     ::idem_runtime::__private::assert_output::<Order>();
-//!     ::idem_runtime::__private::assert_error::<OrderError>();
 //!     const __IDEM_OPTIONS: ::idem_runtime::__private::Options =
 //!         ::idem_runtime::__private::Options::new(concat!(module_path!(), "::", "create_order"))
 //!             .ttl(::idem_runtime::__private::Duration::from_millis(86400000))
@@ -21,7 +19,7 @@
 //!         .window(::idem_runtime::__private::Duration::from_millis(86400000))
 //!         .finish();
 //!     ::idem_runtime::__private::execute(__idem_store, &__IDEM_OPTIONS, __idem_key,
-//!         None, ::idem_runtime::__private::ReleaseErrors,
+//!         None, ::idem_runtime::__private::release_errors::<Order, OrderError>(),
 //!         async move { if false { let __idem_ret: Result<Order, OrderError> = loop {}; return __idem_ret; } body },
 //!     ).await
 //! }
@@ -108,24 +106,18 @@ fn expand(args: &Args, checked: &Checked, func: ItemFn) -> TokenStream {
     let options = local("__IDEM_OPTIONS");
     let ret_var = local("__idem_ret");
 
-    // Type checks, each spanned on the user's token so errors land there.
+    // Type checks land on the user's tokens: `T` and `E` are passed to `execute`
+    // explicitly, so an unmet bound (`T: Serialize`, `E: From<Error>`) is reported
+    // at the type in the signature. An alias (`AppResult<T>`) is checked to be a
+    // `Result` first, and its parts are then inferred.
     let Checked { ret, ok, err } = checked;
-    let mut checks = vec![quote_spanned!(ok.span()=> #private::assert_output::<#ok>();)];
-    match err {
-        Some(err) => checks.push(quote_spanned!(err.span()=> #private::assert_error::<#err>();)),
-        None => checks.push(quote_spanned!(ret.span()=> #private::assert_result_error::<#ret>();)),
-    }
-    if let Some(cache) = &args.cache_errors {
-        let span = cache.keyword.span();
-        match err {
-            Some(err) => {
-                checks.push(quote_spanned!(span=> #private::assert_cached_error::<#err>();))
-            }
-            None => {
-                checks.push(quote_spanned!(span=> #private::assert_result_cached_error::<#ret>();))
-            }
-        }
-    }
+    let check = match (ok, err) {
+        (None, None) => Some(quote_spanned!(ret.span()=> #private::assert_result::<#ret>();)),
+        _ => None,
+    };
+    let underscore = quote!(_);
+    let ok_ty = ok.as_ref().map_or(underscore.clone(), |t| quote!(#t));
+    let err_ty = err.as_ref().map_or(underscore, |t| quote!(#t));
 
     // Options: a constant, so nothing is parsed or allocated per call.
     let namespace = match &args.name {
@@ -169,22 +161,28 @@ fn expand(args: &Args, checked: &Checked, func: ItemFn) -> TokenStream {
             quote!(#private::Fingerprinter::new() #(#fp_parts)* .finish())
         }
     };
-    let policy = match &args.cache_errors {
-        None => quote!(#private::ReleaseErrors),
+    // How outcomes are stored; its bounds are checked against the written `T` and `E`.
+    let codec = match &args.cache_errors {
+        None => quote!(#private::release_errors::<#ok_ty, #err_ty>()),
         Some(args::CacheErrorsArg {
-            predicate: None, ..
-        }) => quote!(#private::CacheAllErrors),
+            predicate: None,
+            keyword,
+        }) => quote_spanned!(keyword.span()=>
+            #private::cache_errors::<#ok_ty, #err_ty>(::core::option::Option::None)),
         Some(args::CacheErrorsArg {
             predicate: Some(path),
-            ..
-        }) => quote_spanned!(path.span()=> #private::CacheErrorsIf(#path)),
+            keyword,
+        }) => {
+            let predicate = quote_spanned!(path.span()=> ::core::option::Option::Some(#path));
+            quote_spanned!(keyword.span()=> #private::cache_errors::<#ok_ty, #err_ty>(#predicate))
+        }
     };
 
     let stmts = &block.stmts;
     quote! {
         #(#attrs)*
         #vis #sig {
-            #(#checks)*
+            #check
             const #options: #private::Options = #private::Options::new(#namespace)
                 .ttl(#private::Duration::from_millis(#ttl))
                 .lease(#private::Duration::from_millis(#lease))
@@ -197,7 +195,7 @@ fn expand(args: &Args, checked: &Checked, func: ItemFn) -> TokenStream {
                 &#options,
                 #key_var,
                 #fp_var,
-                #policy,
+                #codec,
                 async move {
                     #[allow(
                         unknown_lints,

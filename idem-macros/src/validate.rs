@@ -12,8 +12,8 @@ use crate::args::{Args, Errors};
 pub struct Checked {
     /// The declared return type, as written.
     pub ret: Type,
-    /// `T` in `Result<T, E>`.
-    pub ok: Type,
+    /// `T` in `Result<T, E>`, when written out (an alias like `AppResult` hides it).
+    pub ok: Option<Type>,
     /// `E` in `Result<T, E>`, when written out (an alias like `Result<T>` hides it).
     pub err: Option<Type>,
 }
@@ -78,7 +78,7 @@ fn return_type(sig: &Signature) -> syn::Result<Checked> {
     let not_result = |span: &dyn quote::ToTokens| {
         syn::Error::new_spanned(
             span,
-            "#[idempotent] functions must return `Result<T, E>`: the `Ok` value is stored and replayed, and `E` carries idem's errors",
+            "#[idempotent] functions must return `Result<T, E>` (or an alias named `...Result`): the `Ok` value is stored and replayed, and `E` carries idem's errors",
         )
     };
     let ty = match &sig.output {
@@ -95,11 +95,21 @@ fn return_type(sig: &Signature) -> syn::Result<Checked> {
     let Some(last) = path.path.segments.last() else {
         return Err(not_result(ty));
     };
-    if last.ident != "Result" {
+    // An alias (`io::Result<T>`, `AppResult<T>`) is accepted when its name ends in
+    // `Result`; its parts are then checked through the type system instead.
+    if !last.ident.to_string().ends_with("Result") {
         return Err(not_result(ty));
     }
+    let alias = Checked {
+        ret: (**ty).clone(),
+        ok: None,
+        err: None,
+    };
+    if last.ident != "Result" {
+        return Ok(alias);
+    }
     let PathArguments::AngleBracketed(generics) = &last.arguments else {
-        return Err(not_result(ty));
+        return Ok(alias);
     };
     let types: Vec<&Type> = generics
         .args
@@ -111,15 +121,14 @@ fn return_type(sig: &Signature) -> syn::Result<Checked> {
         .collect();
     match types.as_slice() {
         [ok] => Ok(Checked {
-            ret: (**ty).clone(),
-            ok: (*ok).clone(),
-            err: None,
+            ok: Some((*ok).clone()),
+            ..alias
         }),
         [ok, err] => Ok(Checked {
-            ret: (**ty).clone(),
-            ok: (*ok).clone(),
+            ok: Some((*ok).clone()),
             err: Some((*err).clone()),
+            ..alias
         }),
-        _ => Err(not_result(ty)),
+        _ => Ok(alias),
     }
 }

@@ -64,70 +64,112 @@ fn corrupt(e: serde_json::Error) -> Error {
     ))
 }
 
-/// Decides which outcomes are stored and how they are encoded and decoded.
-///
-/// The macro picks one: [`ReleaseErrors`] (the default), [`CacheAllErrors`]
-/// (`cache_errors`) or [`CacheErrorsIf`] (`cache_errors = path`).
-pub trait OutcomePolicy<T, E>: Send + Sync {
-    /// The bytes to store for `outcome`, or `None` to release the claim instead.
-    fn encode(&self, outcome: &Result<T, E>) -> Option<Result<Vec<u8>, Error>>;
-    /// Decodes stored bytes back into the outcome to replay.
-    fn decode(&self, bytes: &[u8]) -> Result<Result<T, E>, Error>;
+/// How one function's outcomes are stored: `T` always, `E` only when errors are
+/// cached. Built once per function; its constructors carry the trait bounds, so
+/// the engine itself needs none and a missing `Serialize` is reported once, at
+/// the type in the user's signature.
+pub struct Codec<T, E> {
+    encode_ok: fn(&T) -> Result<Vec<u8>, Error>,
+    /// `Some` when errors are cached: the encoder and which errors to cache.
+    cache_errors: Option<(fn(&E) -> Result<Vec<u8>, Error>, fn(&E) -> bool)>,
+    decode: fn(&[u8]) -> Result<Result<T, E>, Error>,
+    from_error: fn(Error) -> E,
 }
 
-/// Store successes only; an `Err` releases the claim so a retry runs again.
-#[derive(Debug, Clone, Copy, Default)]
-pub struct ReleaseErrors;
-
-impl<T: Serialize + DeserializeOwned, E> OutcomePolicy<T, E> for ReleaseErrors {
-    fn encode(&self, outcome: &Result<T, E>) -> Option<Result<Vec<u8>, Error>> {
-        outcome.as_ref().ok().map(encode_ok)
-    }
-    fn decode(&self, bytes: &[u8]) -> Result<Result<T, E>, Error> {
-        decode_ok(bytes).map(Ok)
+impl<T, E> Clone for Codec<T, E> {
+    fn clone(&self) -> Self {
+        *self
     }
 }
 
-/// Store and replay every outcome, errors included.
-#[derive(Debug, Clone, Copy, Default)]
-pub struct CacheAllErrors;
+impl<T, E> Copy for Codec<T, E> {}
 
-impl<T, E> OutcomePolicy<T, E> for CacheAllErrors
+impl<T, E> std::fmt::Debug for Codec<T, E> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Codec")
+            .field("caches_errors", &self.cache_errors.is_some())
+            .finish_non_exhaustive()
+    }
+}
+
+impl<T, E> Codec<T, E>
 where
     T: Serialize + DeserializeOwned,
-    E: Serialize + DeserializeOwned,
+    E: From<Error>,
 {
-    fn encode(&self, outcome: &Result<T, E>) -> Option<Result<Vec<u8>, Error>> {
-        Some(match outcome {
-            Ok(v) => encode_ok(v),
-            Err(e) => encode_err(e),
-        })
-    }
-    fn decode(&self, bytes: &[u8]) -> Result<Result<T, E>, Error> {
-        decode(bytes)
-    }
-}
-
-/// Store successes, and the errors for which the predicate returns `true`.
-#[derive(Debug, Clone, Copy)]
-pub struct CacheErrorsIf<F>(pub F);
-
-impl<T, E, F> OutcomePolicy<T, E> for CacheErrorsIf<F>
-where
-    T: Serialize + DeserializeOwned,
-    E: Serialize + DeserializeOwned,
-    F: Fn(&E) -> bool + Send + Sync,
-{
-    fn encode(&self, outcome: &Result<T, E>) -> Option<Result<Vec<u8>, Error>> {
-        match outcome {
-            Ok(v) => Some(encode_ok(v)),
-            Err(e) if (self.0)(e) => Some(encode_err(e)),
-            Err(_) => None,
+    /// Store successes only; an `Err` releases the claim so a retry runs again.
+    pub fn release_errors() -> Self {
+        Codec {
+            encode_ok: encode_ok::<T>,
+            cache_errors: None,
+            decode: |bytes| decode_ok::<T>(bytes).map(Ok),
+            from_error: E::from,
         }
     }
-    fn decode(&self, bytes: &[u8]) -> Result<Result<T, E>, Error> {
-        decode(bytes)
+}
+
+impl<T, E> Codec<T, E>
+where
+    T: Serialize + DeserializeOwned,
+    E: From<Error> + Serialize + DeserializeOwned,
+{
+    /// Store and replay every outcome, errors included (`cache_errors`).
+    pub fn cache_errors() -> Self {
+        Self::cache_errors_if(|_| true)
     }
+
+    /// Store successes, and the errors for which `cache` returns true
+    /// (`cache_errors = path`).
+    pub fn cache_errors_if(cache: fn(&E) -> bool) -> Self {
+        Codec {
+            encode_ok: encode_ok::<T>,
+            cache_errors: Some((encode_err::<E>, cache)),
+            decode: decode::<T, E>,
+            from_error: E::from,
+        }
+    }
+}
+
+impl<T, E> Codec<T, E> {
+    /// The bytes to store for `outcome`, or `None` to release the claim instead.
+    pub fn encode(&self, outcome: &Result<T, E>) -> Option<Result<Vec<u8>, Error>> {
+        match (outcome, self.cache_errors) {
+            (Ok(v), _) => Some((self.encode_ok)(v)),
+            (Err(e), Some((encode, cache))) if cache(e) => Some(encode(e)),
+            (Err(_), _) => None,
+        }
+    }
+
+    /// Decodes stored bytes back into the outcome to replay.
+    pub fn decode(&self, bytes: &[u8]) -> Result<Result<T, E>, Error> {
+        (self.decode)(bytes)
+    }
+
+    /// Converts idem's error into the function's error type.
+    pub fn error(&self, err: Error) -> E {
+        (self.from_error)(err)
+    }
+}
+
+/// Names the codec for the macro with the bounds stated where the types are
+/// written, so an unmet bound points at the user's `T` or `E`.
+#[doc(hidden)]
+pub fn release_errors<T, E>() -> Codec<T, E>
+where
+    T: crate::__private::StorableOutput,
+    E: crate::__private::IdempotentError,
+{
+    Codec::release_errors()
+}
+
+/// See [`release_errors`].
+#[doc(hidden)]
+pub fn cache_errors<T, E>(cache: Option<fn(&E) -> bool>) -> Codec<T, E>
+where
+    T: crate::__private::StorableOutput,
+    E: crate::__private::IdempotentError + crate::__private::StorableError,
+{
+    Codec::cache_errors_if(cache.unwrap_or(|_| true))
 }
 
 #[cfg(test)]

@@ -7,7 +7,7 @@
 //! ```
 //! use std::sync::Arc;
 //! use idem_runtime::engine::{execute, Options};
-//! use idem_runtime::codec::ReleaseErrors;
+//! use idem_runtime::codec::Codec;
 //! use idem_runtime::key::KeyBuilder;
 //! use idem_runtime::{Error, MemoryStore, Store};
 //!
@@ -16,7 +16,7 @@
 //! let store = MemoryStore::new();
 //! let key = KeyBuilder::new(OPTIONS.namespace).part("order-7").map(|b| b.finish());
 //! let out: Result<u32, Error> =
-//!     execute(store.handle(), &OPTIONS, key, None, ReleaseErrors, async { Ok(42) }).await;
+//!     execute(store.handle(), &OPTIONS, key, None, Codec::release_errors(), async { Ok(42) }).await;
 //! assert_eq!(out.unwrap(), 42);
 //! # }
 //! ```
@@ -29,7 +29,7 @@ use std::time::Duration;
 
 use tracing::Instrument as _;
 
-use crate::codec::OutcomePolicy;
+use crate::codec::Codec;
 use crate::error::Error;
 use crate::key::{Digest, Key};
 use crate::store::{Claim, ClaimRequest, FencingToken, Store};
@@ -146,48 +146,47 @@ fn retry_after(lease_remaining: Duration) -> Duration {
 ///
 /// `key` and `fingerprint` are passed as results so a key that could not be
 /// derived fails the call without running the body.
-pub async fn execute<T, E, P, F>(
+pub async fn execute<T, E, F>(
     store: Arc<dyn Store>,
     options: &Options,
     key: Result<Key, Error>,
     fingerprint: Option<Result<Digest, Error>>,
-    policy: P,
+    codec: Codec<T, E>,
     body: F,
 ) -> Result<T, E>
 where
-    P: OutcomePolicy<T, E>,
     F: Future<Output = Result<T, E>>,
-    E: From<Error>,
 {
-    let key = key?;
-    let fingerprint = fingerprint.transpose()?;
+    let (key, fingerprint) = match (key, fingerprint.transpose()) {
+        (Ok(key), Ok(fingerprint)) => (key, fingerprint),
+        (Err(err), _) | (_, Err(err)) => return Err(codec.error(err)),
+    };
     let span = tracing::debug_span!(
         "idempotent",
         namespace = options.namespace,
         digest = %key.digest(),
     );
-    run(store, options, key, fingerprint, policy, body)
+    run(store, options, key, fingerprint, codec, body)
         .instrument(span)
         .await
 }
 
-async fn run<T, E, P, F>(
+async fn run<T, E, F>(
     store: Arc<dyn Store>,
     options: &Options,
     key: Key,
     fingerprint: Option<Digest>,
-    policy: P,
+    codec: Codec<T, E>,
     body: F,
 ) -> Result<T, E>
 where
-    P: OutcomePolicy<T, E>,
     F: Future<Output = Result<T, E>>,
-    E: From<Error>,
 {
-    let token = match claim(&*store, options, &key, fingerprint.as_ref()).await? {
+    let claimed = claim(&*store, options, &key, fingerprint.as_ref()).await;
+    let token = match claimed.map_err(|e| codec.error(e))? {
         Claimed::Run(token) => token,
         Claimed::Replay(outcome) => {
-            let decoded = policy.decode(&outcome);
+            let decoded = codec.decode(&outcome);
             return match decoded {
                 Ok(outcome) => {
                     tracing::debug!("replayed");
@@ -195,7 +194,7 @@ where
                 }
                 Err(err) => {
                     tracing::error!(error = %err, "stored outcome could not be decoded");
-                    Err(err.into())
+                    Err(codec.error(err))
                 }
             };
         }
@@ -215,7 +214,7 @@ where
 
     // From here the outcome is in hand: record it, or release the claim.
     guard.armed = false;
-    match policy.encode(&outcome) {
+    match codec.encode(&outcome) {
         None => {
             match store.release(key.as_str(), token).await {
                 Ok(()) => tracing::debug!(token = token.0, "released after error"),
@@ -237,11 +236,11 @@ where
                     "lease lost: another call took the key over while this one ran; \
                      its outcome was not recorded"
                 );
-                Err(Error::LeaseLost.into())
+                Err(codec.error(Error::LeaseLost))
             }
             Err(err) => {
                 tracing::error!(token = token.0, error = %err, "could not record the outcome");
-                Err(err.into())
+                Err(codec.error(err))
             }
         },
         Some(Err(err)) => {
@@ -249,7 +248,7 @@ where
             if let Err(e) = store.release(key.as_str(), token).await {
                 tracing::warn!(token = token.0, error = %e, "could not release the claim");
             }
-            Err(err.into())
+            Err(codec.error(err))
         }
     }
 }

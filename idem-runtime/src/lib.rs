@@ -75,7 +75,7 @@ pub mod __private {
     use serde::de::DeserializeOwned;
     use serde::Serialize;
 
-    pub use crate::codec::{CacheAllErrors, CacheErrorsIf, ReleaseErrors};
+    pub use crate::codec::{cache_errors, release_errors};
     pub use crate::engine::{execute, InProgress, Options};
     pub use core::time::Duration;
 
@@ -135,7 +135,7 @@ pub mod __private {
         label = "the result is stored and replayed, so this type must be serializable",
         note = "derive them: `#[derive(serde::Serialize, serde::Deserialize)]`"
     )]
-    pub trait StorableOutput {}
+    pub trait StorableOutput: Serialize + DeserializeOwned {}
     impl<T: Serialize + DeserializeOwned> StorableOutput for T {}
 
     /// An `#[idempotent]` function must be able to return idem's own errors.
@@ -144,7 +144,7 @@ pub mod __private {
         label = "an #[idempotent] call can fail before the body runs (in progress, key reused, store down), so this error must hold an `idem_runtime::Error`",
         note = "add `impl From<idem_runtime::Error> for {Self}`"
     )]
-    pub trait IdempotentError {}
+    pub trait IdempotentError: From<Error> {}
     impl<E: From<Error>> IdempotentError for E {}
 
     /// With `cache_errors`, errors are stored and replayed too.
@@ -153,7 +153,7 @@ pub mod __private {
         label = "cached errors are stored and replayed, so this type must be serializable",
         note = "derive them on the error type, or remove `cache_errors`"
     )]
-    pub trait StorableError {}
+    pub trait StorableError: Serialize + DeserializeOwned {}
     impl<E: Serialize + DeserializeOwned> StorableError for E {}
 
     /// A store that can write its records inside the caller's SQL transaction (`tx =`).
@@ -164,15 +164,13 @@ pub mod __private {
     )]
     pub trait TransactionalStore {}
 
-    /// Names the parts of a `Result` written through an alias such as `Result<T>`.
-    pub trait ResultParts {
-        type Ok;
-        type Err;
-    }
-    impl<T, E> ResultParts for ::core::result::Result<T, E> {
-        type Ok = T;
-        type Err = E;
-    }
+    /// Checks that a return type written as an alias (`AppResult<T>`) is a `Result`.
+    #[diagnostic::on_unimplemented(
+        message = "#[idempotent] functions must return `Result<T, E>`, and `{Self}` is not a `Result`",
+        label = "the `Ok` value is stored and replayed, and the error carries idem's errors"
+    )]
+    pub trait ResultParts {}
+    impl<T, E> ResultParts for ::core::result::Result<T, E> {}
 
     /// An owned handle to a store that must also support `tx =`.
     #[inline]
@@ -181,21 +179,5 @@ pub mod __private {
     }
 
     #[inline]
-    pub fn assert_result_error<R: ResultParts>()
-    where
-        R::Err: IdempotentError,
-    {
-    }
-    #[inline]
-    pub fn assert_result_cached_error<R: ResultParts>()
-    where
-        R::Err: StorableError,
-    {
-    }
-    #[inline]
-    pub fn assert_output<T: StorableOutput + ?Sized>() {}
-    #[inline]
-    pub fn assert_error<E: IdempotentError + ?Sized>() {}
-    #[inline]
-    pub fn assert_cached_error<E: StorableError + ?Sized>() {}
+    pub fn assert_result<R: ResultParts>() {}
 }

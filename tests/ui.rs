@@ -1,0 +1,10 @@
+//! trybuild UI tests: every compile-time rule of SPEC §2 has a failing case
+//! whose `.stderr` points at the offending token, and the pass cases cover the
+//! signatures and hygiene the attribute must keep working.
+
+#[test]
+fn ui() {
+    let t = trybuild::TestCases::new();
+    t.pass("tests/ui/pass/*.rs");
+    t.compile_fail("tests/ui/fail/*.rs");
+}
