@@ -225,10 +225,10 @@ fn interpret(args: &mut Args, name: &str, arg: RawArg) -> syn::Result<()> {
                     "expected a string literal, e.g. `name = \"create-order\"`",
                 )
             })?;
-            if lit.value().is_empty() || lit.value().contains(':') {
+            if lit.value().trim().is_empty() {
                 return Err(syn::Error::new_spanned(
                     &lit,
-                    "`name` must be a non-empty string without `:` (it prefixes every storage key)",
+                    "`name` must not be empty: it is the namespace that prefixes every storage key",
                 ));
             }
             args.name = Some(lit);

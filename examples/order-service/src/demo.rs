@@ -1,0 +1,182 @@
+//! The self-driving demo: one process, one service, every case a user meets.
+
+use std::fmt;
+use std::sync::Arc;
+
+use idem_runtime::MemoryStore;
+
+use crate::{CreateOrderRequest, Order, OrderError, OrderService};
+
+/// One line of the demo's table.
+#[derive(Debug, Clone)]
+pub struct Row {
+    /// What the client did.
+    pub call: String,
+    /// What it got back.
+    pub outcome: String,
+    /// Orders that exist after the call.
+    pub orders: usize,
+    /// Orders that should exist after the call.
+    pub expected_orders: usize,
+    /// Whether the outcome was the one idem promises.
+    pub as_expected: bool,
+}
+
+/// Everything the demo did, printable as a table.
+#[derive(Debug, Clone, Default)]
+pub struct Report {
+    /// The calls, in order.
+    pub rows: Vec<Row>,
+}
+
+impl Report {
+    /// Whether every call behaved as promised.
+    pub fn all_passed(&self) -> bool {
+        self.rows
+            .iter()
+            .all(|r| r.as_expected && r.orders == r.expected_orders)
+    }
+}
+
+fn request(user_id: u64, product_id: u64, quantity: u32, ship_to: &str) -> CreateOrderRequest {
+    CreateOrderRequest {
+        user_id,
+        product_id,
+        quantity,
+        ship_to: ship_to.into(),
+    }
+}
+
+fn describe(result: &Result<Order, OrderError>) -> String {
+    match result {
+        Ok(order) => format!("Ok: order #{}", order.id),
+        Err(OrderError::Idempotency(idem_runtime::Error::KeyReused)) => {
+            "Err: key reused with a different request".into()
+        }
+        Err(e) => format!("Err: {e}"),
+    }
+}
+
+/// Runs the demo against a fresh service with an in-memory store.
+pub async fn run() -> Report {
+    let service = Arc::new(OrderService::new(Arc::new(MemoryStore::new())));
+    service.restock(42, 100);
+    let mut report = Report::default();
+    let mut row = |call: &str, outcome: String, expected_orders: usize, as_expected: bool| {
+        report.rows.push(Row {
+            call: call.into(),
+            outcome,
+            orders: service.orders_created(),
+            expected_orders,
+            as_expected,
+        });
+    };
+
+    // 1. Fifty clients send the same order at the same moment.
+    let order_a = request(7, 42, 1, "1 Main St");
+    let tasks: Vec<_> = (0..50)
+        .map(|_| {
+            let service = service.clone();
+            let req = order_a.clone();
+            tokio::spawn(async move { service.create_order(req).await })
+        })
+        .collect();
+    let mut ids = Vec::new();
+    let mut failures = 0;
+    for task in tasks {
+        match task.await {
+            Ok(Ok(order)) => ids.push(order.id),
+            _ => failures += 1,
+        }
+    }
+    ids.sort_unstable();
+    ids.dedup();
+    let first = ids.first().copied().unwrap_or(0);
+    row(
+        "50 concurrent duplicates of order A",
+        if failures == 0 && ids.len() == 1 {
+            format!("50 × Ok: order #{first}, the same order for every caller")
+        } else {
+            format!("{} distinct orders, {failures} failed calls", ids.len())
+        },
+        1,
+        failures == 0 && ids.len() == 1,
+    );
+
+    // 2. A client that timed out retries.
+    let retry = service.create_order(order_a.clone()).await;
+    let replayed = matches!(&retry, Ok(o) if o.id == first);
+    row("retry of order A after a timeout", describe(&retry) + " (replayed)", 1, replayed);
+
+    // 3. A different quantity is a different order.
+    let changed = service.create_order(request(7, 42, 2, "1 Main St")).await;
+    let created = matches!(&changed, Ok(o) if o.id != first);
+    row("order A with quantity 2 instead of 1", describe(&changed) + " (new order)", 2, created);
+
+    // 4. The same order shipped elsewhere: same key, different fingerprint.
+    let reused = service.create_order(request(7, 42, 1, "9 Elm St")).await;
+    let refused = matches!(
+        reused,
+        Err(OrderError::Idempotency(idem_runtime::Error::KeyReused))
+    );
+    row("order A shipped to another address", describe(&reused), 2, refused);
+
+    // 5. A failing call: errors release the key, so a retry runs again.
+    let order_b = request(8, 99, 1, "5 Oak Ave");
+    let failed = service.create_order(order_b.clone()).await;
+    let out_of_stock = matches!(failed, Err(OrderError::OutOfStock { .. }));
+    row("order B, product out of stock", describe(&failed), 2, out_of_stock);
+
+    service.restock(99, 10);
+    let second_try = service.create_order(order_b.clone()).await;
+    let ran_again = second_try.is_ok();
+    row("order B retried after a restock", describe(&second_try) + " (ran again)", 3, ran_again);
+
+    let third_try = service.create_order(order_b).await;
+    let same = matches!((&second_try, &third_try), (Ok(a), Ok(b)) if a == b);
+    row("order B retried once more", describe(&third_try) + " (replayed)", 3, same);
+
+    report
+}
+
+impl fmt::Display for Report {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let call_w = self.rows.iter().map(|r| r.call.len()).max().unwrap_or(4).max(4);
+        let out_w = self.rows.iter().map(|r| r.outcome.len()).max().unwrap_or(7).max(7);
+        writeln!(f, "idem order-service demo (in-memory idempotency store)")?;
+        writeln!(f)?;
+        writeln!(
+            f,
+            " # | {:call_w$} | {:out_w$} | orders | check",
+            "call", "outcome"
+        )?;
+        writeln!(f, "---+-{}-+-{}-+--------+------", "-".repeat(call_w), "-".repeat(out_w))?;
+        for (i, r) in self.rows.iter().enumerate() {
+            let check = if r.as_expected && r.orders == r.expected_orders {
+                "ok"
+            } else {
+                "FAIL"
+            };
+            writeln!(
+                f,
+                "{:>2} | {:call_w$} | {:out_w$} | {:>6} | {check}",
+                i + 1,
+                r.call,
+                r.outcome,
+                r.orders
+            )?;
+        }
+        writeln!(f)?;
+        let created = self.rows.last().map_or(0, |r| r.orders);
+        let expected = self.rows.last().map_or(0, |r| r.expected_orders);
+        writeln!(
+            f,
+            "orders created: {created} (expected {expected}) — {}",
+            if self.all_passed() {
+                "every duplicate was answered without running twice"
+            } else {
+                "SOMETHING RAN TWICE OR FAILED"
+            }
+        )
+    }
+}

@@ -1,0 +1,99 @@
+#!/usr/bin/env bash
+# Runs idem's whole test suite: formatting, lints, docs, and every test.
+#
+# Tests talk to real servers on 127.0.0.1 (PostgreSQL, Redis, NATS JetStream).
+# Each is checked first; one that is not running is installed from Debian's
+# packages if missing, then started. Run from anywhere: ./scripts/test.sh
+set -euo pipefail
+
+cd "$(dirname "$0")/.."
+log() { printf '\n==> %s\n' "$*"; }
+
+apt_updated=0
+apt_install() {
+    if [ "$apt_updated" = 0 ]; then
+        DEBIAN_FRONTEND=noninteractive apt-get update -qq
+        apt_updated=1
+    fi
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "$@" >/dev/null
+}
+
+# wait_for "what" command...: retries a readiness check for up to 30 s.
+wait_for() {
+    local what=$1
+    shift
+    for _ in $(seq 1 60); do
+        if "$@" >/dev/null 2>&1; then return 0; fi
+        sleep 0.5
+    done
+    echo "error: $what did not become ready" >&2
+    return 1
+}
+
+port_open() { (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
+
+postgres_ready() {
+    command -v psql >/dev/null && psql -h 127.0.0.1 -U postgres -d test -tAc 'select 1' 2>/dev/null | grep -q 1
+}
+
+ensure_postgres() {
+    if postgres_ready; then echo "postgres: running"; return; fi
+    command -v pg_ctlcluster >/dev/null || apt_install postgresql postgresql-client
+    local ver
+    ver=$(ls /etc/postgresql | sort -V | tail -n 1)
+    local hba="/etc/postgresql/$ver/main/pg_hba.conf"
+    # Tests connect as postgres over loopback without a password.
+    sed -i -E 's/^(local[[:space:]]+all[[:space:]]+(postgres|all)[[:space:]]+).*/\1trust/;
+               s/^(host[[:space:]]+all[[:space:]]+all[[:space:]]+(127\.0\.0\.1\/32|::1\/128)[[:space:]]+).*/\1trust/' "$hba"
+    pg_ctlcluster --skip-systemctl-redirect "$ver" main start 2>/dev/null || pg_ctlcluster --skip-systemctl-redirect "$ver" main reload
+    wait_for postgres psql -h 127.0.0.1 -U postgres -tAc 'select 1'
+    psql -h 127.0.0.1 -U postgres -tAc "select 1 from pg_database where datname = 'test'" | grep -q 1 ||
+        psql -h 127.0.0.1 -U postgres -qc 'create database test'
+    postgres_ready
+    echo "postgres: started"
+}
+
+ensure_redis() {
+    if command -v redis-cli >/dev/null && [ "$(redis-cli -h 127.0.0.1 -p 6379 ping 2>/dev/null)" = PONG ]; then
+        echo "redis: running"
+        return
+    fi
+    command -v redis-server >/dev/null || apt_install redis-server
+    mkdir -p /var/lib/redis /var/log/redis
+    redis-server --daemonize yes --bind 127.0.0.1 -::1 --port 6379 --save "" --appendonly no \
+        --dir /var/lib/redis --logfile /var/log/redis/ci.log
+    wait_for redis sh -c '[ "$(redis-cli -h 127.0.0.1 -p 6379 ping)" = PONG ]'
+    echo "redis: started"
+}
+
+ensure_nats() {
+    if port_open 4222; then echo "nats: running"; return; fi
+    command -v nats-server >/dev/null || [ -x /usr/sbin/nats-server ] || apt_install nats-server
+    local bin
+    bin=$(command -v nats-server || echo /usr/sbin/nats-server)
+    mkdir -p /var/lib/nats-server
+    start-stop-daemon --start --oknodo --background --exec "$bin" -- \
+        -a 127.0.0.1 -p 4222 -js -sd /var/lib/nats-server -l /var/log/nats-server.log
+    wait_for nats port_open 4222
+    echo "nats: started"
+}
+
+log "services"
+ensure_postgres
+ensure_redis
+ensure_nats
+
+log "cargo fmt --check"
+cargo fmt --all -- --check
+
+log "cargo clippy (all targets, all features, warnings denied)"
+cargo clippy --workspace --all-targets --all-features -- -D warnings
+
+log "cargo doc (warnings denied)"
+RUSTDOCFLAGS="-D warnings" cargo doc --workspace --no-deps --all-features -q
+
+log "cargo test (workspace, all features)"
+cargo test --workspace --all-features
+
+log "order-service demo"
+cargo run -q -p order-service -- demo
