@@ -92,8 +92,8 @@ cargo clippy --workspace --all-targets --all-features -- -D warnings
 log "cargo doc (warnings denied)"
 RUSTDOCFLAGS="-D warnings" cargo doc --workspace --no-deps --all-features -q
 
-log "cargo test (workspace, all features)"
-cargo test --workspace --all-features
-
 log "order-service demo"
 cargo run -q -p order-service -- demo
+
+log "cargo test (workspace, all features)"
+cargo test --workspace --all-features

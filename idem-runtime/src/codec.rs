@@ -69,12 +69,16 @@ fn corrupt(e: serde_json::Error) -> Error {
 /// the engine itself needs none and a missing `Serialize` is reported once, at
 /// the type in the user's signature.
 pub struct Codec<T, E> {
-    encode_ok: fn(&T) -> Result<Vec<u8>, Error>,
+    encode_ok: Encoder<T>,
     /// `Some` when errors are cached: the encoder and which errors to cache.
-    cache_errors: Option<(fn(&E) -> Result<Vec<u8>, Error>, fn(&E) -> bool)>,
-    decode: fn(&[u8]) -> Result<Result<T, E>, Error>,
+    cache_errors: Option<(Encoder<E>, Predicate<E>)>,
+    decode: Decoder<T, E>,
     from_error: fn(Error) -> E,
 }
+
+type Encoder<V> = fn(&V) -> Result<Vec<u8>, Error>;
+type Predicate<E> = fn(&E) -> bool;
+type Decoder<T, E> = fn(&[u8]) -> Result<Result<T, E>, Error>;
 
 impl<T, E> Clone for Codec<T, E> {
     fn clone(&self) -> Self {
