@@ -94,7 +94,8 @@ fn push_hex(s: &mut String, bytes: &[u8]) {
 /// Its [`storage key`](Key::as_str) is `namespace:hex(digest)`.
 #[derive(Clone, PartialEq, Eq, Hash)]
 pub struct Key {
-    storage: String,
+    /// Shared, so the engine hands the key to the running attempt without copying.
+    storage: std::sync::Arc<str>,
     namespace_len: usize,
     digest: Digest,
 }
@@ -107,7 +108,7 @@ impl Key {
         storage.push(':');
         push_hex(&mut storage, &digest.0);
         Key {
-            storage,
+            storage: storage.into(),
             namespace_len: namespace.len(),
             digest,
         }

@@ -106,12 +106,22 @@ pub async fn run() -> Report {
     // 2. A client that timed out retries.
     let retry = service.create_order(order_a.clone()).await;
     let replayed = matches!(&retry, Ok(o) if o.id == first);
-    row("retry of order A after a timeout", describe(&retry) + " (replayed)", 1, replayed);
+    row(
+        "retry of order A after a timeout",
+        describe(&retry) + " (replayed)",
+        1,
+        replayed,
+    );
 
     // 3. A different quantity is a different order.
     let changed = service.create_order(request(7, 42, 2, "1 Main St")).await;
     let created = matches!(&changed, Ok(o) if o.id != first);
-    row("order A with quantity 2 instead of 1", describe(&changed) + " (new order)", 2, created);
+    row(
+        "order A with quantity 2 instead of 1",
+        describe(&changed) + " (new order)",
+        2,
+        created,
+    );
 
     // 4. The same order shipped elsewhere: same key, different fingerprint.
     let reused = service.create_order(request(7, 42, 1, "9 Elm St")).await;
@@ -119,30 +129,62 @@ pub async fn run() -> Report {
         reused,
         Err(OrderError::Idempotency(idem_runtime::Error::KeyReused))
     );
-    row("order A shipped to another address", describe(&reused), 2, refused);
+    row(
+        "order A shipped to another address",
+        describe(&reused),
+        2,
+        refused,
+    );
 
     // 5. A failing call: errors release the key, so a retry runs again.
     let order_b = request(8, 99, 1, "5 Oak Ave");
     let failed = service.create_order(order_b.clone()).await;
     let out_of_stock = matches!(failed, Err(OrderError::OutOfStock { .. }));
-    row("order B, product out of stock", describe(&failed), 2, out_of_stock);
+    row(
+        "order B, product out of stock",
+        describe(&failed),
+        2,
+        out_of_stock,
+    );
 
     service.restock(99, 10);
     let second_try = service.create_order(order_b.clone()).await;
     let ran_again = second_try.is_ok();
-    row("order B retried after a restock", describe(&second_try) + " (ran again)", 3, ran_again);
+    row(
+        "order B retried after a restock",
+        describe(&second_try) + " (ran again)",
+        3,
+        ran_again,
+    );
 
     let third_try = service.create_order(order_b).await;
     let same = matches!((&second_try, &third_try), (Ok(a), Ok(b)) if a == b);
-    row("order B retried once more", describe(&third_try) + " (replayed)", 3, same);
+    row(
+        "order B retried once more",
+        describe(&third_try) + " (replayed)",
+        3,
+        same,
+    );
 
     report
 }
 
 impl fmt::Display for Report {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let call_w = self.rows.iter().map(|r| r.call.len()).max().unwrap_or(4).max(4);
-        let out_w = self.rows.iter().map(|r| r.outcome.len()).max().unwrap_or(7).max(7);
+        let call_w = self
+            .rows
+            .iter()
+            .map(|r| r.call.len())
+            .max()
+            .unwrap_or(4)
+            .max(4);
+        let out_w = self
+            .rows
+            .iter()
+            .map(|r| r.outcome.len())
+            .max()
+            .unwrap_or(7)
+            .max(7);
         writeln!(f, "idem order-service demo (in-memory idempotency store)")?;
         writeln!(f)?;
         writeln!(
@@ -150,7 +192,12 @@ impl fmt::Display for Report {
             " # | {:call_w$} | {:out_w$} | orders | check",
             "call", "outcome"
         )?;
-        writeln!(f, "---+-{}-+-{}-+--------+------", "-".repeat(call_w), "-".repeat(out_w))?;
+        writeln!(
+            f,
+            "---+-{}-+-{}-+--------+------",
+            "-".repeat(call_w),
+            "-".repeat(out_w)
+        )?;
         for (i, r) in self.rows.iter().enumerate() {
             let check = if r.as_expected && r.orders == r.expected_orders {
                 "ok"

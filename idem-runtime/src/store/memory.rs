@@ -1,12 +1,13 @@
 //! [`MemoryStore`]: a sharded in-process store, for tests and single-process services.
 
 use std::collections::HashMap;
-use std::hash::{BuildHasher, RandomState};
+use std::hash::BuildHasher;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, Weak};
 use std::time::Duration;
 
 use async_trait::async_trait;
+use foldhash::fast::RandomState;
 use tokio::time::Instant;
 
 use super::{Claim, ClaimRequest, FencingToken, Record, RecordState, Store};
@@ -14,7 +15,7 @@ use crate::error::Error;
 use crate::key::Digest;
 
 const DEFAULT_SHARDS: usize = 64;
-/// A shard is swept after this many claims, or once it has doubled since its last sweep.
+/// A shard is swept at least this often (in claims), or once it has doubled since its last sweep.
 const SWEEP_EVERY: usize = 1024;
 
 /// An in-process store: a mutex-sharded map, with expired records swept as it is used.
@@ -41,9 +42,11 @@ struct Inner {
     me: Weak<Inner>,
 }
 
+/// Keys are hashed with foldhash: fast on the 64-hex-digit digests the engine
+/// produces, and seeded per process so crafted keys cannot collide on purpose.
 #[derive(Default)]
 struct Shard {
-    records: HashMap<String, Entry>,
+    records: HashMap<String, Entry, RandomState>,
     claims_since_sweep: usize,
     len_after_sweep: usize,
 }
@@ -100,7 +103,7 @@ impl MemoryStore {
         MemoryStore {
             inner: Arc::new_cyclic(|me| Inner {
                 shards,
-                hasher: RandomState::new(),
+                hasher: RandomState::default(),
                 next_token: AtomicU64::new(1),
                 me: me.clone(),
             }),
@@ -146,7 +149,8 @@ fn lock(shard: &Mutex<Shard>) -> MutexGuard<'_, Shard> {
 
 impl Inner {
     fn shard(&self, key: &str) -> MutexGuard<'_, Shard> {
-        let index = (self.hasher.hash_one(key) as usize) % self.shards.len();
+        // The high bits pick the shard; the map inside uses its own seed.
+        let index = ((self.hasher.hash_one(key) >> 32) as usize) % self.shards.len();
         lock(&self.shards[index])
     }
 
@@ -247,11 +251,13 @@ impl Inner {
 }
 
 impl Shard {
-    /// Amortised sweep: O(1) per claim on average, so memory stays bounded by live records.
+    /// Amortised sweep: a shard is scanned once per `max(1024, its size)` claims, or
+    /// when it has doubled since its last sweep, so a claim pays O(1) scanning on
+    /// average and memory stays within about twice the live records.
     fn maybe_sweep(&mut self, now: Instant) {
         self.claims_since_sweep += 1;
         let grown = self.records.len() >= 2 * self.len_after_sweep.max(SWEEP_EVERY / 8);
-        if self.claims_since_sweep >= SWEEP_EVERY || grown {
+        if self.claims_since_sweep >= SWEEP_EVERY.max(self.len_after_sweep) || grown {
             self.records.retain(|_, e| e.is_live(now));
             self.claims_since_sweep = 0;
             self.len_after_sweep = self.records.len();
