@@ -96,4 +96,9 @@ log "order-service demo"
 cargo run -q -p order-service -- demo
 
 log "cargo test (workspace, all features)"
-cargo test --workspace --all-features
+mkdir -p target
+cargo test --workspace --all-features 2>&1 | tee target/test-output.log
+# One closing line for the whole run (cargo prints one per test binary, and the
+# last binary may be a crate with no doc tests).
+awk '/^test result:/ { for (i = 1; i <= NF; i++) { if ($(i+1) ~ /^passed/) p += $i; if ($(i+1) ~ /^failed/) f += $i } }
+     END { printf "\nsummary: %d passed, %d failed\n", p, f }' target/test-output.log
