@@ -97,7 +97,12 @@ fn expand(args: &Args, checked: &Checked, func: ItemFn) -> TokenStream {
         vis,
         sig,
         block,
+        ..
     } = func;
+    // Inner attributes (`#![allow(..)]` at the top of the body) stay inside it.
+    let (inner, outer): (Vec<_>, Vec<_>) = attrs
+        .into_iter()
+        .partition(|a| matches!(a.style, syn::AttrStyle::Inner(_)));
     let fn_name = sig.ident.to_string();
 
     let store_var = local("__idem_store");
@@ -180,8 +185,9 @@ fn expand(args: &Args, checked: &Checked, func: ItemFn) -> TokenStream {
 
     let stmts = &block.stmts;
     quote! {
-        #(#attrs)*
+        #(#outer)*
         #vis #sig {
+            #(#inner)*
             #check
             const #options: #private::Options = #private::Options::new(#namespace)
                 .ttl(#private::Duration::from_millis(#ttl))
