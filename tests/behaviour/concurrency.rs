@@ -37,20 +37,30 @@ fn orders() -> Arc<Orders> {
 
 const CALLERS: usize = 1000;
 
+/// Spawns `CALLERS` tasks that each make `call` at the same moment (a barrier
+/// releases them together).
+fn all_at_once<F, Fut>(svc: &Arc<Orders>, call: F) -> Vec<tokio::task::JoinHandle<Fut::Output>>
+where
+    F: Fn(Arc<Orders>) -> Fut + Clone + Send + 'static,
+    Fut: std::future::Future + Send + 'static,
+    Fut::Output: Send + 'static,
+{
+    let barrier = Arc::new(tokio::sync::Barrier::new(CALLERS));
+    (0..CALLERS)
+        .map(|_| {
+            let (svc, barrier, call) = (svc.clone(), barrier.clone(), call.clone());
+            tokio::spawn(async move {
+                barrier.wait().await;
+                call(svc).await
+            })
+        })
+        .collect()
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn waiting_duplicates_all_get_the_one_result() {
     let svc = orders();
-    let barrier = Arc::new(tokio::sync::Barrier::new(CALLERS));
-    let tasks: Vec<_> = (0..CALLERS)
-        .map(|_| {
-            let svc = svc.clone();
-            let barrier = barrier.clone();
-            tokio::spawn(async move {
-                barrier.wait().await;
-                svc.place_waiting("order-1".into()).await
-            })
-        })
-        .collect();
+    let tasks = all_at_once(&svc, |svc| svc.place_waiting("order-1".into()));
     for task in tasks {
         let result = task.await.unwrap();
         assert_eq!(
@@ -65,17 +75,7 @@ async fn waiting_duplicates_all_get_the_one_result() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn rejecting_duplicates_get_in_progress_or_the_replay() {
     let svc = orders();
-    let barrier = Arc::new(tokio::sync::Barrier::new(CALLERS));
-    let tasks: Vec<_> = (0..CALLERS)
-        .map(|_| {
-            let svc = svc.clone();
-            let barrier = barrier.clone();
-            tokio::spawn(async move {
-                barrier.wait().await;
-                svc.place_rejecting("order-2".into()).await
-            })
-        })
-        .collect();
+    let tasks = all_at_once(&svc, |svc| svc.place_rejecting("order-2".into()));
     let (mut ok, mut in_progress) = (0, 0);
     for task in tasks {
         match task.await.unwrap() {

@@ -2,72 +2,14 @@
 //! completion that cannot be written leaves the claim in place rather than
 //! inviting a second execution.
 
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
-use std::time::Duration;
+use std::sync::atomic::Ordering;
 
-use idem_runtime::{
-    async_trait, idempotent, Claim, ClaimRequest, Error, FencingToken, MemoryStore, Record,
-    RecordState, Store,
-};
+use idem_runtime::{idempotent, Error, RecordState, Store};
 
-use crate::{AppError, Runs};
-
-/// A real `MemoryStore` behind a switch that makes chosen operations fail,
-/// as a store that went away would.
-#[derive(Clone, Default)]
-struct Flaky {
-    inner: MemoryStore,
-    claims_fail: Arc<AtomicBool>,
-    completions_fail: Arc<AtomicBool>,
-}
-
-fn down() -> Error {
-    Error::store(std::io::Error::new(
-        std::io::ErrorKind::ConnectionRefused,
-        "store unreachable",
-    ))
-}
-
-#[async_trait]
-impl Store for Flaky {
-    async fn claim(&self, request: ClaimRequest<'_>) -> Result<Claim, Error> {
-        if self.claims_fail.load(Ordering::SeqCst) {
-            return Err(down());
-        }
-        self.inner.claim(request).await
-    }
-    async fn complete(
-        &self,
-        key: &str,
-        token: FencingToken,
-        outcome: &[u8],
-        ttl: Duration,
-    ) -> Result<(), Error> {
-        if self.completions_fail.load(Ordering::SeqCst) {
-            return Err(down());
-        }
-        self.inner.complete(key, token, outcome, ttl).await
-    }
-    async fn release(&self, key: &str, token: FencingToken) -> Result<(), Error> {
-        self.inner.release(key, token).await
-    }
-    async fn renew(&self, key: &str, token: FencingToken, lease: Duration) -> Result<(), Error> {
-        self.inner.renew(key, token, lease).await
-    }
-    async fn get(&self, key: &str) -> Result<Option<Record>, Error> {
-        self.inner.get(key).await
-    }
-    async fn purge_expired(&self, batch: usize) -> Result<u64, Error> {
-        self.inner.purge_expired(batch).await
-    }
-    fn handle(&self) -> Arc<dyn Store> {
-        Arc::new(self.clone())
-    }
-}
+use crate::{AppError, FaultyStore, Runs};
 
 struct Svc {
-    store: Flaky,
+    store: FaultyStore,
     runs: Runs,
 }
 
@@ -81,7 +23,7 @@ impl Svc {
 #[tokio::test(start_paused = true)]
 async fn a_store_down_at_claim_fails_closed_and_the_body_does_not_run() {
     let svc = Svc {
-        store: Flaky::default(),
+        store: FaultyStore::default(),
         runs: Runs::default(),
     };
     svc.store.claims_fail.store(true, Ordering::SeqCst);
@@ -106,7 +48,7 @@ async fn a_store_down_at_claim_fails_closed_and_the_body_does_not_run() {
 #[tokio::test(start_paused = true)]
 async fn a_completion_that_cannot_be_written_keeps_the_claim() {
     let svc = Svc {
-        store: Flaky::default(),
+        store: FaultyStore::default(),
         runs: Runs::default(),
     };
     svc.store.completions_fail.store(true, Ordering::SeqCst);

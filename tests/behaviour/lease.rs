@@ -5,9 +5,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use idem_runtime::{idempotent, Claim, ClaimRequest, Error, MemoryStore, RecordState, Store};
-use partition::PartitionedRenewals;
 
-use crate::{AppError, Runs};
+use crate::{AppError, FaultyStore, Runs};
 
 struct Jobs<S> {
     store: S,
@@ -97,7 +96,10 @@ async fn an_abandoned_claim_is_taken_over_after_the_lease() {
 
 #[tokio::test(start_paused = true)]
 async fn a_holder_that_lost_its_lease_gets_lease_lost_and_records_nothing() {
-    let store = PartitionedRenewals::new(MemoryStore::new());
+    let store = FaultyStore::default();
+    store
+        .renewals_fail
+        .store(true, std::sync::atomic::Ordering::SeqCst);
     let jobs = Arc::new(Jobs {
         store: store.clone(),
         runs: Runs::default(),
@@ -118,68 +120,8 @@ async fn a_holder_that_lost_its_lease_gets_lease_lost_and_records_nothing() {
         matches!(stale, Err(AppError::Idem(Error::LeaseLost))),
         "the stale holder learns its outcome was not recorded: {stale:?}"
     );
-    let record = store.inner().get(&key(3)).await.unwrap().unwrap();
+    let record = store.inner.get(&key(3)).await.unwrap().unwrap();
     assert_eq!(record.state, RecordState::Completed);
     assert_eq!(record.outcome.as_deref(), Some(&b"{\"ok\":2}"[..]));
     assert_eq!(jobs.runs.get(), 2);
-}
-
-mod partition {
-    //! A store wrapper whose lease renewals fail, as if a network partition
-    //! cut off only the renewing connection. Everything else goes to a real store.
-
-    use std::sync::Arc;
-    use std::time::Duration;
-
-    use idem_runtime::{
-        async_trait, Claim, ClaimRequest, Error, FencingToken, MemoryStore, Record, Store,
-    };
-
-    #[derive(Clone)]
-    pub struct PartitionedRenewals(Arc<MemoryStore>);
-
-    impl PartitionedRenewals {
-        pub fn new(store: MemoryStore) -> Self {
-            PartitionedRenewals(Arc::new(store))
-        }
-        pub fn inner(&self) -> &MemoryStore {
-            &self.0
-        }
-    }
-
-    #[async_trait]
-    impl Store for PartitionedRenewals {
-        async fn claim(&self, request: ClaimRequest<'_>) -> Result<Claim, Error> {
-            self.0.claim(request).await
-        }
-        async fn complete(
-            &self,
-            key: &str,
-            token: FencingToken,
-            outcome: &[u8],
-            ttl: Duration,
-        ) -> Result<(), Error> {
-            self.0.complete(key, token, outcome, ttl).await
-        }
-        async fn release(&self, key: &str, token: FencingToken) -> Result<(), Error> {
-            self.0.release(key, token).await
-        }
-        async fn renew(
-            &self,
-            _key: &str,
-            _token: FencingToken,
-            _lease: Duration,
-        ) -> Result<(), Error> {
-            Err(Error::store("renewal connection partitioned"))
-        }
-        async fn get(&self, key: &str) -> Result<Option<Record>, Error> {
-            self.0.get(key).await
-        }
-        async fn purge_expired(&self, batch: usize) -> Result<u64, Error> {
-            self.0.purge_expired(batch).await
-        }
-        fn handle(&self) -> Arc<dyn Store> {
-            Arc::new(self.clone())
-        }
-    }
 }
