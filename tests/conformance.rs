@@ -5,7 +5,50 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use idem_runtime::testing::conformance;
-use idem_runtime::{Claim, ClaimRequest, MemoryStore, Store};
+use idem_runtime::{Claim, ClaimRequest, MemoryStore, PostgresStore, SqliteStore, Store};
+
+/// The PostgreSQL the tests use: `IDEM_POSTGRES_URL`, or the local server.
+pub fn postgres_url() -> String {
+    std::env::var("IDEM_POSTGRES_URL")
+        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".into())
+}
+
+#[tokio::test]
+async fn postgres_store() {
+    let store = PostgresStore::connect(&postgres_url()).await.unwrap();
+    conformance(&store).await;
+}
+
+#[tokio::test]
+async fn postgres_store_in_its_own_table() {
+    let pool = sqlx::PgPool::connect(&postgres_url()).await.unwrap();
+    let store = PostgresStore::with_table(pool, "idem_conformance_custom").unwrap();
+    conformance(&store).await;
+}
+
+#[tokio::test]
+async fn sqlite_store_in_a_file() {
+    let dir = tempdir("conformance");
+    let url = format!("sqlite://{}/records.db", dir.display());
+    conformance(&SqliteStore::connect(&url).await.unwrap()).await;
+}
+
+#[tokio::test]
+async fn sqlite_store_in_memory() {
+    conformance(&SqliteStore::connect("sqlite::memory:").await.unwrap()).await;
+}
+
+/// A fresh directory under the target dir for one test's files.
+fn tempdir(name: &str) -> std::path::PathBuf {
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_nanos();
+    let dir = std::path::Path::new(env!("CARGO_TARGET_TMPDIR"))
+        .join(format!("{name}-{}-{nanos}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
 
 #[tokio::test]
 async fn memory_store() {

@@ -32,7 +32,7 @@ use tracing::Instrument as _;
 use crate::codec::Codec;
 use crate::error::Error;
 use crate::key::{Digest, Key};
-use crate::store::{Claim, ClaimRequest, FencingToken, Store};
+use crate::store::{Claim, ClaimRequest, FencingToken, Store, TransactionalStore};
 
 /// What to do when a duplicate arrives while the first call is still running.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -171,6 +171,95 @@ where
         .await
 }
 
+/// Like [`execute`], inside the caller's open transaction `tx` (`tx =` in the
+/// macro): the claim, the body's writes (the body gets `tx` back) and the
+/// completed record are all written in `tx`, so they commit or roll back
+/// together when the caller ends it.
+///
+/// No lease is renewed: the claim row is the caller's uncommitted write, which
+/// nobody else can take over, and the store's transaction-scoped lock tells a
+/// duplicate the key is in progress until the caller commits or rolls back.
+/// An `Err` from the body deletes the claim inside `tx` (unless errors are
+/// cached); if the caller then rolls back, nothing is left either way.
+pub async fn execute_in_tx<S, X, T, E, F>(
+    store: &S,
+    tx: &mut X,
+    options: &Options,
+    key: Result<Key, Error>,
+    fingerprint: Option<Result<Digest, Error>>,
+    codec: Codec<T, E>,
+    body: F,
+) -> Result<T, E>
+where
+    S: TransactionalStore<X> + ?Sized,
+    X: Send + ?Sized,
+    F: AsyncFnOnce(&mut X) -> Result<T, E>,
+{
+    let (key, fingerprint) = match (key, fingerprint.transpose()) {
+        (Ok(key), Ok(fingerprint)) => (key, fingerprint),
+        (Err(err), _) | (_, Err(err)) => return Err(codec.error(err)),
+    };
+    let span = tracing::debug_span!(
+        "idempotent",
+        namespace = options.namespace,
+        digest = %key.digest(),
+        tx = true,
+    );
+    async move {
+        let request = ClaimRequest {
+            key: key.as_str(),
+            fingerprint: fingerprint.as_ref(),
+            lease: options.lease,
+        };
+        let mut waiter = Waiter::new(options);
+        let token = loop {
+            let result = store.claim_in(tx, request).await;
+            match waiter.decide(result).await.map_err(|e| codec.error(e))? {
+                Some(Claimed::Run(token)) => break token,
+                Some(Claimed::Replay(outcome)) => return replay(&codec, &outcome),
+                None => continue,
+            }
+        };
+        let attempt = Attempt {
+            key: key.clone(),
+            token,
+        };
+        let outcome = CURRENT.scope(attempt, body(tx)).await;
+        match codec.encode(&outcome) {
+            None => {
+                match store.release_in(tx, key.as_str(), token).await {
+                    Ok(()) => tracing::debug!(token = token.0, "released after error"),
+                    Err(err) => {
+                        tracing::warn!(token = token.0, error = %err, "could not release the claim in the transaction")
+                    }
+                }
+                outcome
+            }
+            Some(Ok(bytes)) => {
+                match store
+                    .complete_in(tx, key.as_str(), token, &bytes, options.ttl)
+                    .await
+                {
+                    Ok(()) => {
+                        tracing::debug!(token = token.0, "completed in the transaction");
+                        outcome
+                    }
+                    Err(err) => {
+                        tracing::error!(token = token.0, error = %err, "could not record the outcome in the transaction");
+                        Err(codec.error(err))
+                    }
+                }
+            }
+            Some(Err(err)) => {
+                tracing::error!(token = token.0, error = %err, "the outcome cannot be encoded");
+                Err(codec.error(err))
+            }
+        }
+    }
+    .instrument(span)
+    .await
+}
+
 async fn run<T, E, F>(
     store: Arc<dyn Store>,
     options: &Options,
@@ -185,19 +274,7 @@ where
     let claimed = claim(&*store, options, &key, fingerprint.as_ref()).await;
     let token = match claimed.map_err(|e| codec.error(e))? {
         Claimed::Run(token) => token,
-        Claimed::Replay(outcome) => {
-            let decoded = codec.decode(&outcome);
-            return match decoded {
-                Ok(outcome) => {
-                    tracing::debug!("replayed");
-                    outcome
-                }
-                Err(err) => {
-                    tracing::error!(error = %err, "stored outcome could not be decoded");
-                    Err(codec.error(err))
-                }
-            };
-        }
+        Claimed::Replay(outcome) => return replay(&codec, &outcome),
     };
 
     let mut guard = ClaimGuard {
@@ -253,6 +330,20 @@ where
     }
 }
 
+/// Decodes a stored outcome for a duplicate.
+fn replay<T, E>(codec: &Codec<T, E>, outcome: &[u8]) -> Result<T, E> {
+    match codec.decode(outcome) {
+        Ok(outcome) => {
+            tracing::debug!("replayed");
+            outcome
+        }
+        Err(err) => {
+            tracing::error!(error = %err, "stored outcome could not be decoded");
+            Err(codec.error(err))
+        }
+    }
+}
+
 enum Claimed {
     Run(FencingToken),
     Replay(Vec<u8>),
@@ -270,45 +361,68 @@ async fn claim(
         fingerprint,
         lease: options.lease,
     };
-    let deadline = match options.in_progress {
-        InProgress::Wait(d) => Some(tokio::time::Instant::now() + d),
-        InProgress::Reject => None,
-    };
-    let mut backoff = Duration::from_millis(2);
+    let mut waiter = Waiter::new(options);
     loop {
-        match store.claim(request).await {
+        if let Some(claimed) = waiter.decide(store.claim(request).await).await? {
+            return Ok(claimed);
+        }
+    }
+}
+
+/// Turns one claim's result into what the engine does next, sleeping with
+/// backoff between attempts while a duplicate may wait for the running call.
+struct Waiter {
+    deadline: Option<tokio::time::Instant>,
+    backoff: Duration,
+}
+
+impl Waiter {
+    fn new(options: &Options) -> Self {
+        Waiter {
+            deadline: match options.in_progress {
+                InProgress::Wait(d) => Some(tokio::time::Instant::now() + d),
+                InProgress::Reject => None,
+            },
+            backoff: Duration::from_millis(2),
+        }
+    }
+
+    /// `Some` to run or replay, `None` to claim again (after a pause).
+    async fn decide(&mut self, result: Result<Claim, Error>) -> Result<Option<Claimed>, Error> {
+        match result {
             Ok(Claim::Acquired { token, took_over }) => {
                 if took_over {
                     tracing::warn!(token = token.0, "took over a claim whose lease lapsed");
                 } else {
                     tracing::debug!(token = token.0, "claimed");
                 }
-                return Ok(Claimed::Run(token));
+                Ok(Some(Claimed::Run(token)))
             }
-            Ok(Claim::Completed { outcome }) => return Ok(Claimed::Replay(outcome)),
+            Ok(Claim::Completed { outcome }) => Ok(Some(Claimed::Replay(outcome))),
             Ok(Claim::InProgress { lease_remaining }) => {
                 let now = tokio::time::Instant::now();
-                match deadline {
+                match self.deadline {
                     Some(deadline) if now < deadline => {
-                        let pause = backoff.min(lease_remaining).min(deadline - now);
+                        let pause = self.backoff.min(lease_remaining).min(deadline - now);
                         tokio::time::sleep(pause.max(Duration::from_millis(1))).await;
-                        backoff = (backoff * 2).min(Duration::from_millis(100));
+                        self.backoff = (self.backoff * 2).min(Duration::from_millis(100));
+                        Ok(None)
                     }
                     _ => {
                         tracing::debug!("in progress");
-                        return Err(Error::InProgress {
+                        Err(Error::InProgress {
                             retry_after: retry_after(lease_remaining),
-                        });
+                        })
                     }
                 }
             }
             Ok(Claim::FingerprintMismatch) => {
                 tracing::warn!("key reused with a different fingerprint");
-                return Err(Error::KeyReused);
+                Err(Error::KeyReused)
             }
             Err(err) => {
                 tracing::error!(error = %err, "claim failed; the body did not run");
-                return Err(err);
+                Err(err)
             }
         }
     }

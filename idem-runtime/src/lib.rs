@@ -65,7 +65,18 @@ pub use error::{BoxError, Error, InvalidKey};
 pub use idem_macros::idempotent;
 pub use key::{ClientKey, Digest, Key};
 pub use store::memory::MemoryStore;
-pub use store::{Claim, ClaimRequest, FencingToken, Record, RecordState, Store};
+#[cfg(feature = "postgres")]
+#[cfg_attr(docsrs, doc(cfg(feature = "postgres")))]
+pub use store::postgres::PostgresStore;
+#[cfg(any(feature = "sqlite", feature = "postgres"))]
+#[cfg_attr(docsrs, doc(cfg(any(feature = "sqlite", feature = "postgres"))))]
+pub use store::sql::Reaper;
+#[cfg(feature = "sqlite")]
+#[cfg_attr(docsrs, doc(cfg(feature = "sqlite")))]
+pub use store::sqlite::SqliteStore;
+pub use store::{
+    Claim, ClaimRequest, FencingToken, Record, RecordState, Store, TransactionalStore,
+};
 
 /// What generated code calls. Not a public API: names here change without notice.
 #[doc(hidden)]
@@ -76,7 +87,7 @@ pub mod __private {
     use serde::Serialize;
 
     pub use crate::codec::{cache_errors, release_errors};
-    pub use crate::engine::{execute, InProgress, Options};
+    pub use crate::engine::{execute, execute_in_tx, InProgress, Options};
     pub use core::time::Duration;
 
     use crate::key::{Digest, FingerprintBuilder, Key, KeyBuilder};
@@ -156,14 +167,6 @@ pub mod __private {
     pub trait StorableError: Serialize + DeserializeOwned {}
     impl<E: Serialize + DeserializeOwned> StorableError for E {}
 
-    /// A store that can write its records inside the caller's SQL transaction (`tx =`).
-    #[diagnostic::on_unimplemented(
-        message = "`{Self}` cannot write idempotency records inside your transaction",
-        label = "`tx =` needs a store that shares the transaction's database",
-        note = "`tx =` works with the SQL stores (features `sqlite` and `postgres`); remove `tx =` to use this store"
-    )]
-    pub trait TransactionalStore {}
-
     /// Checks that a return type written as an alias (`AppResult<T>`) is a `Result`.
     #[diagnostic::on_unimplemented(
         message = "#[idempotent] functions must return `Result<T, E>`, and `{Self}` is not a `Result`",
@@ -171,12 +174,6 @@ pub mod __private {
     )]
     pub trait ResultParts {}
     impl<T, E> ResultParts for ::core::result::Result<T, E> {}
-
-    /// An owned handle to a store that must also support `tx =`.
-    #[inline]
-    pub fn tx_store_handle<S: Store + TransactionalStore + ?Sized>(store: &S) -> Arc<dyn Store> {
-        store.handle()
-    }
 
     #[inline]
     pub fn assert_result<R: ResultParts>() {}

@@ -16,6 +16,12 @@ use crate::error::Error;
 use crate::key::Digest;
 
 pub mod memory;
+#[cfg(feature = "postgres")]
+pub mod postgres;
+#[cfg(any(feature = "sqlite", feature = "postgres"))]
+pub mod sql;
+#[cfg(feature = "sqlite")]
+pub mod sqlite;
 
 /// A claim's fencing token: never reused for a key, increasing where the backend allows.
 ///
@@ -186,6 +192,53 @@ pub trait Store: Send + Sync {
     fn release_now(&self, key: &str, token: FencingToken) -> Option<Result<(), Error>> {
         let _ = (key, token);
         None
+    }
+}
+
+/// A store that can write its records inside the caller's open transaction `X`
+/// (`tx =` in the macro): the claim, the body's own writes and the completed
+/// record then commit or roll back together.
+#[diagnostic::on_unimplemented(
+    message = "`{Self}` cannot write idempotency records inside a `{X}`",
+    label = "`tx =` needs a store that shares the transaction's database",
+    note = "`tx =` works with `SqliteStore` (a `sqlx::Transaction<'_, Sqlite>`) and `PostgresStore` (a `sqlx::Transaction<'_, Postgres>`); remove `tx =` to use this store"
+)]
+#[async_trait]
+pub trait TransactionalStore<X: Send + ?Sized>: Store {
+    /// [`Store::claim`], executed inside `tx`.
+    async fn claim_in(&self, tx: &mut X, request: ClaimRequest<'_>) -> Result<Claim, Error>;
+
+    /// [`Store::complete`], executed inside `tx`.
+    async fn complete_in(
+        &self,
+        tx: &mut X,
+        key: &str,
+        token: FencingToken,
+        outcome: &[u8],
+        ttl: Duration,
+    ) -> Result<(), Error>;
+
+    /// [`Store::release`], executed inside `tx`.
+    async fn release_in(&self, tx: &mut X, key: &str, token: FencingToken) -> Result<(), Error>;
+}
+
+#[async_trait]
+impl<X: Send + ?Sized, S: TransactionalStore<X> + ?Sized> TransactionalStore<X> for &S {
+    async fn claim_in(&self, tx: &mut X, request: ClaimRequest<'_>) -> Result<Claim, Error> {
+        (**self).claim_in(tx, request).await
+    }
+    async fn complete_in(
+        &self,
+        tx: &mut X,
+        key: &str,
+        token: FencingToken,
+        outcome: &[u8],
+        ttl: Duration,
+    ) -> Result<(), Error> {
+        (**self).complete_in(tx, key, token, outcome, ttl).await
+    }
+    async fn release_in(&self, tx: &mut X, key: &str, token: FencingToken) -> Result<(), Error> {
+        (**self).release_in(tx, key, token).await
     }
 }
 

@@ -1,0 +1,406 @@
+//! [`PostgresStore`]: records in PostgreSQL, with completion inside the caller's
+//! transaction.
+//!
+//! One statement decides every claim: an `INSERT … ON CONFLICT … DO UPDATE …
+//! WHERE expired` that takes the key over when it is absent, expired or lapsed,
+//! joined with a read of the live record when it is not. Leases and expiry are
+//! judged by the database clock (`clock_timestamp()`); fencing tokens come from
+//! a sequence, so they increase and never repeat, even after a record is
+//! released or purged.
+//!
+//! Every claim also takes a transaction-scoped advisory try-lock on the key.
+//! Outside a transaction it lasts one statement; inside the caller's
+//! transaction (`tx =`) it is held until commit or rollback, so a duplicate
+//! learns at once that the key is in progress instead of blocking on the
+//! uncommitted row.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use sqlx::postgres::{PgConnection, PgPool, PgPoolOptions, PgRow};
+use sqlx::{AssertSqlSafe, Postgres, Row, Transaction};
+
+use super::sql::{self, ClaimRow, Ready, Reaper};
+use super::{Claim, ClaimRequest, FencingToken, Record, Store, TransactionalStore};
+use crate::error::Error;
+
+/// Idempotency records in PostgreSQL.
+///
+/// ```no_run
+/// # async fn demo() -> Result<(), idem_runtime::Error> {
+/// let store = idem_runtime::PostgresStore::connect("postgres://postgres@127.0.0.1/test").await?;
+/// # Ok(()) }
+/// ```
+#[derive(Clone)]
+pub struct PostgresStore {
+    pool: PgPool,
+    sql: Arc<Statements>,
+    ready: Ready,
+}
+
+impl std::fmt::Debug for PostgresStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PostgresStore")
+            .field("table", &self.sql.table)
+            .finish_non_exhaustive()
+    }
+}
+
+/// The statements for one table, built once (the table name is validated).
+struct Statements {
+    table: String,
+    migrate: Vec<String>,
+    claim: Arc<str>,
+    complete: Arc<str>,
+    renew: Arc<str>,
+    release: Arc<str>,
+    get: Arc<str>,
+    purge: Arc<str>,
+}
+
+impl Statements {
+    fn new(t: &str) -> Result<Self, Error> {
+        sql::validate_table(t)?;
+        let claim = format!(
+            r#"
+WITH lock AS MATERIALIZED (
+    SELECT pg_try_advisory_xact_lock(hashtextextended($1, 7)) AS got
+), previous AS MATERIALIZED (
+    SELECT state FROM {t} WHERE key = $1
+), claimed AS (
+    INSERT INTO {t} AS r (key, state, token, fingerprint, outcome, expires_at)
+    SELECT $1, 'processing', nextval('{t}_token_seq'), $2, NULL,
+           clock_timestamp() + $3 * interval '1 millisecond'
+    FROM lock WHERE got
+    ON CONFLICT (key) DO UPDATE
+       SET state = 'processing', token = EXCLUDED.token, fingerprint = EXCLUDED.fingerprint,
+           outcome = NULL, expires_at = EXCLUDED.expires_at, updated_at = clock_timestamp()
+     WHERE r.expires_at <= clock_timestamp()
+    RETURNING r.token
+)
+SELECT true AS acquired,
+       coalesce((SELECT state = 'processing' FROM previous), false) AS took_over,
+       'processing'::text AS state, token, NULL::bytea AS fingerprint, NULL::text AS outcome,
+       $3 AS remaining_ms
+  FROM claimed
+UNION ALL
+SELECT false, false, 'processing', 0, NULL, NULL, 1 FROM lock WHERE NOT got
+UNION ALL
+SELECT false, false, r.state, r.token, r.fingerprint, r.outcome,
+       (extract(epoch FROM r.expires_at - clock_timestamp()) * 1000)::bigint
+  FROM {t} r, lock
+ WHERE got AND r.key = $1 AND NOT EXISTS (SELECT 1 FROM claimed)"#
+        );
+        Ok(Statements {
+            table: t.to_owned(),
+            migrate: vec![
+                format!(
+                    "CREATE TABLE IF NOT EXISTS {t} (
+                        key         TEXT PRIMARY KEY,
+                        state       TEXT NOT NULL CHECK (state IN ('processing', 'completed')),
+                        token       BIGINT NOT NULL,
+                        fingerprint BYTEA,
+                        outcome     TEXT,
+                        expires_at  TIMESTAMPTZ NOT NULL,
+                        created_at  TIMESTAMPTZ NOT NULL DEFAULT clock_timestamp(),
+                        updated_at  TIMESTAMPTZ NOT NULL DEFAULT clock_timestamp()
+                    )"
+                ),
+                format!("CREATE INDEX IF NOT EXISTS {t}_expires_at ON {t} (expires_at)"),
+                format!("CREATE SEQUENCE IF NOT EXISTS {t}_token_seq"),
+            ],
+            claim: claim.into(),
+            complete: format!(
+                "UPDATE {t} SET state = 'completed', outcome = $3,
+                        expires_at = clock_timestamp() + $4 * interval '1 millisecond',
+                        updated_at = clock_timestamp()
+                  WHERE key = $1 AND token = $2 AND state = 'processing'"
+            )
+            .into(),
+            renew: format!(
+                "UPDATE {t} SET expires_at = clock_timestamp() + $3 * interval '1 millisecond',
+                        updated_at = clock_timestamp()
+                  WHERE key = $1 AND token = $2 AND state = 'processing'"
+            )
+            .into(),
+            release: format!(
+                "DELETE FROM {t} WHERE key = $1 AND token = $2 AND state = 'processing'"
+            )
+            .into(),
+            get: format!(
+                "SELECT state, token, fingerprint, outcome,
+                        greatest((extract(epoch FROM expires_at - clock_timestamp()) * 1000)::bigint, 0)
+                   FROM {t}
+                  WHERE key = $1 AND (state = 'processing' OR expires_at > clock_timestamp())"
+            )
+            .into(),
+            purge: format!(
+                "DELETE FROM {t} WHERE key IN (
+                    SELECT key FROM {t} WHERE expires_at <= now()
+                     ORDER BY expires_at LIMIT $1 FOR UPDATE SKIP LOCKED)"
+            )
+            .into(),
+        })
+    }
+}
+
+fn q(sql: &Arc<str>) -> sqlx::query::Query<'static, Postgres, sqlx::postgres::PgArguments> {
+    sqlx::query(AssertSqlSafe(Arc::clone(sql)))
+}
+
+impl PostgresStore {
+    /// Connects a pool to `url` (`postgres://user@host/db`) and creates the schema.
+    pub async fn connect(url: &str) -> Result<Self, Error> {
+        let pool = PgPoolOptions::new()
+            .max_connections(16)
+            .connect(url)
+            .await
+            .map_err(Error::store)?;
+        let store = Self::from_pool(pool);
+        store.migrate().await?;
+        Ok(store)
+    }
+
+    /// A store on an existing pool, in table `idem_records`. The schema is
+    /// created on first use (or call [`migrate`](Self::migrate)).
+    pub fn from_pool(pool: PgPool) -> Self {
+        Self::with_table(pool, sql::DEFAULT_TABLE).expect("the default table name is valid")
+    }
+
+    /// A store on an existing pool, in table `table` (letters, digits, `_`).
+    pub fn with_table(pool: PgPool, table: &str) -> Result<Self, Error> {
+        Ok(PostgresStore {
+            pool,
+            sql: Arc::new(Statements::new(table)?),
+            ready: Ready::default(),
+        })
+    }
+
+    /// The pool, for the service's own queries and transactions.
+    pub fn pool(&self) -> &PgPool {
+        &self.pool
+    }
+
+    /// The table records live in.
+    pub fn table(&self) -> &str {
+        &self.sql.table
+    }
+
+    /// Creates the table, index and token sequence if they do not exist.
+    /// Safe to run from many processes at once (it takes an advisory lock).
+    pub async fn migrate(&self) -> Result<(), Error> {
+        let sql = self.sql.clone();
+        let pool = self.pool.clone();
+        self.ready
+            .get(|| async move {
+                let mut tx = pool.begin().await.map_err(sql::db_error)?;
+                sqlx::query("SELECT pg_advisory_xact_lock(hashtextextended('idem:migrate', 7))")
+                    .execute(&mut *tx)
+                    .await
+                    .map_err(sql::db_error)?;
+                for statement in &sql.migrate {
+                    sqlx::query(AssertSqlSafe(statement.as_str()))
+                        .execute(&mut *tx)
+                        .await
+                        .map_err(sql::db_error)?;
+                }
+                tx.commit().await.map_err(sql::db_error)
+            })
+            .await
+    }
+
+    /// Starts a background task that purges expired records every `interval`,
+    /// `batch` at a time. Stop it with [`Reaper::shutdown`].
+    pub fn spawn_reaper(&self, interval: Duration, batch: usize) -> Reaper {
+        Reaper::spawn(self.handle(), interval, batch)
+    }
+
+    async fn claim_on(
+        &self,
+        conn: &mut PgConnection,
+        request: ClaimRequest<'_>,
+    ) -> Result<Claim, Error> {
+        // The read of the live record sees the statement's snapshot; a record
+        // committed by a concurrent claim after it was taken is invisible, and
+        // the statement then returns no row. Running it again sees it.
+        for _ in 0..16 {
+            let row = q(&self.sql.claim)
+                .bind(request.key)
+                .bind(request.fingerprint.map(|d| d.as_bytes().to_vec()))
+                .bind(sql::millis(request.lease))
+                .fetch_optional(&mut *conn)
+                .await
+                .map_err(sql::db_error)?;
+            if let Some(row) = row {
+                return claim_row(&row)?.decide(request.fingerprint);
+            }
+        }
+        Err(Error::store(
+            "the claim kept racing with concurrent writers; try again",
+        ))
+    }
+
+    async fn complete_on(
+        &self,
+        conn: &mut PgConnection,
+        key: &str,
+        token: FencingToken,
+        outcome: &[u8],
+        ttl: Duration,
+    ) -> Result<(), Error> {
+        let text = std::str::from_utf8(outcome)
+            .map_err(|e| Error::codec(format!("outcomes are stored as UTF-8 JSON: {e}")))?;
+        let done = q(&self.sql.complete)
+            .bind(key)
+            .bind(token.0 as i64)
+            .bind(text)
+            .bind(sql::millis(ttl))
+            .execute(&mut *conn)
+            .await
+            .map_err(sql::db_error)?;
+        fenced(done.rows_affected())
+    }
+
+    async fn release_on(
+        &self,
+        conn: &mut PgConnection,
+        key: &str,
+        token: FencingToken,
+    ) -> Result<(), Error> {
+        let done = q(&self.sql.release)
+            .bind(key)
+            .bind(token.0 as i64)
+            .execute(&mut *conn)
+            .await
+            .map_err(sql::db_error)?;
+        fenced(done.rows_affected())
+    }
+
+    async fn conn(&self) -> Result<sqlx::pool::PoolConnection<Postgres>, Error> {
+        self.migrate().await?;
+        self.pool.acquire().await.map_err(Error::store)
+    }
+}
+
+fn fenced(rows: u64) -> Result<(), Error> {
+    if rows == 1 {
+        Ok(())
+    } else {
+        Err(Error::LeaseLost)
+    }
+}
+
+fn claim_row(row: &PgRow) -> Result<ClaimRow, Error> {
+    Ok(ClaimRow {
+        acquired: row.try_get(0).map_err(sql::db_error)?,
+        took_over: row.try_get(1).map_err(sql::db_error)?,
+        state: row.try_get(2).map_err(sql::db_error)?,
+        token: row.try_get(3).map_err(sql::db_error)?,
+        fingerprint: row.try_get(4).map_err(sql::db_error)?,
+        outcome: row.try_get(5).map_err(sql::db_error)?,
+        remaining_ms: row.try_get(6).map_err(sql::db_error)?,
+    })
+}
+
+#[async_trait]
+impl Store for PostgresStore {
+    async fn claim(&self, request: ClaimRequest<'_>) -> Result<Claim, Error> {
+        let mut conn = self.conn().await?;
+        self.claim_on(&mut conn, request).await
+    }
+
+    async fn complete(
+        &self,
+        key: &str,
+        token: FencingToken,
+        outcome: &[u8],
+        ttl: Duration,
+    ) -> Result<(), Error> {
+        let mut conn = self.conn().await?;
+        self.complete_on(&mut conn, key, token, outcome, ttl).await
+    }
+
+    async fn release(&self, key: &str, token: FencingToken) -> Result<(), Error> {
+        let mut conn = self.conn().await?;
+        self.release_on(&mut conn, key, token).await
+    }
+
+    async fn renew(&self, key: &str, token: FencingToken, lease: Duration) -> Result<(), Error> {
+        self.migrate().await?;
+        let done = q(&self.sql.renew)
+            .bind(key)
+            .bind(token.0 as i64)
+            .bind(sql::millis(lease))
+            .execute(&self.pool)
+            .await
+            .map_err(sql::db_error)?;
+        fenced(done.rows_affected())
+    }
+
+    async fn get(&self, key: &str) -> Result<Option<Record>, Error> {
+        self.migrate().await?;
+        let row = q(&self.sql.get)
+            .bind(key)
+            .fetch_optional(&self.pool)
+            .await
+            .map_err(sql::db_error)?;
+        row.map(|row| {
+            sql::record(
+                key,
+                row.try_get::<String, _>(0).map_err(sql::db_error)?.as_str(),
+                row.try_get(1).map_err(sql::db_error)?,
+                row.try_get(2).map_err(sql::db_error)?,
+                row.try_get(3).map_err(sql::db_error)?,
+                row.try_get(4).map_err(sql::db_error)?,
+            )
+        })
+        .transpose()
+    }
+
+    async fn purge_expired(&self, batch: usize) -> Result<u64, Error> {
+        self.migrate().await?;
+        let done = q(&self.sql.purge)
+            .bind(i64::try_from(batch).unwrap_or(i64::MAX))
+            .execute(&self.pool)
+            .await
+            .map_err(sql::db_error)?;
+        Ok(done.rows_affected())
+    }
+
+    fn handle(&self) -> Arc<dyn Store> {
+        Arc::new(self.clone())
+    }
+}
+
+#[async_trait]
+impl<'c> TransactionalStore<Transaction<'c, Postgres>> for PostgresStore {
+    async fn claim_in(
+        &self,
+        tx: &mut Transaction<'c, Postgres>,
+        request: ClaimRequest<'_>,
+    ) -> Result<Claim, Error> {
+        self.migrate().await?;
+        self.claim_on(tx, request).await
+    }
+
+    async fn complete_in(
+        &self,
+        tx: &mut Transaction<'c, Postgres>,
+        key: &str,
+        token: FencingToken,
+        outcome: &[u8],
+        ttl: Duration,
+    ) -> Result<(), Error> {
+        self.complete_on(tx, key, token, outcome, ttl).await
+    }
+
+    async fn release_in(
+        &self,
+        tx: &mut Transaction<'c, Postgres>,
+        key: &str,
+        token: FencingToken,
+    ) -> Result<(), Error> {
+        self.release_on(tx, key, token).await
+    }
+}

@@ -1,0 +1,237 @@
+//! What the SQL stores share: table names, error mapping, the claim's result
+//! row, lazy migration and the background reaper.
+
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::OnceCell;
+
+use super::{Claim, Record, RecordState, Store};
+use crate::error::Error;
+use crate::key::Digest;
+
+/// The table records live in unless another is chosen.
+pub const DEFAULT_TABLE: &str = "idem_records";
+
+/// Checks that `name` is a plain SQL identifier: it is spliced into statements,
+/// so only `[A-Za-z_][A-Za-z0-9_]{0,62}` is accepted.
+pub(crate) fn validate_table(name: &str) -> Result<(), Error> {
+    let mut chars = name.chars();
+    let first_ok = chars
+        .next()
+        .is_some_and(|c| c.is_ascii_alphabetic() || c == '_');
+    if first_ok && name.len() <= 63 && chars.all(|c| c.is_ascii_alphanumeric() || c == '_') {
+        Ok(())
+    } else {
+        Err(Error::store(format!(
+            "invalid table name {name:?}: use letters, digits and `_` (at most 63, not starting with a digit)"
+        )))
+    }
+}
+
+/// Maps a driver error: undecodable columns are `Codec` (a corrupt record),
+/// everything else is `Store`.
+pub(crate) fn db_error(err: sqlx::Error) -> Error {
+    match err {
+        sqlx::Error::ColumnDecode { .. } | sqlx::Error::Decode(_) => Error::codec(format!(
+            "a stored record could not be read (corrupt column): {err}"
+        )),
+        other => Error::store(other),
+    }
+}
+
+/// A store's one-time schema set-up, run on first use.
+#[derive(Clone, Default)]
+pub(crate) struct Ready(Arc<OnceCell<()>>);
+
+impl Ready {
+    /// Runs `migrate` once; later calls return at once.
+    pub(crate) async fn get<F, Fut>(&self, migrate: F) -> Result<(), Error>
+    where
+        F: FnOnce() -> Fut,
+        Fut: Future<Output = Result<(), Error>>,
+    {
+        if self.0.initialized() {
+            return Ok(());
+        }
+        self.0.get_or_try_init(migrate).await.map(|_| ())
+    }
+}
+
+/// The columns every claim statement returns, for the existing or new record.
+pub(crate) struct ClaimRow {
+    pub acquired: bool,
+    pub took_over: bool,
+    pub state: String,
+    pub token: i64,
+    pub fingerprint: Option<Vec<u8>>,
+    pub outcome: Option<String>,
+    pub remaining_ms: i64,
+}
+
+impl ClaimRow {
+    /// The claim decision this row stands for, as `MemoryStore` decides it.
+    pub(crate) fn decide(self, fingerprint: Option<&Digest>) -> Result<Claim, Error> {
+        if self.acquired {
+            return Ok(Claim::Acquired {
+                token: super::FencingToken(self.token as u64),
+                took_over: self.took_over,
+            });
+        }
+        if let (Some(stored), Some(given)) = (&self.fingerprint, fingerprint) {
+            if stored.as_slice() != given.as_bytes() {
+                return Ok(Claim::FingerprintMismatch);
+            }
+        }
+        match state(&self.state)? {
+            RecordState::Completed => Ok(Claim::Completed {
+                outcome: self.outcome.map(String::into_bytes).ok_or_else(|| {
+                    Error::codec("a completed record has no stored outcome (corrupt record)")
+                })?,
+            }),
+            _ => Ok(Claim::InProgress {
+                lease_remaining: remaining(self.remaining_ms),
+            }),
+        }
+    }
+}
+
+/// Parses a stored state.
+pub(crate) fn state(text: &str) -> Result<RecordState, Error> {
+    match text {
+        "processing" => Ok(RecordState::Processing),
+        "completed" => Ok(RecordState::Completed),
+        other => Err(Error::codec(format!(
+            "a stored record has an unknown state {other:?} (corrupt record)"
+        ))),
+    }
+}
+
+pub(crate) fn remaining(ms: i64) -> Duration {
+    Duration::from_millis(ms.max(0) as u64)
+}
+
+/// Milliseconds as the `i64` SQL binds take, saturating.
+pub(crate) fn millis(d: Duration) -> i64 {
+    i64::try_from(d.as_millis()).unwrap_or(i64::MAX)
+}
+
+/// Builds a [`Record`] from a stored row.
+pub(crate) fn record(
+    key: &str,
+    state_text: &str,
+    token: i64,
+    fingerprint: Option<Vec<u8>>,
+    outcome: Option<String>,
+    remaining_ms: i64,
+) -> Result<Record, Error> {
+    let fingerprint = match fingerprint {
+        None => None,
+        Some(bytes) => Some(Digest(bytes.try_into().map_err(|_| {
+            Error::codec("a stored fingerprint is not 32 bytes (corrupt record)")
+        })?)),
+    };
+    Ok(Record::new(
+        key.to_owned(),
+        state(state_text)?,
+        super::FencingToken(token as u64),
+        fingerprint,
+        outcome.map(String::into_bytes),
+        remaining(remaining_ms),
+    ))
+}
+
+/// A background task that purges expired records in bounded batches.
+///
+/// [`Reaper::shutdown`] stops it gracefully (the batch in flight finishes) and
+/// waits for it; dropping the handle stops it the same way without waiting.
+#[derive(Debug)]
+pub struct Reaper {
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    task: tokio::task::JoinHandle<u64>,
+}
+
+impl Reaper {
+    /// Starts purging up to `batch` records at a time, every `interval`, on the
+    /// current Tokio runtime. A full batch is followed at once by another.
+    pub fn spawn(store: Arc<dyn Store>, interval: Duration, batch: usize) -> Self {
+        let (stop, mut stopped) = tokio::sync::oneshot::channel();
+        let task = tokio::spawn(async move {
+            let mut total = 0u64;
+            loop {
+                match store.purge_expired(batch).await {
+                    Ok(n) => {
+                        total += n;
+                        if n > 0 {
+                            tracing::debug!(purged = n, "reaper purged expired records");
+                        }
+                        if n as usize >= batch {
+                            // More may be waiting; yield, then go again unless told to stop.
+                            if !matches!(
+                                stopped.try_recv(),
+                                Err(tokio::sync::oneshot::error::TryRecvError::Empty)
+                            ) {
+                                break;
+                            }
+                            tokio::task::yield_now().await;
+                            continue;
+                        }
+                    }
+                    Err(err) => tracing::warn!(error = %err, "reaper could not purge; retrying"),
+                }
+                // Sleep for the interval, waking early to stop (or when the handle is dropped).
+                if tokio::time::timeout(interval, &mut stopped).await.is_ok() {
+                    break;
+                }
+            }
+            total
+        });
+        Reaper {
+            stop: Some(stop),
+            task,
+        }
+    }
+
+    /// Stops the reaper after the batch in flight; returns how many records it purged.
+    pub async fn shutdown(mut self) -> Result<u64, Error> {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        (&mut self.task)
+            .await
+            .map_err(|e| Error::store(format!("the reaper task failed: {e}")))
+    }
+}
+
+/// A process-unique, unpredictable nonce that marks a claim statement's own write.
+pub(crate) fn nonce() -> i64 {
+    use std::hash::BuildHasher;
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static COUNTER: AtomicU64 = AtomicU64::new(0);
+    let n = COUNTER.fetch_add(1, Ordering::Relaxed);
+    (std::hash::RandomState::new().hash_one((n, std::process::id())) >> 1) as i64
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn table_names_are_plain_identifiers() {
+        for ok in ["idem_records", "_t", "T1"] {
+            assert!(validate_table(ok).is_ok(), "{ok}");
+        }
+        for bad in [
+            "",
+            "1t",
+            "a-b",
+            "a;drop table x",
+            "a b",
+            "\"q\"",
+            &"x".repeat(64),
+        ] {
+            assert!(validate_table(bad).is_err(), "{bad}");
+        }
+    }
+}

@@ -1,0 +1,391 @@
+//! [`SqliteStore`]: records in an embedded SQLite database, the example
+//! service's default, with completion inside the caller's transaction.
+//!
+//! One `INSERT … ON CONFLICT DO UPDATE … RETURNING` statement decides every
+//! claim and returns the record it left: a key that is absent, expired,
+//! released or whose lease lapsed is taken over; a live record is returned as
+//! it was (each `SET` keeps the old value), so the engine replays it or reports
+//! it in progress. Time is SQLite's clock (`unixepoch('subsec')`), in
+//! milliseconds.
+//!
+//! Fencing tokens increase per key and never repeat: a new token is the larger
+//! of the previous token + 1 and the clock in microseconds, and a released
+//! record stays as a tombstone (keeping its token) until it is purged, at least
+//! 100 ms after it expired. Only a wall clock stepping back by more than that,
+//! between a record's purge and the next claim of its key, could reuse a token.
+
+use std::str::FromStr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use sqlx::sqlite::{
+    SqliteConnectOptions, SqliteConnection, SqliteJournalMode, SqlitePool, SqlitePoolOptions,
+    SqliteRow,
+};
+use sqlx::{AssertSqlSafe, Row, Sqlite, Transaction};
+
+use super::sql::{self, ClaimRow, Ready, Reaper};
+use super::{Claim, ClaimRequest, FencingToken, Record, Store, TransactionalStore};
+use crate::error::Error;
+
+/// The database clock in milliseconds since the Unix epoch.
+const NOW: &str = "CAST(unixepoch('subsec') * 1000 AS INTEGER)";
+
+/// Idempotency records in SQLite (WAL mode, 5 s busy timeout).
+///
+/// ```no_run
+/// # async fn demo() -> Result<(), idem_runtime::Error> {
+/// let store = idem_runtime::SqliteStore::connect("sqlite://orders.db").await?;
+/// # Ok(()) }
+/// ```
+#[derive(Clone)]
+pub struct SqliteStore {
+    pool: SqlitePool,
+    sql: Arc<Statements>,
+    ready: Ready,
+}
+
+impl std::fmt::Debug for SqliteStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SqliteStore")
+            .field("table", &self.sql.table)
+            .finish_non_exhaustive()
+    }
+}
+
+struct Statements {
+    table: String,
+    migrate: Vec<String>,
+    claim: Arc<str>,
+    complete: Arc<str>,
+    renew: Arc<str>,
+    release: Arc<str>,
+    get: Arc<str>,
+    purge: Arc<str>,
+}
+
+impl Statements {
+    fn new(t: &str) -> Result<Self, Error> {
+        sql::validate_table(t)?;
+        // A record is live while it is not released and has not expired.
+        let live = "(state <> 'released' AND expires_at > excluded.created_at)";
+        let keep = |column: &str, new: &str| {
+            format!("{column} = CASE WHEN {live} THEN {column} ELSE {new} END")
+        };
+        let claim = format!(
+            "INSERT INTO {t} (key, state, token, fingerprint, outcome, expires_at, nonce, took_over, created_at, updated_at)
+             VALUES (?1, 'processing', {NOW} * 1000, ?2, NULL, {NOW} + ?3, ?4, 0, {NOW}, {NOW})
+             ON CONFLICT (key) DO UPDATE SET {}, {}, {}, {}, {}, {}, {}, {}
+             RETURNING nonce = ?4, took_over, state, token, fingerprint, outcome, expires_at - {NOW}",
+            keep("token", "max(token + 1, excluded.token)"),
+            keep("took_over", "state = 'processing'"),
+            keep("state", "'processing'"),
+            keep("fingerprint", "excluded.fingerprint"),
+            keep("outcome", "NULL"),
+            keep("expires_at", "excluded.expires_at"),
+            keep("nonce", "excluded.nonce"),
+            keep("updated_at", "excluded.updated_at"),
+        );
+        Ok(Statements {
+            table: t.to_owned(),
+            migrate: vec![
+                format!(
+                    "CREATE TABLE IF NOT EXISTS {t} (
+                        key         TEXT NOT NULL PRIMARY KEY,
+                        state       TEXT NOT NULL CHECK (state IN ('processing', 'completed', 'released')),
+                        token       INTEGER NOT NULL,
+                        fingerprint BLOB,
+                        outcome     TEXT,
+                        expires_at  INTEGER NOT NULL,
+                        nonce       INTEGER NOT NULL DEFAULT 0,
+                        took_over   INTEGER NOT NULL DEFAULT 0,
+                        created_at  INTEGER NOT NULL,
+                        updated_at  INTEGER NOT NULL
+                    ) WITHOUT ROWID"
+                ),
+                format!("CREATE INDEX IF NOT EXISTS {t}_expires_at ON {t} (expires_at)"),
+            ],
+            claim: claim.into(),
+            complete: format!(
+                "UPDATE {t} SET state = 'completed', outcome = ?3, expires_at = {NOW} + ?4, updated_at = {NOW}
+                  WHERE key = ?1 AND token = ?2 AND state = 'processing'"
+            )
+            .into(),
+            renew: format!(
+                "UPDATE {t} SET expires_at = {NOW} + ?3, updated_at = {NOW}
+                  WHERE key = ?1 AND token = ?2 AND state = 'processing'"
+            )
+            .into(),
+            release: format!(
+                "UPDATE {t} SET state = 'released', outcome = NULL, expires_at = {NOW}, updated_at = {NOW}
+                  WHERE key = ?1 AND token = ?2 AND state = 'processing'"
+            )
+            .into(),
+            get: format!(
+                "SELECT state, token, fingerprint, outcome, max(expires_at - {NOW}, 0) FROM {t}
+                  WHERE key = ?1 AND (state = 'processing' OR (state = 'completed' AND expires_at > {NOW}))"
+            )
+            .into(),
+            purge: format!(
+                "DELETE FROM {t} WHERE key IN (
+                    SELECT key FROM {t} WHERE expires_at <= {NOW} - 100 ORDER BY expires_at LIMIT ?1)"
+            )
+            .into(),
+        })
+    }
+}
+
+fn q(sql: &Arc<str>) -> sqlx::query::Query<'static, Sqlite, sqlx::sqlite::SqliteArguments> {
+    sqlx::query(AssertSqlSafe(Arc::clone(sql)))
+}
+
+impl SqliteStore {
+    /// Opens (creating if missing) the database at `url` (`sqlite://orders.db`,
+    /// `sqlite::memory:`) in WAL mode with a 5 s busy timeout, and creates the schema.
+    pub async fn connect(url: &str) -> Result<Self, Error> {
+        let options = SqliteConnectOptions::from_str(url)
+            .map_err(Error::store)?
+            .create_if_missing(true)
+            .journal_mode(SqliteJournalMode::Wal)
+            .busy_timeout(Duration::from_secs(5));
+        // An in-memory database exists once per connection: keep one.
+        let in_memory = url.contains(":memory:") || url.contains("mode=memory");
+        let pool = SqlitePoolOptions::new()
+            .max_connections(if in_memory { 1 } else { 8 })
+            .connect_with(options)
+            .await
+            .map_err(Error::store)?;
+        let store = Self::from_pool(pool);
+        store.migrate().await?;
+        Ok(store)
+    }
+
+    /// A store on an existing pool, in table `idem_records`. The schema is
+    /// created on first use (or call [`migrate`](Self::migrate)).
+    pub fn from_pool(pool: SqlitePool) -> Self {
+        Self::with_table(pool, sql::DEFAULT_TABLE).expect("the default table name is valid")
+    }
+
+    /// A store on an existing pool, in table `table` (letters, digits, `_`).
+    pub fn with_table(pool: SqlitePool, table: &str) -> Result<Self, Error> {
+        Ok(SqliteStore {
+            pool,
+            sql: Arc::new(Statements::new(table)?),
+            ready: Ready::default(),
+        })
+    }
+
+    /// The pool, for the service's own queries and transactions.
+    pub fn pool(&self) -> &SqlitePool {
+        &self.pool
+    }
+
+    /// The table records live in.
+    pub fn table(&self) -> &str {
+        &self.sql.table
+    }
+
+    /// Creates the table and its index if they do not exist.
+    pub async fn migrate(&self) -> Result<(), Error> {
+        let sql = self.sql.clone();
+        let pool = self.pool.clone();
+        self.ready
+            .get(|| async move {
+                let mut tx = pool.begin().await.map_err(sql::db_error)?;
+                for statement in &sql.migrate {
+                    sqlx::query(AssertSqlSafe(statement.as_str()))
+                        .execute(&mut *tx)
+                        .await
+                        .map_err(sql::db_error)?;
+                }
+                tx.commit().await.map_err(sql::db_error)
+            })
+            .await
+    }
+
+    /// Starts a background task that purges expired records every `interval`,
+    /// `batch` at a time. Stop it with [`Reaper::shutdown`].
+    pub fn spawn_reaper(&self, interval: Duration, batch: usize) -> Reaper {
+        Reaper::spawn(self.handle(), interval, batch)
+    }
+
+    async fn claim_on(
+        &self,
+        conn: &mut SqliteConnection,
+        request: ClaimRequest<'_>,
+    ) -> Result<Claim, Error> {
+        let row = q(&self.sql.claim)
+            .bind(request.key.to_owned())
+            .bind(request.fingerprint.map(|d| d.as_bytes().to_vec()))
+            .bind(sql::millis(request.lease))
+            .bind(sql::nonce())
+            .fetch_one(&mut *conn)
+            .await
+            .map_err(sql::db_error)?;
+        claim_row(&row)?.decide(request.fingerprint)
+    }
+
+    async fn complete_on(
+        &self,
+        conn: &mut SqliteConnection,
+        key: &str,
+        token: FencingToken,
+        outcome: &[u8],
+        ttl: Duration,
+    ) -> Result<(), Error> {
+        let text = std::str::from_utf8(outcome)
+            .map_err(|e| Error::codec(format!("outcomes are stored as UTF-8 JSON: {e}")))?;
+        let done = q(&self.sql.complete)
+            .bind(key.to_owned())
+            .bind(token.0 as i64)
+            .bind(text.to_owned())
+            .bind(sql::millis(ttl))
+            .execute(&mut *conn)
+            .await
+            .map_err(sql::db_error)?;
+        fenced(done.rows_affected())
+    }
+
+    async fn release_on(
+        &self,
+        conn: &mut SqliteConnection,
+        key: &str,
+        token: FencingToken,
+    ) -> Result<(), Error> {
+        let done = q(&self.sql.release)
+            .bind(key.to_owned())
+            .bind(token.0 as i64)
+            .execute(&mut *conn)
+            .await
+            .map_err(sql::db_error)?;
+        fenced(done.rows_affected())
+    }
+
+    async fn conn(&self) -> Result<sqlx::pool::PoolConnection<Sqlite>, Error> {
+        self.migrate().await?;
+        self.pool.acquire().await.map_err(Error::store)
+    }
+}
+
+fn fenced(rows: u64) -> Result<(), Error> {
+    if rows == 1 {
+        Ok(())
+    } else {
+        Err(Error::LeaseLost)
+    }
+}
+
+fn claim_row(row: &SqliteRow) -> Result<ClaimRow, Error> {
+    Ok(ClaimRow {
+        acquired: row.try_get(0).map_err(sql::db_error)?,
+        took_over: row.try_get(1).map_err(sql::db_error)?,
+        state: row.try_get(2).map_err(sql::db_error)?,
+        token: row.try_get(3).map_err(sql::db_error)?,
+        fingerprint: row.try_get(4).map_err(sql::db_error)?,
+        outcome: row.try_get(5).map_err(sql::db_error)?,
+        remaining_ms: row.try_get(6).map_err(sql::db_error)?,
+    })
+}
+
+#[async_trait]
+impl Store for SqliteStore {
+    async fn claim(&self, request: ClaimRequest<'_>) -> Result<Claim, Error> {
+        let mut conn = self.conn().await?;
+        self.claim_on(&mut conn, request).await
+    }
+
+    async fn complete(
+        &self,
+        key: &str,
+        token: FencingToken,
+        outcome: &[u8],
+        ttl: Duration,
+    ) -> Result<(), Error> {
+        let mut conn = self.conn().await?;
+        self.complete_on(&mut conn, key, token, outcome, ttl).await
+    }
+
+    async fn release(&self, key: &str, token: FencingToken) -> Result<(), Error> {
+        let mut conn = self.conn().await?;
+        self.release_on(&mut conn, key, token).await
+    }
+
+    async fn renew(&self, key: &str, token: FencingToken, lease: Duration) -> Result<(), Error> {
+        self.migrate().await?;
+        let done = q(&self.sql.renew)
+            .bind(key.to_owned())
+            .bind(token.0 as i64)
+            .bind(sql::millis(lease))
+            .execute(&self.pool)
+            .await
+            .map_err(sql::db_error)?;
+        fenced(done.rows_affected())
+    }
+
+    async fn get(&self, key: &str) -> Result<Option<Record>, Error> {
+        self.migrate().await?;
+        let row = q(&self.sql.get)
+            .bind(key.to_owned())
+            .fetch_optional(&self.pool)
+            .await
+            .map_err(sql::db_error)?;
+        row.map(|row| {
+            sql::record(
+                key,
+                row.try_get::<String, _>(0).map_err(sql::db_error)?.as_str(),
+                row.try_get(1).map_err(sql::db_error)?,
+                row.try_get(2).map_err(sql::db_error)?,
+                row.try_get(3).map_err(sql::db_error)?,
+                row.try_get(4).map_err(sql::db_error)?,
+            )
+        })
+        .transpose()
+    }
+
+    async fn purge_expired(&self, batch: usize) -> Result<u64, Error> {
+        self.migrate().await?;
+        let done = q(&self.sql.purge)
+            .bind(i64::try_from(batch).unwrap_or(i64::MAX))
+            .execute(&self.pool)
+            .await
+            .map_err(sql::db_error)?;
+        Ok(done.rows_affected())
+    }
+
+    fn handle(&self) -> Arc<dyn Store> {
+        Arc::new(self.clone())
+    }
+}
+
+#[async_trait]
+impl<'c> TransactionalStore<Transaction<'c, Sqlite>> for SqliteStore {
+    async fn claim_in(
+        &self,
+        tx: &mut Transaction<'c, Sqlite>,
+        request: ClaimRequest<'_>,
+    ) -> Result<Claim, Error> {
+        self.migrate().await?;
+        self.claim_on(tx, request).await
+    }
+
+    async fn complete_in(
+        &self,
+        tx: &mut Transaction<'c, Sqlite>,
+        key: &str,
+        token: FencingToken,
+        outcome: &[u8],
+        ttl: Duration,
+    ) -> Result<(), Error> {
+        self.complete_on(tx, key, token, outcome, ttl).await
+    }
+
+    async fn release_in(
+        &self,
+        tx: &mut Transaction<'c, Sqlite>,
+        key: &str,
+        token: FencingToken,
+    ) -> Result<(), Error> {
+        self.release_on(tx, key, token).await
+    }
+}
