@@ -1,1 +1,225 @@
-//! Workspace-level tests for idem live in `tests/`.
+//! Fixtures for idem's workspace tests: order services on PostgreSQL and
+//! SQLite whose `place` writes an order row and its idempotency record in one
+//! transaction (`tx =`), shared by the in-process tests in `tests/` and the
+//! `idem-sql-worker` binary they start as separate OS processes.
+
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use idem_runtime::{idempotent, PostgresStore, SqliteStore};
+use sqlx::{AssertSqlSafe, Postgres, Sqlite, Transaction};
+
+/// The PostgreSQL the tests use: `IDEM_POSTGRES_URL`, or the local server.
+pub fn postgres_url() -> String {
+    std::env::var("IDEM_POSTGRES_URL")
+        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".into())
+}
+
+/// A name no other test run uses (for keys and tables).
+pub fn unique(prefix: &str) -> String {
+    let nanos = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_nanos())
+        .unwrap_or(0);
+    format!("{prefix}_{}_{nanos}", std::process::id())
+}
+
+/// What the order services return.
+#[derive(Debug)]
+pub enum AppError {
+    /// idem refused or failed.
+    Idem(idem_runtime::Error),
+    /// The business write failed.
+    Db(sqlx::Error),
+    /// The business logic refused.
+    Refused,
+}
+
+impl From<idem_runtime::Error> for AppError {
+    fn from(e: idem_runtime::Error) -> Self {
+        AppError::Idem(e)
+    }
+}
+
+impl From<sqlx::Error> for AppError {
+    fn from(e: sqlx::Error) -> Self {
+        AppError::Db(e)
+    }
+}
+
+impl AppError {
+    /// Whether idem reported the key in progress.
+    pub fn is_in_progress(&self) -> bool {
+        matches!(self, AppError::Idem(idem_runtime::Error::InProgress { .. }))
+    }
+}
+
+/// Orders in PostgreSQL; `place` inserts the order and counts the execution
+/// inside the caller's transaction.
+pub struct PgOrders {
+    /// The idempotency store (same database).
+    pub store: PostgresStore,
+    /// The table orders go to.
+    pub orders: String,
+}
+
+impl PgOrders {
+    /// Connects and creates the `orders` table (and the records table).
+    pub async fn setup(orders: &str) -> Self {
+        let store = PostgresStore::connect(&postgres_url())
+            .await
+            .expect("postgres");
+        sqlx::query(AssertSqlSafe(format!(
+            "CREATE TABLE IF NOT EXISTS {orders} (id BIGSERIAL PRIMARY KEY, order_ref TEXT NOT NULL, by_pid INT NOT NULL)"
+        )))
+        .execute(store.pool())
+        .await
+        .expect("orders table");
+        PgOrders {
+            store,
+            orders: orders.to_owned(),
+        }
+    }
+
+    /// Places an order once per `order_ref`; duplicates wait for the first.
+    #[idempotent(key = order_ref, name = "pg-place", store = self.store, tx = tx, in_progress = wait("60s"))]
+    pub async fn place(
+        &self,
+        tx: &mut Transaction<'_, Postgres>,
+        order_ref: &str,
+    ) -> Result<i64, AppError> {
+        self.insert(tx, order_ref).await
+    }
+
+    /// Places an order once per `order_ref`; duplicates are refused at once.
+    #[idempotent(key = order_ref, name = "pg-place", store = self.store, tx = tx)]
+    pub async fn place_or_reject(
+        &self,
+        tx: &mut Transaction<'_, Postgres>,
+        order_ref: &str,
+    ) -> Result<i64, AppError> {
+        self.insert(tx, order_ref).await
+    }
+
+    /// Like `place`, but the business logic refuses (after writing).
+    #[idempotent(key = order_ref, name = "pg-place", store = self.store, tx = tx)]
+    pub async fn place_refused(
+        &self,
+        tx: &mut Transaction<'_, Postgres>,
+        order_ref: &str,
+    ) -> Result<i64, AppError> {
+        self.insert(tx, order_ref).await?;
+        Err(AppError::Refused)
+    }
+
+    async fn insert(
+        &self,
+        tx: &mut Transaction<'_, Postgres>,
+        order_ref: &str,
+    ) -> Result<i64, AppError> {
+        let id = sqlx::query_scalar(AssertSqlSafe(format!(
+            "INSERT INTO {} (order_ref, by_pid) VALUES ($1, $2) RETURNING id",
+            self.orders
+        )))
+        .bind(order_ref.to_owned())
+        .bind(std::process::id() as i32)
+        .fetch_one(&mut **tx)
+        .await?;
+        Ok(id)
+    }
+
+    /// How many orders exist for `order_ref`.
+    pub async fn count(&self, order_ref: &str) -> i64 {
+        sqlx::query_scalar(AssertSqlSafe(format!(
+            "SELECT count(*) FROM {} WHERE order_ref = $1",
+            self.orders
+        )))
+        .bind(order_ref.to_owned())
+        .fetch_one(self.store.pool())
+        .await
+        .expect("count")
+    }
+}
+
+/// Orders in SQLite, the same shape as [`PgOrders`].
+pub struct SqliteOrders {
+    /// The idempotency store (same database file).
+    pub store: SqliteStore,
+    /// The table orders go to.
+    pub orders: String,
+}
+
+impl SqliteOrders {
+    /// Opens the database at `url` and creates the `orders` table.
+    pub async fn setup(url: &str, orders: &str) -> Self {
+        let store = SqliteStore::connect(url).await.expect("sqlite");
+        sqlx::query(AssertSqlSafe(format!(
+            "CREATE TABLE IF NOT EXISTS {orders} (id INTEGER PRIMARY KEY AUTOINCREMENT, order_ref TEXT NOT NULL, by_pid INTEGER NOT NULL)"
+        )))
+        .execute(store.pool())
+        .await
+        .expect("orders table");
+        SqliteOrders {
+            store,
+            orders: orders.to_owned(),
+        }
+    }
+
+    /// Places an order once per `order_ref`; duplicates wait for the first.
+    #[idempotent(key = order_ref, name = "sqlite-place", store = self.store, tx = tx, in_progress = wait("60s"))]
+    pub async fn place(
+        &self,
+        tx: &mut Transaction<'_, Sqlite>,
+        order_ref: &str,
+    ) -> Result<i64, AppError> {
+        self.insert(tx, order_ref).await
+    }
+
+    /// Places an order once per `order_ref`; duplicates are refused at once.
+    #[idempotent(key = order_ref, name = "sqlite-place", store = self.store, tx = tx)]
+    pub async fn place_or_reject(
+        &self,
+        tx: &mut Transaction<'_, Sqlite>,
+        order_ref: &str,
+    ) -> Result<i64, AppError> {
+        self.insert(tx, order_ref).await
+    }
+
+    /// Like `place`, but the business logic refuses (after writing).
+    #[idempotent(key = order_ref, name = "sqlite-place", store = self.store, tx = tx)]
+    pub async fn place_refused(
+        &self,
+        tx: &mut Transaction<'_, Sqlite>,
+        order_ref: &str,
+    ) -> Result<i64, AppError> {
+        self.insert(tx, order_ref).await?;
+        Err(AppError::Refused)
+    }
+
+    async fn insert(
+        &self,
+        tx: &mut Transaction<'_, Sqlite>,
+        order_ref: &str,
+    ) -> Result<i64, AppError> {
+        let id = sqlx::query_scalar(AssertSqlSafe(format!(
+            "INSERT INTO {} (order_ref, by_pid) VALUES (?1, ?2) RETURNING id",
+            self.orders
+        )))
+        .bind(order_ref.to_owned())
+        .bind(std::process::id() as i64)
+        .fetch_one(&mut **tx)
+        .await?;
+        Ok(id)
+    }
+
+    /// How many orders exist for `order_ref`.
+    pub async fn count(&self, order_ref: &str) -> i64 {
+        sqlx::query_scalar(AssertSqlSafe(format!(
+            "SELECT count(*) FROM {} WHERE order_ref = ?1",
+            self.orders
+        )))
+        .bind(order_ref.to_owned())
+        .fetch_one(self.store.pool())
+        .await
+        .expect("count")
+    }
+}

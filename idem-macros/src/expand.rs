@@ -141,9 +141,12 @@ fn expand(args: &Args, checked: &Checked, func: ItemFn) -> TokenStream {
 
     // The store: evaluated once, at call time, into an owned handle.
     let store_expr = args.store.as_ref().expect("validated: store is present");
+    // Without `tx`, an owned handle (the engine renews the lease while the body
+    // runs and releases the claim if the caller goes away); with `tx`, a borrow
+    // checked to be a store that can write inside that transaction.
     let store = match &args.tx {
         None => quote_spanned!(store_expr.span()=> #private::store_handle(&(#store_expr))),
-        Some(tx) => quote_spanned!(tx.span()=> #private::tx_store_handle(&(#store_expr))),
+        Some(tx) => quote_spanned!(tx.span()=> #private::tx_store(&(#store_expr), &*#tx)),
     };
 
     // The key: every part borrowed, then hashed.
@@ -184,6 +187,49 @@ fn expand(args: &Args, checked: &Checked, func: ItemFn) -> TokenStream {
     };
 
     let stmts = &block.stmts;
+    let body = quote! {
+        #[allow(
+            unknown_lints,
+            unreachable_code,
+            clippy::diverging_sub_expression,
+            clippy::empty_loop,
+            clippy::let_unit_value,
+            clippy::needless_return,
+            clippy::unreachable
+        )]
+        if false {
+            let #ret_var: #ret = loop {};
+            return #ret_var;
+        }
+        #(#stmts)*
+    };
+    // The body runs as `async move { .. }`, polled by the engine (which renews
+    // the lease alongside it). With `tx`, the engine claims inside the
+    // transaction, the body is awaited right here (so it borrows `tx` and the
+    // arguments directly), and the engine then completes inside the transaction.
+    let call = match &args.tx {
+        None => quote! {
+            #private::execute(#store_var, &#options, #key_var, #fp_var, #codec, async move { #body }).await
+        },
+        Some(tx) => {
+            let codec_var = local("__idem_codec");
+            let claim_var = local("__idem_claim");
+            let outcome_var = local("__idem_outcome");
+            quote! {
+                let #codec_var = #codec;
+                let #claim_var = match #private::claim_in_tx(
+                    #store_var, &mut *#tx, &#options, #key_var, #fp_var, &#codec_var,
+                ).await {
+                    #private::ControlFlow::Continue(claim) => claim,
+                    #private::ControlFlow::Break(done) => return done,
+                };
+                let #outcome_var = #claim_var.scope(async { #body }).await;
+                #private::finish_in_tx(
+                    #store_var, &mut *#tx, &#options, #claim_var, &#codec_var, #outcome_var,
+                ).await
+            }
+        }
+    };
     quote! {
         #(#outer)*
         #vis #sig {
@@ -196,30 +242,7 @@ fn expand(args: &Args, checked: &Checked, func: ItemFn) -> TokenStream {
             let #store_var = #store;
             let #key_var = #private::Keyer::new(#options.namespace) #(#parts)* #window .finish();
             let #fp_var = #fingerprint;
-            #private::execute(
-                #store_var,
-                &#options,
-                #key_var,
-                #fp_var,
-                #codec,
-                async move {
-                    #[allow(
-                        unknown_lints,
-                        unreachable_code,
-                        clippy::diverging_sub_expression,
-                        clippy::empty_loop,
-                        clippy::let_unit_value,
-                        clippy::needless_return,
-                        clippy::unreachable
-                    )]
-                    if false {
-                        let #ret_var: #ret = loop {};
-                        return #ret_var;
-                    }
-                    #(#stmts)*
-                },
-            )
-            .await
+            #call
         }
     }
 }

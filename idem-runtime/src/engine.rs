@@ -22,6 +22,7 @@
 //! ```
 
 use std::future::{poll_fn, Future};
+use std::ops::ControlFlow;
 use std::pin::{pin, Pin};
 use std::sync::Arc;
 use std::task::Poll;
@@ -171,16 +172,13 @@ where
         .await
 }
 
-/// Like [`execute`], inside the caller's open transaction `tx` (`tx =` in the
-/// macro): the claim, the body's writes (the body gets `tx` back) and the
-/// completed record are all written in `tx`, so they commit or roll back
-/// together when the caller ends it.
+/// Like [`execute`], inside the caller's open transaction `tx`: the claim, the
+/// body's writes (the body gets `tx` back) and the completed record are all
+/// written in `tx`, so they commit or roll back together when the caller ends it.
 ///
-/// No lease is renewed: the claim row is the caller's uncommitted write, which
-/// nobody else can take over, and the store's transaction-scoped lock tells a
-/// duplicate the key is in progress until the caller commits or rolls back.
-/// An `Err` from the body deletes the claim inside `tx` (unless errors are
-/// cached); if the caller then rolls back, nothing is left either way.
+/// The macro's `tx =` expands to the two halves, [`claim_in_tx`] and
+/// [`finish_in_tx`], with the body awaited in between, so the body borrows the
+/// transaction directly.
 pub async fn execute_in_tx<S, X, T, E, F>(
     store: &S,
     tx: &mut X,
@@ -195,9 +193,56 @@ where
     X: Send + ?Sized,
     F: AsyncFnOnce(&mut X) -> Result<T, E>,
 {
+    let claim = match claim_in_tx(store, tx, options, key, fingerprint, &codec).await {
+        ControlFlow::Continue(claim) => claim,
+        ControlFlow::Break(done) => return done,
+    };
+    let outcome = claim.scope(body(tx)).await;
+    finish_in_tx(store, tx, options, claim, &codec, outcome).await
+}
+
+/// A claim held inside the caller's transaction, between [`claim_in_tx`] and
+/// [`finish_in_tx`].
+#[derive(Debug)]
+pub struct TxClaim {
+    key: Key,
+    token: FencingToken,
+    span: tracing::Span,
+}
+
+impl TxClaim {
+    /// Runs `body` as this attempt, so [`current`] sees it.
+    pub async fn scope<F: Future>(&self, body: F) -> F::Output {
+        let attempt = Attempt {
+            key: self.key.clone(),
+            token: self.token,
+        };
+        CURRENT.scope(attempt, body).await
+    }
+}
+
+/// Claims the key inside `tx`. `Break` carries the answer for the caller
+/// (a replay, or an error); `Continue` means run the body, then [`finish_in_tx`].
+///
+/// No lease is renewed in a transaction: the claim row is the caller's
+/// uncommitted write, which nobody else can take over, and the store's
+/// transaction-scoped lock tells a duplicate the key is in progress until the
+/// caller commits or rolls back.
+pub async fn claim_in_tx<S, X, T, E>(
+    store: &S,
+    tx: &mut X,
+    options: &Options,
+    key: Result<Key, Error>,
+    fingerprint: Option<Result<Digest, Error>>,
+    codec: &Codec<T, E>,
+) -> ControlFlow<Result<T, E>, TxClaim>
+where
+    S: TransactionalStore<X> + ?Sized,
+    X: Send + ?Sized,
+{
     let (key, fingerprint) = match (key, fingerprint.transpose()) {
         (Ok(key), Ok(fingerprint)) => (key, fingerprint),
-        (Err(err), _) | (_, Err(err)) => return Err(codec.error(err)),
+        (Err(err), _) | (_, Err(err)) => return ControlFlow::Break(Err(codec.error(err))),
     };
     let span = tracing::debug_span!(
         "idempotent",
@@ -205,51 +250,74 @@ where
         digest = %key.digest(),
         tx = true,
     );
-    async move {
+    let claimed = async {
         let request = ClaimRequest {
             key: key.as_str(),
             fingerprint: fingerprint.as_ref(),
             lease: options.lease,
         };
         let mut waiter = Waiter::new(options);
-        let token = loop {
+        loop {
             let result = store.claim_in(tx, request).await;
-            match waiter.decide(result).await.map_err(|e| codec.error(e))? {
-                Some(Claimed::Run(token)) => break token,
-                Some(Claimed::Replay(outcome)) => return replay(&codec, &outcome),
-                None => continue,
+            if let Some(claimed) = waiter.decide(result).await? {
+                return Ok(claimed);
             }
-        };
-        let attempt = Attempt {
-            key: key.clone(),
-            token,
-        };
-        let outcome = CURRENT.scope(attempt, body(tx)).await;
+        }
+    }
+    .instrument(span.clone())
+    .await;
+    match claimed {
+        Ok(Claimed::Run(token)) => ControlFlow::Continue(TxClaim { key, token, span }),
+        Ok(Claimed::Replay(outcome)) => {
+            ControlFlow::Break(span.in_scope(|| replay(codec, &outcome)))
+        }
+        Err(err) => ControlFlow::Break(Err(codec.error(err))),
+    }
+}
+
+/// Records the body's outcome inside `tx` (or deletes the claim there, for an
+/// error that is not cached), and returns the outcome to the caller.
+pub async fn finish_in_tx<S, X, T, E>(
+    store: &S,
+    tx: &mut X,
+    options: &Options,
+    claim: TxClaim,
+    codec: &Codec<T, E>,
+    outcome: Result<T, E>,
+) -> Result<T, E>
+where
+    S: TransactionalStore<X> + ?Sized,
+    X: Send + ?Sized,
+{
+    let TxClaim { key, token, span } = claim;
+    async move {
         match codec.encode(&outcome) {
             None => {
                 match store.release_in(tx, key.as_str(), token).await {
                     Ok(()) => tracing::debug!(token = token.0, "released after error"),
-                    Err(err) => {
-                        tracing::warn!(token = token.0, error = %err, "could not release the claim in the transaction")
-                    }
+                    Err(err) => tracing::warn!(
+                        token = token.0, error = %err,
+                        "could not release the claim in the transaction"
+                    ),
                 }
                 outcome
             }
-            Some(Ok(bytes)) => {
-                match store
-                    .complete_in(tx, key.as_str(), token, &bytes, options.ttl)
-                    .await
-                {
-                    Ok(()) => {
-                        tracing::debug!(token = token.0, "completed in the transaction");
-                        outcome
-                    }
-                    Err(err) => {
-                        tracing::error!(token = token.0, error = %err, "could not record the outcome in the transaction");
-                        Err(codec.error(err))
-                    }
+            Some(Ok(bytes)) => match store
+                .complete_in(tx, key.as_str(), token, &bytes, options.ttl)
+                .await
+            {
+                Ok(()) => {
+                    tracing::debug!(token = token.0, "completed in the transaction");
+                    outcome
                 }
-            }
+                Err(err) => {
+                    tracing::error!(
+                        token = token.0, error = %err,
+                        "could not record the outcome in the transaction"
+                    );
+                    Err(codec.error(err))
+                }
+            },
             Some(Err(err)) => {
                 tracing::error!(token = token.0, error = %err, "the outcome cannot be encoded");
                 Err(codec.error(err))

@@ -87,7 +87,8 @@ pub mod __private {
     use serde::Serialize;
 
     pub use crate::codec::{cache_errors, release_errors};
-    pub use crate::engine::{execute, execute_in_tx, InProgress, Options};
+    pub use crate::engine::{claim_in_tx, execute, finish_in_tx, InProgress, Options};
+    pub use core::ops::ControlFlow;
     pub use core::time::Duration;
 
     use crate::key::{Digest, FingerprintBuilder, Key, KeyBuilder};
@@ -177,4 +178,14 @@ pub mod __private {
 
     #[inline]
     pub fn assert_result<R: ResultParts>() {}
+
+    /// The store named by `store =`, checked to write inside the `tx =` transaction.
+    #[inline]
+    pub fn tx_store<'s, S, X>(store: &'s S, _tx: &X) -> &'s S
+    where
+        S: crate::TransactionalStore<X> + ?Sized,
+        X: Send + ?Sized,
+    {
+        store
+    }
 }

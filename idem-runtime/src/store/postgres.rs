@@ -50,6 +50,7 @@ impl std::fmt::Debug for PostgresStore {
 /// The statements for one table, built once (the table name is validated).
 struct Statements {
     table: String,
+    present: String,
     migrate: Vec<String>,
     claim: Arc<str>,
     complete: Arc<str>,
@@ -94,6 +95,10 @@ SELECT false, false, r.state, r.token, r.fingerprint, r.outcome,
         );
         Ok(Statements {
             table: t.to_owned(),
+            present: format!(
+                "SELECT to_regclass('{t}') IS NOT NULL AND to_regclass('{t}_expires_at') IS NOT NULL
+                    AND to_regclass('{t}_token_seq') IS NOT NULL"
+            ),
             migrate: vec![
                 format!(
                     "CREATE TABLE IF NOT EXISTS {t} (
@@ -188,12 +193,23 @@ impl PostgresStore {
     }
 
     /// Creates the table, index and token sequence if they do not exist.
-    /// Safe to run from many processes at once (it takes an advisory lock).
+    /// Safe to run from many processes at once (it takes an advisory lock), and
+    /// takes no lock at all once the schema is there.
     pub async fn migrate(&self) -> Result<(), Error> {
         let sql = self.sql.clone();
         let pool = self.pool.clone();
         self.ready
             .get(|| async move {
+                // Already set up: take no lock. DDL would queue behind any open
+                // transaction that wrote to the table (a `tx =` caller's, say) and
+                // make every statement after it queue too.
+                let present: bool = sqlx::query_scalar(AssertSqlSafe(sql.present.as_str()))
+                    .fetch_one(&pool)
+                    .await
+                    .map_err(sql::db_error)?;
+                if present {
+                    return Ok(());
+                }
                 let mut tx = pool.begin().await.map_err(sql::db_error)?;
                 sqlx::query("SELECT pg_advisory_xact_lock(hashtextextended('idem:migrate', 7))")
                     .execute(&mut *tx)

@@ -1,0 +1,96 @@
+//! A separate OS process for the SQL tests: `hold` places an order inside a
+//! transaction and never commits (the test kills it with SIGKILL); `hammer`
+//! runs many concurrent duplicate callers against PostgreSQL and prints what
+//! each one got, one JSON line per call.
+
+use std::io::Write as _;
+use std::process::ExitCode;
+use std::sync::Arc;
+
+use idem_tests::{PgOrders, SqliteOrders};
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    match args.as_slice() {
+        ["hold", "postgres", orders, order_ref] => {
+            let svc = PgOrders::setup(orders).await;
+            let mut tx = svc.store.pool().begin().await.expect("begin");
+            let id = svc.place(&mut tx, order_ref).await.expect("place");
+            ready(id);
+            hang(tx).await
+        }
+        ["hold", "sqlite", url, orders, order_ref] => {
+            let svc = SqliteOrders::setup(url, orders).await;
+            let mut tx = svc.store.pool().begin().await.expect("begin");
+            let id = svc.place(&mut tx, order_ref).await.expect("place");
+            ready(id);
+            hang(tx).await
+        }
+        ["hammer", orders, prefix, tasks, keys] => {
+            let tasks: usize = tasks.parse().expect("tasks");
+            let keys: usize = keys.parse().expect("keys");
+            let svc = Arc::new(PgOrders::setup(orders).await);
+            let calls: Vec<_> = (0..tasks)
+                .map(|i| {
+                    let svc = svc.clone();
+                    let key = format!("{prefix}-{}", i % keys);
+                    tokio::spawn(async move {
+                        let mut tx = svc.store.pool().begin().await?;
+                        let id = svc.place(&mut tx, &key).await;
+                        if id.is_ok() {
+                            tx.commit().await?;
+                        }
+                        Ok::<_, sqlx::Error>((key, id))
+                    })
+                })
+                .collect();
+            let mut failed = false;
+            let mut out = std::io::stdout().lock();
+            for call in calls {
+                match call.await.expect("task") {
+                    Ok((key, Ok(id))) => {
+                        writeln!(out, "{}", serde_json::json!({"key": key, "id": id})).unwrap()
+                    }
+                    Ok((key, Err(e))) => {
+                        failed = true;
+                        writeln!(
+                            out,
+                            "{}",
+                            serde_json::json!({"key": key, "error": format!("{e:?}")})
+                        )
+                        .unwrap()
+                    }
+                    Err(e) => {
+                        failed = true;
+                        writeln!(out, "{}", serde_json::json!({"error": e.to_string()})).unwrap()
+                    }
+                }
+            }
+            if failed {
+                ExitCode::FAILURE
+            } else {
+                ExitCode::SUCCESS
+            }
+        }
+        _ => {
+            eprintln!(
+                "usage: idem-sql-worker hold postgres ORDERS REF | hold sqlite URL ORDERS REF | hammer ORDERS PREFIX TASKS KEYS"
+            );
+            ExitCode::from(2)
+        }
+    }
+}
+
+fn ready(id: i64) {
+    println!("ready {id}");
+    std::io::stdout().flush().unwrap();
+}
+
+/// Keeps the transaction open until the process is killed.
+async fn hang<T>(tx: T) -> ExitCode {
+    tokio::time::sleep(std::time::Duration::from_secs(3600)).await;
+    drop(tx);
+    ExitCode::FAILURE
+}
