@@ -227,6 +227,33 @@ async fn sqlite_waiting_duplicate_replays_after_commit() {
     assert_eq!(svc.count(&r).await, 1);
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sqlite_duplicate_is_refused_at_once_while_uncommitted() {
+    let svc = SqliteOrders::setup(&sqlite_url("reject"), "orders").await;
+    let r = unique("reject");
+    let mut first = svc.store.pool().begin().await.unwrap();
+    svc.place(&mut first, &r).await.unwrap();
+    // Without a transaction, and inside one: both refused at once.
+    let started = std::time::Instant::now();
+    let mut dup = svc.store.pool().begin().await.unwrap();
+    let refused = svc.place_or_reject(&mut dup, &r).await;
+    assert!(
+        refused.as_ref().is_err_and(AppError::is_in_progress),
+        "{refused:?}"
+    );
+    dup.rollback().await.unwrap();
+    assert!(
+        started.elapsed() < Duration::from_secs(4),
+        "answered before the 5 s busy timeout could pass"
+    );
+    first.rollback().await.unwrap();
+    // The rollback cleared the in-flight mark: the next call runs at once.
+    let mut tx = svc.store.pool().begin().await.unwrap();
+    svc.place_or_reject(&mut tx, &r).await.unwrap();
+    tx.commit().await.unwrap();
+    assert_eq!(svc.count(&r).await, 1);
+}
+
 /// Starts a worker that places `order_ref` in a transaction and never commits;
 /// returns once it has written, then kills it with SIGKILL.
 fn kill_mid_transaction(args: &[&str]) {

@@ -14,8 +14,9 @@
 //! 100 ms after it expired. Only a wall clock stepping back by more than that,
 //! between a record's purge and the next claim of its key, could reuse a token.
 
+use std::collections::{HashMap, HashSet};
 use std::str::FromStr;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -44,6 +45,53 @@ pub struct SqliteStore {
     pool: SqlitePool,
     sql: Arc<Statements>,
     ready: Ready,
+    open: Arc<OpenClaims>,
+}
+
+/// Keys claimed inside transactions of this process that have not yet
+/// committed or rolled back.
+///
+/// SQLite lets one transaction write at a time, so a duplicate's claim would
+/// block on an open `tx =` claim until its commit. A rejecting duplicate is
+/// answered from here at once instead; each connection's commit and rollback
+/// hooks clear its keys. (A duplicate in another process still waits on the
+/// database lock, up to the busy timeout.)
+#[derive(Default)]
+struct OpenClaims(Mutex<OpenInner>);
+
+#[derive(Default)]
+struct OpenInner {
+    by_connection: HashMap<usize, Vec<String>>,
+    keys: HashSet<String>,
+}
+
+impl OpenClaims {
+    fn contains(&self, key: &str) -> bool {
+        self.lock().keys.contains(key)
+    }
+
+    fn add(&self, connection: usize, key: &str) {
+        let mut inner = self.lock();
+        inner.keys.insert(key.to_owned());
+        inner
+            .by_connection
+            .entry(connection)
+            .or_default()
+            .push(key.to_owned());
+    }
+
+    fn end(&self, connection: usize) {
+        let mut inner = self.lock();
+        if let Some(keys) = inner.by_connection.remove(&connection) {
+            for key in keys {
+                inner.keys.remove(&key);
+            }
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, OpenInner> {
+        self.0.lock().unwrap_or_else(|p| p.into_inner())
+    }
 }
 
 impl std::fmt::Debug for SqliteStore {
@@ -173,6 +221,7 @@ impl SqliteStore {
             pool,
             sql: Arc::new(Statements::new(table)?),
             ready: Ready::default(),
+            open: Arc::default(),
         })
     }
 
@@ -215,6 +264,11 @@ impl SqliteStore {
         conn: &mut SqliteConnection,
         request: ClaimRequest<'_>,
     ) -> Result<Claim, Error> {
+        if self.open.contains(request.key) {
+            return Ok(Claim::InProgress {
+                lease_remaining: request.lease,
+            });
+        }
         let row = q(&self.sql.claim)
             .bind(request.key.to_owned())
             .bind(request.fingerprint.map(|d| d.as_bytes().to_vec()))
@@ -366,7 +420,21 @@ impl<'c> TransactionalStore<Transaction<'c, Sqlite>> for SqliteStore {
         request: ClaimRequest<'_>,
     ) -> Result<Claim, Error> {
         self.migrate().await?;
-        self.claim_on(tx, request).await
+        let claim = self.claim_on(tx, request).await?;
+        if let Claim::Acquired { .. } = claim {
+            // Until this transaction ends, answer duplicates from memory.
+            let mut handle = tx.lock_handle().await.map_err(Error::store)?;
+            let connection = handle.as_raw_handle().as_ptr() as usize;
+            self.open.add(connection, request.key);
+            let open = Arc::clone(&self.open);
+            handle.set_commit_hook(move || {
+                open.end(connection);
+                true
+            });
+            let open = Arc::clone(&self.open);
+            handle.set_rollback_hook(move || open.end(connection));
+        }
+        Ok(claim)
     }
 
     async fn complete_in(
