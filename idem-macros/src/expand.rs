@@ -115,7 +115,12 @@ fn expand(args: &Args, checked: &Checked, func: ItemFn) -> TokenStream {
     // explicitly, so an unmet bound (`T: Serialize`, `E: From<Error>`) is reported
     // at the type in the signature. An alias (`AppResult<T>`) is checked to be a
     // `Result` first, and its parts are then inferred.
-    let Checked { ret, ok, err } = checked;
+    let Checked {
+        ret,
+        ok,
+        err,
+        tx: tx_ty,
+    } = checked;
     let check = match (ok, err) {
         (None, None) => Some(quote_spanned!(ret.span()=> #private::assert_result::<#ret>();)),
         _ => None,
@@ -146,7 +151,10 @@ fn expand(args: &Args, checked: &Checked, func: ItemFn) -> TokenStream {
     // checked to be a store that can write inside that transaction.
     let store = match &args.tx {
         None => quote_spanned!(store_expr.span()=> #private::store_handle(&(#store_expr))),
-        Some(tx) => quote_spanned!(tx.span()=> #private::tx_store(&(#store_expr), &*#tx)),
+        Some(tx) => {
+            let tx_ty = tx_ty.as_ref().map_or(quote!(_), |t| quote!(#t));
+            quote_spanned!(tx.span()=> #private::tx_store::<_, #tx_ty>(&(#store_expr), &*#tx))
+        }
     };
 
     // The key: every part borrowed, then hashed.

@@ -16,6 +16,8 @@ pub struct Checked {
     pub ok: Option<Type>,
     /// `E` in `Result<T, E>`, when written out (an alias like `Result<T>` hides it).
     pub err: Option<Type>,
+    /// With `tx = name`: the transaction type `X` of the parameter `name: &mut X`.
+    pub tx: Option<Type>,
 }
 
 /// Validates `sig` and `args`, collecting every problem.
@@ -43,25 +45,44 @@ pub fn check(sig: &Signature, args: &Args) -> syn::Result<Checked> {
             "missing `store`: name the store to keep records in, e.g. `store = self.store`",
         ));
     }
+    let mut tx_type = None;
     if let Some(tx) = &args.tx {
-        let names: Vec<String> = sig.inputs.iter().filter_map(param_name).collect();
-        if !names.iter().any(|n| tx == n) {
-            let listed = if names.is_empty() {
-                "it has no named parameters".to_owned()
-            } else {
-                format!("its parameters are: {}", names.join(", "))
-            };
-            errors.push(syn::Error::new_spanned(
-                tx,
-                format!(
-                    "`tx = {tx}` names no parameter of `{}`; {listed}",
-                    sig.ident
-                ),
-            ));
+        let param = sig.inputs.iter().find_map(|arg| match arg {
+            FnArg::Typed(typed) => match &*typed.pat {
+                Pat::Ident(ident) if ident.ident == *tx => Some(typed),
+                _ => None,
+            },
+            FnArg::Receiver(_) => None,
+        });
+        match param {
+            None => {
+                let names: Vec<String> = sig.inputs.iter().filter_map(param_name).collect();
+                let listed = if names.is_empty() {
+                    "it has no named parameters".to_owned()
+                } else {
+                    format!("its parameters are: {}", names.join(", "))
+                };
+                errors.push(syn::Error::new_spanned(
+                    tx,
+                    format!("`tx = {tx}` names no parameter of `{}`; {listed}", sig.ident),
+                ));
+            }
+            Some(typed) => match &*typed.ty {
+                Type::Reference(r) if r.mutability.is_some() => tx_type = Some((*r.elem).clone()),
+                other => errors.push(syn::Error::new_spanned(
+                    other,
+                    format!(
+                        "the `tx` parameter must be a mutable reference to the open transaction, e.g. `{tx}: &mut sqlx::Transaction<'_, Postgres>`"
+                    ),
+                )),
+            },
         }
     }
     errors.finish()?;
-    checked.ok_or_else(|| syn::Error::new(Span::call_site(), "invalid return type"))
+    let mut checked =
+        checked.ok_or_else(|| syn::Error::new(Span::call_site(), "invalid return type"))?;
+    checked.tx = tx_type;
+    Ok(checked)
 }
 
 fn param_name(arg: &FnArg) -> Option<String> {
@@ -104,6 +125,7 @@ fn return_type(sig: &Signature) -> syn::Result<Checked> {
         ret: (**ty).clone(),
         ok: None,
         err: None,
+        tx: None,
     };
     if last.ident != "Result" {
         return Ok(alias);
