@@ -3,9 +3,7 @@
 use std::fmt;
 use std::sync::Arc;
 
-use idem_runtime::MemoryStore;
-
-use crate::{CreateOrderRequest, Order, OrderError, OrderService};
+use crate::{CreateOrderRequest, Db, Order, OrderError, OrderService};
 
 /// One line of the demo's table.
 #[derive(Debug, Clone)]
@@ -14,10 +12,10 @@ pub struct Row {
     pub call: String,
     /// What it got back.
     pub outcome: String,
-    /// Orders that exist after the call.
-    pub orders: usize,
+    /// Orders (of this run's users) that exist after the call.
+    pub orders: i64,
     /// Orders that should exist after the call.
-    pub expected_orders: usize,
+    pub expected_orders: i64,
     /// Whether the outcome was the one idem promises.
     pub as_expected: bool,
 }
@@ -25,6 +23,10 @@ pub struct Row {
 /// Everything the demo did, printable as a table.
 #[derive(Debug, Clone, Default)]
 pub struct Report {
+    /// The database the demo ran on.
+    pub backend: &'static str,
+    /// Its URL.
+    pub url: String,
     /// The calls, in order.
     pub rows: Vec<Row>,
 }
@@ -57,23 +59,38 @@ fn describe(result: &Result<Order, OrderError>) -> String {
     }
 }
 
-/// Runs the demo against a fresh service with an in-memory store.
-pub async fn run() -> Report {
-    let service = Arc::new(OrderService::new(Arc::new(MemoryStore::new())));
-    service.restock(42, 100);
-    let mut report = Report::default();
-    let mut row = |call: &str, outcome: String, expected_orders: usize, as_expected: bool| {
+/// Runs the demo against the database at `url`. Each run uses its own users
+/// and products, so the demo can run again and again on the same file.
+pub async fn run(url: &str) -> Result<Report, OrderError> {
+    let service = Arc::new(OrderService::new(Db::open(url).await?));
+    let run = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0);
+    let (ann, bob) = (run * 10 + 7, run * 10 + 8);
+    let (widget, gadget) = (run * 100 + 42, run * 100 + 99);
+    let users = [ann, bob];
+    service.restock(widget, 100).await?;
+    service.restock(gadget, 0).await?;
+    let mut report = Report {
+        backend: service.backend(),
+        url: url.to_owned(),
+        rows: Vec::new(),
+    };
+    let mut row = async |call: &str, outcome: String, expected_orders: i64, as_expected: bool| {
+        let orders = service.orders_of(&users).await?;
         report.rows.push(Row {
             call: call.into(),
             outcome,
-            orders: service.orders_created(),
+            orders,
             expected_orders,
             as_expected,
         });
+        Ok::<_, OrderError>(())
     };
 
     // 1. Fifty clients send the same order at the same moment.
-    let order_a = request(7, 42, 1, "1 Main St");
+    let order_a = request(ann, widget, 1, "1 Main St");
     let tasks: Vec<_> = (0..50)
         .map(|_| {
             let service = service.clone();
@@ -82,26 +99,29 @@ pub async fn run() -> Report {
         })
         .collect();
     let mut ids = Vec::new();
-    let mut failures = 0;
+    let mut failures = Vec::new();
     for task in tasks {
         match task.await {
             Ok(Ok(order)) => ids.push(order.id),
-            _ => failures += 1,
+            Ok(Err(e)) => failures.push(e.to_string()),
+            Err(e) => failures.push(e.to_string()),
         }
     }
     ids.sort_unstable();
     ids.dedup();
     let first = ids.first().copied().unwrap_or(0);
+    let all_same = failures.is_empty() && ids.len() == 1;
     row(
         "50 concurrent duplicates of order A",
-        if failures == 0 && ids.len() == 1 {
+        if all_same {
             format!("50 × Ok: order #{first}, the same order for every caller")
         } else {
-            format!("{} distinct orders, {failures} failed calls", ids.len())
+            format!("{} distinct orders, failures: {failures:?}", ids.len())
         },
         1,
-        failures == 0 && ids.len() == 1,
-    );
+        all_same,
+    )
+    .await?;
 
     // 2. A client that timed out retries.
     let retry = service.create_order(order_a.clone()).await;
@@ -111,20 +131,26 @@ pub async fn run() -> Report {
         describe(&retry) + " (replayed)",
         1,
         replayed,
-    );
+    )
+    .await?;
 
     // 3. A different quantity is a different order.
-    let changed = service.create_order(request(7, 42, 2, "1 Main St")).await;
+    let changed = service
+        .create_order(request(ann, widget, 2, "1 Main St"))
+        .await;
     let created = matches!(&changed, Ok(o) if o.id != first);
     row(
         "order A with quantity 2 instead of 1",
         describe(&changed) + " (new order)",
         2,
         created,
-    );
+    )
+    .await?;
 
     // 4. The same order shipped elsewhere: same key, different fingerprint.
-    let reused = service.create_order(request(7, 42, 1, "9 Elm St")).await;
+    let reused = service
+        .create_order(request(ann, widget, 1, "9 Elm St"))
+        .await;
     let refused = matches!(
         reused,
         Err(OrderError::Idempotency(idem_runtime::Error::KeyReused))
@@ -134,10 +160,11 @@ pub async fn run() -> Report {
         describe(&reused),
         2,
         refused,
-    );
+    )
+    .await?;
 
-    // 5. A failing call: errors release the key, so a retry runs again.
-    let order_b = request(8, 99, 1, "5 Oak Ave");
+    // 5. A failing call: the error releases the key, so a retry runs again.
+    let order_b = request(bob, gadget, 1, "5 Oak Ave");
     let failed = service.create_order(order_b.clone()).await;
     let out_of_stock = matches!(failed, Err(OrderError::OutOfStock { .. }));
     row(
@@ -145,9 +172,10 @@ pub async fn run() -> Report {
         describe(&failed),
         2,
         out_of_stock,
-    );
+    )
+    .await?;
 
-    service.restock(99, 10);
+    service.restock(gadget, 10).await?;
     let second_try = service.create_order(order_b.clone()).await;
     let ran_again = second_try.is_ok();
     row(
@@ -155,7 +183,8 @@ pub async fn run() -> Report {
         describe(&second_try) + " (ran again)",
         3,
         ran_again,
-    );
+    )
+    .await?;
 
     let third_try = service.create_order(order_b).await;
     let same = matches!((&second_try, &third_try), (Ok(a), Ok(b)) if a == b);
@@ -164,9 +193,10 @@ pub async fn run() -> Report {
         describe(&third_try) + " (replayed)",
         3,
         same,
-    );
+    )
+    .await?;
 
-    report
+    Ok(report)
 }
 
 impl fmt::Display for Report {
@@ -185,7 +215,11 @@ impl fmt::Display for Report {
             .max()
             .unwrap_or(7)
             .max(7);
-        writeln!(f, "idem order-service demo (in-memory idempotency store)")?;
+        writeln!(
+            f,
+            "idem order-service demo: orders and idempotency records in {} ({}), one transaction per order",
+            self.backend, self.url
+        )?;
         writeln!(f)?;
         writeln!(
             f,

@@ -3,9 +3,13 @@
 
 use std::process::ExitCode;
 
-const USAGE: &str = "usage: order-service demo
+const USAGE: &str = "usage: order-service demo [--db URL]
 
-  demo    run the self-driving demo in one process (in-memory idempotency store)";
+  demo    run the self-driving demo in one process
+  --db    where orders and idempotency records live:
+          sqlite://orders.db (the default), sqlite::memory:, or postgres://user@host/db";
+
+const DEFAULT_DB: &str = "sqlite://orders.db";
 
 #[tokio::main]
 async fn main() -> ExitCode {
@@ -16,17 +20,37 @@ async fn main() -> ExitCode {
             .init();
     }
     let args: Vec<String> = std::env::args().skip(1).collect();
-    match args.first().map(String::as_str) {
-        Some("demo") if args.len() == 1 => {
-            let report = order_service::demo::run().await;
-            print!("{report}");
-            if report.all_passed() {
-                ExitCode::SUCCESS
-            } else {
-                ExitCode::FAILURE
+    match args
+        .iter()
+        .map(String::as_str)
+        .collect::<Vec<_>>()
+        .as_slice()
+    {
+        ["demo", rest @ ..] => {
+            let url = match rest {
+                [] => DEFAULT_DB,
+                ["--db", url] => url,
+                _ => {
+                    eprintln!("{USAGE}");
+                    return ExitCode::from(2);
+                }
+            };
+            match order_service::demo::run(url).await {
+                Ok(report) => {
+                    print!("{report}");
+                    if report.all_passed() {
+                        ExitCode::SUCCESS
+                    } else {
+                        ExitCode::FAILURE
+                    }
+                }
+                Err(e) => {
+                    eprintln!("order-service: {e}");
+                    ExitCode::FAILURE
+                }
             }
         }
-        Some("-h" | "--help" | "help") => {
+        ["-h" | "--help" | "help"] => {
             println!("{USAGE}");
             ExitCode::SUCCESS
         }

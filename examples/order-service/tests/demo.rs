@@ -1,9 +1,26 @@
-//! The demo's promises hold: one order per distinct request, replays for the rest.
+//! The demo's promises hold on both databases: one order per distinct
+//! request, replays for the rest, and it can run again on the same database.
+
+async fn check(url: &str) {
+    for _ in 0..2 {
+        let report = order_service::demo::run(url).await.unwrap();
+        assert!(report.all_passed(), "{report}");
+        assert_eq!(report.rows.len(), 7);
+        assert_eq!(report.rows.last().unwrap().orders, 3);
+    }
+}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn demo_creates_one_order_per_distinct_request() {
-    let report = order_service::demo::run().await;
-    assert!(report.all_passed(), "{report}");
-    assert_eq!(report.rows.len(), 7);
-    assert_eq!(report.rows.last().unwrap().orders, 3);
+async fn demo_on_an_sqlite_file() {
+    let dir = std::path::Path::new(env!("CARGO_TARGET_TMPDIR"))
+        .join(format!("demo-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    check(&format!("sqlite://{}/orders.db", dir.display())).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn demo_on_postgres() {
+    let url = std::env::var("IDEM_POSTGRES_URL")
+        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".into());
+    check(&url).await;
 }
