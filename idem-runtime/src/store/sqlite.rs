@@ -1,18 +1,20 @@
 //! [`SqliteStore`]: records in an embedded SQLite database, the example
 //! service's default, with completion inside the caller's transaction.
 //!
-//! One `INSERT … ON CONFLICT DO UPDATE … RETURNING` statement decides every
-//! claim and returns the record it left: a key that is absent, expired,
-//! released or whose lease lapsed is taken over; a live record is returned as
-//! it was (each `SET` keeps the old value), so the engine replays it or reports
-//! it in progress. Time is SQLite's clock (`unixepoch('subsec')`), in
-//! milliseconds.
+//! One `INSERT … ON CONFLICT DO UPDATE … WHERE … RETURNING` statement decides
+//! every claim atomically: a key that is absent, expired, released or whose
+//! lease lapsed is taken over with a new token. Only when a live record holds
+//! the key does a second statement read it (to replay it or report it in
+//! progress); the claim never rewrites a live record, so a replay costs no
+//! write. Time is SQLite's clock (`julianday('now')`), in milliseconds.
 //!
 //! Fencing tokens increase per key and never repeat: a new token is the larger
-//! of the previous token + 1 and the clock in microseconds, and a released
-//! record stays as a tombstone (keeping its token) until it is purged, at least
-//! 100 ms after it expired. Only a wall clock stepping back by more than that,
-//! between a record's purge and the next claim of its key, could reuse a token.
+//! of the previous token + 1 and `clock_ms × 2^20 + salt` (the salt counts up
+//! from a random start, so keys claimed in the same millisecond differ too),
+//! and a released record stays as a tombstone (keeping its token) until it is
+//! purged, at least 100 ms after it expired. Only a wall clock stepping back by
+//! more than that, between a record's purge and the next claim of its key,
+//! could reuse a token.
 
 use std::collections::{HashMap, HashSet};
 use std::str::FromStr;
@@ -31,7 +33,7 @@ use super::{Claim, ClaimRequest, FencingToken, Record, Store, TransactionalStore
 use crate::error::Error;
 
 /// The database clock in milliseconds since the Unix epoch.
-const NOW: &str = "CAST(unixepoch('subsec') * 1000 AS INTEGER)";
+const NOW: &str = "CAST((julianday('now') - 2440587.5) * 86400000 AS INTEGER)";
 
 /// Idempotency records in SQLite (WAL mode, 5 s busy timeout).
 ///
@@ -106,6 +108,7 @@ struct Statements {
     table: String,
     migrate: Vec<String>,
     claim: Arc<str>,
+    read: Arc<str>,
     complete: Arc<str>,
     renew: Arc<str>,
     release: Arc<str>,
@@ -116,24 +119,21 @@ struct Statements {
 impl Statements {
     fn new(t: &str) -> Result<Self, Error> {
         sql::validate_table(t)?;
-        // A record is live while it is not released and has not expired.
-        let live = "(state <> 'released' AND expires_at > excluded.created_at)";
-        let keep = |column: &str, new: &str| {
-            format!("{column} = CASE WHEN {live} THEN {column} ELSE {new} END")
-        };
+        // The claim writes only when it takes the key: a live record is left
+        // untouched (SQLite would otherwise rewrite the row and its index on every
+        // replay), and a second statement reads it.
         let claim = format!(
-            "INSERT INTO {t} (key, state, token, fingerprint, outcome, expires_at, nonce, took_over, created_at, updated_at)
-             VALUES (?1, 'processing', {NOW} * 1000, ?2, NULL, {NOW} + ?3, ?4, 0, {NOW}, {NOW})
-             ON CONFLICT (key) DO UPDATE SET {}, {}, {}, {}, {}, {}, {}, {}
-             RETURNING nonce = ?4, took_over, state, token, fingerprint, outcome, expires_at - {NOW}",
-            keep("token", "max(token + 1, excluded.token)"),
-            keep("took_over", "state = 'processing'"),
-            keep("state", "'processing'"),
-            keep("fingerprint", "excluded.fingerprint"),
-            keep("outcome", "NULL"),
-            keep("expires_at", "excluded.expires_at"),
-            keep("nonce", "excluded.nonce"),
-            keep("updated_at", "excluded.updated_at"),
+            "INSERT INTO {t} (key, state, token, fingerprint, outcome, expires_at, took_over, created_at, updated_at)
+             VALUES (?1, 'processing', {NOW} * 1048576 + ?4, ?2, NULL, {NOW} + ?3, 0, {NOW}, {NOW})
+             ON CONFLICT (key) DO UPDATE SET
+                 token = max(token + 1, excluded.token), took_over = (state = 'processing'),
+                 state = 'processing', fingerprint = excluded.fingerprint, outcome = NULL,
+                 expires_at = excluded.expires_at, updated_at = excluded.updated_at
+             WHERE state = 'released' OR expires_at <= excluded.created_at
+             RETURNING token, took_over"
+        );
+        let read = format!(
+            "SELECT state, token, fingerprint, outcome, expires_at - {NOW} FROM {t} WHERE key = ?1"
         );
         Ok(Statements {
             table: t.to_owned(),
@@ -146,7 +146,6 @@ impl Statements {
                         fingerprint BLOB,
                         outcome     TEXT,
                         expires_at  INTEGER NOT NULL,
-                        nonce       INTEGER NOT NULL DEFAULT 0,
                         took_over   INTEGER NOT NULL DEFAULT 0,
                         created_at  INTEGER NOT NULL,
                         updated_at  INTEGER NOT NULL
@@ -155,6 +154,7 @@ impl Statements {
                 format!("CREATE INDEX IF NOT EXISTS {t}_expires_at ON {t} (expires_at)"),
             ],
             claim: claim.into(),
+            read: read.into(),
             complete: format!(
                 "UPDATE {t} SET state = 'completed', outcome = ?3, expires_at = {NOW} + ?4, updated_at = {NOW}
                   WHERE key = ?1 AND token = ?2 AND state = 'processing'"
@@ -269,15 +269,39 @@ impl SqliteStore {
                 lease_remaining: request.lease,
             });
         }
-        let row = q(&self.sql.claim)
-            .bind(request.key.to_owned())
-            .bind(request.fingerprint.map(|d| d.as_bytes().to_vec()))
-            .bind(sql::millis(request.lease))
-            .bind(sql::nonce())
-            .fetch_one(&mut *conn)
-            .await
-            .map_err(sql::db_error)?;
-        claim_row(&row)?.decide(request.fingerprint)
+        // The insert decides atomically whether this call takes the key. When a
+        // live record holds it, the read that follows sees that record, or (if it
+        // ended in between) nothing live, and the claim is simply tried again.
+        for _ in 0..16 {
+            let acquired = q(&self.sql.claim)
+                .bind(request.key.to_owned())
+                .bind(request.fingerprint.map(|d| d.as_bytes().to_vec()))
+                .bind(sql::millis(request.lease))
+                .bind(sql::token_salt())
+                .fetch_optional(&mut *conn)
+                .await
+                .map_err(sql::db_error)?;
+            if let Some(row) = acquired {
+                return Ok(Claim::Acquired {
+                    token: FencingToken(row.try_get::<i64, _>(0).map_err(sql::db_error)? as u64),
+                    took_over: row.try_get(1).map_err(sql::db_error)?,
+                });
+            }
+            let row = q(&self.sql.read)
+                .bind(request.key.to_owned())
+                .fetch_optional(&mut *conn)
+                .await
+                .map_err(sql::db_error)?;
+            if let Some(row) = row {
+                let row = read_row(&row)?;
+                if row.state != "released" && row.remaining_ms > 0 {
+                    return row.decide(request.fingerprint);
+                }
+            }
+        }
+        Err(Error::store(
+            "the claim kept racing with concurrent writers; try again",
+        ))
     }
 
     async fn complete_on(
@@ -330,15 +354,15 @@ fn fenced(rows: u64) -> Result<(), Error> {
     }
 }
 
-fn claim_row(row: &SqliteRow) -> Result<ClaimRow, Error> {
+fn read_row(row: &SqliteRow) -> Result<ClaimRow, Error> {
     Ok(ClaimRow {
-        acquired: row.try_get(0).map_err(sql::db_error)?,
-        took_over: row.try_get(1).map_err(sql::db_error)?,
-        state: row.try_get(2).map_err(sql::db_error)?,
-        token: row.try_get(3).map_err(sql::db_error)?,
-        fingerprint: row.try_get(4).map_err(sql::db_error)?,
-        outcome: row.try_get(5).map_err(sql::db_error)?,
-        remaining_ms: row.try_get(6).map_err(sql::db_error)?,
+        acquired: false,
+        took_over: false,
+        state: row.try_get(0).map_err(sql::db_error)?,
+        token: row.try_get(1).map_err(sql::db_error)?,
+        fingerprint: row.try_get(2).map_err(sql::db_error)?,
+        outcome: row.try_get(3).map_err(sql::db_error)?,
+        remaining_ms: row.try_get(4).map_err(sql::db_error)?,
     })
 }
 
