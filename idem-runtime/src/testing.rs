@@ -36,6 +36,7 @@ pub async fn conformance(store: &dyn Store) {
     fingerprints_guard_every_live_state(store, &ns).await;
     keys_are_isolated(store, &ns).await;
     concurrent_claims_have_one_winner(store, &ns).await;
+    concurrent_replays_all_replay(store, &ns).await;
     tokens_never_repeat(store, &ns).await;
     handle_shares_records(store, &ns).await;
     release_now_if_supported(store, &ns).await;
@@ -257,6 +258,21 @@ pub async fn concurrent_claims_have_one_winner(store: &dyn Store, ns: &Namespace
         .count();
     assert_eq!(won, 1, "exactly one concurrent claim must win: {results:?}");
     assert_eq!(in_progress, 63);
+}
+
+/// Many concurrent claims of a completed key: every one replays it (none is
+/// told the key is in progress because another replay was reading it).
+pub async fn concurrent_replays_all_replay(store: &dyn Store, ns: &Namespace) {
+    let key = ns.key("replays");
+    let token = acquire(store, &key, LONG).await;
+    store.complete(&key, token, b"{\"ok\":7}", LONG).await.unwrap();
+    let results = join_all((0..64).map(|_| store.claim(req(&key, None, LONG)))).await;
+    for result in &results {
+        assert!(
+            matches!(result, Ok(Claim::Completed { outcome }) if outcome == b"{\"ok\":7}"),
+            "every concurrent replay must replay: {result:?}"
+        );
+    }
 }
 
 /// Claim and release the same key many times: every token is new.

@@ -8,11 +8,16 @@
 //! a sequence, so they increase and never repeat, even after a record is
 //! released or purged.
 //!
-//! Every claim also takes a transaction-scoped advisory try-lock on the key.
-//! Outside a transaction it lasts one statement; inside the caller's
-//! transaction (`tx =`) it is held until commit or rollback, so a duplicate
-//! learns at once that the key is in progress instead of blocking on the
-//! uncommitted row.
+//! The statement first reads the record without locking: a live record is
+//! answered from that read (replayed, or reported in progress), so concurrent
+//! replays never wait on each other. Only a claim that may take the key tries a
+//! transaction-scoped advisory lock on it: shared outside a transaction (brief,
+//! and compatible with other claims, which the unique key then arbitrates),
+//! exclusive inside the caller's transaction (`tx =`), where it is held until
+//! commit or rollback. A duplicate of an uncommitted `tx =` claim therefore
+//! learns at once that the key is in progress, instead of blocking on the
+//! uncommitted row. A record committed by a concurrent claim after the read
+//! makes the statement return no row; it is then simply run again.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -63,17 +68,23 @@ struct Statements {
 impl Statements {
     fn new(t: &str) -> Result<Self, Error> {
         sql::validate_table(t)?;
+        // $1 key, $2 fingerprint, $3 lease (ms), $4 whether this claim is inside
+        // the caller's transaction.
         let claim = format!(
             r#"
-WITH lock AS MATERIALIZED (
-    SELECT pg_try_advisory_xact_lock(hashtextextended($1, 7)) AS got
-), previous AS MATERIALIZED (
-    SELECT state FROM {t} WHERE key = $1
+WITH existing AS MATERIALIZED (
+    SELECT state, token, fingerprint, outcome, expires_at,
+           expires_at > clock_timestamp() AS live
+      FROM {t} WHERE key = $1
+), lock AS MATERIALIZED (
+    SELECT CASE WHEN $4 THEN pg_try_advisory_xact_lock(hashtextextended($1, 7))
+                ELSE pg_try_advisory_xact_lock_shared(hashtextextended($1, 7)) END AS got
+     WHERE NOT EXISTS (SELECT 1 FROM existing WHERE live)
 ), claimed AS (
     INSERT INTO {t} AS r (key, state, token, fingerprint, outcome, expires_at)
     SELECT $1, 'processing', nextval('{t}_token_seq'), $2, NULL,
            clock_timestamp() + $3 * interval '1 millisecond'
-    FROM lock WHERE got
+      FROM lock WHERE got
     ON CONFLICT (key) DO UPDATE
        SET state = 'processing', token = EXCLUDED.token, fingerprint = EXCLUDED.fingerprint,
            outcome = NULL, expires_at = EXCLUDED.expires_at, updated_at = clock_timestamp()
@@ -81,17 +92,16 @@ WITH lock AS MATERIALIZED (
     RETURNING r.token
 )
 SELECT true AS acquired,
-       coalesce((SELECT state = 'processing' FROM previous), false) AS took_over,
+       coalesce((SELECT state = 'processing' FROM existing), false) AS took_over,
        'processing'::text AS state, token, NULL::bytea AS fingerprint, NULL::text AS outcome,
-       $3 AS remaining_ms
+       $3::bigint AS remaining_ms
   FROM claimed
 UNION ALL
-SELECT false, false, 'processing', 0, NULL, NULL, 1 FROM lock WHERE NOT got
+SELECT false, false, 'processing', 0, NULL, NULL, 1::bigint FROM lock WHERE NOT got
 UNION ALL
-SELECT false, false, r.state, r.token, r.fingerprint, r.outcome,
-       (extract(epoch FROM r.expires_at - clock_timestamp()) * 1000)::bigint
-  FROM {t} r, lock
- WHERE got AND r.key = $1 AND NOT EXISTS (SELECT 1 FROM claimed)"#
+SELECT false, false, state, token, fingerprint, outcome,
+       (extract(epoch FROM expires_at - clock_timestamp()) * 1000)::bigint
+  FROM existing WHERE live"#
         );
         Ok(Statements {
             table: t.to_owned(),
@@ -236,15 +246,17 @@ impl PostgresStore {
         &self,
         conn: &mut PgConnection,
         request: ClaimRequest<'_>,
+        in_transaction: bool,
     ) -> Result<Claim, Error> {
-        // The read of the live record sees the statement's snapshot; a record
-        // committed by a concurrent claim after it was taken is invisible, and
-        // the statement then returns no row. Running it again sees it.
+        // The first read sees the statement's snapshot; a record committed by a
+        // concurrent claim after it was taken is invisible there, and the
+        // statement then returns no row. Running it again sees it.
         for _ in 0..16 {
             let row = q(&self.sql.claim)
                 .bind(request.key)
                 .bind(request.fingerprint.map(|d| d.as_bytes().to_vec()))
                 .bind(sql::millis(request.lease))
+                .bind(in_transaction)
                 .fetch_optional(&mut *conn)
                 .await
                 .map_err(sql::db_error)?;
@@ -323,7 +335,7 @@ fn claim_row(row: &PgRow) -> Result<ClaimRow, Error> {
 impl Store for PostgresStore {
     async fn claim(&self, request: ClaimRequest<'_>) -> Result<Claim, Error> {
         let mut conn = self.conn().await?;
-        self.claim_on(&mut conn, request).await
+        self.claim_on(&mut conn, request, false).await
     }
 
     async fn complete(
@@ -397,7 +409,7 @@ impl<'c> TransactionalStore<Transaction<'c, Postgres>> for PostgresStore {
         request: ClaimRequest<'_>,
     ) -> Result<Claim, Error> {
         self.migrate().await?;
-        self.claim_on(tx, request).await
+        self.claim_on(tx, request, true).await
     }
 
     async fn complete_in(
