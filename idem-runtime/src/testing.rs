@@ -265,7 +265,10 @@ pub async fn concurrent_claims_have_one_winner(store: &dyn Store, ns: &Namespace
 pub async fn concurrent_replays_all_replay(store: &dyn Store, ns: &Namespace) {
     let key = ns.key("replays");
     let token = acquire(store, &key, LONG).await;
-    store.complete(&key, token, b"{\"ok\":7}", LONG).await.unwrap();
+    store
+        .complete(&key, token, b"{\"ok\":7}", LONG)
+        .await
+        .unwrap();
     let results = join_all((0..64).map(|_| store.claim(req(&key, None, LONG)))).await;
     for result in &results {
         assert!(
