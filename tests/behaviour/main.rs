@@ -9,7 +9,6 @@ mod errors;
 mod faults;
 mod fingerprint;
 mod lease;
-mod logging;
 mod missing_key;
 mod namespaces;
 mod replay;

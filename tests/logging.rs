@@ -1,11 +1,26 @@
 //! Every outcome is traced with the namespace and digest, never the raw key.
+//!
+//! Its own test binary, with the subscriber installed globally: tracing caches
+//! per-callsite interest, which a scoped subscriber shares unreliably with
+//! other tests running on other threads.
 
 use std::io::Write;
 use std::sync::{Arc, Mutex};
 
 use idem_runtime::{idempotent, MemoryStore};
 
-use crate::AppError;
+#[derive(Debug)]
+enum AppError {
+    #[allow(dead_code)]
+    Idem(idem_runtime::Error),
+    Unavailable,
+}
+
+impl From<idem_runtime::Error> for AppError {
+    fn from(e: idem_runtime::Error) -> Self {
+        AppError::Idem(e)
+    }
+}
 
 #[derive(Clone, Default)]
 struct Captured(Arc<Mutex<Vec<u8>>>);
@@ -43,7 +58,7 @@ async fn outcomes_are_traced_by_digest_never_by_key_material() {
         .with_ansi(false)
         .with_writer(move || writer.clone())
         .finish();
-    let _guard = tracing::subscriber::set_default(subscriber);
+    tracing::subscriber::set_global_default(subscriber).unwrap();
 
     let svc = Svc {
         store: MemoryStore::new(),
