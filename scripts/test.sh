@@ -82,6 +82,7 @@ log "services"
 ensure_postgres
 ensure_redis
 ensure_nats
+./scripts/redis-cluster.sh start
 
 log "cargo fmt --check"
 cargo fmt --all -- --check

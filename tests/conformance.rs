@@ -5,7 +5,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use idem_runtime::testing::conformance;
-use idem_runtime::{Claim, ClaimRequest, MemoryStore, PostgresStore, SqliteStore, Store};
+use idem_runtime::{
+    Claim, ClaimRequest, MemoryStore, PostgresStore, RedisStore, SqliteStore, Store,
+};
 
 /// The PostgreSQL the tests use: `IDEM_POSTGRES_URL`, or the local server.
 pub fn postgres_url() -> String {
@@ -24,6 +26,73 @@ async fn postgres_store_in_its_own_table() {
     let pool = sqlx::PgPool::connect(&postgres_url()).await.unwrap();
     let store = PostgresStore::with_table(pool, "idem_conformance_custom").unwrap();
     conformance(&store).await;
+}
+
+/// The Redis the tests use: `IDEM_REDIS_URL`, or the local server.
+pub fn redis_url() -> String {
+    std::env::var("IDEM_REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".into())
+}
+
+/// The cluster `scripts/redis-cluster.sh` starts: `IDEM_REDIS_CLUSTER`, or its default ports.
+pub fn redis_cluster() -> Vec<String> {
+    std::env::var("IDEM_REDIS_CLUSTER")
+        .unwrap_or_else(|_| {
+            "redis://127.0.0.1:7101,redis://127.0.0.1:7102,redis://127.0.0.1:7103".into()
+        })
+        .split(',')
+        .map(str::to_owned)
+        .collect()
+}
+
+#[tokio::test]
+async fn redis_store() {
+    conformance(&RedisStore::connect(&redis_url()).await.unwrap()).await;
+}
+
+#[tokio::test]
+async fn redis_cluster_store() {
+    let store = RedisStore::connect_cluster(&redis_cluster()).await.unwrap();
+    conformance(&store).await;
+}
+
+#[tokio::test]
+async fn redis_cluster_records_land_on_every_master() {
+    let nodes = redis_cluster();
+    let store = RedisStore::connect_cluster(&nodes)
+        .await
+        .unwrap()
+        .with_prefix("idem-spread:");
+    for i in 0..60 {
+        let key = format!("spread:{i}:{}", std::process::id());
+        let req = ClaimRequest {
+            key: &key,
+            fingerprint: None,
+            lease: Duration::from_secs(60),
+        };
+        if let Claim::Acquired { token, .. } = store.claim(req).await.unwrap() {
+            store
+                .complete(&key, token, b"{\"ok\":1}", Duration::from_secs(30))
+                .await
+                .unwrap();
+        }
+        assert!(matches!(
+            store.claim(req).await.unwrap(),
+            Claim::Completed { .. }
+        ));
+    }
+    for node in &nodes {
+        let client = redis::Client::open(node.as_str()).unwrap();
+        let mut conn = client.get_multiplexed_async_connection().await.unwrap();
+        let keys: Vec<String> = redis::cmd("KEYS")
+            .arg("idem-spread:*")
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+        assert!(
+            !keys.is_empty(),
+            "no records landed on the master at {node}"
+        );
+    }
 }
 
 #[tokio::test]
