@@ -50,6 +50,17 @@ async fn redis_store() {
 }
 
 #[tokio::test]
+async fn redis_store_behind_a_replay_cache() {
+    let store = RedisStore::connect(&redis_url()).await.unwrap();
+    conformance(&idem_runtime::ReplayCache::new(store, 1000)).await;
+}
+
+#[tokio::test]
+async fn memory_store_behind_a_replay_cache() {
+    conformance(&idem_runtime::ReplayCache::new(MemoryStore::new(), 1000)).await;
+}
+
+#[tokio::test]
 async fn redis_cluster_store() {
     let store = RedisStore::connect_cluster(&redis_cluster()).await.unwrap();
     conformance(&store).await;

@@ -466,7 +466,7 @@ impl Waiter {
                 }
                 Ok(Some(Claimed::Run(token)))
             }
-            Ok(Claim::Completed { outcome }) => Ok(Some(Claimed::Replay(outcome))),
+            Ok(Claim::Completed { outcome, .. }) => Ok(Some(Claimed::Replay(outcome))),
             Ok(Claim::InProgress { lease_remaining }) => {
                 let now = tokio::time::Instant::now();
                 match self.deadline {

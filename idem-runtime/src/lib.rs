@@ -64,6 +64,7 @@ pub use engine::{current, Attempt, InProgress, Options};
 pub use error::{BoxError, Error, InvalidKey};
 pub use idem_macros::idempotent;
 pub use key::{ClientKey, Digest, Key};
+pub use store::cache::ReplayCache;
 pub use store::memory::MemoryStore;
 #[cfg(feature = "postgres")]
 #[cfg_attr(docsrs, doc(cfg(feature = "postgres")))]

@@ -118,7 +118,7 @@ pub async fn complete_then_replay(store: &dyn Store, ns: &Namespace) {
     store.complete(&key, token, outcome, LONG).await.unwrap();
     for _ in 0..2 {
         match store.claim(req(&key, None, LONG)).await {
-            Ok(Claim::Completed { outcome: got }) => assert_eq!(got, outcome),
+            Ok(Claim::Completed { outcome: got, .. }) => assert_eq!(got, outcome),
             other => panic!("a completed record must be replayed, got {other:?}"),
         }
     }
@@ -272,7 +272,7 @@ pub async fn concurrent_replays_all_replay(store: &dyn Store, ns: &Namespace) {
     let results = join_all((0..64).map(|_| store.claim(req(&key, None, LONG)))).await;
     for result in &results {
         assert!(
-            matches!(result, Ok(Claim::Completed { outcome }) if outcome == b"{\"ok\":7}"),
+            matches!(result, Ok(Claim::Completed { outcome, .. }) if outcome == b"{\"ok\":7}"),
             "every concurrent replay must replay: {result:?}"
         );
     }

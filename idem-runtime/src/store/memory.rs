@@ -170,8 +170,13 @@ impl Inner {
                     }
                 }
                 return match &entry.state {
-                    State::Completed { outcome, .. } => Claim::Completed {
+                    State::Completed {
+                        outcome,
+                        expires_at,
+                    } => Claim::Completed {
                         outcome: outcome.clone(),
+                        fingerprint: entry.fingerprint,
+                        expires_in: expires_at.saturating_duration_since(now),
                     },
                     State::Processing { lease_until } => Claim::InProgress {
                         lease_remaining: lease_until.saturating_duration_since(now),

@@ -15,6 +15,7 @@ use async_trait::async_trait;
 use crate::error::Error;
 use crate::key::Digest;
 
+pub mod cache;
 pub mod memory;
 #[cfg(feature = "postgres")]
 pub mod postgres;
@@ -76,6 +77,11 @@ pub enum Claim {
     Completed {
         /// The encoded outcome (see [`codec`](crate::codec)).
         outcome: Vec<u8>,
+        /// The fingerprint stored with the record (already checked against the
+        /// request's; kept so a cache in front of the store can check it too).
+        fingerprint: Option<Digest>,
+        /// Time left before the record expires, by the store's clock.
+        expires_in: Duration,
     },
     /// Another caller holds a live lease on the key.
     InProgress {

@@ -338,7 +338,8 @@ impl Store for RedisStore {
                 took_over: int(took_over)? == 1,
             });
         }
-        if let (Some(stored), Some(given)) = (fingerprint(stored_fp)?, request.fingerprint) {
+        let stored_fp = fingerprint(stored_fp)?;
+        if let (Some(stored), Some(given)) = (stored_fp, request.fingerprint) {
             if stored != *given {
                 return Ok(Claim::FingerprintMismatch);
             }
@@ -348,6 +349,8 @@ impl Store for RedisStore {
                 outcome: bytes(outcome)
                     .ok_or_else(|| corrupt("an outcome on a completed record"))?
                     .to_vec(),
+                fingerprint: stored_fp,
+                expires_in: remaining(int(rem)?),
             }),
             _ => Ok(Claim::InProgress {
                 lease_remaining: remaining(int(rem)?),

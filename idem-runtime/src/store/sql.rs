@@ -89,6 +89,15 @@ impl ClaimRow {
                 outcome: self.outcome.map(String::into_bytes).ok_or_else(|| {
                     Error::codec("a completed record has no stored outcome (corrupt record)")
                 })?,
+                fingerprint: self
+                    .fingerprint
+                    .map(|f| {
+                        f.try_into().map(Digest).map_err(|_| {
+                            Error::codec("a stored fingerprint is not 32 bytes (corrupt record)")
+                        })
+                    })
+                    .transpose()?,
+                expires_in: remaining(self.remaining_ms),
             }),
             _ => Ok(Claim::InProgress {
                 lease_remaining: remaining(self.remaining_ms),

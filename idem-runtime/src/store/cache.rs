@@ -1,0 +1,227 @@
+//! [`ReplayCache`]: an in-process cache of completed records in front of any store.
+//!
+//! A completed record never changes until it expires, so a process that has
+//! seen one can replay it again without asking the store. The cache keeps the
+//! outcome, the fingerprint and the record's own expiry (the store's remaining
+//! ttl when it was read, counted on this process's monotonic clock), and holds
+//! at most `capacity` records, evicting the oldest first.
+//!
+//! Trade-offs, to choose it knowingly:
+//! - a record deleted or evicted in the store behind the cache's back (by hand,
+//!   or by a Redis `maxmemory` policy) is still replayed from the cache until
+//!   its ttl runs out — which is what an idempotency record promises anyway;
+//! - only replays are served from memory: claims of new keys, in-progress
+//!   checks, completion, release and renewal always go to the store, so
+//!   exactly-once does not depend on the cache;
+//! - each process has its own cache; a replay is cached by the first duplicate
+//!   this process sees, not by the completion (which may happen elsewhere).
+
+use std::collections::{HashMap, VecDeque};
+use std::hash::BuildHasher;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use foldhash::fast::RandomState;
+use tokio::time::Instant;
+
+use super::{Claim, ClaimRequest, FencingToken, Record, Store};
+use crate::error::Error;
+use crate::key::Digest;
+
+const SHARDS: usize = 16;
+
+/// Any store, with hot replays served from an in-process cache.
+///
+/// ```
+/// use idem_runtime::{MemoryStore, ReplayCache};
+/// let store = ReplayCache::new(MemoryStore::new(), 10_000);
+/// # drop(store);
+/// ```
+#[derive(Clone)]
+pub struct ReplayCache<S> {
+    inner: S,
+    cache: Arc<Cache>,
+}
+
+impl<S> std::fmt::Debug for ReplayCache<S> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ReplayCache")
+            .field("capacity", &(self.cache.per_shard * SHARDS))
+            .field("len", &self.len())
+            .finish_non_exhaustive()
+    }
+}
+
+struct Cache {
+    shards: Box<[Mutex<Shard>]>,
+    per_shard: usize,
+    hasher: RandomState,
+}
+
+#[derive(Default)]
+struct Shard {
+    entries: HashMap<String, Entry, RandomState>,
+    order: VecDeque<String>,
+}
+
+struct Entry {
+    outcome: Vec<u8>,
+    fingerprint: Option<Digest>,
+    expires_at: Instant,
+}
+
+impl<S> ReplayCache<S> {
+    /// Wraps `inner`, caching up to `capacity` completed records.
+    pub fn new(inner: S, capacity: usize) -> Self {
+        let per_shard = capacity.div_ceil(SHARDS).max(1);
+        ReplayCache {
+            inner,
+            cache: Arc::new(Cache {
+                shards: (0..SHARDS).map(|_| Mutex::default()).collect(),
+                per_shard,
+                hasher: RandomState::default(),
+            }),
+        }
+    }
+
+    /// The store behind the cache.
+    pub fn inner(&self) -> &S {
+        &self.inner
+    }
+
+    /// How many records the cache holds now (some may have expired).
+    pub fn len(&self) -> usize {
+        self.cache
+            .shards
+            .iter()
+            .map(|s| lock(s).entries.len())
+            .sum()
+    }
+
+    /// Whether the cache holds nothing.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+fn lock(shard: &Mutex<Shard>) -> MutexGuard<'_, Shard> {
+    shard.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+impl Cache {
+    fn shard(&self, key: &str) -> MutexGuard<'_, Shard> {
+        lock(&self.shards[(self.hasher.hash_one(key) >> 32) as usize % self.shards.len()])
+    }
+
+    /// The claim decision for a cached, unexpired record, if there is one.
+    fn lookup(&self, request: &ClaimRequest<'_>) -> Option<Claim> {
+        let now = Instant::now();
+        let mut shard = self.shard(request.key);
+        let entry = shard.entries.get(request.key)?;
+        if entry.expires_at <= now {
+            shard.entries.remove(request.key);
+            return None;
+        }
+        if let (Some(stored), Some(given)) = (&entry.fingerprint, request.fingerprint) {
+            if stored != given {
+                return Some(Claim::FingerprintMismatch);
+            }
+        }
+        Some(Claim::Completed {
+            outcome: entry.outcome.clone(),
+            fingerprint: entry.fingerprint,
+            expires_in: entry.expires_at - now,
+        })
+    }
+
+    fn insert(&self, key: &str, outcome: &[u8], fingerprint: Option<Digest>, expires_in: Duration) {
+        let Some(expires_at) = Instant::now().checked_add(expires_in) else {
+            return;
+        };
+        let mut shard = self.shard(key);
+        if shard.entries.contains_key(key) {
+            return;
+        }
+        while shard.entries.len() >= self.per_shard {
+            match shard.order.pop_front() {
+                Some(oldest) => {
+                    shard.entries.remove(&oldest);
+                }
+                None => break,
+            }
+        }
+        shard.order.push_back(key.to_owned());
+        shard.entries.insert(
+            key.to_owned(),
+            Entry {
+                outcome: outcome.to_vec(),
+                fingerprint,
+                expires_at,
+            },
+        );
+        // `order` may hold keys already expired out of `entries`; keep it bounded.
+        if shard.order.len() > 2 * self.per_shard {
+            let Shard { entries, order } = &mut *shard;
+            order.retain(|k| entries.contains_key(k));
+        }
+    }
+}
+
+#[async_trait]
+impl<S: Store + Clone + 'static> Store for ReplayCache<S> {
+    async fn claim(&self, request: ClaimRequest<'_>) -> Result<Claim, Error> {
+        if let Some(hit) = self.cache.lookup(&request) {
+            return Ok(hit);
+        }
+        let claim = self.inner.claim(request).await?;
+        if let Claim::Completed {
+            outcome,
+            fingerprint,
+            expires_in,
+        } = &claim
+        {
+            self.cache
+                .insert(request.key, outcome, *fingerprint, *expires_in);
+        }
+        Ok(claim)
+    }
+
+    async fn complete(
+        &self,
+        key: &str,
+        token: FencingToken,
+        outcome: &[u8],
+        ttl: Duration,
+    ) -> Result<(), Error> {
+        self.inner.complete(key, token, outcome, ttl).await
+    }
+
+    async fn release(&self, key: &str, token: FencingToken) -> Result<(), Error> {
+        self.inner.release(key, token).await
+    }
+
+    async fn renew(&self, key: &str, token: FencingToken, lease: Duration) -> Result<(), Error> {
+        self.inner.renew(key, token, lease).await
+    }
+
+    async fn get(&self, key: &str) -> Result<Option<Record>, Error> {
+        self.inner.get(key).await
+    }
+
+    async fn purge_expired(&self, batch: usize) -> Result<u64, Error> {
+        let now = Instant::now();
+        for shard in self.cache.shards.iter() {
+            lock(shard).entries.retain(|_, e| e.expires_at > now);
+        }
+        self.inner.purge_expired(batch).await
+    }
+
+    fn handle(&self) -> Arc<dyn Store> {
+        Arc::new(self.clone())
+    }
+
+    fn release_now(&self, key: &str, token: FencingToken) -> Option<Result<(), Error>> {
+        self.inner.release_now(key, token)
+    }
+}
