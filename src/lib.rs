@@ -1,17 +1,23 @@
 //! Fixtures for idem's workspace tests: order services on PostgreSQL and
 //! SQLite whose `place` writes an order row and its idempotency record in one
-//! transaction (`tx =`), shared by the in-process tests in `tests/` and the
-//! `idem-sql-worker` binary they start as separate OS processes.
+//! transaction (`tx =`), and one with records in Redis whose orders go to
+//! PostgreSQL; shared by the in-process tests in `tests/` and the
+//! `idem-test-worker` binary they start as separate OS processes.
 
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use idem_runtime::{idempotent, PostgresStore, SqliteStore};
+use idem_runtime::{idempotent, PostgresStore, RedisStore, SqliteStore};
 use sqlx::{AssertSqlSafe, Postgres, Sqlite, Transaction};
 
 /// The PostgreSQL the tests use: `IDEM_POSTGRES_URL`, or the local server.
 pub fn postgres_url() -> String {
     std::env::var("IDEM_POSTGRES_URL")
         .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".into())
+}
+
+/// The Redis the tests use: `IDEM_REDIS_URL`, or the local server.
+pub fn redis_url() -> String {
+    std::env::var("IDEM_REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".into())
 }
 
 /// A name no other test run uses (for keys and tables).
@@ -219,6 +225,66 @@ impl SqliteOrders {
         )))
         .bind(order_ref.to_owned())
         .fetch_one(self.store.pool())
+        .await
+        .expect("count")
+    }
+}
+
+/// Records in Redis, orders in PostgreSQL: each execution of `place` inserts
+/// one order row, so the orders table counts executions.
+pub struct RedisOrders {
+    /// The idempotency store.
+    pub store: RedisStore,
+    /// Where orders go.
+    pub pg: sqlx::PgPool,
+    /// The table orders go to.
+    pub orders: String,
+}
+
+impl RedisOrders {
+    /// Connects both and creates the `orders` table.
+    pub async fn setup(redis_url: &str, orders: &str) -> Self {
+        let store = RedisStore::connect(redis_url).await.expect("redis");
+        let pg = sqlx::postgres::PgPoolOptions::new()
+            .max_connections(8)
+            .connect(&postgres_url())
+            .await
+            .expect("postgres");
+        sqlx::query(AssertSqlSafe(format!(
+            "CREATE TABLE IF NOT EXISTS {orders} (id BIGSERIAL PRIMARY KEY, order_ref TEXT NOT NULL, by_pid INT NOT NULL)"
+        )))
+        .execute(&pg)
+        .await
+        .expect("orders table");
+        RedisOrders {
+            store,
+            pg,
+            orders: orders.to_owned(),
+        }
+    }
+
+    /// Places an order once per `order_ref`; duplicates wait for the first.
+    #[idempotent(key = order_ref, name = "redis-place", store = self.store, in_progress = wait("60s"))]
+    pub async fn place(&self, order_ref: &str) -> Result<i64, AppError> {
+        let id = sqlx::query_scalar(AssertSqlSafe(format!(
+            "INSERT INTO {} (order_ref, by_pid) VALUES ($1, $2) RETURNING id",
+            self.orders
+        )))
+        .bind(order_ref.to_owned())
+        .bind(std::process::id() as i32)
+        .fetch_one(&self.pg)
+        .await?;
+        Ok(id)
+    }
+
+    /// How many orders exist for `order_ref`.
+    pub async fn count(&self, order_ref: &str) -> i64 {
+        sqlx::query_scalar(AssertSqlSafe(format!(
+            "SELECT count(*) FROM {} WHERE order_ref = $1",
+            self.orders
+        )))
+        .bind(order_ref.to_owned())
+        .fetch_one(&self.pg)
         .await
         .expect("count")
     }

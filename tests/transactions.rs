@@ -257,7 +257,7 @@ async fn sqlite_duplicate_is_refused_at_once_while_uncommitted() {
 /// Starts a worker that places `order_ref` in a transaction and never commits;
 /// returns once it has written, then kills it with SIGKILL.
 fn kill_mid_transaction(args: &[&str]) {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_idem-sql-worker"))
+    let mut child = Command::new(env!("CARGO_BIN_EXE_idem-test-worker"))
         .args(args)
         .stdout(Stdio::piped())
         .stderr(Stdio::inherit())

@@ -7,7 +7,7 @@ use std::io::Write as _;
 use std::process::ExitCode;
 use std::sync::Arc;
 
-use idem_tests::{PgOrders, SqliteOrders};
+use idem_tests::{PgOrders, RedisOrders, SqliteOrders};
 
 #[tokio::main]
 async fn main() -> ExitCode {
@@ -28,6 +28,22 @@ async fn main() -> ExitCode {
             ready(id);
             hang(tx).await
         }
+        ["hammer-redis", url, orders, prefix, tasks, keys] => {
+            let tasks: usize = tasks.parse().expect("tasks");
+            let keys: usize = keys.parse().expect("keys");
+            let svc = Arc::new(RedisOrders::setup(url, orders).await);
+            let calls: Vec<_> = (0..tasks)
+                .map(|i| {
+                    let svc = svc.clone();
+                    let key = format!("{prefix}-{}", i % keys);
+                    tokio::spawn(async move {
+                        let id = svc.place(&key).await;
+                        Ok::<_, sqlx::Error>((key, id))
+                    })
+                })
+                .collect();
+            report(calls).await
+        }
         ["hammer", orders, prefix, tasks, keys] => {
             let tasks: usize = tasks.parse().expect("tasks");
             let keys: usize = keys.parse().expect("keys");
@@ -46,40 +62,43 @@ async fn main() -> ExitCode {
                     })
                 })
                 .collect();
-            let mut failed = false;
-            let mut out = std::io::stdout().lock();
-            for call in calls {
-                match call.await.expect("task") {
-                    Ok((key, Ok(id))) => {
-                        writeln!(out, "{}", serde_json::json!({"key": key, "id": id})).unwrap()
-                    }
-                    Ok((key, Err(e))) => {
-                        failed = true;
-                        writeln!(
-                            out,
-                            "{}",
-                            serde_json::json!({"key": key, "error": format!("{e:?}")})
-                        )
-                        .unwrap()
-                    }
-                    Err(e) => {
-                        failed = true;
-                        writeln!(out, "{}", serde_json::json!({"error": e.to_string()})).unwrap()
-                    }
-                }
-            }
-            if failed {
-                ExitCode::FAILURE
-            } else {
-                ExitCode::SUCCESS
-            }
+            report(calls).await
         }
         _ => {
             eprintln!(
-                "usage: idem-sql-worker hold postgres ORDERS REF | hold sqlite URL ORDERS REF | hammer ORDERS PREFIX TASKS KEYS"
+                "usage: idem-test-worker hold postgres ORDERS REF | hold sqlite URL ORDERS REF | hammer ORDERS PREFIX TASKS KEYS | hammer-redis URL ORDERS PREFIX TASKS KEYS"
             );
             ExitCode::from(2)
         }
+    }
+}
+
+/// Prints one JSON line per call; fails if any call failed.
+async fn report(
+    calls: Vec<
+        tokio::task::JoinHandle<Result<(String, Result<i64, idem_tests::AppError>), sqlx::Error>>,
+    >,
+) -> ExitCode {
+    let mut failed = false;
+    let mut out = std::io::stdout().lock();
+    for call in calls {
+        let line = match call.await.expect("task") {
+            Ok((key, Ok(id))) => serde_json::json!({"key": key, "id": id}),
+            Ok((key, Err(e))) => {
+                failed = true;
+                serde_json::json!({"key": key, "error": format!("{e:?}")})
+            }
+            Err(e) => {
+                failed = true;
+                serde_json::json!({"error": e.to_string()})
+            }
+        };
+        writeln!(out, "{line}").unwrap();
+    }
+    if failed {
+        ExitCode::FAILURE
+    } else {
+        ExitCode::SUCCESS
     }
 }
 
