@@ -1,0 +1,210 @@
+//! Redis faults: a server that stops mid-run fails calls closed (`Error::Store`,
+//! bodies not run) and work resumes when it is back, with nothing run twice; a
+//! record that vanishes while its body runs refuses the completion; a flushed
+//! script cache is reloaded transparently.
+
+use std::net::TcpListener;
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use idem_runtime::{idempotent, Error, RedisStore, Store};
+use idem_tests::{redis_url, unique};
+
+/// A private redis-server with an append-only file (fsync on every write), as
+/// a payment service should run it.
+struct Server {
+    port: u16,
+    dir: PathBuf,
+    child: Option<Child>,
+}
+
+impl Server {
+    fn start() -> Server {
+        let port = TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let dir = std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join(unique("redis-faults"));
+        std::fs::create_dir_all(&dir).unwrap();
+        let mut server = Server {
+            port,
+            dir,
+            child: None,
+        };
+        server.up();
+        server
+    }
+
+    fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}", self.port)
+    }
+
+    fn up(&mut self) {
+        let child = Command::new("redis-server")
+            .args(["--port", &self.port.to_string(), "--bind", "127.0.0.1"])
+            .args([
+                "--appendonly",
+                "yes",
+                "--appendfsync",
+                "always",
+                "--save",
+                "",
+            ])
+            .args(["--maxmemory-policy", "noeviction"])
+            .arg("--dir")
+            .arg(&self.dir)
+            .stdout(Stdio::null())
+            .spawn()
+            .expect("redis-server");
+        self.child = Some(child);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while std::net::TcpStream::connect(("127.0.0.1", self.port)).is_err() {
+            assert!(Instant::now() < deadline, "redis-server did not start");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// SIGKILL: no shutdown, no final save; only the append-only file remains.
+    fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            child.kill().unwrap();
+            child.wait().unwrap();
+        }
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+#[derive(Debug)]
+enum AppError {
+    Idem(Error),
+}
+
+impl From<Error> for AppError {
+    fn from(e: Error) -> Self {
+        AppError::Idem(e)
+    }
+}
+
+struct Payments {
+    store: RedisStore,
+    runs: AtomicUsize,
+}
+
+impl Payments {
+    #[idempotent(key = id, name = "redis-faults", store = self.store)]
+    async fn pay(&self, id: u32) -> Result<u32, AppError> {
+        self.runs.fetch_add(1, Ordering::SeqCst);
+        Ok(id * 10)
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_server_that_stops_fails_closed_and_work_resumes_when_it_is_back() {
+    let mut server = Server::start();
+    let svc = Payments {
+        store: RedisStore::connect(&server.url()).await.unwrap(),
+        runs: AtomicUsize::new(0),
+    };
+    for id in 0..10 {
+        assert_eq!(svc.pay(id).await.unwrap(), id * 10);
+    }
+    assert_eq!(svc.runs.load(Ordering::SeqCst), 10);
+
+    server.kill();
+    for id in [0, 10, 11] {
+        let result = svc.pay(id).await;
+        assert!(
+            matches!(result, Err(AppError::Idem(Error::Store(_)))),
+            "while Redis is down: {result:?}"
+        );
+    }
+    assert_eq!(
+        svc.runs.load(Ordering::SeqCst),
+        10,
+        "no body ran while Redis was down"
+    );
+
+    server.up();
+    // The connection comes back on its own; the first calls may still see it reconnecting.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let first = loop {
+        match svc.pay(0).await {
+            Ok(v) => break v,
+            Err(e) => {
+                assert!(Instant::now() < deadline, "Redis never came back: {e:?}");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+    };
+    assert_eq!(first, 0, "replayed from the append-only file");
+    for id in 0..12 {
+        assert_eq!(svc.pay(id).await.unwrap(), id * 10);
+    }
+    assert_eq!(
+        svc.runs.load(Ordering::SeqCst),
+        12,
+        "the 10 from before replayed; only the 2 new ones ran, once each"
+    );
+
+    // A flushed script cache (a restart without the scripts, a failover) is reloaded.
+    let client = redis::Client::open(server.url()).unwrap();
+    let mut conn = client.get_multiplexed_async_connection().await.unwrap();
+    let _: () = redis::cmd("SCRIPT")
+        .arg("FLUSH")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    assert_eq!(svc.pay(12).await.unwrap(), 120);
+    assert_eq!(svc.pay(12).await.unwrap(), 120);
+}
+
+struct Vanishing {
+    store: RedisStore,
+    runs: AtomicUsize,
+}
+
+impl Vanishing {
+    /// Deletes its own record while running, as eviction or expiry would.
+    #[idempotent(key = id, name = "redis-vanish", store = self.store)]
+    async fn run(&self, id: String) -> Result<usize, AppError> {
+        let key = idem_runtime::Key::derive("redis-vanish", &id).unwrap();
+        let client = redis::Client::open(redis_url()).unwrap();
+        let mut conn = client.get_multiplexed_async_connection().await.unwrap();
+        let _: i64 = redis::cmd("DEL")
+            .arg(self.store.redis_key(key.as_str()))
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+        Ok(self.runs.fetch_add(1, Ordering::SeqCst) + 1)
+    }
+}
+
+#[tokio::test]
+async fn a_record_that_vanishes_while_its_body_runs_refuses_the_completion() {
+    let svc = Vanishing {
+        store: RedisStore::connect(&redis_url())
+            .await
+            .unwrap()
+            .with_prefix("idem-vanish:"),
+        runs: AtomicUsize::new(0),
+    };
+    let id = unique("vanish");
+    let result = svc.run(id.clone()).await;
+    assert!(
+        matches!(result, Err(AppError::Idem(Error::LeaseLost))),
+        "{result:?}"
+    );
+    let key = idem_runtime::Key::derive("redis-vanish", &id).unwrap();
+    assert!(
+        svc.store.get(key.as_str()).await.unwrap().is_none(),
+        "no result was written for a claim nobody holds"
+    );
+}
