@@ -10,7 +10,8 @@
 //!
 //! Each sequentially and from 64 concurrent tasks (one multiplexed connection).
 //! Run: `cargo bench -p idem-runtime --bench redis --features redis`
-//! (`IDEM_REDIS_URL` overrides the server; `IDEM_BENCH_OPS` the calls per figure).
+//! (`IDEM_REDIS_URL` overrides the server; `IDEM_BENCH_OPS` the calls per figure;
+//! `IDEM_BENCH_ONLY=replay` runs only the lines whose label contains it).
 
 use std::future::Future;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -42,6 +43,18 @@ impl<S: Store> Svc<S> {
 
 static NEXT: AtomicU64 = AtomicU64::new(0);
 
+/// An id no earlier run used (records from a previous run live for an hour).
+fn fresh_id() -> u64 {
+    static START: std::sync::OnceLock<u64> = std::sync::OnceLock::new();
+    let start = *START.get_or_init(|| {
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_nanos() as u64
+    });
+    start + NEXT.fetch_add(1, Ordering::Relaxed)
+}
+
 /// Runs `ops` calls of `op` from `tasks` concurrent tasks; returns calls per second.
 async fn measure<F, Fut>(ops: usize, tasks: usize, op: F) -> f64
 where
@@ -54,7 +67,7 @@ where
             let op = op.clone();
             tokio::spawn(async move {
                 for _ in 0..ops / tasks {
-                    op(NEXT.fetch_add(1, Ordering::Relaxed)).await;
+                    op(fresh_id()).await;
                 }
             })
         })
@@ -73,6 +86,11 @@ where
     B: Fn(u64) -> BF + Clone + Send + Sync + 'static,
     BF: Future<Output = ()> + Send,
 {
+    if let Ok(only) = std::env::var("IDEM_BENCH_ONLY") {
+        if !label.contains(&only) {
+            return;
+        }
+    }
     measure(ops / 4, tasks, floor.clone()).await;
     measure(ops / 4, tasks, idem.clone()).await;
     let (mut f, mut i) = (0f64, 0f64);
@@ -104,8 +122,13 @@ fn main() {
     rt.block_on(async {
         let client = redis::Client::open(url.as_str()).unwrap();
         let conn: MultiplexedConnection = client.get_multiplexed_async_connection().await.unwrap();
-        let store = RedisStore::connect(&url).await.unwrap().with_prefix("idem-bench:");
-        let svc = Arc::new(Svc { store: store.clone() });
+        let store = RedisStore::connect(&url)
+            .await
+            .unwrap()
+            .with_prefix("idem-bench:");
+        let svc = Arc::new(Svc {
+            store: store.clone(),
+        });
         let cached = Arc::new(Svc {
             store: ReplayCache::new(store, 10_000),
         });
@@ -140,7 +163,14 @@ fn main() {
                     s.call(u64::MAX).await.unwrap();
                 }
             };
-            compare(&format!("replay, {tasks} task(s)"), ops * 4, tasks, floor.clone(), idem.clone()).await;
+            compare(
+                &format!("replay, {tasks} task(s)"),
+                ops * 4,
+                tasks,
+                floor.clone(),
+                idem.clone(),
+            )
+            .await;
 
             // For reading the figure above: a script round trip that only GETs.
             let c = conn.clone();
@@ -156,7 +186,14 @@ fn main() {
                         .unwrap();
                 }
             };
-            compare(&format!("  (replay vs GET-only script)"), ops * 4, tasks, script_floor, idem).await;
+            compare(
+                &format!("  (replay vs GET-only script)"),
+                ops * 4,
+                tasks,
+                script_floor,
+                idem,
+            )
+            .await;
 
             let s = cached.clone();
             let idem = move |_| {
@@ -165,7 +202,14 @@ fn main() {
                     s.call(u64::MAX).await.unwrap();
                 }
             };
-            compare(&format!("cached replay, {tasks} task(s)"), ops * 4, tasks, floor, idem).await;
+            compare(
+                &format!("cached replay, {tasks} task(s)"),
+                ops * 4,
+                tasks,
+                floor,
+                idem,
+            )
+            .await;
 
             let c = conn.clone();
             let floor = move |id: u64| {
