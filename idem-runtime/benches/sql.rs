@@ -8,7 +8,8 @@
 //!   `UPDATE … WHERE key AND token`;
 //! - `replay`: a call whose key is completed vs the same statements run
 //!   plainly: PostgreSQL's claim answers a live record from a lock-free read in
-//!   one statement (floor: one `SELECT` of the row by key); SQLite's claim
+//!   one statement (floors: one plain upsert of the same shape meeting the
+//!   record, and, stricter, one `SELECT` of the row by key); SQLite's claim
 //!   leaves a live record untouched and reads it with a second statement (floor:
 //!   the no-op upsert and a `SELECT` by key).
 //!
@@ -268,6 +269,29 @@ async fn postgres(url: &str, ops: usize) {
             ops * 4,
             tasks,
             floor,
+            idem.clone(),
+        )
+        .await;
+
+        // The same number of statements of the same shape as the claim: one
+        // plain upsert that meets the live record (it row-locks it, which the
+        // store's lock-free read avoids).
+        let p = pool.clone();
+        let upsert = move |_| {
+            let p = p.clone();
+            async move {
+                sqlx::query(claim)
+                    .bind("replayed")
+                    .fetch_optional(&p)
+                    .await
+                    .unwrap();
+            }
+        };
+        compare(
+            &format!("postgres replay vs upsert, {tasks}"),
+            ops * 4,
+            tasks,
+            upsert,
             idem,
         )
         .await;

@@ -213,6 +213,7 @@ impl Reaper {
     }
 }
 
+#[cfg(feature = "sqlite")]
 /// The low 20 bits of a SQLite fencing token: distinct for 2^20 consecutive
 /// claims in this process (a counter from a random start), so two keys
 /// claimed in the same millisecond get different tokens.
