@@ -187,7 +187,7 @@ fn main() {
                 }
             };
             compare(
-                &format!("  (replay vs GET-only script)"),
+                "  (replay vs GET-only script)",
                 ops * 4,
                 tasks,
                 script_floor,

@@ -73,12 +73,12 @@ async fn main() -> ExitCode {
     }
 }
 
+/// What one hammering task reports: its key and what its call returned.
+type Call =
+    tokio::task::JoinHandle<Result<(String, Result<i64, idem_tests::AppError>), sqlx::Error>>;
+
 /// Prints one JSON line per call; fails if any call failed.
-async fn report(
-    calls: Vec<
-        tokio::task::JoinHandle<Result<(String, Result<i64, idem_tests::AppError>), sqlx::Error>>,
-    >,
-) -> ExitCode {
+async fn report(calls: Vec<Call>) -> ExitCode {
     let mut failed = false;
     let mut out = std::io::stdout().lock();
     for call in calls {
