@@ -22,12 +22,11 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use async_trait::async_trait;
 use sqlx::postgres::{PgConnection, PgPool, PgPoolOptions, PgRow};
 use sqlx::{AssertSqlSafe, Postgres, Row, Transaction};
 
 use super::sql::{self, ClaimRow, Ready, Reaper};
-use super::{Claim, ClaimRequest, FencingToken, Record, Store, TransactionalStore};
+use super::{Claim, ClaimRequest, FencingToken, Store};
 use crate::error::Error;
 
 /// Idempotency records in PostgreSQL.
@@ -287,7 +286,7 @@ impl PostgresStore {
             .execute(&mut *conn)
             .await
             .map_err(sql::db_error)?;
-        fenced(done.rows_affected())
+        sql::fenced(done.rows_affected())
     }
 
     async fn release_on(
@@ -302,20 +301,22 @@ impl PostgresStore {
             .execute(&mut *conn)
             .await
             .map_err(sql::db_error)?;
-        fenced(done.rows_affected())
+        sql::fenced(done.rows_affected())
+    }
+
+    /// A claim inside the caller's transaction: the advisory lock it takes is
+    /// exclusive and lasts until commit or rollback.
+    async fn claim_in_transaction(
+        &self,
+        tx: &mut Transaction<'_, Postgres>,
+        request: ClaimRequest<'_>,
+    ) -> Result<Claim, Error> {
+        self.claim_on(tx, request, true).await
     }
 
     async fn conn(&self) -> Result<sqlx::pool::PoolConnection<Postgres>, Error> {
         self.migrate().await?;
         self.pool.acquire().await.map_err(Error::store)
-    }
-}
-
-fn fenced(rows: u64) -> Result<(), Error> {
-    if rows == 1 {
-        Ok(())
-    } else {
-        Err(Error::LeaseLost)
     }
 }
 
@@ -331,104 +332,4 @@ fn claim_row(row: &PgRow) -> Result<ClaimRow, Error> {
     })
 }
 
-#[async_trait]
-impl Store for PostgresStore {
-    async fn claim(&self, request: ClaimRequest<'_>) -> Result<Claim, Error> {
-        let mut conn = self.conn().await?;
-        self.claim_on(&mut conn, request, false).await
-    }
-
-    async fn complete(
-        &self,
-        key: &str,
-        token: FencingToken,
-        outcome: &[u8],
-        ttl: Duration,
-    ) -> Result<(), Error> {
-        let mut conn = self.conn().await?;
-        self.complete_on(&mut conn, key, token, outcome, ttl).await
-    }
-
-    async fn release(&self, key: &str, token: FencingToken) -> Result<(), Error> {
-        let mut conn = self.conn().await?;
-        self.release_on(&mut conn, key, token).await
-    }
-
-    async fn renew(&self, key: &str, token: FencingToken, lease: Duration) -> Result<(), Error> {
-        self.migrate().await?;
-        let done = q(&self.sql.renew)
-            .bind(key)
-            .bind(token.0 as i64)
-            .bind(sql::millis(lease))
-            .execute(&self.pool)
-            .await
-            .map_err(sql::db_error)?;
-        fenced(done.rows_affected())
-    }
-
-    async fn get(&self, key: &str) -> Result<Option<Record>, Error> {
-        self.migrate().await?;
-        let row = q(&self.sql.get)
-            .bind(key)
-            .fetch_optional(&self.pool)
-            .await
-            .map_err(sql::db_error)?;
-        row.map(|row| {
-            sql::record(
-                key,
-                row.try_get::<String, _>(0).map_err(sql::db_error)?.as_str(),
-                row.try_get(1).map_err(sql::db_error)?,
-                row.try_get(2).map_err(sql::db_error)?,
-                row.try_get(3).map_err(sql::db_error)?,
-                row.try_get(4).map_err(sql::db_error)?,
-            )
-        })
-        .transpose()
-    }
-
-    async fn purge_expired(&self, batch: usize) -> Result<u64, Error> {
-        self.migrate().await?;
-        let done = q(&self.sql.purge)
-            .bind(i64::try_from(batch).unwrap_or(i64::MAX))
-            .execute(&self.pool)
-            .await
-            .map_err(sql::db_error)?;
-        Ok(done.rows_affected())
-    }
-
-    fn handle(&self) -> Arc<dyn Store> {
-        Arc::new(self.clone())
-    }
-}
-
-#[async_trait]
-impl<'c> TransactionalStore<Transaction<'c, Postgres>> for PostgresStore {
-    async fn claim_in(
-        &self,
-        tx: &mut Transaction<'c, Postgres>,
-        request: ClaimRequest<'_>,
-    ) -> Result<Claim, Error> {
-        self.migrate().await?;
-        self.claim_on(tx, request, true).await
-    }
-
-    async fn complete_in(
-        &self,
-        tx: &mut Transaction<'c, Postgres>,
-        key: &str,
-        token: FencingToken,
-        outcome: &[u8],
-        ttl: Duration,
-    ) -> Result<(), Error> {
-        self.complete_on(tx, key, token, outcome, ttl).await
-    }
-
-    async fn release_in(
-        &self,
-        tx: &mut Transaction<'c, Postgres>,
-        key: &str,
-        token: FencingToken,
-    ) -> Result<(), Error> {
-        self.release_on(tx, key, token).await
-    }
-}
+sql::sql_store!(PostgresStore, Postgres);

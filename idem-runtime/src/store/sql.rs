@@ -151,6 +151,141 @@ pub(crate) fn record(
     ))
 }
 
+/// `Ok` if exactly the fenced row was changed, else [`Error::LeaseLost`].
+pub(crate) fn fenced(rows: u64) -> Result<(), Error> {
+    if rows == 1 {
+        Ok(())
+    } else {
+        Err(Error::LeaseLost)
+    }
+}
+
+/// The `Store` and `TransactionalStore` impls both SQL stores share. The store
+/// type provides `conn`, `migrate`, `claim_on`, `complete_on`, `release_on`,
+/// `claim_in_transaction`, a module-level `q` and statements `renew`, `get`
+/// and `purge`.
+macro_rules! sql_store {
+    ($store:ident, $db:ident) => {
+        #[async_trait::async_trait]
+        impl $crate::store::Store for $store {
+            async fn claim(
+                &self,
+                request: $crate::store::ClaimRequest<'_>,
+            ) -> Result<$crate::store::Claim, $crate::Error> {
+                let mut conn = self.conn().await?;
+                self.claim_on(&mut conn, request, false).await
+            }
+
+            async fn complete(
+                &self,
+                key: &str,
+                token: $crate::store::FencingToken,
+                outcome: &[u8],
+                ttl: std::time::Duration,
+            ) -> Result<(), $crate::Error> {
+                let mut conn = self.conn().await?;
+                self.complete_on(&mut conn, key, token, outcome, ttl).await
+            }
+
+            async fn release(
+                &self,
+                key: &str,
+                token: $crate::store::FencingToken,
+            ) -> Result<(), $crate::Error> {
+                let mut conn = self.conn().await?;
+                self.release_on(&mut conn, key, token).await
+            }
+
+            async fn renew(
+                &self,
+                key: &str,
+                token: $crate::store::FencingToken,
+                lease: std::time::Duration,
+            ) -> Result<(), $crate::Error> {
+                self.migrate().await?;
+                let done = q(&self.sql.renew)
+                    .bind(key.to_owned())
+                    .bind(token.0 as i64)
+                    .bind($crate::store::sql::millis(lease))
+                    .execute(&self.pool)
+                    .await
+                    .map_err($crate::store::sql::db_error)?;
+                $crate::store::sql::fenced(done.rows_affected())
+            }
+
+            async fn get(&self, key: &str) -> Result<Option<$crate::store::Record>, $crate::Error> {
+                use sqlx::Row as _;
+                use $crate::store::sql::db_error;
+                self.migrate().await?;
+                let row = q(&self.sql.get)
+                    .bind(key.to_owned())
+                    .fetch_optional(&self.pool)
+                    .await
+                    .map_err(db_error)?;
+                row.map(|row| {
+                    $crate::store::sql::record(
+                        key,
+                        row.try_get::<String, _>(0).map_err(db_error)?.as_str(),
+                        row.try_get(1).map_err(db_error)?,
+                        row.try_get(2).map_err(db_error)?,
+                        row.try_get(3).map_err(db_error)?,
+                        row.try_get(4).map_err(db_error)?,
+                    )
+                })
+                .transpose()
+            }
+
+            async fn purge_expired(&self, batch: usize) -> Result<u64, $crate::Error> {
+                self.migrate().await?;
+                let done = q(&self.sql.purge)
+                    .bind(i64::try_from(batch).unwrap_or(i64::MAX))
+                    .execute(&self.pool)
+                    .await
+                    .map_err($crate::store::sql::db_error)?;
+                Ok(done.rows_affected())
+            }
+
+            fn handle(&self) -> std::sync::Arc<dyn $crate::store::Store> {
+                std::sync::Arc::new(self.clone())
+            }
+        }
+
+        #[async_trait::async_trait]
+        impl<'c> $crate::store::TransactionalStore<sqlx::Transaction<'c, sqlx::$db>> for $store {
+            async fn claim_in(
+                &self,
+                tx: &mut sqlx::Transaction<'c, sqlx::$db>,
+                request: $crate::store::ClaimRequest<'_>,
+            ) -> Result<$crate::store::Claim, $crate::Error> {
+                self.migrate().await?;
+                self.claim_in_transaction(tx, request).await
+            }
+
+            async fn complete_in(
+                &self,
+                tx: &mut sqlx::Transaction<'c, sqlx::$db>,
+                key: &str,
+                token: $crate::store::FencingToken,
+                outcome: &[u8],
+                ttl: std::time::Duration,
+            ) -> Result<(), $crate::Error> {
+                self.complete_on(tx, key, token, outcome, ttl).await
+            }
+
+            async fn release_in(
+                &self,
+                tx: &mut sqlx::Transaction<'c, sqlx::$db>,
+                key: &str,
+                token: $crate::store::FencingToken,
+            ) -> Result<(), $crate::Error> {
+                self.release_on(tx, key, token).await
+            }
+        }
+    };
+}
+
+pub(crate) use sql_store;
+
 /// A background task that purges expired records in bounded batches.
 ///
 /// [`Reaper::shutdown`] stops it gracefully (the batch in flight finishes) and

@@ -21,7 +21,6 @@ use std::str::FromStr;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use async_trait::async_trait;
 use sqlx::sqlite::{
     SqliteConnectOptions, SqliteConnection, SqliteJournalMode, SqlitePool, SqlitePoolOptions,
     SqliteRow,
@@ -29,7 +28,7 @@ use sqlx::sqlite::{
 use sqlx::{AssertSqlSafe, Row, Sqlite, Transaction};
 
 use super::sql::{self, ClaimRow, Ready, Reaper};
-use super::{Claim, ClaimRequest, FencingToken, Record, Store, TransactionalStore};
+use super::{Claim, ClaimRequest, FencingToken, Store};
 use crate::error::Error;
 
 /// The database clock in milliseconds since the Unix epoch.
@@ -259,10 +258,13 @@ impl SqliteStore {
         Reaper::spawn(self.handle(), interval, batch)
     }
 
+    /// `in_transaction` changes nothing here: SQLite's write lock already
+    /// serialises claims; see [`OpenClaims`] for duplicates of an open one.
     async fn claim_on(
         &self,
         conn: &mut SqliteConnection,
         request: ClaimRequest<'_>,
+        _in_transaction: bool,
     ) -> Result<Claim, Error> {
         if self.open.contains(request.key) {
             return Ok(Claim::InProgress {
@@ -322,7 +324,7 @@ impl SqliteStore {
             .execute(&mut *conn)
             .await
             .map_err(sql::db_error)?;
-        fenced(done.rows_affected())
+        sql::fenced(done.rows_affected())
     }
 
     async fn release_on(
@@ -337,20 +339,35 @@ impl SqliteStore {
             .execute(&mut *conn)
             .await
             .map_err(sql::db_error)?;
-        fenced(done.rows_affected())
+        sql::fenced(done.rows_affected())
+    }
+
+    /// A claim inside the caller's transaction; until it commits or rolls
+    /// back, duplicates in this process are answered from memory.
+    async fn claim_in_transaction(
+        &self,
+        tx: &mut Transaction<'_, Sqlite>,
+        request: ClaimRequest<'_>,
+    ) -> Result<Claim, Error> {
+        let claim = self.claim_on(tx, request, true).await?;
+        if let Claim::Acquired { .. } = claim {
+            let mut handle = tx.lock_handle().await.map_err(Error::store)?;
+            let connection = handle.as_raw_handle().as_ptr() as usize;
+            self.open.add(connection, request.key);
+            let open = Arc::clone(&self.open);
+            handle.set_commit_hook(move || {
+                open.end(connection);
+                true
+            });
+            let open = Arc::clone(&self.open);
+            handle.set_rollback_hook(move || open.end(connection));
+        }
+        Ok(claim)
     }
 
     async fn conn(&self) -> Result<sqlx::pool::PoolConnection<Sqlite>, Error> {
         self.migrate().await?;
         self.pool.acquire().await.map_err(Error::store)
-    }
-}
-
-fn fenced(rows: u64) -> Result<(), Error> {
-    if rows == 1 {
-        Ok(())
-    } else {
-        Err(Error::LeaseLost)
     }
 }
 
@@ -366,118 +383,4 @@ fn read_row(row: &SqliteRow) -> Result<ClaimRow, Error> {
     })
 }
 
-#[async_trait]
-impl Store for SqliteStore {
-    async fn claim(&self, request: ClaimRequest<'_>) -> Result<Claim, Error> {
-        let mut conn = self.conn().await?;
-        self.claim_on(&mut conn, request).await
-    }
-
-    async fn complete(
-        &self,
-        key: &str,
-        token: FencingToken,
-        outcome: &[u8],
-        ttl: Duration,
-    ) -> Result<(), Error> {
-        let mut conn = self.conn().await?;
-        self.complete_on(&mut conn, key, token, outcome, ttl).await
-    }
-
-    async fn release(&self, key: &str, token: FencingToken) -> Result<(), Error> {
-        let mut conn = self.conn().await?;
-        self.release_on(&mut conn, key, token).await
-    }
-
-    async fn renew(&self, key: &str, token: FencingToken, lease: Duration) -> Result<(), Error> {
-        self.migrate().await?;
-        let done = q(&self.sql.renew)
-            .bind(key.to_owned())
-            .bind(token.0 as i64)
-            .bind(sql::millis(lease))
-            .execute(&self.pool)
-            .await
-            .map_err(sql::db_error)?;
-        fenced(done.rows_affected())
-    }
-
-    async fn get(&self, key: &str) -> Result<Option<Record>, Error> {
-        self.migrate().await?;
-        let row = q(&self.sql.get)
-            .bind(key.to_owned())
-            .fetch_optional(&self.pool)
-            .await
-            .map_err(sql::db_error)?;
-        row.map(|row| {
-            sql::record(
-                key,
-                row.try_get::<String, _>(0).map_err(sql::db_error)?.as_str(),
-                row.try_get(1).map_err(sql::db_error)?,
-                row.try_get(2).map_err(sql::db_error)?,
-                row.try_get(3).map_err(sql::db_error)?,
-                row.try_get(4).map_err(sql::db_error)?,
-            )
-        })
-        .transpose()
-    }
-
-    async fn purge_expired(&self, batch: usize) -> Result<u64, Error> {
-        self.migrate().await?;
-        let done = q(&self.sql.purge)
-            .bind(i64::try_from(batch).unwrap_or(i64::MAX))
-            .execute(&self.pool)
-            .await
-            .map_err(sql::db_error)?;
-        Ok(done.rows_affected())
-    }
-
-    fn handle(&self) -> Arc<dyn Store> {
-        Arc::new(self.clone())
-    }
-}
-
-#[async_trait]
-impl<'c> TransactionalStore<Transaction<'c, Sqlite>> for SqliteStore {
-    async fn claim_in(
-        &self,
-        tx: &mut Transaction<'c, Sqlite>,
-        request: ClaimRequest<'_>,
-    ) -> Result<Claim, Error> {
-        self.migrate().await?;
-        let claim = self.claim_on(tx, request).await?;
-        if let Claim::Acquired { .. } = claim {
-            // Until this transaction ends, answer duplicates from memory.
-            let mut handle = tx.lock_handle().await.map_err(Error::store)?;
-            let connection = handle.as_raw_handle().as_ptr() as usize;
-            self.open.add(connection, request.key);
-            let open = Arc::clone(&self.open);
-            handle.set_commit_hook(move || {
-                open.end(connection);
-                true
-            });
-            let open = Arc::clone(&self.open);
-            handle.set_rollback_hook(move || open.end(connection));
-        }
-        Ok(claim)
-    }
-
-    async fn complete_in(
-        &self,
-        tx: &mut Transaction<'c, Sqlite>,
-        key: &str,
-        token: FencingToken,
-        outcome: &[u8],
-        ttl: Duration,
-    ) -> Result<(), Error> {
-        self.complete_on(tx, key, token, outcome, ttl).await
-    }
-
-    async fn release_in(
-        &self,
-        tx: &mut Transaction<'c, Sqlite>,
-        key: &str,
-        token: FencingToken,
-    ) -> Result<(), Error> {
-        self.release_on(tx, key, token).await
-    }
-}
+sql::sql_store!(SqliteStore, Sqlite);
