@@ -13,107 +13,20 @@
 //! (`IDEM_REDIS_URL` overrides the server; `IDEM_BENCH_OPS` the calls per figure;
 //! `IDEM_BENCH_ONLY=replay` runs only the lines whose label contains it).
 
-use std::future::Future;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
-use std::time::Instant;
 
-use idem_runtime::{idempotent, RedisStore, ReplayCache, Store};
+use idem_runtime::{RedisStore, ReplayCache};
 use redis::aio::MultiplexedConnection;
 
-#[derive(Debug)]
-struct BenchError;
+mod common;
 
-impl From<idem_runtime::Error> for BenchError {
-    fn from(e: idem_runtime::Error) -> Self {
-        panic!("idem error in benchmark: {e}")
-    }
-}
-
-struct Svc<S> {
-    store: S,
-}
-
-impl<S: Store> Svc<S> {
-    #[idempotent(key = id, name = "bench", ttl = "1h", store = self.store)]
-    async fn call(&self, id: u64) -> Result<u64, BenchError> {
-        Ok(id)
-    }
-}
-
-static NEXT: AtomicU64 = AtomicU64::new(0);
-
-/// An id no earlier run used (records from a previous run live for an hour).
-fn fresh_id() -> u64 {
-    static START: std::sync::OnceLock<u64> = std::sync::OnceLock::new();
-    let start = *START.get_or_init(|| {
-        std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .unwrap()
-            .as_nanos() as u64
-    });
-    start + NEXT.fetch_add(1, Ordering::Relaxed)
-}
-
-/// Runs `ops` calls of `op` from `tasks` concurrent tasks; returns calls per second.
-async fn measure<F, Fut>(ops: usize, tasks: usize, op: F) -> f64
-where
-    F: Fn(u64) -> Fut + Clone + Send + Sync + 'static,
-    Fut: Future<Output = ()> + Send,
-{
-    let started = Instant::now();
-    let handles: Vec<_> = (0..tasks)
-        .map(|_| {
-            let op = op.clone();
-            tokio::spawn(async move {
-                for _ in 0..ops / tasks {
-                    op(fresh_id()).await;
-                }
-            })
-        })
-        .collect();
-    for h in handles {
-        h.await.unwrap();
-    }
-    (ops / tasks * tasks) as f64 / started.elapsed().as_secs_f64()
-}
-
-/// Best of five rounds each, alternating floor and idem.
-async fn compare<A, AF, B, BF>(label: &str, ops: usize, tasks: usize, floor: A, idem: B)
-where
-    A: Fn(u64) -> AF + Clone + Send + Sync + 'static,
-    AF: Future<Output = ()> + Send,
-    B: Fn(u64) -> BF + Clone + Send + Sync + 'static,
-    BF: Future<Output = ()> + Send,
-{
-    if let Ok(only) = std::env::var("IDEM_BENCH_ONLY") {
-        if !label.contains(&only) {
-            return;
-        }
-    }
-    measure(ops / 4, tasks, floor.clone()).await;
-    measure(ops / 4, tasks, idem.clone()).await;
-    let (mut f, mut i) = (0f64, 0f64);
-    for _ in 0..5 {
-        f = f.max(measure(ops, tasks, floor.clone()).await);
-        i = i.max(measure(ops, tasks, idem.clone()).await);
-    }
-    println!(
-        "{label:<30} floor {f:>9.0}/s ({:>7.1} µs)   idem {i:>9.0}/s ({:>7.1} µs)   cost ratio {:.2}x",
-        1e6 / f,
-        1e6 / i,
-        f / i
-    );
-}
+use common::{compare, Svc};
 
 fn main() {
     if !std::env::args().any(|a| a == "--bench") {
         return;
     }
-    let ops: usize = std::env::var("IDEM_BENCH_OPS")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(20_000);
+    let ops = common::ops(20_000);
     let url = std::env::var("IDEM_REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".into());
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()

@@ -16,90 +16,14 @@
 //! Run: `cargo bench -p idem-runtime --bench sql --features sqlite,postgres`
 //! (`IDEM_POSTGRES_URL` overrides the database; `IDEM_BENCH_OPS` the calls per figure).
 
-use std::future::Future;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
 
-use idem_runtime::{idempotent, PostgresStore, SqliteStore, Store};
+use idem_runtime::{PostgresStore, SqliteStore};
 use sqlx::{AssertSqlSafe, PgPool, SqlitePool};
 
-#[derive(Debug)]
-struct BenchError;
+mod common;
 
-impl From<idem_runtime::Error> for BenchError {
-    fn from(e: idem_runtime::Error) -> Self {
-        panic!("idem error in benchmark: {e}")
-    }
-}
-
-struct Svc<S> {
-    store: S,
-}
-
-impl<S: Store> Svc<S> {
-    #[idempotent(key = id, name = "bench", ttl = "1h", store = self.store)]
-    async fn call(&self, id: u64) -> Result<u64, BenchError> {
-        Ok(id)
-    }
-}
-
-static NEXT: AtomicU64 = AtomicU64::new(0);
-
-fn fresh_id() -> u64 {
-    NEXT.fetch_add(1, Ordering::Relaxed)
-        + std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .unwrap()
-            .as_nanos() as u64
-}
-
-/// Runs `ops` calls of `op`, from `tasks` concurrent tasks; returns µs per call.
-async fn measure<F, Fut>(ops: usize, tasks: usize, op: F) -> f64
-where
-    F: Fn(u64) -> Fut + Clone + Send + Sync + 'static,
-    Fut: Future<Output = ()> + Send,
-{
-    let started = Instant::now();
-    let handles: Vec<_> = (0..tasks)
-        .map(|_| {
-            let op = op.clone();
-            tokio::spawn(async move {
-                for _ in 0..ops / tasks {
-                    op(fresh_id()).await;
-                }
-            })
-        })
-        .collect();
-    for h in handles {
-        h.await.unwrap();
-    }
-    started.elapsed().as_secs_f64() * 1e6 / (ops / tasks * tasks) as f64
-}
-
-/// The best of five rounds, alternating floor and idem so drift hits both.
-async fn compare<A, AF, B, BF>(label: &str, ops: usize, tasks: usize, floor: A, idem: B)
-where
-    A: Fn(u64) -> AF + Clone + Send + Sync + 'static,
-    AF: Future<Output = ()> + Send,
-    B: Fn(u64) -> BF + Clone + Send + Sync + 'static,
-    BF: Future<Output = ()> + Send,
-{
-    measure(ops / 4, tasks, floor.clone()).await; // warm up
-    measure(ops / 4, tasks, idem.clone()).await;
-    let (mut f, mut i) = (f64::MAX, f64::MAX);
-    for _ in 0..5 {
-        f = f.min(measure(ops, tasks, floor.clone()).await);
-        i = i.min(measure(ops, tasks, idem.clone()).await);
-    }
-    let per_sec = |us: f64| tasks as f64 * 1e6 / us / tasks as f64;
-    println!(
-        "{label:<34} floor {f:>8.1} µs ({:>6.0}/s)   idem {i:>8.1} µs ({:>6.0}/s)   ratio {:.2}x",
-        per_sec(f),
-        per_sec(i),
-        i / f
-    );
-}
+use common::{compare, Svc};
 
 async fn sqlite(ops: usize) {
     let dir = std::env::temp_dir().join(format!("idem-bench-{}", std::process::id()));
@@ -344,10 +268,7 @@ fn main() {
     if !std::env::args().any(|a| a == "--bench") {
         return;
     }
-    let ops: usize = std::env::var("IDEM_BENCH_OPS")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(800);
+    let ops = common::ops(800);
     let url = std::env::var("IDEM_POSTGRES_URL")
         .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".into());
     let rt = tokio::runtime::Builder::new_multi_thread()
@@ -362,5 +283,4 @@ fn main() {
         sqlite(ops).await;
         postgres(&url, ops).await;
     });
-    let _ = Duration::ZERO;
 }
