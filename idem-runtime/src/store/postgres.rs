@@ -20,13 +20,12 @@
 //! makes the statement return no row; it is then simply run again.
 
 use std::sync::Arc;
-use std::time::Duration;
 
 use sqlx::postgres::{PgConnection, PgPool, PgPoolOptions, PgRow};
 use sqlx::{AssertSqlSafe, Postgres, Row, Transaction};
 
-use super::sql::{self, ClaimRow, Ready, Reaper};
-use super::{Claim, ClaimRequest, FencingToken, Store};
+use super::sql::{self, ClaimRow, Ready};
+use super::{Claim, ClaimRequest, FencingToken, TransactionalStore};
 use crate::error::Error;
 
 /// Idempotency records in PostgreSQL.
@@ -191,16 +190,6 @@ impl PostgresStore {
         })
     }
 
-    /// The pool, for the service's own queries and transactions.
-    pub fn pool(&self) -> &PgPool {
-        &self.pool
-    }
-
-    /// The table records live in.
-    pub fn table(&self) -> &str {
-        &self.sql.table
-    }
-
     /// Creates the table, index and token sequence if they do not exist.
     /// Safe to run from many processes at once (it takes an advisory lock), and
     /// takes no lock at all once the schema is there.
@@ -235,12 +224,6 @@ impl PostgresStore {
             .await
     }
 
-    /// Starts a background task that purges expired records every `interval`,
-    /// `batch` at a time. Stop it with [`Reaper::shutdown`].
-    pub fn spawn_reaper(&self, interval: Duration, batch: usize) -> Reaper {
-        Reaper::spawn(self.handle(), interval, batch)
-    }
-
     async fn claim_on(
         &self,
         conn: &mut PgConnection,
@@ -268,42 +251,6 @@ impl PostgresStore {
         ))
     }
 
-    async fn complete_on(
-        &self,
-        conn: &mut PgConnection,
-        key: &str,
-        token: FencingToken,
-        outcome: &[u8],
-        ttl: Duration,
-    ) -> Result<(), Error> {
-        let text = std::str::from_utf8(outcome)
-            .map_err(|e| Error::codec(format!("outcomes are stored as UTF-8 JSON: {e}")))?;
-        let done = q(&self.sql.complete)
-            .bind(key)
-            .bind(token.0 as i64)
-            .bind(text)
-            .bind(sql::millis(ttl))
-            .execute(&mut *conn)
-            .await
-            .map_err(sql::db_error)?;
-        sql::fenced(done.rows_affected())
-    }
-
-    async fn release_on(
-        &self,
-        conn: &mut PgConnection,
-        key: &str,
-        token: FencingToken,
-    ) -> Result<(), Error> {
-        let done = q(&self.sql.release)
-            .bind(key)
-            .bind(token.0 as i64)
-            .execute(&mut *conn)
-            .await
-            .map_err(sql::db_error)?;
-        sql::fenced(done.rows_affected())
-    }
-
     /// A claim inside the caller's transaction: the advisory lock it takes is
     /// exclusive and lasts until commit or rollback.
     async fn claim_in_transaction(
@@ -312,11 +259,6 @@ impl PostgresStore {
         request: ClaimRequest<'_>,
     ) -> Result<Claim, Error> {
         self.claim_on(tx, request, true).await
-    }
-
-    async fn conn(&self) -> Result<sqlx::pool::PoolConnection<Postgres>, Error> {
-        self.migrate().await?;
-        self.pool.acquire().await.map_err(Error::store)
     }
 }
 
@@ -332,4 +274,36 @@ fn claim_row(row: &PgRow) -> Result<ClaimRow, Error> {
     })
 }
 
-sql::sql_store!(PostgresStore, Postgres);
+sql::sql_store!(PostgresStore, Postgres, PgPool, PgConnection);
+
+#[async_trait::async_trait]
+impl<'c> TransactionalStore<Transaction<'c, Postgres>> for PostgresStore {
+    async fn claim_in(
+        &self,
+        tx: &mut Transaction<'c, Postgres>,
+        request: ClaimRequest<'_>,
+    ) -> Result<Claim, Error> {
+        self.migrate().await?;
+        self.claim_in_transaction(tx, request).await
+    }
+
+    async fn complete_in(
+        &self,
+        tx: &mut Transaction<'c, Postgres>,
+        key: &str,
+        token: FencingToken,
+        outcome: &[u8],
+        ttl: std::time::Duration,
+    ) -> Result<(), Error> {
+        self.complete_on(tx, key, token, outcome, ttl).await
+    }
+
+    async fn release_in(
+        &self,
+        tx: &mut Transaction<'c, Postgres>,
+        key: &str,
+        token: FencingToken,
+    ) -> Result<(), Error> {
+        self.release_on(tx, key, token).await
+    }
+}

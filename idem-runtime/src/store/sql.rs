@@ -160,12 +160,79 @@ pub(crate) fn fenced(rows: u64) -> Result<(), Error> {
     }
 }
 
-/// The `Store` and `TransactionalStore` impls both SQL stores share. The store
-/// type provides `conn`, `migrate`, `claim_on`, `complete_on`, `release_on`,
-/// `claim_in_transaction`, a module-level `q` and statements `renew`, `get`
-/// and `purge`.
+/// What both SQL stores share: accessors, the reaper, completion, release and
+/// the `Store` impl. The store type provides `migrate`, `claim_on`, a
+/// module-level `q` and its statements (`complete`, `release`, `renew`, `get`,
+/// `purge`). Each store writes its own `TransactionalStore` impl, so a
+/// compile error for `tx =` lists plain impls rather than this macro.
 macro_rules! sql_store {
-    ($store:ident, $db:ident) => {
+    ($store:ident, $db:ident, $pool:ident, $conn:ident) => {
+        impl $store {
+            /// The pool, for the service's own queries and transactions.
+            pub fn pool(&self) -> &sqlx::$pool {
+                &self.pool
+            }
+
+            /// The table records live in.
+            pub fn table(&self) -> &str {
+                &self.sql.table
+            }
+
+            /// Starts a background task that purges expired records every
+            /// `interval`, `batch` at a time. Stop it with [`Reaper::shutdown`].
+            ///
+            /// [`Reaper::shutdown`]: $crate::Reaper::shutdown
+            pub fn spawn_reaper(
+                &self,
+                interval: std::time::Duration,
+                batch: usize,
+            ) -> $crate::Reaper {
+                $crate::Reaper::spawn($crate::store::Store::handle(self), interval, batch)
+            }
+
+            async fn complete_on(
+                &self,
+                conn: &mut sqlx::$conn,
+                key: &str,
+                token: $crate::store::FencingToken,
+                outcome: &[u8],
+                ttl: std::time::Duration,
+            ) -> Result<(), $crate::Error> {
+                let text = std::str::from_utf8(outcome).map_err(|e| {
+                    $crate::Error::codec(format!("outcomes are stored as UTF-8 JSON: {e}"))
+                })?;
+                let done = q(&self.sql.complete)
+                    .bind(key.to_owned())
+                    .bind(token.0 as i64)
+                    .bind(text.to_owned())
+                    .bind($crate::store::sql::millis(ttl))
+                    .execute(&mut *conn)
+                    .await
+                    .map_err($crate::store::sql::db_error)?;
+                $crate::store::sql::fenced(done.rows_affected())
+            }
+
+            async fn release_on(
+                &self,
+                conn: &mut sqlx::$conn,
+                key: &str,
+                token: $crate::store::FencingToken,
+            ) -> Result<(), $crate::Error> {
+                let done = q(&self.sql.release)
+                    .bind(key.to_owned())
+                    .bind(token.0 as i64)
+                    .execute(&mut *conn)
+                    .await
+                    .map_err($crate::store::sql::db_error)?;
+                $crate::store::sql::fenced(done.rows_affected())
+            }
+
+            async fn conn(&self) -> Result<sqlx::pool::PoolConnection<sqlx::$db>, $crate::Error> {
+                self.migrate().await?;
+                self.pool.acquire().await.map_err($crate::Error::store)
+            }
+        }
+
         #[async_trait::async_trait]
         impl $crate::store::Store for $store {
             async fn claim(
@@ -247,38 +314,6 @@ macro_rules! sql_store {
 
             fn handle(&self) -> std::sync::Arc<dyn $crate::store::Store> {
                 std::sync::Arc::new(self.clone())
-            }
-        }
-
-        #[async_trait::async_trait]
-        impl<'c> $crate::store::TransactionalStore<sqlx::Transaction<'c, sqlx::$db>> for $store {
-            async fn claim_in(
-                &self,
-                tx: &mut sqlx::Transaction<'c, sqlx::$db>,
-                request: $crate::store::ClaimRequest<'_>,
-            ) -> Result<$crate::store::Claim, $crate::Error> {
-                self.migrate().await?;
-                self.claim_in_transaction(tx, request).await
-            }
-
-            async fn complete_in(
-                &self,
-                tx: &mut sqlx::Transaction<'c, sqlx::$db>,
-                key: &str,
-                token: $crate::store::FencingToken,
-                outcome: &[u8],
-                ttl: std::time::Duration,
-            ) -> Result<(), $crate::Error> {
-                self.complete_on(tx, key, token, outcome, ttl).await
-            }
-
-            async fn release_in(
-                &self,
-                tx: &mut sqlx::Transaction<'c, sqlx::$db>,
-                key: &str,
-                token: $crate::store::FencingToken,
-            ) -> Result<(), $crate::Error> {
-                self.release_on(tx, key, token).await
             }
         }
     };

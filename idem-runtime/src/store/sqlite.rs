@@ -27,8 +27,8 @@ use sqlx::sqlite::{
 };
 use sqlx::{AssertSqlSafe, Row, Sqlite, Transaction};
 
-use super::sql::{self, ClaimRow, Ready, Reaper};
-use super::{Claim, ClaimRequest, FencingToken, Store};
+use super::sql::{self, ClaimRow, Ready};
+use super::{Claim, ClaimRequest, FencingToken, TransactionalStore};
 use crate::error::Error;
 
 /// The database clock in milliseconds since the Unix epoch.
@@ -224,16 +224,6 @@ impl SqliteStore {
         })
     }
 
-    /// The pool, for the service's own queries and transactions.
-    pub fn pool(&self) -> &SqlitePool {
-        &self.pool
-    }
-
-    /// The table records live in.
-    pub fn table(&self) -> &str {
-        &self.sql.table
-    }
-
     /// Creates the table and its index if they do not exist.
     pub async fn migrate(&self) -> Result<(), Error> {
         let sql = self.sql.clone();
@@ -250,12 +240,6 @@ impl SqliteStore {
                 tx.commit().await.map_err(sql::db_error)
             })
             .await
-    }
-
-    /// Starts a background task that purges expired records every `interval`,
-    /// `batch` at a time. Stop it with [`Reaper::shutdown`].
-    pub fn spawn_reaper(&self, interval: Duration, batch: usize) -> Reaper {
-        Reaper::spawn(self.handle(), interval, batch)
     }
 
     /// `in_transaction` changes nothing here: SQLite's write lock already
@@ -306,42 +290,6 @@ impl SqliteStore {
         ))
     }
 
-    async fn complete_on(
-        &self,
-        conn: &mut SqliteConnection,
-        key: &str,
-        token: FencingToken,
-        outcome: &[u8],
-        ttl: Duration,
-    ) -> Result<(), Error> {
-        let text = std::str::from_utf8(outcome)
-            .map_err(|e| Error::codec(format!("outcomes are stored as UTF-8 JSON: {e}")))?;
-        let done = q(&self.sql.complete)
-            .bind(key.to_owned())
-            .bind(token.0 as i64)
-            .bind(text.to_owned())
-            .bind(sql::millis(ttl))
-            .execute(&mut *conn)
-            .await
-            .map_err(sql::db_error)?;
-        sql::fenced(done.rows_affected())
-    }
-
-    async fn release_on(
-        &self,
-        conn: &mut SqliteConnection,
-        key: &str,
-        token: FencingToken,
-    ) -> Result<(), Error> {
-        let done = q(&self.sql.release)
-            .bind(key.to_owned())
-            .bind(token.0 as i64)
-            .execute(&mut *conn)
-            .await
-            .map_err(sql::db_error)?;
-        sql::fenced(done.rows_affected())
-    }
-
     /// A claim inside the caller's transaction; until it commits or rolls
     /// back, duplicates in this process are answered from memory.
     async fn claim_in_transaction(
@@ -364,11 +312,6 @@ impl SqliteStore {
         }
         Ok(claim)
     }
-
-    async fn conn(&self) -> Result<sqlx::pool::PoolConnection<Sqlite>, Error> {
-        self.migrate().await?;
-        self.pool.acquire().await.map_err(Error::store)
-    }
 }
 
 fn read_row(row: &SqliteRow) -> Result<ClaimRow, Error> {
@@ -383,4 +326,36 @@ fn read_row(row: &SqliteRow) -> Result<ClaimRow, Error> {
     })
 }
 
-sql::sql_store!(SqliteStore, Sqlite);
+sql::sql_store!(SqliteStore, Sqlite, SqlitePool, SqliteConnection);
+
+#[async_trait::async_trait]
+impl<'c> TransactionalStore<Transaction<'c, Sqlite>> for SqliteStore {
+    async fn claim_in(
+        &self,
+        tx: &mut Transaction<'c, Sqlite>,
+        request: ClaimRequest<'_>,
+    ) -> Result<Claim, Error> {
+        self.migrate().await?;
+        self.claim_in_transaction(tx, request).await
+    }
+
+    async fn complete_in(
+        &self,
+        tx: &mut Transaction<'c, Sqlite>,
+        key: &str,
+        token: FencingToken,
+        outcome: &[u8],
+        ttl: std::time::Duration,
+    ) -> Result<(), Error> {
+        self.complete_on(tx, key, token, outcome, ttl).await
+    }
+
+    async fn release_in(
+        &self,
+        tx: &mut Transaction<'c, Sqlite>,
+        key: &str,
+        token: FencingToken,
+    ) -> Result<(), Error> {
+        self.release_on(tx, key, token).await
+    }
+}
