@@ -16,7 +16,7 @@
 //! more than that, between a record's purge and the next claim of its key,
 //! could reuse a token.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::str::FromStr;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -55,25 +55,36 @@ pub struct SqliteStore {
 /// SQLite lets one transaction write at a time, so a duplicate's claim would
 /// block on an open `tx =` claim until its commit. A rejecting duplicate is
 /// answered from here at once instead; each connection's commit and rollback
-/// hooks clear its keys. (A duplicate in another process still waits on the
-/// database lock, up to the busy timeout.)
+/// hooks clear its keys. An entry also lapses with the claim's lease, in case a
+/// connection is closed with its transaction open (SQLite then rolls back
+/// without calling the hook). A duplicate in another process still waits on
+/// the database lock, up to the busy timeout.
 #[derive(Default)]
 struct OpenClaims(Mutex<OpenInner>);
 
 #[derive(Default)]
 struct OpenInner {
     by_connection: HashMap<usize, Vec<String>>,
-    keys: HashSet<String>,
+    keys: HashMap<String, tokio::time::Instant>,
 }
 
 impl OpenClaims {
     fn contains(&self, key: &str) -> bool {
-        self.lock().keys.contains(key)
+        let mut inner = self.lock();
+        match inner.keys.get(key) {
+            Some(until) if *until > tokio::time::Instant::now() => true,
+            Some(_) => {
+                inner.keys.remove(key);
+                false
+            }
+            None => false,
+        }
     }
 
-    fn add(&self, connection: usize, key: &str) {
+    fn add(&self, connection: usize, key: &str, lease: Duration) {
         let mut inner = self.lock();
-        inner.keys.insert(key.to_owned());
+        let until = tokio::time::Instant::now() + lease;
+        inner.keys.insert(key.to_owned(), until);
         inner
             .by_connection
             .entry(connection)
@@ -301,7 +312,7 @@ impl SqliteStore {
         if let Claim::Acquired { .. } = claim {
             let mut handle = tx.lock_handle().await.map_err(Error::store)?;
             let connection = handle.as_raw_handle().as_ptr() as usize;
-            self.open.add(connection, request.key);
+            self.open.add(connection, request.key, request.lease);
             let open = Arc::clone(&self.open);
             handle.set_commit_hook(move || {
                 open.end(connection);
