@@ -4,9 +4,14 @@
 //! PostgreSQL; shared by the in-process tests in `tests/` and the
 //! `idem-test-worker` binary they start as separate OS processes.
 
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use idem_runtime::{idempotent, PostgresStore, RedisStore, SqliteStore};
+use idem_runtime::{
+    async_trait, idempotent, Claim, ClaimRequest, Error, FencingToken, MemoryStore, PostgresStore,
+    Record, RedisStore, SqliteStore, Store,
+};
 use sqlx::{AssertSqlSafe, Postgres, Sqlite, Transaction};
 
 /// The PostgreSQL the tests use: `IDEM_POSTGRES_URL`, or the local server.
@@ -287,5 +292,70 @@ impl RedisOrders {
         .fetch_one(&self.pg)
         .await
         .expect("count")
+    }
+}
+
+/// A real `MemoryStore` behind a switch that makes chosen operations fail,
+/// as a store that went away (or a partitioned connection) would. Shared by
+/// the fault, lease and replay-cache tests.
+#[derive(Clone, Default)]
+pub struct FaultyStore {
+    /// The real store underneath.
+    pub inner: MemoryStore,
+    /// How many claims reached the store.
+    pub claims: Arc<AtomicUsize>,
+    /// Claims fail while set.
+    pub claims_fail: Arc<AtomicBool>,
+    /// Completions fail while set.
+    pub completions_fail: Arc<AtomicBool>,
+    /// Lease renewals fail while set (a partition of the renewing connection).
+    pub renewals_fail: Arc<AtomicBool>,
+}
+
+fn down() -> Error {
+    Error::store(std::io::Error::new(
+        std::io::ErrorKind::ConnectionRefused,
+        "store unreachable",
+    ))
+}
+
+#[async_trait]
+impl Store for FaultyStore {
+    async fn claim(&self, request: ClaimRequest<'_>) -> Result<Claim, Error> {
+        self.claims.fetch_add(1, Ordering::SeqCst);
+        if self.claims_fail.load(Ordering::SeqCst) {
+            return Err(down());
+        }
+        self.inner.claim(request).await
+    }
+    async fn complete(
+        &self,
+        key: &str,
+        token: FencingToken,
+        outcome: &[u8],
+        ttl: Duration,
+    ) -> Result<(), Error> {
+        if self.completions_fail.load(Ordering::SeqCst) {
+            return Err(down());
+        }
+        self.inner.complete(key, token, outcome, ttl).await
+    }
+    async fn release(&self, key: &str, token: FencingToken) -> Result<(), Error> {
+        self.inner.release(key, token).await
+    }
+    async fn renew(&self, key: &str, token: FencingToken, lease: Duration) -> Result<(), Error> {
+        if self.renewals_fail.load(Ordering::SeqCst) {
+            return Err(down());
+        }
+        self.inner.renew(key, token, lease).await
+    }
+    async fn get(&self, key: &str) -> Result<Option<Record>, Error> {
+        self.inner.get(key).await
+    }
+    async fn purge_expired(&self, batch: usize) -> Result<u64, Error> {
+        self.inner.purge_expired(batch).await
+    }
+    fn handle(&self) -> Arc<dyn Store> {
+        Arc::new(self.clone())
     }
 }

@@ -2,52 +2,10 @@
 //! expiry and a bounded size; everything else still goes to the store.
 
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::Arc;
 use std::time::Duration;
 
-use idem_runtime::{
-    async_trait, idempotent, Claim, ClaimRequest, Error, FencingToken, MemoryStore, Record,
-    RedisStore, ReplayCache, Store,
-};
-
-/// A real `MemoryStore` that counts the claims that reach it.
-#[derive(Clone, Default)]
-struct Counting {
-    inner: MemoryStore,
-    claims: Arc<AtomicUsize>,
-}
-
-#[async_trait]
-impl Store for Counting {
-    async fn claim(&self, request: ClaimRequest<'_>) -> Result<Claim, Error> {
-        self.claims.fetch_add(1, Ordering::SeqCst);
-        self.inner.claim(request).await
-    }
-    async fn complete(
-        &self,
-        key: &str,
-        token: FencingToken,
-        outcome: &[u8],
-        ttl: Duration,
-    ) -> Result<(), Error> {
-        self.inner.complete(key, token, outcome, ttl).await
-    }
-    async fn release(&self, key: &str, token: FencingToken) -> Result<(), Error> {
-        self.inner.release(key, token).await
-    }
-    async fn renew(&self, key: &str, token: FencingToken, lease: Duration) -> Result<(), Error> {
-        self.inner.renew(key, token, lease).await
-    }
-    async fn get(&self, key: &str) -> Result<Option<Record>, Error> {
-        self.inner.get(key).await
-    }
-    async fn purge_expired(&self, batch: usize) -> Result<u64, Error> {
-        self.inner.purge_expired(batch).await
-    }
-    fn handle(&self) -> Arc<dyn Store> {
-        Arc::new(self.clone())
-    }
-}
+use idem_runtime::{idempotent, Error, RedisStore, ReplayCache, Store};
+use idem_tests::FaultyStore;
 
 #[derive(Debug)]
 enum AppError {
@@ -72,9 +30,9 @@ impl<S: Store> Svc<S> {
     }
 }
 
-fn svc(capacity: usize) -> Svc<ReplayCache<Counting>> {
+fn svc(capacity: usize) -> Svc<ReplayCache<FaultyStore>> {
     Svc {
-        store: ReplayCache::new(Counting::default(), capacity),
+        store: ReplayCache::new(FaultyStore::default(), capacity),
         runs: AtomicUsize::new(0),
     }
 }
