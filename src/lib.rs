@@ -80,7 +80,7 @@ impl PgOrders {
             .await
             .expect("postgres");
         sqlx::query(AssertSqlSafe(format!(
-            "CREATE TABLE IF NOT EXISTS {orders} (id BIGSERIAL PRIMARY KEY, order_ref TEXT NOT NULL, by_pid INT NOT NULL)"
+            "CREATE TABLE IF NOT EXISTS {orders} (id BIGSERIAL PRIMARY KEY, order_ref TEXT NOT NULL, by_pid BIGINT NOT NULL)"
         )))
         .execute(store.pool())
         .await
@@ -89,65 +89,6 @@ impl PgOrders {
             store,
             orders: orders.to_owned(),
         }
-    }
-
-    /// Places an order once per `order_ref`; duplicates wait for the first.
-    #[idempotent(key = order_ref, name = "pg-place", store = self.store, tx = tx, in_progress = wait("60s"))]
-    pub async fn place(
-        &self,
-        tx: &mut Transaction<'_, Postgres>,
-        order_ref: &str,
-    ) -> Result<i64, AppError> {
-        self.insert(tx, order_ref).await
-    }
-
-    /// Places an order once per `order_ref`; duplicates are refused at once.
-    #[idempotent(key = order_ref, name = "pg-place", store = self.store, tx = tx)]
-    pub async fn place_or_reject(
-        &self,
-        tx: &mut Transaction<'_, Postgres>,
-        order_ref: &str,
-    ) -> Result<i64, AppError> {
-        self.insert(tx, order_ref).await
-    }
-
-    /// Like `place`, but the business logic refuses (after writing).
-    #[idempotent(key = order_ref, name = "pg-place", store = self.store, tx = tx)]
-    pub async fn place_refused(
-        &self,
-        tx: &mut Transaction<'_, Postgres>,
-        order_ref: &str,
-    ) -> Result<i64, AppError> {
-        self.insert(tx, order_ref).await?;
-        Err(AppError::Refused)
-    }
-
-    async fn insert(
-        &self,
-        tx: &mut Transaction<'_, Postgres>,
-        order_ref: &str,
-    ) -> Result<i64, AppError> {
-        let id = sqlx::query_scalar(AssertSqlSafe(format!(
-            "INSERT INTO {} (order_ref, by_pid) VALUES ($1, $2) RETURNING id",
-            self.orders
-        )))
-        .bind(order_ref.to_owned())
-        .bind(std::process::id() as i32)
-        .fetch_one(&mut **tx)
-        .await?;
-        Ok(id)
-    }
-
-    /// How many orders exist for `order_ref`.
-    pub async fn count(&self, order_ref: &str) -> i64 {
-        sqlx::query_scalar(AssertSqlSafe(format!(
-            "SELECT count(*) FROM {} WHERE order_ref = $1",
-            self.orders
-        )))
-        .bind(order_ref.to_owned())
-        .fetch_one(self.store.pool())
-        .await
-        .expect("count")
     }
 }
 
@@ -174,66 +115,83 @@ impl SqliteOrders {
             orders: orders.to_owned(),
         }
     }
-
-    /// Places an order once per `order_ref`; duplicates wait for the first.
-    #[idempotent(key = order_ref, name = "sqlite-place", store = self.store, tx = tx, in_progress = wait("60s"))]
-    pub async fn place(
-        &self,
-        tx: &mut Transaction<'_, Sqlite>,
-        order_ref: &str,
-    ) -> Result<i64, AppError> {
-        self.insert(tx, order_ref).await
-    }
-
-    /// Places an order once per `order_ref`; duplicates are refused at once.
-    #[idempotent(key = order_ref, name = "sqlite-place", store = self.store, tx = tx)]
-    pub async fn place_or_reject(
-        &self,
-        tx: &mut Transaction<'_, Sqlite>,
-        order_ref: &str,
-    ) -> Result<i64, AppError> {
-        self.insert(tx, order_ref).await
-    }
-
-    /// Like `place`, but the business logic refuses (after writing).
-    #[idempotent(key = order_ref, name = "sqlite-place", store = self.store, tx = tx)]
-    pub async fn place_refused(
-        &self,
-        tx: &mut Transaction<'_, Sqlite>,
-        order_ref: &str,
-    ) -> Result<i64, AppError> {
-        self.insert(tx, order_ref).await?;
-        Err(AppError::Refused)
-    }
-
-    async fn insert(
-        &self,
-        tx: &mut Transaction<'_, Sqlite>,
-        order_ref: &str,
-    ) -> Result<i64, AppError> {
-        let id = sqlx::query_scalar(AssertSqlSafe(format!(
-            "INSERT INTO {} (order_ref, by_pid) VALUES (?1, ?2) RETURNING id",
-            self.orders
-        )))
-        .bind(order_ref.to_owned())
-        .bind(std::process::id() as i64)
-        .fetch_one(&mut **tx)
-        .await?;
-        Ok(id)
-    }
-
-    /// How many orders exist for `order_ref`.
-    pub async fn count(&self, order_ref: &str) -> i64 {
-        sqlx::query_scalar(AssertSqlSafe(format!(
-            "SELECT count(*) FROM {} WHERE order_ref = ?1",
-            self.orders
-        )))
-        .bind(order_ref.to_owned())
-        .fetch_one(self.store.pool())
-        .await
-        .expect("count")
-    }
 }
+
+/// The calls both transactional fixtures share, for database `$db` with its
+/// namespace and its flavour of SQL for the insert and the count.
+macro_rules! order_calls {
+    ($fixture:ident, $db:ident, $name:literal, $insert:literal, $count:literal) => {
+        impl $fixture {
+            /// Places an order once per `order_ref`; duplicates wait for the first.
+            #[idempotent(key = order_ref, name = $name, store = self.store, tx = tx, in_progress = wait("60s"))]
+            pub async fn place(
+                &self,
+                tx: &mut Transaction<'_, $db>,
+                order_ref: &str,
+            ) -> Result<i64, AppError> {
+                self.insert(tx, order_ref).await
+            }
+
+            /// Places an order once per `order_ref`; duplicates are refused at once.
+            #[idempotent(key = order_ref, name = $name, store = self.store, tx = tx)]
+            pub async fn place_or_reject(
+                &self,
+                tx: &mut Transaction<'_, $db>,
+                order_ref: &str,
+            ) -> Result<i64, AppError> {
+                self.insert(tx, order_ref).await
+            }
+
+            /// Like `place`, but the business logic refuses (after writing).
+            #[idempotent(key = order_ref, name = $name, store = self.store, tx = tx)]
+            pub async fn place_refused(
+                &self,
+                tx: &mut Transaction<'_, $db>,
+                order_ref: &str,
+            ) -> Result<i64, AppError> {
+                self.insert(tx, order_ref).await?;
+                Err(AppError::Refused)
+            }
+
+            async fn insert(
+                &self,
+                tx: &mut Transaction<'_, $db>,
+                order_ref: &str,
+            ) -> Result<i64, AppError> {
+                let id = sqlx::query_scalar(AssertSqlSafe(format!($insert, self.orders)))
+                    .bind(order_ref.to_owned())
+                    .bind(i64::from(std::process::id()))
+                    .fetch_one(&mut **tx)
+                    .await?;
+                Ok(id)
+            }
+
+            /// How many orders exist for `order_ref`.
+            pub async fn count(&self, order_ref: &str) -> i64 {
+                sqlx::query_scalar(AssertSqlSafe(format!($count, self.orders)))
+                    .bind(order_ref.to_owned())
+                    .fetch_one(self.store.pool())
+                    .await
+                    .expect("count")
+            }
+        }
+    };
+}
+
+order_calls!(
+    PgOrders,
+    Postgres,
+    "pg-place",
+    "INSERT INTO {} (order_ref, by_pid) VALUES ($1, $2) RETURNING id",
+    "SELECT count(*) FROM {} WHERE order_ref = $1"
+);
+order_calls!(
+    SqliteOrders,
+    Sqlite,
+    "sqlite-place",
+    "INSERT INTO {} (order_ref, by_pid) VALUES (?1, ?2) RETURNING id",
+    "SELECT count(*) FROM {} WHERE order_ref = ?1"
+);
 
 /// Records in Redis, orders in PostgreSQL: each execution of `place` inserts
 /// one order row, so the orders table counts executions.
