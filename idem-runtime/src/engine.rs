@@ -339,41 +339,122 @@ async fn run<T, E, F>(
 where
     F: Future<Output = Result<T, E>>,
 {
-    let claimed = claim(&*store, options, &key, fingerprint.as_ref()).await;
-    let token = match claimed.map_err(|e| codec.error(e))? {
-        Claimed::Run(token) => token,
-        Claimed::Replay(outcome) => return replay(&codec, &outcome),
+    let held = match begin(store, options, key, fingerprint.as_ref()).await {
+        Ok(Begin::Run(held)) => held,
+        Ok(Begin::Replay(outcome)) => return replay(&codec, &outcome),
+        Err(err) => return Err(codec.error(err)),
     };
-
-    let mut guard = ClaimGuard {
-        store: &store,
-        key: key.as_str(),
-        token,
-        armed: true,
-    };
-    let attempt = Attempt {
-        key: key.clone(),
-        token,
-    };
-    let outcome = run_renewing(&*store, options, &key, token, CURRENT.scope(attempt, body)).await;
+    let outcome = held.run(options, body).await;
 
     // From here the outcome is in hand: record it, or release the claim.
-    guard.armed = false;
     match codec.encode(&outcome) {
         None => {
-            match store.release(key.as_str(), token).await {
-                Ok(()) => tracing::debug!(token = token.0, "released after error"),
-                Err(err) => tracing::warn!(
-                    token = token.0, error = %err,
-                    "could not release the claim after an error; it lapses with its lease"
-                ),
-            }
+            held.release().await;
             outcome
         }
-        Some(Ok(bytes)) => match complete(&*store, &key, token, &bytes, options.ttl).await {
+        Some(Ok(bytes)) => match held.complete(&bytes, options.ttl).await {
+            Ok(()) => outcome,
+            Err(err) => Err(codec.error(err)),
+        },
+        Some(Err(err)) => {
+            tracing::error!(error = %err, "the outcome cannot be encoded; releasing");
+            held.release().await;
+            Err(codec.error(err))
+        }
+    }
+}
+
+/// What [`begin`] decided for a key.
+#[derive(Debug)]
+#[non_exhaustive]
+pub enum Begin {
+    /// The caller holds the key: run the work with [`HeldClaim::run`], then
+    /// [`complete`](HeldClaim::complete) or [`release`](HeldClaim::release).
+    Run(HeldClaim),
+    /// The key is completed: replay this encoded outcome.
+    Replay(Vec<u8>),
+}
+
+/// Claims `key` (waiting for a running duplicate if `options` say so): the
+/// building block under [`execute`], for callers that store something other than
+/// a `Result<T, E>` (the HTTP layer stores whole responses).
+///
+/// Errors are [`Error::InProgress`], [`Error::KeyReused`] and [`Error::Store`];
+/// the work must not run after any of them.
+pub async fn begin(
+    store: Arc<dyn Store>,
+    options: &Options,
+    key: Key,
+    fingerprint: Option<&Digest>,
+) -> Result<Begin, Error> {
+    Ok(match claim(&*store, options, &key, fingerprint).await? {
+        Claimed::Run(token) => Begin::Run(HeldClaim {
+            store,
+            key,
+            token,
+            armed: true,
+        }),
+        Claimed::Replay(outcome) => Begin::Replay(outcome),
+    })
+}
+
+/// A claim this caller holds. Dropping it without [`complete`](Self::complete) or
+/// [`release`](Self::release) (a cancelled future, a panic) releases the claim, so a
+/// retry runs at once instead of waiting for the lease to lapse.
+pub struct HeldClaim {
+    store: Arc<dyn Store>,
+    key: Key,
+    token: FencingToken,
+    armed: bool,
+}
+
+impl std::fmt::Debug for HeldClaim {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("HeldClaim")
+            .field("key", &self.key)
+            .field("token", &self.token)
+            .finish_non_exhaustive()
+    }
+}
+
+impl HeldClaim {
+    /// The key held.
+    pub fn key(&self) -> &Key {
+        &self.key
+    }
+
+    /// The claim's fencing token.
+    pub fn token(&self) -> FencingToken {
+        self.token
+    }
+
+    /// Runs `work` as this attempt ([`current`] sees it), renewing the lease
+    /// every third of it until `work` finishes.
+    pub async fn run<F: Future>(&self, options: &Options, work: F) -> F::Output {
+        let attempt = Attempt {
+            key: self.key.clone(),
+            token: self.token,
+        };
+        run_renewing(
+            &*self.store,
+            options,
+            &self.key,
+            self.token,
+            CURRENT.scope(attempt, work),
+        )
+        .await
+    }
+
+    /// Records `outcome` for `ttl` (retrying a transient store failure twice).
+    /// [`Error::LeaseLost`] means another caller took the key over meanwhile and
+    /// nothing was written.
+    pub async fn complete(mut self, outcome: &[u8], ttl: Duration) -> Result<(), Error> {
+        self.armed = false;
+        let token = self.token;
+        match complete(&*self.store, &self.key, token, outcome, ttl).await {
             Ok(()) => {
                 tracing::debug!(token = token.0, "completed");
-                outcome
+                Ok(())
             }
             Err(Error::LeaseLost) => {
                 tracing::error!(
@@ -381,19 +462,26 @@ where
                     "lease lost: another call took the key over while this one ran; \
                      its outcome was not recorded"
                 );
-                Err(codec.error(Error::LeaseLost))
+                Err(Error::LeaseLost)
             }
             Err(err) => {
                 tracing::error!(token = token.0, error = %err, "could not record the outcome");
-                Err(codec.error(err))
+                Err(err)
             }
-        },
-        Some(Err(err)) => {
-            tracing::error!(token = token.0, error = %err, "the outcome cannot be encoded; releasing");
-            if let Err(e) = store.release(key.as_str(), token).await {
-                tracing::warn!(token = token.0, error = %e, "could not release the claim");
-            }
-            Err(codec.error(err))
+        }
+    }
+
+    /// Deletes the claim so the next call runs at once. A failure is logged, not
+    /// returned: the claim then lapses with its lease.
+    pub async fn release(mut self) {
+        self.armed = false;
+        let token = self.token;
+        match self.store.release(self.key.as_str(), token).await {
+            Ok(()) => tracing::debug!(token = token.0, "released"),
+            Err(err) => tracing::warn!(
+                token = token.0, error = %err,
+                "could not release the claim; it lapses with its lease"
+            ),
         }
     }
 }
@@ -577,32 +665,23 @@ async fn run_renewing<F: Future>(
     .await
 }
 
-/// Releases the claim if the call's future is dropped (cancelled) or the body
-/// panics before the outcome is in hand.
-struct ClaimGuard<'a> {
-    store: &'a Arc<dyn Store>,
-    key: &'a str,
-    token: FencingToken,
-    armed: bool,
-}
-
-impl Drop for ClaimGuard<'_> {
+impl Drop for HeldClaim {
     fn drop(&mut self) {
         if !self.armed {
             return;
         }
         let token = self.token;
-        match self.store.release_now(self.key, token) {
+        match self.store.release_now(self.key.as_str(), token) {
             Some(Ok(())) => tracing::debug!(token = token.0, "released after cancellation"),
             Some(Err(err)) => {
                 tracing::warn!(token = token.0, error = %err, "could not release after cancellation")
             }
             None => match tokio::runtime::Handle::try_current() {
                 Ok(runtime) => {
-                    let store = Arc::clone(self.store);
-                    let key = self.key.to_owned();
+                    let store = Arc::clone(&self.store);
+                    let key = self.key.clone();
                     runtime.spawn(async move {
-                        match store.release(&key, token).await {
+                        match store.release(key.as_str(), token).await {
                             Ok(()) => tracing::debug!(token = token.0, "released after cancellation"),
                             Err(err) => tracing::warn!(
                                 token = token.0, error = %err,

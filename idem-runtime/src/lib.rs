@@ -46,12 +46,16 @@
 //! | [`engine`] | claim → run → complete / release, callable without the macro |
 //! | [`key`] | canonical key encoding, digests, windows, [`ClientKey`] |
 //! | [`codec`] | how outcomes are stored (JSON) |
+//! | `http` | [`IdempotencyLayer`](crate::http::IdempotencyLayer): the `Idempotency-Key` header for tower / axum (feature `http`) |
 //! | `testing` | the store conformance suite (feature `testing`) |
 #![cfg_attr(docsrs, feature(doc_cfg))]
 
 pub mod codec;
 pub mod engine;
 mod error;
+#[cfg(feature = "http")]
+#[cfg_attr(docsrs, doc(cfg(feature = "http")))]
+pub mod http;
 pub mod key;
 pub mod store;
 #[cfg(feature = "testing")]

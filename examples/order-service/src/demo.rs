@@ -1,22 +1,30 @@
-//! The self-driving demo: one process, one service, every case a user meets.
+//! The self-driving demo: the server starts in this process on a free port, and
+//! a real HTTP client drives every case a user meets through it.
 
 use std::fmt;
 use std::sync::Arc;
 
-use crate::{CreateOrderRequest, Db, Order, OrderError, OrderService};
+use reqwest::StatusCode;
+use serde_json::{json, Value};
+
+use crate::payments::{CARD_DECLINED, CARD_OK, CARD_PROCESSING_ERROR};
+use crate::server::{self, Running};
+use crate::{Db, OrderError, OrderService};
 
 /// One line of the demo's table.
 #[derive(Debug, Clone)]
 pub struct Row {
-    /// What the client did.
-    pub call: String,
-    /// What it got back.
-    pub outcome: String,
-    /// Orders (of this run's users) that exist after the call.
+    /// The request the client sent.
+    pub request: String,
+    /// The status (or statuses) it got.
+    pub status: String,
+    /// Whether the response was a replay (`Idempotent-Replayed: true`).
+    pub replayed: String,
+    /// Orders (of this run's users) in the database after the request.
     pub orders: i64,
-    /// Orders that should exist after the call.
-    pub expected_orders: i64,
-    /// Whether the outcome was the one idem promises.
+    /// Charges (for this run's orders) in the database after the request.
+    pub charges: i64,
+    /// Whether the request got what idem promises, with the expected counts.
     pub as_expected: bool,
 }
 
@@ -27,232 +35,587 @@ pub struct Report {
     pub backend: &'static str,
     /// Its URL.
     pub url: String,
-    /// The calls, in order.
+    /// Where the server listened.
+    pub server: String,
+    /// The requests, in order.
     pub rows: Vec<Row>,
 }
 
 impl Report {
-    /// Whether every call behaved as promised.
+    /// Whether every request behaved as promised.
     pub fn all_passed(&self) -> bool {
-        self.rows
-            .iter()
-            .all(|r| r.as_expected && r.orders == r.expected_orders)
+        self.rows.iter().all(|r| r.as_expected)
     }
 }
 
-fn request(user_id: u64, product_id: u64, quantity: u32, ship_to: &str) -> CreateOrderRequest {
-    CreateOrderRequest {
-        user_id,
-        product_id,
-        quantity,
-        ship_to: ship_to.into(),
+/// Why the demo could not run.
+#[derive(Debug, thiserror::Error)]
+pub enum DemoError {
+    /// The database or the key store could not be opened.
+    #[error(transparent)]
+    Order(#[from] OrderError),
+    /// The key store could not be opened.
+    #[error(transparent)]
+    Idem(#[from] idem_runtime::Error),
+    /// The database failed.
+    #[error("database error: {0}")]
+    Database(#[from] sqlx::Error),
+    /// The server could not start.
+    #[error("server error: {0}")]
+    Io(#[from] std::io::Error),
+    /// A request could not be sent.
+    #[error("http error: {0}")]
+    Http(#[from] reqwest::Error),
+}
+
+/// What one request got.
+struct Reply {
+    status: StatusCode,
+    replayed: bool,
+    body: Vec<u8>,
+}
+
+impl Reply {
+    fn json(&self) -> Value {
+        serde_json::from_slice(&self.body).unwrap_or(Value::Null)
     }
 }
 
-fn describe(result: &Result<Order, OrderError>) -> String {
-    match result {
-        Ok(order) => format!("Ok: order #{}", order.id),
-        Err(OrderError::Idempotency(idem_runtime::Error::KeyReused)) => {
-            "Err: key reused with a different request".into()
+struct Driver {
+    http: reqwest::Client,
+    base: String,
+    service: Arc<OrderService>,
+    users: [u64; 2],
+    run: u64,
+    report: Report,
+}
+
+impl Driver {
+    async fn send(
+        &self,
+        method: reqwest::Method,
+        path: &str,
+        token: Option<&str>,
+        key: Option<&str>,
+        body: Option<Vec<u8>>,
+    ) -> Result<Reply, DemoError> {
+        let mut request = self.http.request(method, format!("{}{path}", self.base));
+        if let Some(token) = token {
+            request = request.bearer_auth(token);
         }
-        Err(e) => format!("Err: {e}"),
+        if let Some(key) = key {
+            request = request.header("Idempotency-Key", key);
+        }
+        if let Some(body) = body {
+            request = request
+                .header("content-type", "application/json")
+                .body(body);
+        }
+        let response = request.send().await?;
+        let status = response.status();
+        let replayed = response
+            .headers()
+            .get("idempotent-replayed")
+            .is_some_and(|v| v == "true");
+        let body = response.bytes().await?.to_vec();
+        Ok(Reply {
+            status,
+            replayed,
+            body,
+        })
+    }
+
+    /// A key unique to this run, so the demo can run again on the same database.
+    fn key(&self, name: &str) -> String {
+        format!("demo-{}-{name}", self.run)
+    }
+
+    async fn row(
+        &mut self,
+        request: &str,
+        status: String,
+        replayed: String,
+        expected: (i64, i64),
+        as_expected: bool,
+    ) -> Result<(), DemoError> {
+        let orders = self.service.orders_of(&self.users).await?;
+        let charges = self.service.charges_of(&self.users).await?;
+        self.report.rows.push(Row {
+            request: request.into(),
+            status,
+            replayed,
+            orders,
+            charges,
+            as_expected: as_expected && (orders, charges) == expected,
+        });
+        Ok(())
+    }
+
+    async fn one(
+        &mut self,
+        label: &str,
+        reply: &Reply,
+        expect: (StatusCode, bool),
+        counts: (i64, i64),
+    ) -> Result<(), DemoError> {
+        let ok = (reply.status, reply.replayed) == expect;
+        let status = reply.status.as_u16().to_string();
+        let replayed = if reply.replayed { "yes" } else { "no" }.to_string();
+        self.row(label, status, replayed, counts, ok).await
     }
 }
 
-/// Runs the demo against the database at `url`. Each run uses its own users
-/// and products, so the demo can run again and again on the same file.
-pub async fn run(url: &str) -> Result<Report, OrderError> {
-    let service = Arc::new(OrderService::new(Db::open(url).await?));
+fn order_body(user_id: u64, product_id: u64, quantity: u32) -> Vec<u8> {
+    serde_json::to_vec(
+        &json!({ "user_id": user_id, "product_id": product_id, "quantity": quantity }),
+    )
+    .unwrap_or_default()
+}
+
+/// Starts the server on a free port over the database at `url` (records in the
+/// same database) and drives every case through it. Each run uses its own
+/// users, products and keys, so the demo can run again on the same file.
+pub async fn run(url: &str) -> Result<Report, DemoError> {
+    let service = OrderService::new(Db::open(url).await?);
+    let keys = server::key_store(None, service.db()).await?;
+    let running = server::start("127.0.0.1:0", service.clone(), keys).await?;
+    let result = drive(url, Arc::new(service), &running).await;
+    running.stop().await?;
+    result
+}
+
+async fn drive(
+    url: &str,
+    service: Arc<OrderService>,
+    running: &Running,
+) -> Result<Report, DemoError> {
+    use reqwest::Method;
+
     let run = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_millis() as u64)
         .unwrap_or(0);
     let (ann, bob) = (run * 10 + 7, run * 10 + 8);
     let (widget, gadget) = (run * 100 + 42, run * 100 + 99);
-    let users = [ann, bob];
     service.restock(widget, 100).await?;
     service.restock(gadget, 0).await?;
-    let mut report = Report {
-        backend: service.backend(),
-        url: url.to_owned(),
-        rows: Vec::new(),
+    let mut d = Driver {
+        http: reqwest::Client::new(),
+        base: running.url(),
+        service: Arc::clone(&service),
+        users: [ann, bob],
+        run,
+        report: Report {
+            backend: service.backend(),
+            url: url.to_owned(),
+            server: running.url(),
+            rows: Vec::new(),
+        },
     };
-    let mut row = async |call: &str, outcome: String, expected_orders: i64, as_expected: bool| {
-        let orders = service.orders_of(&users).await?;
-        report.rows.push(Row {
-            call: call.into(),
-            outcome,
-            orders,
-            expected_orders,
-            as_expected,
-        });
-        Ok::<_, OrderError>(())
-    };
+    let ann_token = format!("ann-{run}");
+    let bob_token = format!("bob-{run}");
+    let (ann_t, bob_t) = (Some(ann_token.as_str()), Some(bob_token.as_str()));
+    let created = (StatusCode::CREATED, false);
+    let replayed = (StatusCode::CREATED, true);
 
-    // 1. Fifty clients send the same order at the same moment.
-    let order_a = request(ann, widget, 1, "1 Main St");
-    let tasks: Vec<_> = (0..50)
-        .map(|_| {
-            let service = service.clone();
-            let req = order_a.clone();
-            tokio::spawn(async move { service.create_order(req).await })
-        })
-        .collect();
-    let mut ids = Vec::new();
-    let mut failures = Vec::new();
-    for task in tasks {
-        match task.await {
-            Ok(Ok(order)) => ids.push(order.id),
-            Ok(Err(e)) => failures.push(e.to_string()),
-            Err(e) => failures.push(e.to_string()),
+    // Orders.
+    let k1 = d.key("order-1");
+    let first = d
+        .send(
+            Method::POST,
+            "/orders",
+            ann_t,
+            Some(&k1),
+            Some(order_body(ann, widget, 1)),
+        )
+        .await?;
+    d.one("POST /orders (key order-1)", &first, created, (1, 0))
+        .await?;
+    let order_id = first.json()["id"].as_i64().unwrap_or(0);
+
+    let retry = d
+        .send(
+            Method::POST,
+            "/orders",
+            ann_t,
+            Some(&k1),
+            Some(order_body(ann, widget, 1)),
+        )
+        .await?;
+    d.one(
+        "same request again: a client retry",
+        &retry,
+        replayed,
+        (1, 0),
+    )
+    .await?;
+    if retry.body != first.body {
+        if let Some(row) = d.report.rows.last_mut() {
+            row.as_expected = false; // a replay is byte for byte
         }
     }
-    ids.sort_unstable();
-    ids.dedup();
-    let first = ids.first().copied().unwrap_or(0);
-    let all_same = failures.is_empty() && ids.len() == 1;
-    row(
-        "50 concurrent duplicates of order A",
-        if all_same {
-            format!("50 × Ok: order #{first}, the same order for every caller")
-        } else {
-            format!("{} distinct orders, failures: {failures:?}", ids.len())
-        },
-        1,
-        all_same,
+
+    let k2 = d.key("order-2");
+    let tasks: Vec<_> = (0..20)
+        .map(|_| {
+            let client = d.http.clone();
+            let url = format!("{}/orders", d.base);
+            let (key, token, body) = (k2.clone(), ann_token.clone(), order_body(ann, widget, 2));
+            tokio::spawn(async move {
+                let r = client
+                    .post(url)
+                    .bearer_auth(token)
+                    .header("Idempotency-Key", key)
+                    .header("content-type", "application/json")
+                    .body(body)
+                    .send()
+                    .await?;
+                let replayed = r.headers().get("idempotent-replayed").is_some();
+                Ok::<_, reqwest::Error>((r.status(), replayed))
+            })
+        })
+        .collect();
+    let (mut fresh, mut replays, mut conflicts, mut other) = (0, 0, 0, 0);
+    for task in tasks {
+        match task.await.map_err(std::io::Error::other)? {
+            Ok((StatusCode::CREATED, false)) => fresh += 1,
+            Ok((StatusCode::CREATED, true)) => replays += 1,
+            Ok((StatusCode::CONFLICT, _)) => conflicts += 1,
+            _ => other += 1,
+        }
+    }
+    let mut status = format!("201 ×{}", fresh + replays);
+    if conflicts > 0 {
+        status += &format!(", 409 ×{conflicts}");
+    }
+    if other > 0 {
+        status += &format!(", other ×{other}");
+    }
+    d.row(
+        "20 concurrent duplicates (key order-2)",
+        status,
+        format!("{replays} of 20"),
+        (2, 0),
+        fresh == 1 && other == 0,
     )
     .await?;
+    let after = d
+        .send(
+            Method::POST,
+            "/orders",
+            ann_t,
+            Some(&k2),
+            Some(order_body(ann, widget, 2)),
+        )
+        .await?;
+    d.one("order-2 retried after the rush", &after, replayed, (2, 0))
+        .await?;
 
-    // 2. A client that timed out retries.
-    let retry = service.create_order(order_a.clone()).await;
-    let replayed = matches!(&retry, Ok(o) if o.id == first);
-    row(
-        "retry of order A after a timeout",
-        describe(&retry) + " (replayed)",
-        1,
-        replayed,
+    let changed = d
+        .send(
+            Method::POST,
+            "/orders",
+            ann_t,
+            Some(&k1),
+            Some(order_body(ann, widget, 5)),
+        )
+        .await?;
+    d.one(
+        "key order-1 with a different body",
+        &changed,
+        (StatusCode::UNPROCESSABLE_ENTITY, false),
+        (2, 0),
     )
     .await?;
-
-    // 3. A different quantity is a different order.
-    let changed = service
-        .create_order(request(ann, widget, 2, "1 Main St"))
-        .await;
-    let created = matches!(&changed, Ok(o) if o.id != first);
-    row(
-        "order A with quantity 2 instead of 1",
-        describe(&changed) + " (new order)",
-        2,
+    let missing = d
+        .send(
+            Method::POST,
+            "/orders",
+            ann_t,
+            None,
+            Some(order_body(ann, widget, 1)),
+        )
+        .await?;
+    d.one(
+        "POST /orders without Idempotency-Key",
+        &missing,
+        (StatusCode::BAD_REQUEST, false),
+        (2, 0),
+    )
+    .await?;
+    let bad = d
+        .send(
+            Method::POST,
+            "/orders",
+            ann_t,
+            Some("not a key"),
+            Some(order_body(ann, widget, 1)),
+        )
+        .await?;
+    d.one(
+        "POST /orders with a malformed key",
+        &bad,
+        (StatusCode::BAD_REQUEST, false),
+        (2, 0),
+    )
+    .await?;
+    let other_user = d
+        .send(
+            Method::POST,
+            "/orders",
+            bob_t,
+            Some(&k1),
+            Some(order_body(bob, widget, 1)),
+        )
+        .await?;
+    d.one(
+        "key order-1 sent by another user",
+        &other_user,
         created,
+        (3, 0),
     )
     .await?;
 
-    // 4. The same order shipped elsewhere: same key, different fingerprint.
-    let reused = service
-        .create_order(request(ann, widget, 1, "9 Elm St"))
-        .await;
-    let refused = matches!(
-        reused,
-        Err(OrderError::Idempotency(idem_runtime::Error::KeyReused))
-    );
-    row(
-        "order A shipped to another address",
-        describe(&reused),
-        2,
-        refused,
+    let k3 = d.key("order-3");
+    let sold_out = d
+        .send(
+            Method::POST,
+            "/orders",
+            bob_t,
+            Some(&k3),
+            Some(order_body(bob, gadget, 1)),
+        )
+        .await?;
+    d.one(
+        "POST /orders, product out of stock",
+        &sold_out,
+        (StatusCode::CONFLICT, false),
+        (3, 0),
     )
     .await?;
-
-    // 5. A failing call: the error releases the key, so a retry runs again.
-    let order_b = request(bob, gadget, 1, "5 Oak Ave");
-    let failed = service.create_order(order_b.clone()).await;
-    let out_of_stock = matches!(failed, Err(OrderError::OutOfStock { .. }));
-    row(
-        "order B, product out of stock",
-        describe(&failed),
-        2,
-        out_of_stock,
-    )
-    .await?;
-
     service.restock(gadget, 10).await?;
-    let second_try = service.create_order(order_b.clone()).await;
-    let ran_again = second_try.is_ok();
-    row(
-        "order B retried after a restock",
-        describe(&second_try) + " (ran again)",
-        3,
-        ran_again,
+    let restocked = d
+        .send(
+            Method::POST,
+            "/orders",
+            bob_t,
+            Some(&k3),
+            Some(order_body(bob, gadget, 1)),
+        )
+        .await?;
+    d.one(
+        "same key after a restock: runs again",
+        &restocked,
+        created,
+        (4, 0),
     )
     .await?;
 
-    let third_try = service.create_order(order_b).await;
-    let same = matches!((&second_try, &third_try), (Ok(a), Ok(b)) if a == b);
-    row(
-        "order B retried once more",
-        describe(&third_try) + " (replayed)",
-        3,
-        same,
+    let found = d
+        .send(
+            Method::GET,
+            &format!("/orders/{order_id}"),
+            ann_t,
+            None,
+            None,
+        )
+        .await?;
+    d.one("GET /orders/{id}", &found, (StatusCode::OK, false), (4, 0))
+        .await?;
+    let absent = d.send(Method::GET, "/orders/0", ann_t, None, None).await?;
+    d.one(
+        "GET /orders/0",
+        &absent,
+        (StatusCode::NOT_FOUND, false),
+        (4, 0),
     )
     .await?;
 
-    Ok(report)
+    // Payments.
+    let pay = |card: &str| {
+        serde_json::to_vec(&json!({ "order_id": order_id, "amount_cents": 1999, "card": card }))
+            .unwrap_or_default()
+    };
+    let p1 = d.key("pay-1");
+    let charged = d
+        .send(
+            Method::POST,
+            "/payments",
+            ann_t,
+            Some(&p1),
+            Some(pay(CARD_OK)),
+        )
+        .await?;
+    d.one(
+        "POST /payments, card 4242… (succeeds)",
+        &charged,
+        created,
+        (4, 1),
+    )
+    .await?;
+    let again = d
+        .send(
+            Method::POST,
+            "/payments",
+            ann_t,
+            Some(&p1),
+            Some(pay(CARD_OK)),
+        )
+        .await?;
+    d.one("the same payment retried", &again, replayed, (4, 1))
+        .await?;
+    let p2 = d.key("pay-2");
+    let declined = d
+        .send(
+            Method::POST,
+            "/payments",
+            ann_t,
+            Some(&p2),
+            Some(pay(CARD_DECLINED)),
+        )
+        .await?;
+    d.one(
+        "card 4000…0002 (declined)",
+        &declined,
+        (StatusCode::PAYMENT_REQUIRED, false),
+        (4, 1),
+    )
+    .await?;
+    let declined2 = d
+        .send(
+            Method::POST,
+            "/payments",
+            ann_t,
+            Some(&p2),
+            Some(pay(CARD_DECLINED)),
+        )
+        .await?;
+    d.one(
+        "the declined payment retried",
+        &declined2,
+        (StatusCode::PAYMENT_REQUIRED, true),
+        (4, 1),
+    )
+    .await?;
+    let p3 = d.key("pay-3");
+    let failed = d
+        .send(
+            Method::POST,
+            "/payments",
+            ann_t,
+            Some(&p3),
+            Some(pay(CARD_PROCESSING_ERROR)),
+        )
+        .await?;
+    d.one(
+        "card 4000…0119 (processing error)",
+        &failed,
+        (StatusCode::INTERNAL_SERVER_ERROR, false),
+        (4, 1),
+    )
+    .await?;
+    let failed2 = d
+        .send(
+            Method::POST,
+            "/payments",
+            ann_t,
+            Some(&p3),
+            Some(pay(CARD_PROCESSING_ERROR)),
+        )
+        .await?;
+    d.one(
+        "retried: the key was released, runs again",
+        &failed2,
+        (StatusCode::INTERNAL_SERVER_ERROR, false),
+        (4, 1),
+    )
+    .await?;
+
+    let huge = vec![b' '; 2 << 20];
+    let too_large = d
+        .send(
+            Method::POST,
+            "/orders",
+            ann_t,
+            Some(&d.key("huge")),
+            Some(huge),
+        )
+        .await?;
+    d.one(
+        "POST /orders with a 2 MiB body",
+        &too_large,
+        (StatusCode::PAYLOAD_TOO_LARGE, false),
+        (4, 1),
+    )
+    .await?;
+    let health = d.send(Method::GET, "/healthz", None, None, None).await?;
+    d.one("GET /healthz", &health, (StatusCode::OK, false), (4, 1))
+        .await?;
+
+    Ok(d.report)
 }
 
 impl fmt::Display for Report {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let call_w = self
+        let req_w = self
             .rows
             .iter()
-            .map(|r| r.call.len())
-            .max()
-            .unwrap_or(4)
-            .max(4);
-        let out_w = self
-            .rows
-            .iter()
-            .map(|r| r.outcome.len())
+            .map(|r| r.request.chars().count())
             .max()
             .unwrap_or(7)
             .max(7);
+        let st_w = self
+            .rows
+            .iter()
+            .map(|r| r.status.chars().count())
+            .max()
+            .unwrap_or(6)
+            .max(6);
+        let rep_w = self
+            .rows
+            .iter()
+            .map(|r| r.replayed.chars().count())
+            .max()
+            .unwrap_or(8)
+            .max(8);
         writeln!(
             f,
-            "idem order-service demo: orders and idempotency records in {} ({}), one transaction per order",
-            self.backend, self.url
+            "idem order-service demo: server on {}, orders and idempotency records in {} ({})",
+            self.server, self.backend, self.url
         )?;
         writeln!(f)?;
         writeln!(
             f,
-            " # | {:call_w$} | {:out_w$} | orders | check",
-            "call", "outcome"
+            " # | {:req_w$} | {:st_w$} | {:rep_w$} | orders | charges | check",
+            "request", "status", "replayed"
         )?;
         writeln!(
             f,
-            "---+-{}-+-{}-+--------+------",
-            "-".repeat(call_w),
-            "-".repeat(out_w)
+            "---+-{}-+-{}-+-{}-+--------+---------+------",
+            "-".repeat(req_w),
+            "-".repeat(st_w),
+            "-".repeat(rep_w)
         )?;
         for (i, r) in self.rows.iter().enumerate() {
-            let check = if r.as_expected && r.orders == r.expected_orders {
-                "ok"
-            } else {
-                "FAIL"
-            };
             writeln!(
                 f,
-                "{:>2} | {:call_w$} | {:out_w$} | {:>6} | {check}",
+                "{:>2} | {:req_w$} | {:st_w$} | {:rep_w$} | {:>6} | {:>7} | {}",
                 i + 1,
-                r.call,
-                r.outcome,
-                r.orders
+                r.request,
+                r.status,
+                r.replayed,
+                r.orders,
+                r.charges,
+                if r.as_expected { "ok" } else { "FAIL" }
             )?;
         }
         writeln!(f)?;
-        let created = self.rows.last().map_or(0, |r| r.orders);
-        let expected = self.rows.last().map_or(0, |r| r.expected_orders);
+        let last = self.rows.last();
         writeln!(
             f,
-            "orders created: {created} (expected {expected}) — {}",
+            "orders created: {}, charges: {} — {}",
+            last.map_or(0, |r| r.orders),
+            last.map_or(0, |r| r.charges),
             if self.all_passed() {
                 "every duplicate was answered without running twice"
             } else {

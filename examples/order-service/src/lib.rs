@@ -12,6 +12,8 @@ use serde::{Deserialize, Serialize};
 use sqlx::{Postgres, Sqlite, Transaction};
 
 pub mod demo;
+pub mod payments;
+pub mod server;
 
 /// A request to order `quantity` of `product_id` for `user_id`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -23,6 +25,7 @@ pub struct CreateOrderRequest {
     /// How many.
     pub quantity: u32,
     /// Where it ships (not part of the key: it is the request's fingerprint).
+    #[serde(default)]
     pub ship_to: String,
 }
 
@@ -101,6 +104,13 @@ impl Db {
                 )
                 .execute(s.pool())
                 .await?;
+                sqlx::query(
+                    "CREATE TABLE IF NOT EXISTS charges (
+                        id INTEGER PRIMARY KEY AUTOINCREMENT, provider_key TEXT NOT NULL UNIQUE,
+                        order_id INTEGER NOT NULL, amount_cents INTEGER NOT NULL)",
+                )
+                .execute(s.pool())
+                .await?;
             }
             Db::Postgres(s) => {
                 sqlx::query(
@@ -113,6 +123,13 @@ impl Db {
                 .await?;
                 sqlx::query(
                     "CREATE TABLE IF NOT EXISTS stock (product_id BIGINT PRIMARY KEY, quantity INT NOT NULL)",
+                )
+                .execute(s.pool())
+                .await?;
+                sqlx::query(
+                    "CREATE TABLE IF NOT EXISTS charges (
+                        id BIGSERIAL PRIMARY KEY, provider_key TEXT NOT NULL UNIQUE,
+                        order_id BIGINT NOT NULL, amount_cents BIGINT NOT NULL)",
                 )
                 .execute(s.pool())
                 .await?;
@@ -136,6 +153,40 @@ impl OrderService {
         OrderService { db }
     }
 
+    /// Where orders and idempotency records live.
+    pub fn db(&self) -> &Db {
+        &self.db
+    }
+
+    /// The order numbered `id`, if it exists.
+    pub async fn order(&self, id: i64) -> Result<Option<Order>, sqlx::Error> {
+        type Row = (i64, i64, i64, i64, String, i64);
+        let row: Option<Row> = match &self.db {
+            Db::Sqlite(s) => {
+                sqlx::query_as("SELECT id, user_id, product_id, quantity, ship_to, total_cents FROM orders WHERE id = ?1")
+                    .bind(id)
+                    .fetch_optional(s.pool())
+                    .await?
+            }
+            Db::Postgres(s) => {
+                sqlx::query_as("SELECT id, user_id, product_id, quantity::BIGINT, ship_to, total_cents FROM orders WHERE id = $1")
+                    .bind(id)
+                    .fetch_optional(s.pool())
+                    .await?
+            }
+        };
+        Ok(row.map(
+            |(id, user_id, product_id, quantity, ship_to, total_cents)| Order {
+                id,
+                user_id: user_id as u64,
+                product_id: product_id as u64,
+                quantity: quantity as u32,
+                ship_to,
+                total_cents,
+            },
+        ))
+    }
+
     /// Which database this service uses, for display.
     pub fn backend(&self) -> &'static str {
         match self.db {
@@ -156,6 +207,27 @@ impl OrderService {
             }
             Db::Postgres(s) => {
                 sqlx::query("INSERT INTO stock (product_id, quantity) VALUES ($1, $2) ON CONFLICT (product_id) DO UPDATE SET quantity = EXCLUDED.quantity")
+                    .bind(product_id as i64)
+                    .bind(quantity as i32)
+                    .execute(s.pool())
+                    .await?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Puts `quantity` of `product_id` in stock unless the product is stocked already.
+    pub async fn stock_at_least(&self, product_id: u64, quantity: u32) -> Result<(), OrderError> {
+        match &self.db {
+            Db::Sqlite(s) => {
+                sqlx::query("INSERT INTO stock (product_id, quantity) VALUES (?1, ?2) ON CONFLICT (product_id) DO NOTHING")
+                    .bind(product_id as i64)
+                    .bind(quantity as i64)
+                    .execute(s.pool())
+                    .await?;
+            }
+            Db::Postgres(s) => {
+                sqlx::query("INSERT INTO stock (product_id, quantity) VALUES ($1, $2) ON CONFLICT (product_id) DO NOTHING")
                     .bind(product_id as i64)
                     .bind(quantity as i32)
                     .execute(s.pool())

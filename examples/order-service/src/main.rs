@@ -1,15 +1,44 @@
-//! `order-service demo`: drive the order service through duplicates, retries,
-//! a changed payload and a failing call, and print what happened.
+//! `order-service`: the example order service, as an HTTP server (`serve`) or a
+//! self-driving demo of every case (`demo`).
 
 use std::process::ExitCode;
 
-const USAGE: &str = "usage: order-service demo [--db URL]
+use order_service::{server, Db, OrderService};
 
-  demo    run the self-driving demo in one process
-  --db    where orders and idempotency records live:
-          sqlite://orders.db (the default), sqlite::memory:, or postgres://user@host/db";
+const USAGE: &str = "usage: order-service demo [--db URL]
+       order-service serve [--addr ADDR] [--db URL] [--key-store STORE]
+
+  demo         start the server on a free port and drive every case over HTTP
+  serve        run the HTTP server until Ctrl-C
+  --addr       where to listen (default 127.0.0.1:8080)
+  --db         where orders (and by default idempotency records) live:
+               sqlite://orders.db (the default), sqlite::memory:, or postgres://user@host/db
+  --key-store  where the HTTP layer keeps its records: memory, sqlite,
+               sqlite://FILE, postgres://..., redis://... (default: the --db database)";
 
 const DEFAULT_DB: &str = "sqlite://orders.db";
+const DEFAULT_ADDR: &str = "127.0.0.1:8080";
+
+/// Parsed `--flag value` pairs; `None` on an unknown flag or a missing value.
+fn flags<'a>(rest: &[&'a str], known: &[&str]) -> Option<Vec<(&'a str, &'a str)>> {
+    let mut out = Vec::new();
+    let mut it = rest.iter();
+    while let Some(flag) = it.next() {
+        if !known.contains(flag) {
+            return None;
+        }
+        out.push((*flag, *it.next()?));
+    }
+    Some(out)
+}
+
+fn flag<'a>(flags: &[(&'a str, &'a str)], name: &str) -> Option<&'a str> {
+    flags
+        .iter()
+        .rev()
+        .find(|(f, _)| *f == name)
+        .map(|(_, v)| *v)
+}
 
 #[tokio::main]
 async fn main() -> ExitCode {
@@ -20,21 +49,17 @@ async fn main() -> ExitCode {
             .init();
     }
     let args: Vec<String> = std::env::args().skip(1).collect();
-    match args
-        .iter()
-        .map(String::as_str)
-        .collect::<Vec<_>>()
-        .as_slice()
-    {
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let usage = || {
+        eprintln!("{USAGE}");
+        ExitCode::from(2)
+    };
+    match args.as_slice() {
         ["demo", rest @ ..] => {
-            let url = match rest {
-                [] => DEFAULT_DB,
-                ["--db", url] => url,
-                _ => {
-                    eprintln!("{USAGE}");
-                    return ExitCode::from(2);
-                }
+            let Some(flags) = flags(rest, &["--db"]) else {
+                return usage();
             };
+            let url = flag(&flags, "--db").unwrap_or(DEFAULT_DB);
             match order_service::demo::run(url).await {
                 Ok(report) => {
                     print!("{report}");
@@ -50,13 +75,51 @@ async fn main() -> ExitCode {
                 }
             }
         }
+        ["serve", rest @ ..] => {
+            let Some(flags) = flags(rest, &["--addr", "--db", "--key-store"]) else {
+                return usage();
+            };
+            let addr = flag(&flags, "--addr").unwrap_or(DEFAULT_ADDR);
+            let url = flag(&flags, "--db").unwrap_or(DEFAULT_DB);
+            match serve(addr, url, flag(&flags, "--key-store")).await {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("order-service: {e}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
         ["-h" | "--help" | "help"] => {
             println!("{USAGE}");
             ExitCode::SUCCESS
         }
-        _ => {
-            eprintln!("{USAGE}");
-            ExitCode::from(2)
-        }
+        _ => usage(),
     }
+}
+
+async fn serve(
+    addr: &str,
+    url: &str,
+    key_store: Option<&str>,
+) -> Result<(), Box<dyn std::error::Error>> {
+    let service = OrderService::new(Db::open(url).await?);
+    // Products 1 to 10 start with 1,000 in stock, so a first curl succeeds.
+    for product in 1..=10 {
+        service.stock_at_least(product, 1_000).await?;
+    }
+    let keys = server::key_store(key_store, service.db()).await?;
+    let running = server::start(addr, service, keys).await?;
+    println!(
+        "order-service listening on {} (orders in {url}, idempotency records in {})",
+        running.url(),
+        key_store.unwrap_or("the same database")
+    );
+    println!(
+        "try: curl -i -X POST {}/orders -H 'Authorization: Bearer ann' -H 'Idempotency-Key: k1' \
+         -H 'content-type: application/json' -d '{{\"user_id\":1,\"product_id\":1,\"quantity\":1}}'",
+        running.url()
+    );
+    tokio::signal::ctrl_c().await?;
+    running.stop().await?;
+    Ok(())
 }

@@ -1,0 +1,182 @@
+//! [`IdempotencyLayer`] and its settings.
+
+use std::fmt;
+use std::sync::Arc;
+use std::time::Duration;
+
+use http::{request::Parts, HeaderName, Method, StatusCode};
+use tower_layer::Layer;
+
+use super::{default_store_status, IdempotencyService, IDEMPOTENCY_KEY};
+use crate::engine::{InProgress, Options};
+use crate::Store;
+
+/// The scope of a request's key (e.g. the authenticated subject).
+pub(crate) type ScopeFn = dyn Fn(&Parts) -> Option<String> + Send + Sync;
+
+/// Everything the service needs, shared by every clone.
+#[derive(Clone)]
+pub(crate) struct Config {
+    pub(crate) store: Arc<dyn Store>,
+    pub(crate) options: Options,
+    pub(crate) namespace: String,
+    pub(crate) header: HeaderName,
+    pub(crate) methods: Vec<Method>,
+    pub(crate) key_required: bool,
+    pub(crate) scope: Option<Arc<ScopeFn>>,
+    pub(crate) max_request_body: usize,
+    pub(crate) max_response_body: usize,
+    pub(crate) store_status: fn(StatusCode) -> bool,
+}
+
+/// A tower [`Layer`] that makes `POST` and `PATCH` requests carrying an
+/// `Idempotency-Key` header safe to retry (see the [module docs](super)).
+///
+/// Defaults: ttl 24 h, lease 30 s, header `Idempotency-Key`, methods `POST` and
+/// `PATCH`, key optional, one scope for everyone, request and response bodies up
+/// to 1 MiB, duplicates in flight rejected with 409, statuses stored per
+/// [`default_store_status`].
+#[derive(Clone)]
+pub struct IdempotencyLayer {
+    config: Arc<Config>,
+}
+
+/// 1 MiB: the default limit on request and response bodies.
+const DEFAULT_BODY_LIMIT: usize = 1 << 20;
+
+impl IdempotencyLayer {
+    /// A layer keeping its records in `store` (any [`Store`]: `MemoryStore`,
+    /// `SqliteStore`, `RedisStore`, `Arc<dyn Store>`, …).
+    pub fn new<S: Store>(store: S) -> Self {
+        Self::with_store(store.handle())
+    }
+
+    /// A layer on an already shared store.
+    pub fn with_store(store: Arc<dyn Store>) -> Self {
+        IdempotencyLayer {
+            config: Arc::new(Config {
+                store,
+                options: Options::new("idem::http"),
+                namespace: "idem::http".to_owned(),
+                header: IDEMPOTENCY_KEY,
+                methods: vec![Method::POST, Method::PATCH],
+                key_required: false,
+                scope: None,
+                max_request_body: DEFAULT_BODY_LIMIT,
+                max_response_body: DEFAULT_BODY_LIMIT,
+                store_status: default_store_status,
+            }),
+        }
+    }
+
+    fn config(&mut self) -> &mut Config {
+        Arc::make_mut(&mut self.config)
+    }
+
+    /// How long a stored response is replayed (default 24 h).
+    pub fn ttl(mut self, ttl: Duration) -> Self {
+        self.config().options.ttl = ttl;
+        self
+    }
+
+    /// How long a claim is held without renewal while the handler runs (default
+    /// 30 s; renewed every third of it). A server that dies mid-request frees the
+    /// key after this.
+    pub fn lease(mut self, lease: Duration) -> Self {
+        self.config().options.lease = lease;
+        self
+    }
+
+    /// The request header that carries the key (default `Idempotency-Key`).
+    pub fn header_name(mut self, header: HeaderName) -> Self {
+        self.config().header = header;
+        self
+    }
+
+    /// The methods the layer applies to (default `POST` and `PATCH`); other
+    /// requests pass straight through.
+    pub fn methods(mut self, methods: impl IntoIterator<Item = Method>) -> Self {
+        self.config().methods = methods.into_iter().collect();
+        self
+    }
+
+    /// Whether a request without a key is refused with 400 (`true`) or passed
+    /// through unprotected (`false`, the default).
+    pub fn require_key(mut self, required: bool) -> Self {
+        self.config().key_required = required;
+        self
+    }
+
+    /// Whose key it is: keys are looked up per scope, so one client can never
+    /// replay another's response. `scope` gets the request head, typically returns
+    /// the authenticated subject; `None` puts the request in the shared unnamed
+    /// scope.
+    pub fn scope<F>(mut self, scope: F) -> Self
+    where
+        F: Fn(&Parts) -> Option<String> + Send + Sync + 'static,
+    {
+        self.config().scope = Some(Arc::new(scope));
+        self
+    }
+
+    /// The largest request body accepted on a protected request (default 1 MiB);
+    /// larger ones get 413 and the handler does not run.
+    pub fn max_request_body(mut self, bytes: usize) -> Self {
+        self.config().max_request_body = bytes;
+        self
+    }
+
+    /// The largest response body stored (default 1 MiB). A larger response is
+    /// passed through whole, not stored, and the key released.
+    pub fn max_response_body(mut self, bytes: usize) -> Self {
+        self.config().max_response_body = bytes;
+        self
+    }
+
+    /// What a duplicate does while the first request runs: 409 at once
+    /// ([`InProgress::Reject`], the default) or wait for its response.
+    pub fn in_progress(mut self, policy: InProgress) -> Self {
+        self.config().options.in_progress = policy;
+        self
+    }
+
+    /// Which response statuses are stored and replayed (default
+    /// [`default_store_status`]); any other status releases the key.
+    pub fn store_status(mut self, store: fn(StatusCode) -> bool) -> Self {
+        self.config().store_status = store;
+        self
+    }
+
+    /// The namespace of this layer's keys (default `idem::http`): two layers on
+    /// one store share keys only if they share a namespace.
+    pub fn namespace(mut self, namespace: impl Into<String>) -> Self {
+        self.config().namespace = namespace.into();
+        self
+    }
+}
+
+impl fmt::Debug for IdempotencyLayer {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let c = &self.config;
+        f.debug_struct("IdempotencyLayer")
+            .field("namespace", &c.namespace)
+            .field("ttl", &c.options.ttl)
+            .field("lease", &c.options.lease)
+            .field("in_progress", &c.options.in_progress)
+            .field("header", &c.header)
+            .field("methods", &c.methods)
+            .field("key_required", &c.key_required)
+            .field("scoped", &c.scope.is_some())
+            .field("max_request_body", &c.max_request_body)
+            .field("max_response_body", &c.max_response_body)
+            .finish_non_exhaustive()
+    }
+}
+
+impl<S> Layer<S> for IdempotencyLayer {
+    type Service = IdempotencyService<S>;
+
+    fn layer(&self, inner: S) -> Self::Service {
+        IdempotencyService::new(inner, Arc::clone(&self.config))
+    }
+}

@@ -1,0 +1,80 @@
+//! The `Idempotency-Key` header for tower and axum services (feature `http`).
+//!
+//! Add [`IdempotencyLayer`] to a router and every `POST` or `PATCH` that carries an
+//! `Idempotency-Key` runs once; a retry with the same key gets the first
+//! response back, byte for byte, with `Idempotent-Replayed: true`:
+//!
+//! ```
+//! use axum::{routing::post, Router};
+//! use idem_runtime::http::IdempotencyLayer;
+//! use idem_runtime::MemoryStore;
+//!
+//! let app: Router = Router::new()
+//!     .route("/payments", post(|| async { "charged" }))
+//!     .layer(
+//!         IdempotencyLayer::new(MemoryStore::new())
+//!             .require_key(true)
+//!             // keys are per client: one client never replays another's response
+//!             .scope(|parts| {
+//!                 parts.headers.get("authorization")?.to_str().ok().map(str::to_owned)
+//!             }),
+//!     );
+//! ```
+//!
+//! What a request gets (SPEC §6, the IETF Idempotency-Key draft, Stripe's API):
+//!
+//! | request | response |
+//! |---|---|
+//! | first with its key | the handler's response; stored if its status is (default: 2xx, 3xx, 4xx except 408, 409, 429) |
+//! | repeat, stored response | that response, byte for byte, plus `Idempotent-Replayed: true` |
+//! | repeat while the first runs | 409 with `Retry-After` (or waits, with [`InProgress::Wait`]) |
+//! | same key, different method, path, query or body | 422 |
+//! | key missing (where required) or malformed | 400 |
+//! | request body over the limit | 413 |
+//! | store unreachable | 503 (the handler does not run) |
+//!
+//! Error bodies are `application/problem+json` (RFC 9457), with a `type` naming
+//! the case (`urn:idem:problem:in-progress`, …). A status that is not stored
+//! (5xx, 408, 409, 429) releases the key, so a retry runs the handler again. A
+//! response body over the limit is passed through whole, not stored, and the key
+//! released: a retry runs again, so size the limit above the largest response
+//! of a route that must not run twice. The handler runs in its own task, so a
+//! client that disconnects mid-request does not cancel it: its response is still
+//! stored (or the key released).
+//!
+//! The layer's service accepts any request body with `Bytes` chunks and hands the
+//! inner service a [`Body`] (the buffered request); it answers with a [`Body`]
+//! too, which axum and hyper take as they are.
+//!
+//! [`InProgress::Wait`]: crate::InProgress::Wait
+
+mod body;
+mod future;
+mod layer;
+mod problem;
+mod service;
+mod stored;
+
+pub use body::Body;
+pub use future::ResponseFuture;
+pub use layer::IdempotencyLayer;
+pub use service::IdempotencyService;
+
+/// The header a replayed response carries: `Idempotent-Replayed: true`.
+pub const IDEMPOTENT_REPLAYED: http::HeaderName =
+    http::HeaderName::from_static("idempotent-replayed");
+
+/// The request header that carries the client's key, unless configured otherwise.
+pub const IDEMPOTENCY_KEY: http::HeaderName = http::HeaderName::from_static("idempotency-key");
+
+/// Which response statuses are stored and replayed by default: 2xx, 3xx, and 4xx
+/// except 408 (timeout), 409 (conflict) and 429 (too many requests), which say
+/// "try again" and so must not be replayed. Everything else (5xx) releases the key.
+pub fn default_store_status(status: http::StatusCode) -> bool {
+    match status.as_u16() {
+        200..=399 => true,
+        408 | 409 | 429 => false,
+        400..=499 => true,
+        _ => false,
+    }
+}

@@ -1,0 +1,147 @@
+//! The layer's own answers: `application/problem+json` bodies (RFC 9457).
+
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{header, HeaderValue, Response, StatusCode};
+
+use super::Body;
+use crate::Error;
+
+/// One of the layer's own refusals.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Problem {
+    KeyMissing,
+    KeyMalformed,
+    InProgress { retry_after: Duration },
+    KeyReused,
+    RequestTooLarge { limit: usize },
+    RequestUnreadable,
+    StoreUnavailable,
+    StoredResponseCorrupt,
+    HandlerBodyFailed,
+    Internal,
+}
+
+impl Problem {
+    /// The answer to an error from claiming a key.
+    pub(crate) fn from_claim_error(err: &Error) -> Problem {
+        match err {
+            Error::InProgress { retry_after } => Problem::InProgress {
+                retry_after: *retry_after,
+            },
+            Error::KeyReused => Problem::KeyReused,
+            Error::Store(_) => Problem::StoreUnavailable,
+            Error::Codec(_) => Problem::StoredResponseCorrupt,
+            _ => Problem::Internal,
+        }
+    }
+
+    fn parts(self) -> (StatusCode, &'static str, &'static str) {
+        match self {
+            Problem::KeyMissing => (
+                StatusCode::BAD_REQUEST,
+                "key-missing",
+                "This request requires an Idempotency-Key header",
+            ),
+            Problem::KeyMalformed => (
+                StatusCode::BAD_REQUEST,
+                "key-malformed",
+                "The Idempotency-Key header is malformed",
+            ),
+            Problem::InProgress { .. } => (
+                StatusCode::CONFLICT,
+                "in-progress",
+                "A request with this Idempotency-Key is still being processed",
+            ),
+            Problem::KeyReused => (
+                StatusCode::UNPROCESSABLE_ENTITY,
+                "key-reused",
+                "This Idempotency-Key was already used with a different request",
+            ),
+            Problem::RequestTooLarge { .. } => (
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "request-too-large",
+                "The request body is larger than this endpoint accepts",
+            ),
+            Problem::RequestUnreadable => (
+                StatusCode::BAD_REQUEST,
+                "request-unreadable",
+                "The request body could not be read",
+            ),
+            Problem::StoreUnavailable => (
+                StatusCode::SERVICE_UNAVAILABLE,
+                "store-unavailable",
+                "The idempotency store is unavailable; the request was not processed",
+            ),
+            Problem::StoredResponseCorrupt => (
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "stored-response-corrupt",
+                "The stored response for this Idempotency-Key could not be read",
+            ),
+            Problem::HandlerBodyFailed => (
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "response-failed",
+                "The response body failed while it was being produced",
+            ),
+            Problem::Internal => (
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "internal",
+                "The request could not be processed",
+            ),
+        }
+    }
+
+    /// The response: status, `application/problem+json` body, and `Retry-After`
+    /// where the client should come back.
+    pub(crate) fn response<B>(self, detail: &str) -> Response<Body<B>> {
+        let (status, kind, title) = self.parts();
+        let body = serde_json::json!({
+            "type": format!("urn:idem:problem:{kind}"),
+            "title": title,
+            "status": status.as_u16(),
+            "detail": detail,
+        });
+        let bytes = serde_json::to_vec(&body).unwrap_or_default();
+        let mut response = Response::new(Body::buffered(Bytes::from(bytes), None));
+        *response.status_mut() = status;
+        let headers = response.headers_mut();
+        headers.insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/problem+json"),
+        );
+        let retry = match self {
+            Problem::InProgress { retry_after } => Some(retry_after),
+            Problem::StoreUnavailable => Some(Duration::from_secs(1)),
+            _ => None,
+        };
+        if let Some(retry) = retry {
+            // Whole seconds, rounded up: "Retry-After: 0" would invite a hot loop.
+            let secs = retry.as_millis().div_ceil(1000).max(1);
+            headers.insert(header::RETRY_AFTER, HeaderValue::from(secs as u64));
+        }
+        response
+    }
+
+    /// The detail for this problem when nothing more specific is known.
+    pub(crate) fn default_detail(self) -> String {
+        match self {
+            Problem::KeyMissing => {
+                "send a unique Idempotency-Key header (1 to 255 visible ASCII characters) \
+                 with this request, and the same one when retrying it"
+                    .into()
+            }
+            Problem::InProgress { retry_after } => format!(
+                "the first request with this key has not finished; retry after {} s to get its response",
+                retry_after.as_millis().div_ceil(1000).max(1)
+            ),
+            Problem::KeyReused => "the method, path, query or body differ from the first \
+                 request that used this key; use a new key for a new request"
+                .into(),
+            Problem::RequestTooLarge { limit } => {
+                format!("request bodies on this endpoint are limited to {limit} bytes")
+            }
+            _ => self.parts().2.to_owned(),
+        }
+    }
+}

@@ -1,0 +1,265 @@
+//! [`IdempotencyService`]: claim the key, run the handler once, store its
+//! response, replay it to duplicates.
+
+use std::sync::Arc;
+use std::task::{Context, Poll};
+
+use bytes::Bytes;
+use http::{header, Request, Response};
+use tower_service::Service;
+use tracing::Instrument as _;
+
+use super::body::{read_limited, Read};
+use super::layer::Config;
+use super::problem::Problem;
+use super::{stored, Body, ResponseFuture};
+use crate::engine::{begin, Begin};
+use crate::error::BoxError;
+use crate::key::{FingerprintBuilder, KeyBuilder};
+use crate::{ClientKey, Error};
+
+/// The service [`IdempotencyLayer`](super::IdempotencyLayer) wraps around `S`.
+#[derive(Clone)]
+pub struct IdempotencyService<S> {
+    inner: S,
+    config: Arc<Config>,
+}
+
+impl<S> IdempotencyService<S> {
+    pub(crate) fn new(inner: S, config: Arc<Config>) -> Self {
+        IdempotencyService { inner, config }
+    }
+
+    /// The wrapped service.
+    pub fn get_ref(&self) -> &S {
+        &self.inner
+    }
+}
+
+impl<S> std::fmt::Debug for IdempotencyService<S> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("IdempotencyService")
+            .field("namespace", &self.config.namespace)
+            .finish_non_exhaustive()
+    }
+}
+
+impl<S, ReqB, ResB> Service<Request<ReqB>> for IdempotencyService<S>
+where
+    S: Service<Request<Body<ReqB>>, Response = Response<ResB>> + Clone + Send + 'static,
+    S::Future: Send + 'static,
+    S::Error: Send + 'static,
+    ReqB: http_body::Body<Data = Bytes> + Send + 'static,
+    ReqB::Error: Into<BoxError>,
+    ResB: http_body::Body<Data = Bytes> + Send + 'static,
+    ResB::Error: Into<BoxError>,
+{
+    type Response = Response<Body<ResB>>;
+    type Error = S::Error;
+    type Future = ResponseFuture<S::Future, ResB, S::Error>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, request: Request<ReqB>) -> Self::Future {
+        let config = &self.config;
+        if !config.methods.contains(request.method()) {
+            return ResponseFuture::passthrough(self.inner.call(request.map(Body::passthrough)));
+        }
+        let mut values = request.headers().get_all(&config.header).iter();
+        let key = match (values.next(), values.next()) {
+            (None, _) if !config.key_required => {
+                return ResponseFuture::passthrough(self.inner.call(request.map(Body::passthrough)))
+            }
+            (None, _) => {
+                return ResponseFuture::ready(
+                    Problem::KeyMissing.response(&Problem::KeyMissing.default_detail()),
+                )
+            }
+            (Some(_), Some(_)) => {
+                return ResponseFuture::ready(
+                    Problem::KeyMalformed
+                        .response(&format!("send one {} header, not several", config.header)),
+                )
+            }
+            (Some(value), None) => match parse_key(value) {
+                Ok(key) => key,
+                Err(detail) => {
+                    return ResponseFuture::ready(Problem::KeyMalformed.response(&detail))
+                }
+            },
+        };
+        // The service that was made ready goes with this request; the clone stays.
+        let clone = self.inner.clone();
+        let inner = std::mem::replace(&mut self.inner, clone);
+        let span = tracing::debug_span!(
+            "idempotency_key",
+            method = %request.method(),
+            path = request.uri().path(),
+            digest = tracing::field::Empty,
+        );
+        let config = Arc::clone(config);
+        ResponseFuture::spawned(tokio::spawn(
+            handle(config, inner, request, key).instrument(span),
+        ))
+    }
+}
+
+/// The client's key, or why it is malformed.
+fn parse_key(value: &http::HeaderValue) -> Result<ClientKey, String> {
+    let text = value
+        .to_str()
+        .map_err(|_| "the key must be 1 to 255 visible ASCII characters".to_owned())?;
+    ClientKey::parse(text).map_err(|err| match err {
+        Error::InvalidKey(why) => why.to_string(),
+        other => other.to_string(),
+    })
+}
+
+/// Handles one protected request: read the body, claim, run or replay, record.
+async fn handle<S, ReqB, ResB>(
+    config: Arc<Config>,
+    mut inner: S,
+    request: Request<ReqB>,
+    key: ClientKey,
+) -> Result<Response<Body<ResB>>, S::Error>
+where
+    S: Service<Request<Body<ReqB>>, Response = Response<ResB>>,
+    ReqB: http_body::Body<Data = Bytes>,
+    ReqB::Error: Into<BoxError>,
+    ResB: http_body::Body<Data = Bytes>,
+    ResB::Error: Into<BoxError>,
+{
+    let (parts, body) = request.into_parts();
+    let limit = config.max_request_body;
+    let declared = parts
+        .headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok()?.parse::<u64>().ok());
+    if declared.is_some_and(|len| len > limit as u64) {
+        let problem = Problem::RequestTooLarge { limit };
+        return Ok(problem.response(&problem.default_detail()));
+    }
+    let (data, trailers) = match read_limited(Box::pin(body), limit).await {
+        Ok(Read::Whole { data, trailers }) => (data, trailers),
+        Ok(Read::TooLarge { .. }) => {
+            let problem = Problem::RequestTooLarge { limit };
+            return Ok(problem.response(&problem.default_detail()));
+        }
+        Err(err) => {
+            let err: BoxError = err.into();
+            tracing::debug!(error = %err, "request body could not be read");
+            return Ok(Problem::RequestUnreadable
+                .response(&format!("the request body could not be read: {err}")));
+        }
+    };
+
+    let fingerprint = FingerprintBuilder::new()
+        .bytes(parts.method.as_str().as_bytes())
+        .bytes(parts.uri.path().as_bytes())
+        .bytes(parts.uri.query().unwrap_or("").as_bytes())
+        .bytes(&data)
+        .finish();
+    let scope = config.scope.as_ref().and_then(|scope| scope(&parts));
+    let key = match KeyBuilder::new(&config.namespace)
+        .part(&scope)
+        .and_then(|k| k.part(key.as_str()))
+    {
+        Ok(builder) => builder.finish(),
+        Err(err) => return Ok(Problem::Internal.response(&err.to_string())),
+    };
+
+    tracing::Span::current().record("digest", tracing::field::display(key.digest()));
+
+    let held = match begin(
+        Arc::clone(&config.store),
+        &config.options,
+        key,
+        Some(&fingerprint),
+    )
+    .await
+    {
+        Ok(Begin::Run(held)) => held,
+        Ok(Begin::Replay(bytes)) => {
+            return Ok(match stored::decode(&bytes) {
+                Ok(response) => response,
+                Err(err) => {
+                    tracing::error!(error = %err, "the stored response could not be decoded");
+                    Problem::StoredResponseCorrupt.response(&err.to_string())
+                }
+            })
+        }
+        Err(err) => {
+            let problem = Problem::from_claim_error(&err);
+            let detail = match err {
+                Error::Store(_) => format!("{err}; the request was not processed, retry it later"),
+                _ => problem.default_detail(),
+            };
+            return Ok(problem.response(&detail));
+        }
+    };
+
+    let request = Request::from_parts(parts, Body::buffered(data, trailers));
+    let ran = held
+        .run(&config.options, async {
+            let response = match inner.call(request).await {
+                Ok(response) => response,
+                Err(err) => return Err(err),
+            };
+            let (head, body) = response.into_parts();
+            let read = read_limited(Box::pin(body), config.max_response_body)
+                .await
+                .map_err(Into::<BoxError>::into);
+            Ok((head, read))
+        })
+        .await;
+    let (head, read) = match ran {
+        Ok(done) => done,
+        Err(err) => {
+            held.release().await;
+            return Err(err);
+        }
+    };
+    match read {
+        Ok(Read::Whole {
+            data,
+            trailers: None,
+        }) if (config.store_status)(head.status) => {
+            match stored::encode(head.status, &head.headers, &data) {
+                Ok(bytes) => {
+                    // A failure is logged by `complete`; the client still gets the
+                    // response the handler produced.
+                    let _ = held.complete(&bytes, config.options.ttl).await;
+                }
+                Err(err) => {
+                    tracing::error!(error = %err, "the response could not be encoded; releasing");
+                    held.release().await;
+                }
+            }
+            Ok(Response::from_parts(head, Body::buffered(data, None)))
+        }
+        Ok(Read::Whole { data, trailers }) => {
+            if trailers.is_some() {
+                tracing::debug!("response has trailers; not stored, key released");
+            } else {
+                tracing::debug!(status = %head.status, "status not stored; key released");
+            }
+            held.release().await;
+            Ok(Response::from_parts(head, Body::buffered(data, trailers)))
+        }
+        Ok(Read::TooLarge { prefix, rest }) => {
+            tracing::warn!(
+                limit = config.max_response_body,
+                "response body over the limit; passed through unstored and the key released"
+            );
+            held.release().await;
+            Ok(Response::from_parts(head, Body::partial(prefix, rest)))
+        }
+        Err(err) => {
+            tracing::error!(error = %err, "the response body failed; key released");
+            held.release().await;
+            Ok(Problem::HandlerBodyFailed.response(&format!("the response body failed: {err}")))
+        }
+    }
+}

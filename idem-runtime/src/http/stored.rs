@@ -1,0 +1,145 @@
+//! How a response is kept in a record: JSON that `psql` or `redis-cli` can read,
+//! exact to the byte (text as text, anything else as base64).
+
+use base64::Engine as _;
+use bytes::Bytes;
+use http::{HeaderMap, HeaderName, HeaderValue, Response, StatusCode};
+use serde::{Deserialize, Serialize};
+
+use super::{Body, IDEMPOTENT_REPLAYED};
+use crate::Error;
+
+/// A stored response: `{"ok": {"status": 201, "headers": [["content-type", "…"]], "body": "…"}}`.
+#[derive(Debug, Serialize, Deserialize)]
+struct StoredResponse {
+    status: u16,
+    headers: Vec<(String, Octets)>,
+    body: Octets,
+}
+
+/// Bytes as a JSON string when they are UTF-8, else `{"base64": "…"}`.
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(untagged)]
+enum Octets {
+    Text(String),
+    Binary { base64: String },
+}
+
+impl Octets {
+    fn new(bytes: &[u8]) -> Self {
+        match std::str::from_utf8(bytes) {
+            Ok(text) => Octets::Text(text.to_owned()),
+            Err(_) => Octets::Binary {
+                base64: base64::engine::general_purpose::STANDARD.encode(bytes),
+            },
+        }
+    }
+
+    fn into_bytes(self) -> Result<Vec<u8>, Error> {
+        match self {
+            Octets::Text(text) => Ok(text.into_bytes()),
+            Octets::Binary { base64 } => base64::engine::general_purpose::STANDARD
+                .decode(base64)
+                .map_err(|e| Error::codec(format!("stored response: bad base64: {e}"))),
+        }
+    }
+}
+
+/// Headers that describe one connection, not the response: never stored.
+fn hop_by_hop(name: &HeaderName) -> bool {
+    matches!(
+        name.as_str(),
+        "connection"
+            | "keep-alive"
+            | "proxy-connection"
+            | "transfer-encoding"
+            | "upgrade"
+            | "te"
+            | "trailer"
+    )
+}
+
+/// Encodes a response head and its whole body for the store.
+pub(crate) fn encode(
+    status: StatusCode,
+    headers: &HeaderMap,
+    body: &[u8],
+) -> Result<Vec<u8>, Error> {
+    let stored = StoredResponse {
+        status: status.as_u16(),
+        headers: headers
+            .iter()
+            .filter(|(name, _)| !hop_by_hop(name))
+            .map(|(name, value)| (name.as_str().to_owned(), Octets::new(value.as_bytes())))
+            .collect(),
+        body: Octets::new(body),
+    };
+    crate::codec::encode_ok(&stored)
+}
+
+/// Rebuilds a stored response, marked `Idempotent-Replayed: true`.
+pub(crate) fn decode<B>(bytes: &[u8]) -> Result<Response<Body<B>>, Error> {
+    let stored: StoredResponse = crate::codec::decode_ok(bytes)?;
+    let status = StatusCode::from_u16(stored.status)
+        .map_err(|e| Error::codec(format!("stored response: bad status: {e}")))?;
+    let mut response = Response::new(Body::buffered(Bytes::from(stored.body.into_bytes()?), None));
+    *response.status_mut() = status;
+    let headers = response.headers_mut();
+    for (name, value) in stored.headers {
+        let name = HeaderName::from_bytes(name.as_bytes())
+            .map_err(|e| Error::codec(format!("stored response: bad header name: {e}")))?;
+        let value = HeaderValue::from_bytes(&value.into_bytes()?)
+            .map_err(|e| Error::codec(format!("stored response: bad header value: {e}")))?;
+        headers.append(name, value);
+    }
+    headers.insert(IDEMPOTENT_REPLAYED, HeaderValue::from_static("true"));
+    Ok(response)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn round_trips_text_and_binary_exactly() {
+        let mut headers = HeaderMap::new();
+        headers.insert("content-type", HeaderValue::from_static("application/json"));
+        headers.append("set-cookie", HeaderValue::from_static("a=1"));
+        headers.append("set-cookie", HeaderValue::from_static("b=2"));
+        headers.insert("x-raw", HeaderValue::from_bytes(b"caf\xe9").unwrap());
+        headers.insert("connection", HeaderValue::from_static("close"));
+        let body = b"\x00\xffbinary";
+        let bytes = encode(StatusCode::CREATED, &headers, body).unwrap();
+        let response: Response<Body<http_body_util::Empty<Bytes>>> = decode(&bytes).unwrap();
+        assert_eq!(response.status(), StatusCode::CREATED);
+        let h = response.headers();
+        assert_eq!(h.get_all("set-cookie").iter().count(), 2);
+        assert_eq!(h.get("x-raw").unwrap().as_bytes(), b"caf\xe9");
+        assert!(h.get("connection").is_none());
+        assert_eq!(h.get(IDEMPOTENT_REPLAYED).unwrap(), "true");
+        let text =
+            String::from_utf8(encode(StatusCode::OK, &HeaderMap::new(), b"{\"id\":1}").unwrap())
+                .unwrap();
+        assert_eq!(
+            text,
+            r#"{"ok":{"status":200,"headers":[],"body":"{\"id\":1}"}}"#
+        );
+    }
+
+    #[test]
+    fn corrupt_records_are_codec_errors() {
+        for bad in [
+            &b"garbage"[..],
+            br#"{"ok":{"status":99999,"headers":[],"body":""}}"#,
+            br#"{"ok":{"status":200,"headers":[["bad name","x"]],"body":""}}"#,
+            br#"{"ok":{"status":200,"headers":[],"body":{"base64":"!!"}}}"#,
+        ] {
+            let out: Result<Response<Body<http_body_util::Empty<Bytes>>>, _> = decode(bad);
+            assert!(
+                matches!(out, Err(Error::Codec(_))),
+                "{}",
+                String::from_utf8_lossy(bad)
+            );
+        }
+    }
+}
