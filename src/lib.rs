@@ -268,6 +268,8 @@ pub struct FaultyStore {
     pub completions_fail: Arc<AtomicBool>,
     /// Lease renewals fail while set (a partition of the renewing connection).
     pub renewals_fail: Arc<AtomicBool>,
+    /// Completions store bytes that decode to nothing while set (a corrupt record).
+    pub completions_corrupt: Arc<AtomicBool>,
 }
 
 fn down() -> Error {
@@ -295,6 +297,9 @@ impl Store for FaultyStore {
     ) -> Result<(), Error> {
         if self.completions_fail.load(Ordering::SeqCst) {
             return Err(down());
+        }
+        if self.completions_corrupt.load(Ordering::SeqCst) {
+            return self.inner.complete(key, token, b"\x00corrupt", ttl).await;
         }
         self.inner.complete(key, token, outcome, ttl).await
     }

@@ -162,8 +162,9 @@ where
         .bytes(&data)
         .finish();
     let scope = config.scope.as_ref().and_then(|scope| scope(&parts));
+    // A tuple, so the unnamed scope (`None`) is a key part like any other.
     let key = match KeyBuilder::new(&config.namespace)
-        .part(&scope)
+        .part(&("scope", scope.as_deref()))
         .and_then(|k| k.part(key.as_str()))
     {
         Ok(builder) => builder.finish(),
