@@ -181,6 +181,25 @@ where
     })
 }
 
+/// Reads and discards up to `cap` more bytes of a request that is refused, so
+/// the client, still sending, reads the refusal instead of a broken pipe (the
+/// "lingering close" of HTTP/1.1 servers). Errors end the drain: the body is
+/// being refused anyway.
+pub(crate) async fn drain<B>(mut body: Pin<Box<B>>, cap: u64)
+where
+    B: http_body::Body<Data = Bytes>,
+{
+    use http_body_util::BodyExt as _;
+
+    let mut read = 0u64;
+    while read <= cap {
+        match body.frame().await {
+            Some(Ok(frame)) => read += frame.data_ref().map_or(0, |d| d.len() as u64),
+            _ => return,
+        }
+    }
+}
+
 fn concat(mut chunks: Vec<Bytes>, len: usize) -> Bytes {
     if chunks.len() == 1 {
         return chunks.pop().unwrap_or_default();

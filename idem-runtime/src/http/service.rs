@@ -9,7 +9,7 @@ use http::{header, Request, Response};
 use tower_service::Service;
 use tracing::Instrument as _;
 
-use super::body::{read_limited, Read};
+use super::body::{drain, read_limited, Read};
 use super::layer::Config;
 use super::problem::Problem;
 use super::{stored, Body, ResponseFuture};
@@ -117,6 +117,10 @@ fn parse_key(value: &http::HeaderValue) -> Result<ClientKey, String> {
     })
 }
 
+/// A refused request body up to this size (or four times the limit) is read and
+/// discarded, so the client sees the 413 rather than a broken connection.
+const DRAIN_AT_LEAST: u64 = 8 << 20;
+
 /// Handles one protected request: read the body, claim, run or replay, record.
 async fn handle<S, ReqB, ResB>(
     config: Arc<Config>,
@@ -133,22 +137,26 @@ where
 {
     let (parts, body) = request.into_parts();
     let limit = config.max_request_body;
+    let too_large = Problem::RequestTooLarge { limit };
     let declared = parts
         .headers
         .get(header::CONTENT_LENGTH)
         .and_then(|v| v.to_str().ok()?.parse::<u64>().ok());
-    if declared.is_some_and(|len| len > limit as u64) {
-        let problem = Problem::RequestTooLarge { limit };
-        return Ok(problem.response(&problem.default_detail()));
+    // Refuse what is too large to drain without reading it at all.
+    let drain_cap = (limit as u64).saturating_mul(4).max(DRAIN_AT_LEAST);
+    if declared.is_some_and(|len| len > drain_cap) {
+        return Ok(too_large.response(&too_large.default_detail()));
     }
-    let (data, trailers) = match read_limited(Box::pin(body), limit).await {
+    let read = read_limited(Box::pin(body), limit)
+        .await
+        .map_err(Into::<BoxError>::into);
+    let (data, trailers) = match read {
         Ok(Read::Whole { data, trailers }) => (data, trailers),
-        Ok(Read::TooLarge { .. }) => {
-            let problem = Problem::RequestTooLarge { limit };
-            return Ok(problem.response(&problem.default_detail()));
+        Ok(Read::TooLarge { rest, .. }) => {
+            drain(rest, drain_cap).await;
+            return Ok(too_large.response(&too_large.default_detail()));
         }
         Err(err) => {
-            let err: BoxError = err.into();
             tracing::debug!(error = %err, "request body could not be read");
             return Ok(Problem::RequestUnreadable
                 .response(&format!("the request body could not be read: {err}")));
