@@ -69,20 +69,30 @@ fn bearer(parts: &axum::http::request::Parts) -> Option<String> {
     Some(token.trim().to_owned())
 }
 
-/// The service's routes, with `Idempotency-Key` required on both `POST` routes
-/// and records kept in `keys`.
-pub fn router(service: OrderService, keys: Arc<dyn Store>) -> Router {
+fn routes() -> Router<OrderService> {
     Router::new()
         .route("/orders", post(create_order))
         .route("/orders/{id}", get(get_order))
         .route("/payments", post(pay))
         .route("/healthz", get(|| async { "ok" }))
+}
+
+/// The service's routes, with `Idempotency-Key` required on both `POST` routes
+/// and records kept in `keys`.
+pub fn router(service: OrderService, keys: Arc<dyn Store>) -> Router {
+    routes()
         .layer(
             IdempotencyLayer::with_store(keys)
                 .require_key(true)
                 .scope(bearer),
         )
         .with_state(service)
+}
+
+/// The same routes without the HTTP layer (`create_order` keeps its own
+/// business-key protection): the floor the layer's cost is measured against.
+pub fn router_without_layer(service: OrderService) -> Router {
+    routes().with_state(service)
 }
 
 /// An `application/problem+json` response (RFC 9457).
@@ -204,10 +214,14 @@ pub async fn start(
     service: OrderService,
     keys: Arc<dyn Store>,
 ) -> std::io::Result<Running> {
+    start_router(addr, router(service, keys)).await
+}
+
+/// Starts any router on `addr`, with graceful shutdown through [`Running::stop`].
+pub async fn start_router(addr: &str, app: Router) -> std::io::Result<Running> {
     let listener = TcpListener::bind(addr).await?;
     let addr = listener.local_addr()?;
     let (shutdown, stopped) = oneshot::channel::<()>();
-    let app = router(service, keys);
     let task = tokio::spawn(async move {
         axum::serve(listener, app)
             .with_graceful_shutdown(async {

@@ -6,9 +6,7 @@ use std::task::{ready, Context, Poll};
 
 use http::Response;
 use pin_project_lite::pin_project;
-use tokio::task::JoinHandle;
 
-use super::problem::Problem;
 use super::Body;
 
 pin_project! {
@@ -28,10 +26,9 @@ pin_project! {
         Passthrough { #[pin] future: F },
         // The layer's own answer, known at once (missing or malformed key).
         Ready { response: Option<Response<Body<B>>> },
-        // A protected request, handled in its own task so that a client going
-        // away does not cancel the handler between its side effects and the
-        // stored record.
-        Spawned { handle: JoinHandle<Handled<B, E>> },
+        // A protected request, handled in place; if the client goes away
+        // mid-request, the rest runs in its own task (see `Detached`).
+        Protected { work: Detached<Handled<B, E>> },
     }
 }
 
@@ -50,9 +47,19 @@ impl<F, B, E> ResponseFuture<F, B, E> {
         }
     }
 
-    pub(crate) fn spawned(handle: JoinHandle<Handled<B, E>>) -> Self {
+    pub(crate) fn protected(work: BoxFuture<Handled<B, E>>) -> Self
+    where
+        B: Send + 'static,
+        E: Send + 'static,
+    {
         ResponseFuture {
-            kind: Kind::Spawned { handle },
+            kind: Kind::Protected {
+                work: Detached {
+                    work: Some(work),
+                    polling: false,
+                    detach: detach::<Handled<B, E>>,
+                },
+            },
         }
     }
 }
@@ -73,14 +80,7 @@ where
                 Some(response) => Poll::Ready(Ok(response)),
                 None => panic!("ResponseFuture polled after completion"),
             },
-            KindProj::Spawned { handle } => match ready!(Pin::new(handle).poll(cx)) {
-                Ok(out) => Poll::Ready(out),
-                // The handler panicked: panic here too, as it would have without
-                // the layer (its claim was released when the task unwound).
-                Err(err) if err.is_panic() => std::panic::resume_unwind(err.into_panic()),
-                Err(_) => Poll::Ready(Ok(Problem::Internal
-                    .response("the runtime shut down while the request was being handled"))),
-            },
+            KindProj::Protected { work } => work.poll(cx),
         }
     }
 }
@@ -90,10 +90,63 @@ impl<F, B, E> std::fmt::Debug for ResponseFuture<F, B, E> {
         let kind = match &self.kind {
             Kind::Passthrough { .. } => "Passthrough",
             Kind::Ready { .. } => "Ready",
-            Kind::Spawned { .. } => "Spawned",
+            Kind::Protected { .. } => "Protected",
         };
         f.debug_struct("ResponseFuture")
             .field("kind", &kind)
             .finish()
+    }
+}
+
+pub(crate) type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send>>;
+
+/// The handling of a protected request. Polled in place (no task, no hop to
+/// another thread); if it is dropped unfinished — the client disconnected and
+/// the server dropped the response future — the rest is spawned onto the
+/// runtime, so the handler is never cut off between its side effects and the
+/// stored response (or the released key).
+pub(crate) struct Detached<T> {
+    work: Option<BoxFuture<T>>,
+    /// Set while `work` is polled: still set in `drop` means the poll panicked,
+    /// and a future that panicked must not be polled again.
+    polling: bool,
+    /// Spawns the unfinished work (a function, so the type needs no bounds).
+    detach: fn(BoxFuture<T>),
+}
+
+impl<T> Detached<T> {
+    fn poll(&mut self, cx: &mut Context<'_>) -> Poll<T> {
+        let Some(work) = self.work.as_mut() else {
+            panic!("ResponseFuture polled after completion");
+        };
+        self.polling = true;
+        let out = ready!(work.as_mut().poll(cx));
+        self.polling = false;
+        self.work = None;
+        Poll::Ready(out)
+    }
+}
+
+impl<T> Drop for Detached<T> {
+    fn drop(&mut self) {
+        let Some(work) = self.work.take() else { return };
+        if self.polling && std::thread::panicking() {
+            return; // dropping `work` releases its claim
+        }
+        (self.detach)(work);
+    }
+}
+
+fn detach<T: Send + 'static>(work: BoxFuture<T>) {
+    match tokio::runtime::Handle::try_current() {
+        Ok(runtime) => {
+            tracing::debug!(
+                "client went away mid-request; finishing the request in the background"
+            );
+            runtime.spawn(async move {
+                let _ = work.await;
+            });
+        }
+        Err(_) => tracing::warn!("request dropped outside a Tokio runtime; its claim is released"),
     }
 }

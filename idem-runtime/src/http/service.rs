@@ -100,7 +100,7 @@ where
             digest = tracing::field::Empty,
         );
         let config = Arc::clone(config);
-        ResponseFuture::spawned(tokio::spawn(
+        ResponseFuture::protected(Box::pin(
             handle(config, inner, request, key).instrument(span),
         ))
     }

@@ -10,31 +10,62 @@ use super::{Body, IDEMPOTENT_REPLAYED};
 use crate::Error;
 
 /// A stored response: `{"ok": {"status": 201, "headers": [["content-type", "…"]], "body": "…"}}`.
-#[derive(Debug, Serialize, Deserialize)]
+#[derive(Debug, Deserialize)]
 struct StoredResponse {
     status: u16,
     headers: Vec<(String, Octets)>,
     body: Octets,
 }
 
+/// The same shape, borrowed from the response being stored (no copies).
+#[derive(Serialize)]
+struct StoredResponseRef<'a> {
+    status: u16,
+    headers: Headers<'a>,
+    body: OctetsRef<'a>,
+}
+
 /// Bytes as a JSON string when they are UTF-8, else `{"base64": "…"}`.
-#[derive(Debug, Serialize, Deserialize)]
+#[derive(Debug, Deserialize)]
 #[serde(untagged)]
 enum Octets {
     Text(String),
     Binary { base64: String },
 }
 
-impl Octets {
-    fn new(bytes: &[u8]) -> Self {
+#[derive(Serialize)]
+#[serde(untagged)]
+enum OctetsRef<'a> {
+    Text(&'a str),
+    Binary { base64: String },
+}
+
+impl<'a> OctetsRef<'a> {
+    fn new(bytes: &'a [u8]) -> Self {
         match std::str::from_utf8(bytes) {
-            Ok(text) => Octets::Text(text.to_owned()),
-            Err(_) => Octets::Binary {
+            Ok(text) => OctetsRef::Text(text),
+            Err(_) => OctetsRef::Binary {
                 base64: base64::engine::general_purpose::STANDARD.encode(bytes),
             },
         }
     }
+}
 
+/// The stored headers, serialized straight from the `HeaderMap`.
+struct Headers<'a>(&'a HeaderMap);
+
+impl Serialize for Headers<'_> {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.collect_seq(
+            self.0
+                .iter()
+                .filter(|(name, _)| !hop_by_hop(name))
+                .map(|(name, value)| (name.as_str(), OctetsRef::new(value.as_bytes()))),
+        )
+    }
+}
+
+impl Octets {
     fn into_bytes(self) -> Result<Vec<u8>, Error> {
         match self {
             Octets::Text(text) => Ok(text.into_bytes()),
@@ -65,14 +96,10 @@ pub(crate) fn encode(
     headers: &HeaderMap,
     body: &[u8],
 ) -> Result<Vec<u8>, Error> {
-    let stored = StoredResponse {
+    let stored = StoredResponseRef {
         status: status.as_u16(),
-        headers: headers
-            .iter()
-            .filter(|(name, _)| !hop_by_hop(name))
-            .map(|(name, value)| (name.as_str().to_owned(), Octets::new(value.as_bytes())))
-            .collect(),
-        body: Octets::new(body),
+        headers: Headers(headers),
+        body: OctetsRef::new(body),
     };
     crate::codec::encode_ok(&stored)
 }

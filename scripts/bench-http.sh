@@ -1,0 +1,74 @@
+#!/usr/bin/env bash
+# The HTTP layer's cost, measured with wrk on loopback against
+# http-bench-server (examples/order-service/src/bin/http-bench-server.rs):
+#
+#   bare          a handler that parses an order and answers 201, no layer
+#   bare+layer    the same behind IdempotencyLayer (MemoryStore), fresh keys
+#   bare+layer    replays of one key
+#   orders        the order service's POST /orders on SQLite, no layer
+#   orders+layer  the same behind the layer, fresh keys, then replays
+#
+# Each figure is requests/s; the layer's overhead is 1 - layer/bare in the same
+# run. Settings: IDEM_BENCH_SECS (default 5), IDEM_BENCH_CONNS (default 32),
+# IDEM_BENCH_ROUNDS (default 3; modes alternate each round, best round kept).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+secs=${IDEM_BENCH_SECS:-5}
+conns=${IDEM_BENCH_CONNS:-32}
+rounds=${IDEM_BENCH_ROUNDS:-3}
+
+command -v curl >/dev/null || { DEBIAN_FRONTEND=noninteractive apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq curl >/dev/null; }
+command -v wrk >/dev/null || { DEBIAN_FRONTEND=noninteractive apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq wrk >/dev/null; }
+cargo build -q --release -p order-service --bin http-bench-server
+server_bin=target/release/http-bench-server
+tmp=$(mktemp -d)
+trap 'kill $(jobs -p) 2>/dev/null || true; rm -rf "$tmp"' EXIT
+
+free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+
+# measure MODE SCRIPT: prints requests/s (fails on any non-2xx answer). For
+# replays, the request is sent once first, so every measured one is a replay.
+measure() {
+    local mode=$1 script=$2 port
+    port=$(free_port)
+    "$server_bin" "$mode" "127.0.0.1:$port" "sqlite://$tmp/$RANDOM$RANDOM.db" >/dev/null &
+    local pid=$!
+    for _ in $(seq 1 100); do (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null && break; sleep 0.1; done
+    if [ "$script" = replay.lua ]; then
+        curl -sf -o /dev/null -X POST "http://127.0.0.1:$port/orders" -H 'Content-Type: application/json' \
+            -H 'Idempotency-Key: replay-1' -d '{"user_id":424242,"product_id":1,"quantity":1}'
+    fi
+    local out
+    out=$(wrk -t1 -c"$conns" -d"${secs}s" -s "scripts/wrk/$script" "http://127.0.0.1:$port/orders")
+    kill "$pid"; wait "$pid" 2>/dev/null || true
+    if grep -q "Non-2xx" <<<"$out"; then echo "error: $mode $script: $(grep Non-2xx <<<"$out")" >&2; exit 1; fi
+    awk '/Requests\/sec/ {print $2}' <<<"$out"
+}
+
+declare -A best
+cases=("bare fresh.lua" "bare+layer fresh.lua" "bare+layer replay.lua" "orders fresh.lua" "orders+layer fresh.lua" "orders+layer replay.lua")
+for round in $(seq 1 "$rounds"); do
+    for case in "${cases[@]}"; do
+        set -- $case
+        rps=$(measure "$1" "$2")
+        echo "round $round: $1 ${2%.lua}: $rps req/s"
+        if [ -z "${best[$case]:-}" ] || awk -v a="$rps" -v b="${best[$case]}" 'BEGIN{exit !(a>b)}'; then best[$case]=$rps; fi
+    done
+done
+
+r() { awk -v a="$1" -v b="$2" 'BEGIN{printf "%.3f", a/b}'; }
+b0=${best["bare fresh.lua"]}; b1=${best["bare+layer fresh.lua"]}; b2=${best["bare+layer replay.lua"]}
+o0=${best["orders fresh.lua"]}; o1=${best["orders+layer fresh.lua"]}; o2=${best["orders+layer replay.lua"]}
+echo
+echo "best of $rounds rounds, wrk -t1 -c$conns -d${secs}s, $(nproc) cores shared by server and wrk"
+printf '%-34s %12s %10s\n' "case" "req/s" "vs floor"
+printf '%-34s %12.0f %10s\n' "bare handler (floor)" "$b0" "1.000"
+printf '%-34s %12.0f %10s\n' "bare + layer, fresh keys" "$b1" "$(r "$b1" "$b0")"
+printf '%-34s %12.0f %10s\n' "bare + layer, replays" "$b2" "$(r "$b2" "$b0")"
+printf '%-34s %12.0f %10s\n' "POST /orders on SQLite (floor)" "$o0" "1.000"
+printf '%-34s %12.0f %10s\n' "POST /orders + layer, fresh keys" "$o1" "$(r "$o1" "$o0")"
+printf '%-34s %12.0f %10s\n' "POST /orders + layer, replays" "$o2" "$(r "$o2" "$o0")"
+echo
+echo "layer overhead, bare handler: $(awk -v a="$b1" -v b="$b0" 'BEGIN{printf "%.1f%%", (1-a/b)*100}')"
+echo "layer overhead, POST /orders: $(awk -v a="$o1" -v b="$o0" 'BEGIN{printf "%.1f%%", (1-a/b)*100}')"
