@@ -39,36 +39,50 @@ measure() {
         curl -sf -o /dev/null -X POST "http://127.0.0.1:$port/orders" -H 'Content-Type: application/json' \
             -H 'Idempotency-Key: replay-1' -d '{"user_id":424242,"product_id":1,"quantity":1}'
     fi
-    local out
+    local out cpu0 cpu1
+    cpu0=$(cpu_ticks "$pid")
     out=$(wrk -t1 -c"$conns" -d"${secs}s" -s "scripts/wrk/$script" "http://127.0.0.1:$port/orders")
+    cpu1=$(cpu_ticks "$pid")
     kill "$pid"; wait "$pid" 2>/dev/null || true
     if grep -q "Non-2xx" <<<"$out"; then echo "error: $mode $script: $(grep Non-2xx <<<"$out")" >&2; exit 1; fi
-    awk '/Requests\/sec/ {print $2}' <<<"$out"
+    local rps requests
+    rps=$(awk '/Requests\/sec/ {print $2}' <<<"$out")
+    requests=$(awk '/requests in/ {print $1}' <<<"$out")
+    # Server CPU (user + system) per request, in microseconds.
+    echo "$rps $(awk -v t=$((cpu1 - cpu0)) -v hz="$(getconf CLK_TCK)" -v n="$requests" 'BEGIN{printf "%.2f", t / hz * 1e6 / n}')"
 }
 
-declare -A best
+# cpu_ticks PID: user + system clock ticks the process has used.
+cpu_ticks() { awk '{print $14 + $15}' "/proc/$1/stat"; }
+
+# Best requests/s and least server CPU per request, over the rounds.
+declare -A best cpu
 cases=("bare fresh.lua" "bare+layer fresh.lua" "bare+layer replay.lua" "orders fresh.lua" "orders+layer fresh.lua" "orders+layer replay.lua")
 for round in $(seq 1 "$rounds"); do
     for case in "${cases[@]}"; do
         set -- $case
-        rps=$(measure "$1" "$2")
-        echo "round $round: $1 ${2%.lua}: $rps req/s"
+        read -r rps us <<<"$(measure "$1" "$2")"
+        echo "round $round: $1 ${2%.lua}: $rps req/s, $us us of server CPU per request"
         if [ -z "${best[$case]:-}" ] || awk -v a="$rps" -v b="${best[$case]}" 'BEGIN{exit !(a>b)}'; then best[$case]=$rps; fi
+        if [ -z "${cpu[$case]:-}" ] || awk -v a="$us" -v b="${cpu[$case]}" 'BEGIN{exit !(a<b)}'; then cpu[$case]=$us; fi
     done
 done
 
 r() { awk -v a="$1" -v b="$2" 'BEGIN{printf "%.3f", a/b}'; }
-b0=${best["bare fresh.lua"]}; b1=${best["bare+layer fresh.lua"]}; b2=${best["bare+layer replay.lua"]}
-o0=${best["orders fresh.lua"]}; o1=${best["orders+layer fresh.lua"]}; o2=${best["orders+layer replay.lua"]}
 echo
 echo "best of $rounds rounds, wrk -t1 -c$conns -d${secs}s, $(nproc) cores shared by server and wrk"
-printf '%-34s %12s %10s\n' "case" "req/s" "vs floor"
-printf '%-34s %12.0f %10s\n' "bare handler (floor)" "$b0" "1.000"
-printf '%-34s %12.0f %10s\n' "bare + layer, fresh keys" "$b1" "$(r "$b1" "$b0")"
-printf '%-34s %12.0f %10s\n' "bare + layer, replays" "$b2" "$(r "$b2" "$b0")"
-printf '%-34s %12.0f %10s\n' "POST /orders on SQLite (floor)" "$o0" "1.000"
-printf '%-34s %12.0f %10s\n' "POST /orders + layer, fresh keys" "$o1" "$(r "$o1" "$o0")"
-printf '%-34s %12.0f %10s\n' "POST /orders + layer, replays" "$o2" "$(r "$o2" "$o0")"
+printf '%-34s %10s %9s %12s %9s\n' "case" "req/s" "vs floor" "CPU us/req" "vs floor"
+row() { # label case floor-case
+    printf '%-34s %10.0f %9s %12s %9s\n' "$1" "${best[$2]}" "$(r "${best[$2]}" "${best[$3]}")" "${cpu[$2]}" "$(r "${cpu[$2]}" "${cpu[$3]}")"
+}
+row "bare handler (floor)" "bare fresh.lua" "bare fresh.lua"
+row "bare + layer, fresh keys" "bare+layer fresh.lua" "bare fresh.lua"
+row "bare + layer, replays" "bare+layer replay.lua" "bare fresh.lua"
+row "POST /orders on SQLite (floor)" "orders fresh.lua" "orders fresh.lua"
+row "POST /orders + layer, fresh keys" "orders+layer fresh.lua" "orders fresh.lua"
+row "POST /orders + layer, replays" "orders+layer replay.lua" "orders fresh.lua"
 echo
-echo "layer overhead, bare handler: $(awk -v a="$b1" -v b="$b0" 'BEGIN{printf "%.1f%%", (1-a/b)*100}')"
-echo "layer overhead, POST /orders: $(awk -v a="$o1" -v b="$o0" 'BEGIN{printf "%.1f%%", (1-a/b)*100}')"
+for c in bare orders; do
+    echo "layer overhead, $c: $(awk -v a="${best[$c+layer fresh.lua]}" -v b="${best[$c fresh.lua]}" 'BEGIN{printf "%.1f%%", (1-a/b)*100}') of throughput," \
+        "$(awk -v a="${cpu[$c+layer fresh.lua]}" -v b="${cpu[$c fresh.lua]}" 'BEGIN{printf "%.1f%%", (a/b-1)*100}') more server CPU per request"
+done
