@@ -211,6 +211,16 @@ pub struct TxClaim {
 }
 
 impl TxClaim {
+    /// The key held.
+    pub fn key(&self) -> &Key {
+        &self.key
+    }
+
+    /// The claim's fencing token.
+    pub fn token(&self) -> FencingToken {
+        self.token
+    }
+
     /// Runs `body` as this attempt, so [`current`] sees it.
     pub async fn scope<F: Future>(&self, body: F) -> F::Output {
         let attempt = Attempt {

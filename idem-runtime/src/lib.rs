@@ -46,6 +46,7 @@
 //! | [`engine`] | claim → run → complete / release, callable without the macro |
 //! | [`key`] | canonical key encoding, digests, windows, [`ClientKey`] |
 //! | [`codec`] | how outcomes are stored (JSON) |
+//! | [`message`] | [`Deduplicator`](message::Deduplicator): effectively-once message consumers; NATS JetStream (feature `nats`) and Kafka (feature `kafka`) adapters |
 //! | `http` | [`IdempotencyLayer`](crate::http::IdempotencyLayer): the `Idempotency-Key` header for tower / axum (feature `http`) |
 //! | `testing` | the store conformance suite (feature `testing`) |
 #![cfg_attr(docsrs, feature(doc_cfg))]
@@ -57,6 +58,7 @@ mod error;
 #[cfg_attr(docsrs, doc(cfg(feature = "http")))]
 pub mod http;
 pub mod key;
+pub mod message;
 pub mod store;
 #[cfg(feature = "testing")]
 #[cfg_attr(docsrs, doc(cfg(feature = "testing")))]

@@ -1,0 +1,263 @@
+//! Effectively-once processing on at-least-once brokers (SPEC §7).
+//!
+//! Brokers redeliver: after a crash, a slow ack, a rebalance. A [`Deduplicator`]
+//! keys each message by its id (a business id, the JetStream `Nats-Msg-Id`, or
+//! `topic:partition:offset` for Kafka), runs the handler once per id, and tells
+//! the consumer what to do with the delivery:
+//!
+//! ```
+//! use idem_runtime::message::{Deduplicator, Outcome};
+//! use idem_runtime::MemoryStore;
+//!
+//! # #[tokio::main(flavor = "current_thread")] async fn main() {
+//! let dedup = Deduplicator::new(MemoryStore::new(), "payments-consumer");
+//! let first = dedup.process("msg-1", || async { Ok::<_, std::io::Error>("charged") }).await;
+//! let again = dedup.process("msg-1", || async { Ok::<_, std::io::Error>("charged twice!") }).await;
+//! assert!(matches!(first, Ok(Outcome::Processed("charged"))));
+//! assert!(matches!(again, Ok(Outcome::Duplicate))); // acknowledge it, do not run it
+//! # }
+//! ```
+//!
+//! | outcome | what the consumer does |
+//! |---|---|
+//! | `Ok(Processed(v))` | acknowledge (commit the offset) |
+//! | `Ok(Duplicate)` | acknowledge: it was processed before |
+//! | `Ok(InProgress { retry_after })` | redeliver later (another consumer is on it; it may still fail) |
+//! | `Err(Handler(e))` | the key was released: redeliver, the retry runs |
+//! | `Err(Idempotency(e))` | the store failed and the handler did not run: redeliver later |
+//!
+//! A handler's side effects and the record can commit together:
+//! [`Deduplicator::process_in_tx`] writes the claim and the completed record in
+//! the caller's SQL transaction, so a consumer killed mid-message leaves neither
+//! the effect nor the record, and the redelivery runs it once. With
+//! [`process`](Deduplicator::process) (any store), a crash between the handler's
+//! effect and the record lets the redelivery run it again once the lease lapses:
+//! make such handlers idempotent downstream (derive a key from
+//! [`current`](crate::current)).
+//!
+//! Adapters: [`nats`] (JetStream pull consumers, feature `nats`) and `kafka`
+//! (feature `kafka`).
+
+use std::fmt;
+use std::future::Future;
+use std::ops::ControlFlow;
+use std::sync::Arc;
+use std::time::Duration;
+
+use crate::codec::Codec;
+use crate::engine::{begin, claim_in_tx, Begin, InProgress, Options};
+use crate::key::{Key, KeyBuilder};
+use crate::{Error, Store, TransactionalStore};
+
+#[cfg(feature = "nats")]
+#[cfg_attr(docsrs, doc(cfg(feature = "nats")))]
+pub mod nats;
+
+/// What became of one delivery.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum Outcome<T> {
+    /// The handler ran now and succeeded; its result.
+    Processed(T),
+    /// The message was processed before: acknowledge it without running the handler.
+    Duplicate,
+    /// Another delivery of the message is being processed now; redeliver this one
+    /// later (the other may still fail).
+    InProgress {
+        /// How long until the other claim's lease lapses, at most 1 s.
+        retry_after: Duration,
+    },
+}
+
+/// Why a delivery was not processed. Either way, nothing was recorded: redeliver it.
+#[derive(Debug)]
+#[non_exhaustive]
+pub enum ProcessError<E> {
+    /// The handler failed; its key was released, so the redelivery runs it again.
+    Handler(E),
+    /// The store failed (or the message id was empty); the handler did not run.
+    Idempotency(Error),
+}
+
+impl<E: fmt::Display> fmt::Display for ProcessError<E> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            ProcessError::Handler(e) => write!(f, "the message handler failed: {e}"),
+            ProcessError::Idempotency(e) => write!(f, "the message was not processed: {e}"),
+        }
+    }
+}
+
+impl<E: std::error::Error + 'static> std::error::Error for ProcessError<E> {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        match self {
+            ProcessError::Handler(e) => Some(e),
+            ProcessError::Idempotency(e) => Some(e),
+        }
+    }
+}
+
+/// What a processed message's record holds: only that it was processed (the
+/// handler's result is not replayed to a duplicate, it is acknowledged).
+const PROCESSED: &[u8] = b"{\"ok\":null}";
+
+/// Runs each message's handler at most once per message id (see the
+/// [module docs](self)).
+///
+/// Defaults: ttl 7 days (set it to at least how long the broker may redeliver
+/// a message: JetStream's `max_age`, Kafka's retention), lease 30 s, a duplicate
+/// in flight answered with [`Outcome::InProgress`] at once.
+#[derive(Clone)]
+pub struct Deduplicator {
+    store: Arc<dyn Store>,
+    namespace: String,
+    options: Options,
+}
+
+impl fmt::Debug for Deduplicator {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Deduplicator")
+            .field("namespace", &self.namespace)
+            .field("ttl", &self.options.ttl)
+            .field("lease", &self.options.lease)
+            .field("in_progress", &self.options.in_progress)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Deduplicator {
+    /// A deduplicator for `consumer`, keeping records in `store`. Each consumer
+    /// has its own namespace: two consumers of one stream each process every message.
+    pub fn new<S: Store>(store: S, consumer: impl Into<String>) -> Self {
+        Self::with_store(store.handle(), consumer)
+    }
+
+    /// A deduplicator on an already shared store.
+    pub fn with_store(store: Arc<dyn Store>, consumer: impl Into<String>) -> Self {
+        Deduplicator {
+            store,
+            namespace: format!("idem::message::{}", consumer.into()),
+            options: Options::new("idem::message")
+                .ttl(Duration::from_secs(7 * 24 * 60 * 60))
+                .lease(Duration::from_secs(30)),
+        }
+    }
+
+    /// How long a processed message is remembered (default 7 days).
+    pub fn ttl(mut self, ttl: Duration) -> Self {
+        self.options.ttl = ttl;
+        self
+    }
+
+    /// How long a claim is held without renewal while the handler runs (default
+    /// 30 s, renewed every third of it). A consumer that dies mid-message frees
+    /// the message after this.
+    pub fn lease(mut self, lease: Duration) -> Self {
+        self.options.lease = lease;
+        self
+    }
+
+    /// What a delivery does when another delivery of the same message is being
+    /// processed: [`InProgress::Reject`] (the default) answers
+    /// [`Outcome::InProgress`] at once; [`InProgress::Wait`] waits for it.
+    pub fn in_progress(mut self, policy: InProgress) -> Self {
+        self.options.in_progress = policy;
+        self
+    }
+
+    /// The store.
+    pub fn store(&self) -> &Arc<dyn Store> {
+        &self.store
+    }
+
+    /// The namespace of this consumer's keys (`idem::message::<consumer>`).
+    pub fn namespace(&self) -> &str {
+        &self.namespace
+    }
+
+    /// The key of a message id in this consumer's namespace.
+    pub fn key(&self, message_id: &str) -> Result<Key, Error> {
+        Ok(KeyBuilder::new(&self.namespace).part(message_id)?.finish())
+    }
+
+    /// Runs `handler` unless `message_id` was processed before (or is being
+    /// processed now). A handler error releases the key, so the redelivery runs
+    /// it again. An empty id is [`Error::MissingKey`].
+    pub async fn process<T, E, F, Fut>(
+        &self,
+        message_id: &str,
+        handler: F,
+    ) -> Result<Outcome<T>, ProcessError<E>>
+    where
+        F: FnOnce() -> Fut,
+        Fut: Future<Output = Result<T, E>>,
+    {
+        let key = self.key(message_id).map_err(ProcessError::Idempotency)?;
+        let held = match begin(Arc::clone(&self.store), &self.options, key, None).await {
+            Ok(Begin::Run(held)) => held,
+            Ok(Begin::Replay(_)) => return Ok(Outcome::Duplicate),
+            Err(err) => return claim_error(err),
+        };
+        match held.run(&self.options, handler()).await {
+            Ok(value) => {
+                // The handler's effects happened: acknowledge whatever the store says.
+                // A failed completion is logged by `complete`; the record then
+                // lapses with its lease, and a redelivery after that would rerun.
+                let _ = held.complete(PROCESSED, self.options.ttl).await;
+                Ok(Outcome::Processed(value))
+            }
+            Err(err) => {
+                held.release().await;
+                Err(ProcessError::Handler(err))
+            }
+        }
+    }
+
+    /// Like [`process`](Self::process), inside the caller's open transaction
+    /// `tx`: the claim, the handler's writes (the handler gets `tx`) and the
+    /// processed record are all written in `tx`, which the caller commits (after
+    /// `Processed`) or rolls back. A consumer that dies before the commit leaves
+    /// nothing behind, so the redelivery runs the handler at once, and exactly
+    /// once.
+    pub async fn process_in_tx<S, X, T, E>(
+        &self,
+        store: &S,
+        tx: &mut X,
+        message_id: &str,
+        handler: impl AsyncFnOnce(&mut X) -> Result<T, E>,
+    ) -> Result<Outcome<T>, ProcessError<E>>
+    where
+        S: TransactionalStore<X> + ?Sized,
+        X: Send + ?Sized,
+    {
+        let codec = Codec::<(), Error>::release_errors();
+        let key = self.key(message_id);
+        let claim = match claim_in_tx(store, tx, &self.options, key, None, &codec).await {
+            ControlFlow::Continue(claim) => claim,
+            ControlFlow::Break(Ok(())) => return Ok(Outcome::Duplicate),
+            ControlFlow::Break(Err(err)) => return claim_error(err),
+        };
+        match claim.scope(handler(tx)).await {
+            Ok(value) => {
+                store
+                    .complete_in(tx, claim.key().as_str(), claim.token(), PROCESSED, self.options.ttl)
+                    .await
+                    .map_err(ProcessError::Idempotency)?;
+                Ok(Outcome::Processed(value))
+            }
+            Err(err) => {
+                if let Err(e) = store.release_in(tx, claim.key().as_str(), claim.token()).await {
+                    tracing::warn!(error = %e, "could not release the claim in the transaction");
+                }
+                Err(ProcessError::Handler(err))
+            }
+        }
+    }
+}
+
+fn claim_error<T, E>(err: Error) -> Result<Outcome<T>, ProcessError<E>> {
+    match err {
+        Error::InProgress { retry_after } => Ok(Outcome::InProgress { retry_after }),
+        other => Err(ProcessError::Idempotency(other)),
+    }
+}
