@@ -14,6 +14,8 @@ use idem_runtime::{
 };
 use sqlx::{AssertSqlSafe, Postgres, Sqlite, Transaction};
 
+pub mod nats;
+
 /// The PostgreSQL the tests use: `IDEM_POSTGRES_URL`, or the local server.
 pub fn postgres_url() -> String {
     std::env::var("IDEM_POSTGRES_URL")

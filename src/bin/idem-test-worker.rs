@@ -14,6 +14,26 @@ async fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
     match args.as_slice() {
+        ["consume-nats", stream, consumer, table] => {
+            // Keys in the namespace of the stream, as the test's own consumers.
+            let effects = idem_tests::nats::Effects::setup(table, stream).await;
+            let js = idem_tests::nats::jetstream().await;
+            let consumer: async_nats::jetstream::consumer::PullConsumer = js
+                .get_stream(stream)
+                .await
+                .expect("stream")
+                .get_consumer(consumer)
+                .await
+                .expect("consumer");
+            ready(0);
+            match effects.consume(&consumer).await {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("consume-nats: {e}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
         ["hold", "postgres", orders, order_ref] => {
             let svc = PgOrders::setup(orders).await;
             let mut tx = svc.store.pool().begin().await.expect("begin");

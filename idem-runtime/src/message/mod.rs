@@ -45,7 +45,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use crate::codec::Codec;
-use crate::engine::{begin, claim_in_tx, Begin, InProgress, Options};
+use crate::engine::{begin, claim_in_tx, Begin, InProgress, Options, TxClaim};
 use crate::key::{Key, KeyBuilder};
 use crate::{Error, Store, TransactionalStore};
 
@@ -219,6 +219,11 @@ impl Deduplicator {
     /// `Processed`) or rolls back. A consumer that dies before the commit leaves
     /// nothing behind, so the redelivery runs the handler at once, and exactly
     /// once.
+    ///
+    /// In a task that must be `Send` (a spawned consumer), use the two halves,
+    /// [`begin_in_tx`](Self::begin_in_tx) and [`finish_in_tx`](Self::finish_in_tx),
+    /// with the handler's writes in between: an async closure over a borrowed
+    /// transaction does not always satisfy the compiler there.
     pub async fn process_in_tx<S, X, T, E>(
         &self,
         store: &S,
@@ -230,29 +235,90 @@ impl Deduplicator {
         S: TransactionalStore<X> + ?Sized,
         X: Send + ?Sized,
     {
+        let claim = match self.begin_in_tx(store, tx, message_id).await {
+            Ok(Begun::Run(claim)) => claim,
+            Ok(Begun::Duplicate) => return Ok(Outcome::Duplicate),
+            Ok(Begun::InProgress { retry_after }) => {
+                return Ok(Outcome::InProgress { retry_after })
+            }
+            Err(err) => return Err(ProcessError::Idempotency(err)),
+        };
+        let result = claim.scope(handler(tx)).await;
+        self.finish_in_tx(store, tx, claim, result).await
+    }
+
+    /// The first half of [`process_in_tx`](Self::process_in_tx): claims the
+    /// message inside `tx`. On [`Begun::Run`], do the handler's writes in `tx`,
+    /// then call [`finish_in_tx`](Self::finish_in_tx) with their result.
+    pub async fn begin_in_tx<S, X>(
+        &self,
+        store: &S,
+        tx: &mut X,
+        message_id: &str,
+    ) -> Result<Begun, Error>
+    where
+        S: TransactionalStore<X> + ?Sized,
+        X: Send + ?Sized,
+    {
         let codec = Codec::<(), Error>::release_errors();
         let key = self.key(message_id);
-        let claim = match claim_in_tx(store, tx, &self.options, key, None, &codec).await {
-            ControlFlow::Continue(claim) => claim,
-            ControlFlow::Break(Ok(())) => return Ok(Outcome::Duplicate),
-            ControlFlow::Break(Err(err)) => return claim_error(err),
-        };
-        match claim.scope(handler(tx)).await {
+        match claim_in_tx(store, tx, &self.options, key, None, &codec).await {
+            ControlFlow::Continue(claim) => Ok(Begun::Run(claim)),
+            ControlFlow::Break(Ok(())) => Ok(Begun::Duplicate),
+            ControlFlow::Break(Err(Error::InProgress { retry_after })) => {
+                Ok(Begun::InProgress { retry_after })
+            }
+            ControlFlow::Break(Err(err)) => Err(err),
+        }
+    }
+
+    /// The second half of [`process_in_tx`](Self::process_in_tx): records the
+    /// message as processed in `tx` (or, after a handler error, deletes the
+    /// claim there). Commit `tx` after `Ok(Processed(_))`; roll it back otherwise.
+    pub async fn finish_in_tx<S, X, T, E>(
+        &self,
+        store: &S,
+        tx: &mut X,
+        claim: TxClaim,
+        result: Result<T, E>,
+    ) -> Result<Outcome<T>, ProcessError<E>>
+    where
+        S: TransactionalStore<X> + ?Sized,
+        X: Send + ?Sized,
+    {
+        let (key, token) = (claim.key().as_str(), claim.token());
+        match result {
             Ok(value) => {
                 store
-                    .complete_in(tx, claim.key().as_str(), claim.token(), PROCESSED, self.options.ttl)
+                    .complete_in(tx, key, token, PROCESSED, self.options.ttl)
                     .await
                     .map_err(ProcessError::Idempotency)?;
                 Ok(Outcome::Processed(value))
             }
             Err(err) => {
-                if let Err(e) = store.release_in(tx, claim.key().as_str(), claim.token()).await {
+                if let Err(e) = store.release_in(tx, key, token).await {
                     tracing::warn!(error = %e, "could not release the claim in the transaction");
                 }
                 Err(ProcessError::Handler(err))
             }
         }
     }
+}
+
+/// What [`Deduplicator::begin_in_tx`] decided.
+#[derive(Debug)]
+#[non_exhaustive]
+pub enum Begun {
+    /// Run the handler's writes in the transaction, then
+    /// [`finish_in_tx`](Deduplicator::finish_in_tx).
+    Run(TxClaim),
+    /// Processed before: commit nothing, acknowledge.
+    Duplicate,
+    /// Being processed by another delivery: redeliver later.
+    InProgress {
+        /// How long until the other claim's lease lapses, at most 1 s.
+        retry_after: Duration,
+    },
 }
 
 fn claim_error<T, E>(err: Error) -> Result<Outcome<T>, ProcessError<E>> {

@@ -112,7 +112,11 @@ impl JetStream {
 
     /// Pulls messages from `consumer` and [`handle`](Self::handle)s each, until
     /// the subscription fails. Handler errors do not stop it (they are nak'ed).
-    pub async fn run<T, E, F>(&self, consumer: &PullConsumer, handler: F) -> Result<(), async_nats::Error>
+    pub async fn run<T, E, F>(
+        &self,
+        consumer: &PullConsumer,
+        handler: F,
+    ) -> Result<(), async_nats::Error>
     where
         F: AsyncFn(&Message) -> Result<T, E>,
         E: std::fmt::Display,
@@ -137,8 +141,10 @@ impl JetStream {
         Fut: std::future::Future<Output = Result<T, E>>,
         E: std::fmt::Display,
     {
-        self.handle_with(message, async |id: &str| self.dedup.process(id, handler).await)
-            .await
+        self.handle_with(message, async |id: &str| {
+            self.dedup.process(id, handler).await
+        })
+        .await
     }
 
     /// Like [`handle`](Self::handle), but `process` drives the deduplicator
@@ -166,7 +172,11 @@ impl JetStream {
             }
             Err(err) => {
                 tracing::warn!(message_id = %id, delivered, error = %err, "message not processed; redelivering");
-                AckKind::Nak(Some(backoff(delivered, self.backoff_base, self.backoff_max)))
+                AckKind::Nak(Some(backoff(
+                    delivered,
+                    self.backoff_base,
+                    self.backoff_max,
+                )))
             }
         };
         if let Err(err) = message.ack_with(ack).await {

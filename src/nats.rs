@@ -1,0 +1,163 @@
+//! A JetStream consumer whose side effect is a row in PostgreSQL, written in the
+//! same transaction as its idempotency record (`process_in_tx`). Run by the
+//! NATS tests in-process and, to be SIGKILLed mid-batch, in `idem-test-worker`.
+
+use std::time::Duration;
+
+use async_nats::jetstream::consumer::PullConsumer;
+use async_nats::jetstream::{self, Message};
+use futures_util::StreamExt as _;
+use idem_runtime::message::nats::JetStream;
+use idem_runtime::message::{Begun, Deduplicator, Outcome, ProcessError};
+use idem_runtime::{Error, PostgresStore};
+use sqlx::AssertSqlSafe;
+
+/// The NATS server the tests use: `IDEM_NATS_URL`, or the local one.
+pub fn nats_url() -> String {
+    std::env::var("IDEM_NATS_URL").unwrap_or_else(|_| "127.0.0.1:4222".into())
+}
+
+/// A JetStream context on the test server.
+pub async fn jetstream() -> jetstream::Context {
+    let client = async_nats::connect(nats_url())
+        .await
+        .expect("connect to NATS");
+    jetstream::new(client)
+}
+
+/// Records one row per processed message in `table`; misbehaves on purpose
+/// by the message's number (its payload) on its first delivery:
+/// `n % 10 == 3` fails, `n % 50 == 7` runs longer than a 1 s `ack_wait`.
+pub struct Effects {
+    /// Where records and effects live.
+    pub store: PostgresStore,
+    /// The table of effects (`msg_id`, `pid`).
+    pub table: String,
+    /// The consumer side: deduplicator and acks.
+    pub consumer: JetStream,
+    /// What became of the deliveries this process handled.
+    pub tally: Tally,
+}
+
+/// Deliveries by outcome.
+#[derive(Debug, Default)]
+pub struct Tally {
+    /// Processed now.
+    pub processed: std::sync::atomic::AtomicUsize,
+    /// Acknowledged as duplicates.
+    pub duplicates: std::sync::atomic::AtomicUsize,
+    /// Nak'ed: another delivery was in progress.
+    pub in_progress: std::sync::atomic::AtomicUsize,
+    /// Nak'ed: the handler failed (or the store).
+    pub failed: std::sync::atomic::AtomicUsize,
+}
+
+impl Effects {
+    /// Connects, creates `table`, and keys messages in the namespace `namespace`
+    /// (every consumer of one test shares it, and no other test run does).
+    pub async fn setup(table: &str, namespace: &str) -> Self {
+        let store = PostgresStore::connect(&crate::postgres_url())
+            .await
+            .expect("connect to PostgreSQL");
+        sqlx::query(AssertSqlSafe(format!(
+            "CREATE TABLE IF NOT EXISTS {table} (msg_id TEXT NOT NULL, pid BIGINT NOT NULL)"
+        )))
+        .execute(store.pool())
+        .await
+        .expect("create effects table");
+        let dedup = Deduplicator::new(store.clone(), namespace).lease(Duration::from_secs(5));
+        let consumer = JetStream::new(dedup)
+            .progress_every(None)
+            .nak_backoff(Duration::from_millis(50), Duration::from_millis(400));
+        Effects {
+            store,
+            table: table.to_owned(),
+            consumer,
+            tally: Tally::default(),
+        }
+    }
+
+    /// Handles one delivery: the effect and the record commit together.
+    pub async fn handle(&self, message: &Message) -> Result<Outcome<()>, ProcessError<Error>> {
+        let out = self.handle_once(message).await;
+        let counter = match &out {
+            Ok(Outcome::Processed(())) => &self.tally.processed,
+            Ok(Outcome::Duplicate) => &self.tally.duplicates,
+            Ok(_) => &self.tally.in_progress,
+            Err(_) => &self.tally.failed,
+        };
+        counter.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        out
+    }
+
+    async fn handle_once(&self, message: &Message) -> Result<Outcome<()>, ProcessError<Error>> {
+        let n: u64 = std::str::from_utf8(&message.payload)
+            .ok()
+            .and_then(|p| p.parse().ok())
+            .unwrap_or(0);
+        let delivered = message.info().map(|i| i.delivered).unwrap_or(1);
+        let table = &self.table;
+        self.consumer
+            .handle_with(message, async |id: &str| {
+                let db = |e: sqlx::Error| ProcessError::Idempotency(Error::store(e));
+                let mut tx = self.store.pool().begin().await.map_err(db)?;
+                let dedup = self.consumer.deduplicator();
+                let claim = match dedup.begin_in_tx(&self.store, &mut tx, id).await {
+                    Ok(Begun::Run(claim)) => claim,
+                    Ok(Begun::Duplicate) => return Ok(Outcome::Duplicate),
+                    Ok(Begun::InProgress { retry_after }) => {
+                        return Ok(Outcome::InProgress { retry_after })
+                    }
+                    Ok(_) => unreachable!("Begun has three cases"),
+                    Err(e) => return Err(ProcessError::Idempotency(e)),
+                };
+                let result = async {
+                    if delivered == 1 && n % 10 == 3 {
+                        return Err(Error::store("a flaky handler failed on purpose"));
+                    }
+                    if delivered == 1 && n % 50 == 7 {
+                        tokio::time::sleep(Duration::from_millis(1500)).await;
+                    }
+                    sqlx::query(AssertSqlSafe(format!(
+                        "INSERT INTO {table} (msg_id, pid) VALUES ($1, $2)"
+                    )))
+                    .bind(id)
+                    .bind(i64::from(std::process::id()))
+                    .execute(&mut *tx)
+                    .await
+                    .map_err(Error::store)?;
+                    Ok(())
+                }
+                .await;
+                let out = dedup
+                    .finish_in_tx(&self.store, &mut tx, claim, result)
+                    .await;
+                if let Ok(Outcome::Processed(())) = out {
+                    tx.commit().await.map_err(db)?;
+                }
+                out
+            })
+            .await
+    }
+
+    /// Pulls from `consumer` and handles every delivery, forever.
+    pub async fn consume(&self, consumer: &PullConsumer) -> Result<(), async_nats::Error> {
+        let mut messages = consumer.messages().await?;
+        while let Some(message) = messages.next().await {
+            let _ = self.handle(&message?).await;
+        }
+        Ok(())
+    }
+
+    /// `(distinct messages with an effect, most effects of one message, effects)`.
+    pub async fn counts(&self) -> (i64, i64, i64) {
+        sqlx::query_as(AssertSqlSafe(format!(
+            "SELECT count(DISTINCT msg_id), coalesce(max(c), 0), coalesce(sum(c), 0)::BIGINT
+             FROM (SELECT msg_id, count(*) AS c FROM {} GROUP BY msg_id) per",
+            self.table
+        )))
+        .fetch_one(self.store.pool())
+        .await
+        .expect("count effects")
+    }
+}

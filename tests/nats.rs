@@ -1,0 +1,279 @@
+//! Effectively-once JetStream consumers against the real NATS server on
+//! 127.0.0.1:4222, with every message's side effect counted in PostgreSQL.
+
+use std::time::Duration;
+
+use async_nats::jetstream::consumer::{pull, AckPolicy, PullConsumer};
+use async_nats::jetstream::{self, stream};
+use idem_runtime::message::nats::{message_id, JetStream};
+use idem_runtime::message::{Deduplicator, Outcome};
+use idem_runtime::MemoryStore;
+use idem_tests::nats::{jetstream, Effects};
+use idem_tests::unique;
+
+/// A new stream on its own subject, and a durable pull consumer on it.
+async fn stream_and_consumer(
+    js: &jetstream::Context,
+    name: &str,
+    ack_wait: Duration,
+) -> (String, PullConsumer) {
+    let subject = format!("idem.{name}");
+    js.create_stream(stream::Config {
+        name: name.to_owned(),
+        subjects: vec![subject.clone()],
+        // Short, so duplicates published on purpose a moment apart reach the
+        // consumer instead of being dropped by JetStream's own publish dedup.
+        duplicate_window: Duration::from_millis(100),
+        ..Default::default()
+    })
+    .await
+    .expect("create stream");
+    let consumer = js
+        .create_consumer_on_stream(
+            pull::Config {
+                durable_name: Some("recorder".into()),
+                ack_policy: AckPolicy::Explicit,
+                ack_wait,
+                max_deliver: -1,
+                ..Default::default()
+            },
+            name,
+        )
+        .await
+        .expect("create consumer");
+    (subject, consumer)
+}
+
+async fn publish(js: &jetstream::Context, subject: &str, id: Option<&str>, payload: String) {
+    let mut headers = async_nats::HeaderMap::new();
+    if let Some(id) = id {
+        headers.insert("Nats-Msg-Id", id);
+    }
+    js.publish_with_headers(subject.to_owned(), headers, payload.into())
+        .await
+        .expect("publish")
+        .await
+        .expect("publish ack");
+}
+
+/// Waits until every message is acknowledged and nothing is pending.
+async fn drained(consumer: &mut PullConsumer, timeout: Duration) {
+    let deadline = tokio::time::Instant::now() + timeout;
+    loop {
+        let info = consumer.info().await.expect("consumer info");
+        if info.num_pending == 0 && info.num_ack_pending == 0 {
+            return;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "not drained: {} pending, {} unacknowledged",
+            info.num_pending,
+            info.num_ack_pending
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+fn stream_name(prefix: &str) -> String {
+    unique(prefix).replace('_', "-").to_uppercase()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn messages_are_keyed_by_nats_msg_id_then_stream_sequence() {
+    let js = jetstream().await;
+    let name = stream_name("ids");
+    let (subject, consumer) = stream_and_consumer(&js, &name, Duration::from_secs(30)).await;
+    publish(&js, &subject, Some("order-7"), "a".into()).await;
+    publish(&js, &subject, None, "b".into()).await;
+    let mut batch = consumer.fetch().max_messages(2).messages().await.unwrap();
+    use futures::StreamExt as _;
+    let first = batch.next().await.unwrap().unwrap();
+    let second = batch.next().await.unwrap().unwrap();
+    assert_eq!(message_id(&first).as_deref(), Some("order-7"));
+    assert_eq!(message_id(&second), Some(format!("{name}:2")));
+    js.delete_stream(&name).await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn duplicates_published_on_purpose_are_acked_without_running() {
+    let js = jetstream().await;
+    let name = stream_name("dups");
+    let (subject, mut consumer) = stream_and_consumer(&js, &name, Duration::from_secs(30)).await;
+    for round in 0..2 {
+        for i in 0..20 {
+            publish(&js, &subject, Some(&format!("m{i}")), format!("{round}")).await;
+        }
+        // Past JetStream's duplicate window, so the second round is delivered too.
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert_eq!(
+        js.get_stream(&name)
+            .await
+            .unwrap()
+            .info()
+            .await
+            .unwrap()
+            .state
+            .messages,
+        40
+    );
+
+    let side = JetStream::new(Deduplicator::new(MemoryStore::new(), "dups"));
+    let runs = std::sync::atomic::AtomicUsize::new(0);
+    let mut messages = consumer.messages().await.unwrap();
+    let (mut processed, mut duplicates) = (0, 0);
+    use futures::StreamExt as _;
+    while processed + duplicates < 40 {
+        let message = messages.next().await.unwrap().unwrap();
+        match side
+            .handle(&message, || async {
+                runs.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                Ok::<_, std::io::Error>(())
+            })
+            .await
+        {
+            Ok(Outcome::Processed(())) => processed += 1,
+            Ok(Outcome::Duplicate) => duplicates += 1,
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+    assert_eq!((processed, duplicates), (20, 20));
+    assert_eq!(runs.load(std::sync::atomic::Ordering::SeqCst), 20);
+    drained(&mut consumer, Duration::from_secs(10)).await; // duplicates were acked
+    js.delete_stream(&name).await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_long_handler_sends_progress_and_is_not_redelivered() {
+    let js = jetstream().await;
+    let name = stream_name("wpi");
+    let (subject, mut consumer) = stream_and_consumer(&js, &name, Duration::from_millis(600)).await;
+    publish(&js, &subject, Some("slow"), "x".into()).await;
+    let side = JetStream::new(Deduplicator::new(MemoryStore::new(), "wpi"))
+        .progress_every(Some(Duration::from_millis(150)));
+    let mut messages = consumer.messages().await.unwrap();
+    use futures::StreamExt as _;
+    let message = messages.next().await.unwrap().unwrap();
+    let out = side
+        .handle(&message, || async {
+            // Three times the ack wait.
+            tokio::time::sleep(Duration::from_millis(1800)).await;
+            Ok::<_, std::io::Error>(())
+        })
+        .await;
+    assert!(matches!(out, Ok(Outcome::Processed(()))));
+    drained(&mut consumer, Duration::from_secs(10)).await;
+    let info = consumer.info().await.unwrap();
+    assert_eq!(
+        info.num_redelivered, 0,
+        "+WPI kept the message with its consumer"
+    );
+    assert_eq!(info.delivered.stream_sequence, 1);
+    js.delete_stream(&name).await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_handler_error_naks_and_the_redelivery_runs_it() {
+    let js = jetstream().await;
+    let name = stream_name("nak");
+    let (subject, mut consumer) = stream_and_consumer(&js, &name, Duration::from_secs(30)).await;
+    publish(&js, &subject, Some("fails-once"), "x".into()).await;
+    let side = JetStream::new(Deduplicator::new(MemoryStore::new(), "nak"))
+        .nak_backoff(Duration::from_millis(50), Duration::from_millis(50));
+    let mut messages = consumer.messages().await.unwrap();
+    use futures::StreamExt as _;
+    let first = messages.next().await.unwrap().unwrap();
+    let failed = side
+        .handle(&first, || async {
+            Err::<(), _>(std::io::Error::other("down"))
+        })
+        .await;
+    assert!(failed.is_err());
+    let again = messages.next().await.unwrap().unwrap();
+    assert_eq!(again.info().unwrap().delivered, 2);
+    let ok = side
+        .handle(&again, || async { Ok::<_, std::io::Error>(7) })
+        .await;
+    assert!(matches!(ok, Ok(Outcome::Processed(7))));
+    drained(&mut consumer, Duration::from_secs(10)).await;
+    js.delete_stream(&name).await.unwrap();
+}
+
+/// 1,000 messages (and 100 duplicates published on purpose) through three
+/// consumers on one durable consumer with a 1 s ack wait: one in its own OS
+/// process, SIGKILLed mid-batch, and two in this process. Every 10th message's
+/// handler fails on its first delivery, every 50th outlives the ack wait (so
+/// it is redelivered to another consumer while it runs). Each message's effect,
+/// written in PostgreSQL in the same transaction as its record, exists once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_thousand_messages_take_effect_exactly_once_through_redeliveries_and_a_kill() {
+    let js = jetstream().await;
+    let name = stream_name("once");
+    let (subject, mut consumer) = stream_and_consumer(&js, &name, Duration::from_secs(1)).await;
+    let table = unique("nats_effects");
+    let effects = std::sync::Arc::new(Effects::setup(&table, &name).await); // namespace: this run's stream
+
+    for i in 0..1000 {
+        publish(&js, &subject, Some(&format!("pay-{i}")), i.to_string()).await;
+    }
+    tokio::time::sleep(Duration::from_millis(200)).await; // past the duplicate window
+    for i in (0..1000).step_by(10) {
+        publish(&js, &subject, Some(&format!("pay-{i}")), i.to_string()).await;
+    }
+
+    // A consumer in its own process, killed once it has taken effect on some.
+    let mut worker = tokio::process::Command::new(env!("CARGO_BIN_EXE_idem-test-worker"))
+        .args(["consume-nats", &name, "recorder", &table])
+        .stdout(std::process::Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("spawn worker");
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    while effects.counts().await.0 < 100 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the worker processed nothing"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    worker.start_kill().expect("SIGKILL the worker");
+    worker.wait().await.expect("reap the worker");
+
+    let consumers: Vec<_> = (0..2)
+        .map(|_| {
+            let (effects, consumer) = (effects.clone(), consumer.clone());
+            tokio::spawn(async move { effects.consume(&consumer).await })
+        })
+        .collect();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(120);
+    while effects.counts().await.0 < 1000 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "only {:?} effects",
+            effects.counts().await
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    drained(&mut consumer, Duration::from_secs(60)).await;
+    for task in consumers {
+        task.abort();
+    }
+    let (distinct, most, total) = effects.counts().await;
+    assert_eq!(
+        (distinct, most, total),
+        (1000, 1, 1000),
+        "each message took effect once"
+    );
+    let tally = &effects.tally;
+    let load = |c: &std::sync::atomic::AtomicUsize| c.load(std::sync::atomic::Ordering::SeqCst);
+    println!("in this process: {tally:?}");
+    assert!(
+        load(&tally.failed) > 0,
+        "failed handlers were redelivered and retried"
+    );
+    assert!(
+        load(&tally.duplicates) > 0,
+        "duplicates were acknowledged without running"
+    );
+    js.delete_stream(&name).await.unwrap();
+}
