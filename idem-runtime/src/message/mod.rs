@@ -49,6 +49,9 @@ use crate::engine::{begin, claim_in_tx, Begin, InProgress, Options, TxClaim};
 use crate::key::{Key, KeyBuilder};
 use crate::{Error, Store, TransactionalStore};
 
+#[cfg(feature = "kafka")]
+#[cfg_attr(docsrs, doc(cfg(feature = "kafka")))]
+pub mod kafka;
 #[cfg(feature = "nats")]
 #[cfg_attr(docsrs, doc(cfg(feature = "nats")))]
 pub mod nats;
@@ -321,9 +324,29 @@ pub enum Begun {
     },
 }
 
+/// The delay before a message that failed its `attempt`-th delivery is read
+/// again: `base × 2^(attempt − 1)`, at most `max`.
+pub fn backoff(attempt: i64, base: Duration, max: Duration) -> Duration {
+    let doublings = attempt.saturating_sub(1).clamp(0, 30) as u32;
+    base.saturating_mul(1 << doublings).min(max)
+}
+
 fn claim_error<T, E>(err: Error) -> Result<Outcome<T>, ProcessError<E>> {
     match err {
         Error::InProgress { retry_after } => Ok(Outcome::InProgress { retry_after }),
         other => Err(ProcessError::Idempotency(other)),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_doubles_up_to_the_cap() {
+        let (base, max) = (Duration::from_millis(100), Duration::from_secs(2));
+        let delays: Vec<_> = (0..8).map(|d| backoff(d, base, max).as_millis()).collect();
+        assert_eq!(delays, [100, 100, 200, 400, 800, 1600, 2000, 2000]);
+        assert_eq!(backoff(i64::MAX, base, max), max);
     }
 }

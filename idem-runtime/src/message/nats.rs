@@ -42,7 +42,7 @@ use async_nats::jetstream::consumer::PullConsumer;
 use async_nats::jetstream::{AckKind, Message};
 use futures_util::StreamExt as _;
 
-use super::{Deduplicator, Outcome, ProcessError};
+use super::{backoff, Deduplicator, Outcome, ProcessError};
 
 /// The id a message is deduplicated by: its `Nats-Msg-Id` header, or
 /// `stream:sequence` (unique within the stream) when it has none.
@@ -60,13 +60,6 @@ pub fn message_id(message: &Message) -> Option<String> {
             .ok()
             .map(|info| format!("{}:{}", info.stream, info.stream_sequence)),
     }
-}
-
-/// The delay before a message that failed its `delivered`-th delivery is
-/// redelivered: `base × 2^(delivered − 1)`, at most `max`.
-pub fn backoff(delivered: i64, base: Duration, max: Duration) -> Duration {
-    let doublings = delivered.saturating_sub(1).clamp(0, 30) as u32;
-    base.saturating_mul(1 << doublings).min(max)
 }
 
 /// Consumes JetStream messages through a [`Deduplicator`], acknowledging each
@@ -204,18 +197,5 @@ impl JetStream {
                 }
             }
         }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn backoff_doubles_up_to_the_cap() {
-        let (base, max) = (Duration::from_millis(100), Duration::from_secs(2));
-        let delays: Vec<_> = (0..8).map(|d| backoff(d, base, max).as_millis()).collect();
-        assert_eq!(delays, [100, 100, 200, 400, 800, 1600, 2000, 2000]);
-        assert_eq!(backoff(i64::MAX, base, max), max);
     }
 }
