@@ -359,7 +359,7 @@ where
     // From here the outcome is in hand: record it, or release the claim.
     match codec.encode(&outcome) {
         None => {
-            held.release().await;
+            held.release_because("released after error").await;
             outcome
         }
         Some(Ok(bytes)) => match held.complete(&bytes, options.ttl).await {
@@ -483,11 +483,16 @@ impl HeldClaim {
 
     /// Deletes the claim so the next call runs at once. A failure is logged, not
     /// returned: the claim then lapses with its lease.
-    pub async fn release(mut self) {
+    pub async fn release(self) {
+        self.release_because("released").await
+    }
+
+    /// [`release`](Self::release), logged as `what` ("released after error", …).
+    pub(crate) async fn release_because(mut self, what: &'static str) {
         self.armed = false;
         let token = self.token;
         match self.store.release(self.key.as_str(), token).await {
-            Ok(()) => tracing::debug!(token = token.0, "released"),
+            Ok(()) => tracing::debug!(token = token.0, "{what}"),
             Err(err) => tracing::warn!(
                 token = token.0, error = %err,
                 "could not release the claim; it lapses with its lease"

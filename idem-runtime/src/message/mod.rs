@@ -210,7 +210,7 @@ impl Deduplicator {
                 Ok(Outcome::Processed(value))
             }
             Err(err) => {
-                held.release().await;
+                held.release_because("released after a handler error").await;
                 Err(ProcessError::Handler(err))
             }
         }
