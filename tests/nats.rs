@@ -277,3 +277,35 @@ async fn a_thousand_messages_take_effect_exactly_once_through_redeliveries_and_a
     );
     js.delete_stream(&name).await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn run_handles_many_messages_at_once_and_each_once() {
+    let js = jetstream().await;
+    let name = stream_name("run");
+    let (subject, consumer) = stream_and_consumer(&js, &name, Duration::from_secs(30)).await;
+    for i in 0..200 {
+        publish(&js, &subject, Some(&format!("r{}", i % 150)), i.to_string()).await;
+        if i == 149 {
+            tokio::time::sleep(Duration::from_millis(200)).await; // past the duplicate window
+        }
+    }
+    let side = JetStream::new(Deduplicator::new(MemoryStore::new(), "run")).concurrency(8);
+    let seen = std::sync::Mutex::new(std::collections::HashMap::<String, usize>::new());
+    let run = side.run(
+        &consumer,
+        async |message: &async_nats::jetstream::Message| {
+            let id = message_id(message).unwrap();
+            *seen.lock().unwrap().entry(id).or_default() += 1;
+            Ok::<_, std::io::Error>(())
+        },
+    );
+    let mut probe = consumer.clone();
+    tokio::select! {
+        out = run => panic!("the consumer stopped: {out:?}"),
+        _ = drained(&mut probe, Duration::from_secs(30)) => {}
+    }
+    let seen = seen.into_inner().unwrap();
+    assert_eq!(seen.len(), 150);
+    assert!(seen.values().all(|&n| n == 1), "each message ran once");
+    js.delete_stream(&name).await.unwrap();
+}

@@ -70,6 +70,7 @@ pub struct JetStream {
     progress_every: Option<Duration>,
     backoff_base: Duration,
     backoff_max: Duration,
+    concurrency: usize,
 }
 
 impl JetStream {
@@ -81,6 +82,7 @@ impl JetStream {
             progress_every: Some(Duration::from_secs(10)),
             backoff_base: Duration::from_millis(100),
             backoff_max: Duration::from_secs(30),
+            concurrency: 1,
         }
     }
 
@@ -98,13 +100,22 @@ impl JetStream {
         self
     }
 
+    /// How many messages [`run`](Self::run) handles at once (default 1: in
+    /// order). Each is acked on its own, so more than one finishes out of order;
+    /// keep the consumer's `max_ack_pending` above it.
+    pub fn concurrency(mut self, messages: usize) -> Self {
+        self.concurrency = messages.max(1);
+        self
+    }
+
     /// The deduplicator.
     pub fn deduplicator(&self) -> &Deduplicator {
         &self.dedup
     }
 
-    /// Pulls messages from `consumer` and [`handle`](Self::handle)s each, until
-    /// the subscription fails. Handler errors do not stop it (they are nak'ed).
+    /// Pulls messages from `consumer` and [`handle`](Self::handle)s each
+    /// ([`concurrency`](Self::concurrency) at a time), until the subscription
+    /// fails. Handler errors do not stop it (they are nak'ed).
     pub async fn run<T, E, F>(
         &self,
         consumer: &PullConsumer,
@@ -114,10 +125,17 @@ impl JetStream {
         F: AsyncFn(&Message) -> Result<T, E>,
         E: std::fmt::Display,
     {
-        let mut messages = consumer.messages().await?;
-        while let Some(message) = messages.next().await {
-            let message = message?;
-            let _ = self.handle(&message, || handler(&message)).await;
+        let messages = consumer.messages().await?;
+        let handler = &handler;
+        let mut handled = std::pin::pin!(messages
+            .map(|message| async move {
+                let message = message?;
+                let _ = self.handle(&message, || handler(&message)).await;
+                Ok::<_, async_nats::Error>(())
+            })
+            .buffer_unordered(self.concurrency));
+        while let Some(result) = handled.next().await {
+            result?;
         }
         Ok(())
     }
