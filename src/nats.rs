@@ -8,7 +8,7 @@ use async_nats::jetstream::consumer::PullConsumer;
 use async_nats::jetstream::{self, Message};
 use futures_util::StreamExt as _;
 use idem_runtime::message::nats::JetStream;
-use idem_runtime::message::{Begun, Deduplicator, Outcome, ProcessError};
+use idem_runtime::message::{Deduplicator, Outcome, ProcessError};
 use idem_runtime::{Error, PostgresStore};
 use sqlx::AssertSqlSafe;
 
@@ -102,14 +102,10 @@ impl Effects {
                 let db = |e: sqlx::Error| ProcessError::Idempotency(Error::store(e));
                 let mut tx = self.store.pool().begin().await.map_err(db)?;
                 let dedup = self.consumer.deduplicator();
-                let claim = match dedup.begin_in_tx(&self.store, &mut tx, id).await {
-                    Ok(Begun::Run(claim)) => claim,
-                    Ok(Begun::Duplicate) => return Ok(Outcome::Duplicate),
-                    Ok(Begun::InProgress { retry_after }) => {
-                        return Ok(Outcome::InProgress { retry_after })
-                    }
-                    Ok(_) => unreachable!("Begun has three cases"),
-                    Err(e) => return Err(ProcessError::Idempotency(e)),
+                let begun = dedup.begin_in_tx(&self.store, &mut tx, id).await;
+                let claim = match begun.map_err(ProcessError::Idempotency)?.into_claim() {
+                    Ok(claim) => claim,
+                    Err(outcome) => return Ok(outcome),
                 };
                 let result = async {
                     if delivered == 1 && n % 10 == 3 {

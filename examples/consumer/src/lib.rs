@@ -17,7 +17,7 @@ use async_nats::jetstream::consumer::{pull, AckPolicy, PullConsumer};
 use async_nats::jetstream::{self, stream, Message};
 use futures_util::StreamExt as _;
 use idem_runtime::message::nats::{message_id, JetStream};
-use idem_runtime::message::{Begun, Deduplicator, Outcome, ProcessError};
+use idem_runtime::message::{Deduplicator, Outcome, ProcessError};
 use idem_runtime::{Error, SqliteStore};
 use order_service::Db;
 use serde::{Deserialize, Serialize};
@@ -119,14 +119,10 @@ impl Recorder {
                 let db = |e: sqlx::Error| ProcessError::Idempotency(Error::store(e));
                 let mut tx = self.store.pool().begin().await.map_err(db)?;
                 let dedup = self.consumer.deduplicator();
-                let claim = match dedup.begin_in_tx(&self.store, &mut tx, id).await {
-                    Ok(Begun::Run(claim)) => claim,
-                    Ok(Begun::Duplicate) => return Ok(Outcome::Duplicate),
-                    Ok(Begun::InProgress { retry_after }) => {
-                        return Ok(Outcome::InProgress { retry_after })
-                    }
-                    Ok(_) => return Err(ProcessError::Idempotency(Error::MissingKey)),
-                    Err(e) => return Err(ProcessError::Idempotency(e)),
+                let begun = dedup.begin_in_tx(&self.store, &mut tx, id).await;
+                let claim = match begun.map_err(ProcessError::Idempotency)?.into_claim() {
+                    Ok(claim) => claim,
+                    Err(outcome) => return Ok(outcome),
                 };
                 let result = async {
                     if let Some((failing, armed)) = &self.fail_once {

@@ -81,6 +81,46 @@ impl Reply {
     }
 }
 
+/// One request the demo sends.
+#[derive(Clone)]
+struct Req {
+    method: reqwest::Method,
+    path: String,
+    token: Option<String>,
+    key: Option<String>,
+    body: Option<Vec<u8>>,
+}
+
+impl Req {
+    fn get(path: impl Into<String>) -> Self {
+        Req {
+            method: reqwest::Method::GET,
+            path: path.into(),
+            token: None,
+            key: None,
+            body: None,
+        }
+    }
+
+    fn post(path: &str, body: Vec<u8>) -> Self {
+        Req {
+            method: reqwest::Method::POST,
+            body: Some(body),
+            ..Req::get(path)
+        }
+    }
+
+    fn by(mut self, token: &str) -> Self {
+        self.token = Some(token.to_owned());
+        self
+    }
+
+    fn key(mut self, key: &str) -> Self {
+        self.key = Some(key.to_owned());
+        self
+    }
+}
+
 struct Driver {
     http: reqwest::Client,
     base: String,
@@ -91,25 +131,20 @@ struct Driver {
 }
 
 impl Driver {
-    async fn send(
-        &self,
-        method: reqwest::Method,
-        path: &str,
-        token: Option<&str>,
-        key: Option<&str>,
-        body: Option<Vec<u8>>,
-    ) -> Result<Reply, DemoError> {
-        let mut request = self.http.request(method, format!("{}{path}", self.base));
-        if let Some(token) = token {
+    async fn send(&self, req: &Req) -> Result<Reply, DemoError> {
+        let mut request = self
+            .http
+            .request(req.method.clone(), format!("{}{}", self.base, req.path));
+        if let Some(token) = &req.token {
             request = request.bearer_auth(token);
         }
-        if let Some(key) = key {
+        if let Some(key) = &req.key {
             request = request.header("Idempotency-Key", key);
         }
-        if let Some(body) = body {
+        if let Some(body) = &req.body {
             request = request
                 .header("content-type", "application/json")
-                .body(body);
+                .body(body.clone());
         }
         let response = request.send().await?;
         let status = response.status();
@@ -123,6 +158,20 @@ impl Driver {
             replayed,
             body,
         })
+    }
+
+    /// Sends `req`, and adds a row checking that it got `expect` (status,
+    /// replayed?) and left `counts` (orders, charges) in the database.
+    async fn expect(
+        &mut self,
+        label: &str,
+        req: &Req,
+        expect: (StatusCode, bool),
+        counts: (i64, i64),
+    ) -> Result<Reply, DemoError> {
+        let reply = self.send(req).await?;
+        self.one(label, &reply, expect, counts).await?;
+        Ok(reply)
     }
 
     /// A key unique to this run, so the demo can run again on the same database.
@@ -189,8 +238,6 @@ async fn drive(
     service: Arc<OrderService>,
     running: &Running,
 ) -> Result<Report, DemoError> {
-    use reqwest::Method;
-
     let run = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_millis() as u64)
@@ -212,62 +259,43 @@ async fn drive(
             rows: Vec::new(),
         },
     };
-    let ann_token = format!("ann-{run}");
-    let bob_token = format!("bob-{run}");
-    let (ann_t, bob_t) = (Some(ann_token.as_str()), Some(bob_token.as_str()));
+    let (ann_t, bob_t) = (format!("ann-{run}"), format!("bob-{run}"));
     let created = (StatusCode::CREATED, false);
     let replayed = (StatusCode::CREATED, true);
+    let order = |user, product, quantity| Req::post("/orders", order_body(user, product, quantity));
 
     // Orders.
     let k1 = d.key("order-1");
+    let first_order = order(ann, widget, 1).by(&ann_t).key(&k1);
     let first = d
-        .send(
-            Method::POST,
-            "/orders",
-            ann_t,
-            Some(&k1),
-            Some(order_body(ann, widget, 1)),
-        )
-        .await?;
-    d.one("POST /orders (key order-1)", &first, created, (1, 0))
+        .expect("POST /orders (key order-1)", &first_order, created, (1, 0))
         .await?;
     let order_id = first.json()["id"].as_i64().unwrap_or(0);
-
     let retry = d
-        .send(
-            Method::POST,
-            "/orders",
-            ann_t,
-            Some(&k1),
-            Some(order_body(ann, widget, 1)),
+        .expect(
+            "same request again: a client retry",
+            &first_order,
+            replayed,
+            (1, 0),
         )
         .await?;
-    d.one(
-        "same request again: a client retry",
-        &retry,
-        replayed,
-        (1, 0),
-    )
-    .await?;
     if retry.body != first.body {
         if let Some(row) = d.report.rows.last_mut() {
             row.as_expected = false; // a replay is byte for byte
         }
     }
 
-    let k2 = d.key("order-2");
+    let rush = order(ann, widget, 2).by(&ann_t).key(&d.key("order-2"));
     let tasks: Vec<_> = (0..20)
         .map(|_| {
-            let client = d.http.clone();
-            let url = format!("{}/orders", d.base);
-            let (key, token, body) = (k2.clone(), ann_token.clone(), order_body(ann, widget, 2));
+            let (client, base, req) = (d.http.clone(), d.base.clone(), rush.clone());
             tokio::spawn(async move {
                 let r = client
-                    .post(url)
-                    .bearer_auth(token)
-                    .header("Idempotency-Key", key)
+                    .post(format!("{base}{}", req.path))
+                    .bearer_auth(req.token.unwrap_or_default())
+                    .header("Idempotency-Key", req.key.unwrap_or_default())
                     .header("content-type", "application/json")
-                    .body(body)
+                    .body(req.body.unwrap_or_default())
                     .send()
                     .await?;
                 let replayed = r.headers().get("idempotent-replayed").is_some();
@@ -291,139 +319,66 @@ async fn drive(
     if other > 0 {
         status += &format!(", other ×{other}");
     }
-    d.row(
-        "20 concurrent duplicates (key order-2)",
-        status,
-        format!("{replays} of 20"),
-        (2, 0),
-        fresh == 1 && other == 0,
-    )
-    .await?;
-    let after = d
-        .send(
-            Method::POST,
-            "/orders",
-            ann_t,
-            Some(&k2),
-            Some(order_body(ann, widget, 2)),
-        )
+    let label = "20 concurrent duplicates (key order-2)";
+    let ok = fresh == 1 && other == 0;
+    d.row(label, status, format!("{replays} of 20"), (2, 0), ok)
         .await?;
-    d.one("order-2 retried after the rush", &after, replayed, (2, 0))
+    d.expect("order-2 retried after the rush", &rush, replayed, (2, 0))
         .await?;
 
-    let changed = d
-        .send(
-            Method::POST,
-            "/orders",
-            ann_t,
-            Some(&k1),
-            Some(order_body(ann, widget, 5)),
-        )
-        .await?;
-    d.one(
+    let bad_request = (StatusCode::BAD_REQUEST, false);
+    let changed = order(ann, widget, 5).by(&ann_t).key(&k1);
+    let reused = (StatusCode::UNPROCESSABLE_ENTITY, false);
+    d.expect(
         "key order-1 with a different body",
         &changed,
-        (StatusCode::UNPROCESSABLE_ENTITY, false),
+        reused,
         (2, 0),
     )
     .await?;
-    let missing = d
-        .send(
-            Method::POST,
-            "/orders",
-            ann_t,
-            None,
-            Some(order_body(ann, widget, 1)),
-        )
-        .await?;
-    d.one(
+    let no_key = order(ann, widget, 1).by(&ann_t);
+    d.expect(
         "POST /orders without Idempotency-Key",
-        &missing,
-        (StatusCode::BAD_REQUEST, false),
+        &no_key,
+        bad_request,
         (2, 0),
     )
     .await?;
-    let bad = d
-        .send(
-            Method::POST,
-            "/orders",
-            ann_t,
-            Some("not a key"),
-            Some(order_body(ann, widget, 1)),
-        )
-        .await?;
-    d.one(
+    let bad_key = order(ann, widget, 1).by(&ann_t).key("not a key");
+    d.expect(
         "POST /orders with a malformed key",
-        &bad,
-        (StatusCode::BAD_REQUEST, false),
+        &bad_key,
+        bad_request,
         (2, 0),
     )
     .await?;
-    let other_user = d
-        .send(
-            Method::POST,
-            "/orders",
-            bob_t,
-            Some(&k1),
-            Some(order_body(bob, widget, 1)),
-        )
+    let bobs = order(bob, widget, 1).by(&bob_t).key(&k1);
+    d.expect("key order-1 sent by another user", &bobs, created, (3, 0))
         .await?;
-    d.one(
-        "key order-1 sent by another user",
-        &other_user,
-        created,
-        (3, 0),
-    )
-    .await?;
 
-    let k3 = d.key("order-3");
-    let sold_out = d
-        .send(
-            Method::POST,
-            "/orders",
-            bob_t,
-            Some(&k3),
-            Some(order_body(bob, gadget, 1)),
-        )
-        .await?;
-    d.one(
+    let sold_out = order(bob, gadget, 1).by(&bob_t).key(&d.key("order-3"));
+    let conflict = (StatusCode::CONFLICT, false);
+    d.expect(
         "POST /orders, product out of stock",
         &sold_out,
-        (StatusCode::CONFLICT, false),
+        conflict,
         (3, 0),
     )
     .await?;
     service.restock(gadget, 10).await?;
-    let restocked = d
-        .send(
-            Method::POST,
-            "/orders",
-            bob_t,
-            Some(&k3),
-            Some(order_body(bob, gadget, 1)),
-        )
-        .await?;
-    d.one(
+    d.expect(
         "same key after a restock: runs again",
-        &restocked,
+        &sold_out,
         created,
         (4, 0),
     )
     .await?;
 
-    let found = d
-        .send(
-            Method::GET,
-            &format!("/orders/{order_id}"),
-            ann_t,
-            None,
-            None,
-        )
+    let found = Req::get(format!("/orders/{order_id}")).by(&ann_t);
+    d.expect("GET /orders/{id}", &found, (StatusCode::OK, false), (4, 0))
         .await?;
-    d.one("GET /orders/{id}", &found, (StatusCode::OK, false), (4, 0))
-        .await?;
-    let absent = d.send(Method::GET, "/orders/0", ann_t, None, None).await?;
-    d.one(
+    let absent = Req::get("/orders/0").by(&ann_t);
+    d.expect(
         "GET /orders/0",
         &absent,
         (StatusCode::NOT_FOUND, false),
@@ -432,125 +387,68 @@ async fn drive(
     .await?;
 
     // Payments.
-    let pay = |card: &str| {
-        serde_json::to_vec(&json!({ "order_id": order_id, "amount_cents": 1999, "card": card }))
-            .unwrap_or_default()
+    let pay = |card: &str, key: &str| {
+        let body = json!({ "order_id": order_id, "amount_cents": 1999, "card": card });
+        Req::post("/payments", serde_json::to_vec(&body).unwrap_or_default())
+            .by(&ann_t)
+            .key(key)
     };
-    let p1 = d.key("pay-1");
-    let charged = d
-        .send(
-            Method::POST,
-            "/payments",
-            ann_t,
-            Some(&p1),
-            Some(pay(CARD_OK)),
-        )
-        .await?;
-    d.one(
+    let charge = pay(CARD_OK, &d.key("pay-1"));
+    d.expect(
         "POST /payments, card 4242… (succeeds)",
-        &charged,
+        &charge,
         created,
         (4, 1),
     )
     .await?;
-    let again = d
-        .send(
-            Method::POST,
-            "/payments",
-            ann_t,
-            Some(&p1),
-            Some(pay(CARD_OK)),
-        )
+    d.expect("the same payment retried", &charge, replayed, (4, 1))
         .await?;
-    d.one("the same payment retried", &again, replayed, (4, 1))
-        .await?;
-    let p2 = d.key("pay-2");
-    let declined = d
-        .send(
-            Method::POST,
-            "/payments",
-            ann_t,
-            Some(&p2),
-            Some(pay(CARD_DECLINED)),
-        )
-        .await?;
-    d.one(
+    let declined = pay(CARD_DECLINED, &d.key("pay-2"));
+    let payment_required = StatusCode::PAYMENT_REQUIRED;
+    d.expect(
         "card 4000…0002 (declined)",
         &declined,
-        (StatusCode::PAYMENT_REQUIRED, false),
+        (payment_required, false),
         (4, 1),
     )
     .await?;
-    let declined2 = d
-        .send(
-            Method::POST,
-            "/payments",
-            ann_t,
-            Some(&p2),
-            Some(pay(CARD_DECLINED)),
-        )
-        .await?;
-    d.one(
+    d.expect(
         "the declined payment retried",
-        &declined2,
-        (StatusCode::PAYMENT_REQUIRED, true),
+        &declined,
+        (payment_required, true),
         (4, 1),
     )
     .await?;
-    let p3 = d.key("pay-3");
-    let failed = d
-        .send(
-            Method::POST,
-            "/payments",
-            ann_t,
-            Some(&p3),
-            Some(pay(CARD_PROCESSING_ERROR)),
-        )
-        .await?;
-    d.one(
+    let failing = pay(CARD_PROCESSING_ERROR, &d.key("pay-3"));
+    let server_error = (StatusCode::INTERNAL_SERVER_ERROR, false);
+    d.expect(
         "card 4000…0119 (processing error)",
-        &failed,
-        (StatusCode::INTERNAL_SERVER_ERROR, false),
+        &failing,
+        server_error,
         (4, 1),
     )
     .await?;
-    let failed2 = d
-        .send(
-            Method::POST,
-            "/payments",
-            ann_t,
-            Some(&p3),
-            Some(pay(CARD_PROCESSING_ERROR)),
-        )
-        .await?;
-    d.one(
+    d.expect(
         "retried: the key was released, runs again",
-        &failed2,
-        (StatusCode::INTERNAL_SERVER_ERROR, false),
+        &failing,
+        server_error,
         (4, 1),
     )
     .await?;
 
-    let huge = vec![b' '; 2 << 20];
-    let too_large = d
-        .send(
-            Method::POST,
-            "/orders",
-            ann_t,
-            Some(&d.key("huge")),
-            Some(huge),
-        )
+    let huge = Req::post("/orders", vec![b' '; 2 << 20])
+        .by(&ann_t)
+        .key(&d.key("huge"));
+    let too_large = (StatusCode::PAYLOAD_TOO_LARGE, false);
+    d.expect("POST /orders with a 2 MiB body", &huge, too_large, (4, 1))
         .await?;
-    d.one(
-        "POST /orders with a 2 MiB body",
-        &too_large,
-        (StatusCode::PAYLOAD_TOO_LARGE, false),
+    d.expect(
+        "GET /healthz",
+        &Req::get("/healthz"),
+        (StatusCode::OK, false),
         (4, 1),
     )
     .await?;
-    let health = d.send(Method::GET, "/healthz", None, None, None).await?;
-    d.one("GET /healthz", &health, (StatusCode::OK, false), (4, 1))
-        .await?;
 
     Ok(d.report)
 }

@@ -308,6 +308,18 @@ impl Deduplicator {
     }
 }
 
+impl Begun {
+    /// The claim to run the handler under, or the outcome to return without
+    /// running it (`Duplicate`, `InProgress`).
+    pub fn into_claim<T>(self) -> Result<TxClaim, Outcome<T>> {
+        match self {
+            Begun::Run(claim) => Ok(claim),
+            Begun::Duplicate => Err(Outcome::Duplicate),
+            Begun::InProgress { retry_after } => Err(Outcome::InProgress { retry_after }),
+        }
+    }
+}
+
 /// What [`Deduplicator::begin_in_tx`] decided.
 #[derive(Debug)]
 #[non_exhaustive]
