@@ -197,37 +197,40 @@ impl OrderService {
 
     /// Sets how many of `product_id` are in stock.
     pub async fn restock(&self, product_id: u64, quantity: u32) -> Result<(), OrderError> {
-        match &self.db {
-            Db::Sqlite(s) => {
-                sqlx::query("INSERT INTO stock (product_id, quantity) VALUES (?1, ?2) ON CONFLICT (product_id) DO UPDATE SET quantity = excluded.quantity")
-                    .bind(product_id as i64)
-                    .bind(quantity as i64)
-                    .execute(s.pool())
-                    .await?;
-            }
-            Db::Postgres(s) => {
-                sqlx::query("INSERT INTO stock (product_id, quantity) VALUES ($1, $2) ON CONFLICT (product_id) DO UPDATE SET quantity = EXCLUDED.quantity")
-                    .bind(product_id as i64)
-                    .bind(quantity as i32)
-                    .execute(s.pool())
-                    .await?;
-            }
-        }
-        Ok(())
+        self.put_stock(product_id, quantity, true).await
     }
 
-    /// Puts `quantity` of `product_id` in stock unless the product is stocked already.
-    pub async fn stock_at_least(&self, product_id: u64, quantity: u32) -> Result<(), OrderError> {
+    /// Puts `quantity` of `product_id` in stock unless the product has a stock row already.
+    pub async fn stock_if_absent(&self, product_id: u64, quantity: u32) -> Result<(), OrderError> {
+        self.put_stock(product_id, quantity, false).await
+    }
+
+    async fn put_stock(
+        &self,
+        product_id: u64,
+        quantity: u32,
+        overwrite: bool,
+    ) -> Result<(), OrderError> {
         match &self.db {
             Db::Sqlite(s) => {
-                sqlx::query("INSERT INTO stock (product_id, quantity) VALUES (?1, ?2) ON CONFLICT (product_id) DO NOTHING")
+                let sql = if overwrite {
+                    "INSERT INTO stock (product_id, quantity) VALUES (?1, ?2) ON CONFLICT (product_id) DO UPDATE SET quantity = excluded.quantity"
+                } else {
+                    "INSERT INTO stock (product_id, quantity) VALUES (?1, ?2) ON CONFLICT (product_id) DO NOTHING"
+                };
+                sqlx::query(sql)
                     .bind(product_id as i64)
                     .bind(quantity as i64)
                     .execute(s.pool())
                     .await?;
             }
             Db::Postgres(s) => {
-                sqlx::query("INSERT INTO stock (product_id, quantity) VALUES ($1, $2) ON CONFLICT (product_id) DO NOTHING")
+                let sql = if overwrite {
+                    "INSERT INTO stock (product_id, quantity) VALUES ($1, $2) ON CONFLICT (product_id) DO UPDATE SET quantity = EXCLUDED.quantity"
+                } else {
+                    "INSERT INTO stock (product_id, quantity) VALUES ($1, $2) ON CONFLICT (product_id) DO NOTHING"
+                };
+                sqlx::query(sql)
                     .bind(product_id as i64)
                     .bind(quantity as i32)
                     .execute(s.pool())

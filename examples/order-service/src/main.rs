@@ -105,7 +105,7 @@ async fn serve(
     let service = OrderService::new(Db::open(url).await?);
     // Products 1 to 10 start with 1,000 in stock, so a first curl succeeds.
     for product in 1..=10 {
-        service.stock_at_least(product, 1_000).await?;
+        service.stock_if_absent(product, 1_000).await?;
     }
     let keys = server::key_store(key_store, service.db()).await?;
     let running = server::start(addr, service, keys).await?;
