@@ -15,6 +15,21 @@ use async_trait::async_trait;
 use crate::error::Error;
 use crate::key::Digest;
 
+/// The longest lease, ttl or wait idem uses: 100 years, the same limit the
+/// `#[idempotent]` attribute enforces on its duration literals. Longer durations
+/// given to the runtime APIs are capped to it (they would overflow clock
+/// arithmetic in some backends), and every store accepts any `Duration` up to it.
+pub const MAX_DURATION: Duration = Duration::from_secs(100 * 365 * 24 * 60 * 60);
+
+/// `d` capped to [`MAX_DURATION`].
+pub fn cap_duration(d: Duration) -> Duration {
+    if d > MAX_DURATION {
+        MAX_DURATION
+    } else {
+        d
+    }
+}
+
 pub mod cache;
 pub mod memory;
 #[cfg(feature = "postgres")]
