@@ -21,11 +21,9 @@
 //! # }
 //! ```
 
-use std::future::{poll_fn, Future};
+use std::future::Future;
 use std::ops::ControlFlow;
-use std::pin::{pin, Pin};
 use std::sync::Arc;
-use std::task::Poll;
 use std::time::Duration;
 
 use tracing::Instrument as _;
@@ -33,7 +31,12 @@ use tracing::Instrument as _;
 use crate::codec::Codec;
 use crate::error::Error;
 use crate::key::{Digest, Key};
-use crate::store::{Claim, ClaimRequest, FencingToken, Store, TransactionalStore};
+use crate::store::{cap_duration, Claim, ClaimRequest, FencingToken, Store, TransactionalStore};
+
+mod lease;
+
+pub use lease::COMPLETION_RETRY_LIMIT;
+use lease::{Completion, Watchdog};
 
 /// What to do when a duplicate arrives while the first call is still running.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -46,6 +49,11 @@ pub enum InProgress {
 }
 
 /// Per-function settings: the namespace, ttl, lease and in-progress policy.
+///
+/// Durations are kept between 1 ms and [`MAX_DURATION`](crate::store::MAX_DURATION)
+/// (100 years, the attribute's own limit): the builder methods cap them, and the
+/// engine caps fields set directly, so `Duration::MAX` means "as long as idem allows"
+/// on every store instead of an overflow.
 #[derive(Debug, Clone, Copy)]
 pub struct Options {
     /// The key namespace (default: `module_path::fn_name`).
@@ -69,22 +77,47 @@ impl Options {
         }
     }
 
-    /// Sets the ttl.
+    /// Sets the ttl (capped to 1 ms – 100 years).
     pub const fn ttl(mut self, ttl: Duration) -> Self {
-        self.ttl = ttl;
+        self.ttl = bounded(ttl);
         self
     }
 
-    /// Sets the lease.
+    /// Sets the lease (capped to 1 ms – 100 years).
     pub const fn lease(mut self, lease: Duration) -> Self {
-        self.lease = lease;
+        self.lease = bounded(lease);
         self
     }
 
-    /// Sets the in-progress policy.
+    /// Sets the in-progress policy (a wait is capped to 100 years).
     pub const fn in_progress(mut self, policy: InProgress) -> Self {
-        self.in_progress = policy;
+        self.in_progress = match policy {
+            InProgress::Wait(d) if d.as_secs() >= crate::store::MAX_DURATION.as_secs() => {
+                InProgress::Wait(crate::store::MAX_DURATION)
+            }
+            other => other,
+        };
         self
+    }
+
+    /// These options with every duration within idem's limits (fields are public,
+    /// so the engine applies the builder's caps once more before using them).
+    pub fn bounded(&self) -> Options {
+        Options::new(self.namespace)
+            .ttl(self.ttl)
+            .lease(self.lease)
+            .in_progress(self.in_progress)
+    }
+}
+
+/// `d` within 1 ms – [`MAX_DURATION`](crate::store::MAX_DURATION), in a `const fn`.
+const fn bounded(d: Duration) -> Duration {
+    if d.as_secs() >= crate::store::MAX_DURATION.as_secs() {
+        crate::store::MAX_DURATION
+    } else if d.as_secs() == 0 && d.subsec_nanos() < 1_000_000 {
+        Duration::from_millis(1)
+    } else {
+        d
     }
 }
 
@@ -93,9 +126,34 @@ impl Options {
 pub struct Attempt {
     key: Key,
     token: FencingToken,
+    /// The attempt this one runs inside of (an idempotent call made from another's body).
+    outer: Option<Arc<Attempt>>,
 }
 
 impl Attempt {
+    /// The attempt for a claim taken now, inside whatever attempt is running.
+    fn new(key: Key, token: FencingToken) -> Self {
+        Attempt {
+            key,
+            token,
+            outer: current().map(Arc::new),
+        }
+    }
+
+    /// Whether this attempt, or one it runs inside of, holds `key`.
+    fn holds(&self, key: &Key) -> bool {
+        let mut attempt = self;
+        loop {
+            if attempt.key == *key {
+                return true;
+            }
+            match &attempt.outer {
+                Some(outer) => attempt = outer,
+                None => return false,
+            }
+        }
+    }
+
     /// The key this attempt holds (namespace and digest, never the raw key material).
     pub fn key(&self) -> &Key {
         &self.key
@@ -131,6 +189,18 @@ tokio::task_local! {
 /// The attempt running now, inside an `#[idempotent]` body; `None` elsewhere.
 pub fn current() -> Option<Attempt> {
     CURRENT.try_with(Attempt::clone).ok()
+}
+
+/// Refuses a call whose key the running attempt (or one it runs inside of) holds:
+/// it would wait for itself.
+fn check_reentrant(key: &Key) -> Result<(), Error> {
+    match CURRENT.try_with(|attempt| attempt.holds(key)) {
+        Ok(true) => {
+            tracing::error!(digest = %key.digest(), "re-entrant call with the key its own caller holds");
+            Err(Error::Reentrant)
+        }
+        _ => Ok(()),
+    }
 }
 
 /// The longest `retry_after` suggested by [`Error::InProgress`]: a running call
@@ -223,10 +293,7 @@ impl TxClaim {
 
     /// Runs `body` as this attempt, so [`current`] sees it.
     pub async fn scope<F: Future>(&self, body: F) -> F::Output {
-        let attempt = Attempt {
-            key: self.key.clone(),
-            token: self.token,
-        };
+        let attempt = Attempt::new(self.key.clone(), self.token);
         CURRENT.scope(attempt, body).await
     }
 }
@@ -254,6 +321,10 @@ where
         (Ok(key), Ok(fingerprint)) => (key, fingerprint),
         (Err(err), _) | (_, Err(err)) => return ControlFlow::Break(Err(codec.error(err))),
     };
+    if let Err(err) = check_reentrant(&key) {
+        return ControlFlow::Break(Err(codec.error(err)));
+    }
+    let options = &options.bounded();
     let span = tracing::debug_span!(
         "idempotent",
         namespace = options.namespace,
@@ -300,6 +371,7 @@ where
     X: Send + ?Sized,
 {
     let TxClaim { key, token, span } = claim;
+    let ttl = cap_duration(options.ttl);
     async move {
         match codec.encode(&outcome) {
             None => {
@@ -313,7 +385,7 @@ where
                 outcome
             }
             Some(Ok(bytes)) => match store
-                .complete_in(tx, key.as_str(), token, &bytes, options.ttl)
+                .complete_in(tx, key.as_str(), token, &bytes, ttl)
                 .await
             {
                 Ok(()) => {
@@ -329,7 +401,13 @@ where
                 }
             },
             Some(Err(err)) => {
-                tracing::error!(token = token.0, error = %err, "the outcome cannot be encoded");
+                // Never leave a claim behind for an outcome that cannot be stored:
+                // a caller that commits anyway must not block retries until the
+                // lease lapses.
+                tracing::error!(token = token.0, error = %err, "the outcome cannot be encoded; releasing");
+                if let Err(release) = store.release_in(tx, key.as_str(), token).await {
+                    tracing::warn!(token = token.0, error = %release, "could not release the claim in the transaction");
+                }
                 Err(codec.error(err))
             }
         }
@@ -354,7 +432,7 @@ where
         Ok(Begin::Replay(outcome)) => return replay(&codec, &outcome),
         Err(err) => return Err(codec.error(err)),
     };
-    let outcome = held.run(options, body).await;
+    let outcome = held.run(body).await;
 
     // From here the outcome is in hand: record it, or release the claim.
     match codec.encode(&outcome) {
@@ -397,24 +475,34 @@ pub async fn begin(
     key: Key,
     fingerprint: Option<&Digest>,
 ) -> Result<Begin, Error> {
-    Ok(match claim(&*store, options, &key, fingerprint).await? {
-        Claimed::Run(token) => Begin::Run(HeldClaim {
-            store,
-            key,
-            token,
-            armed: true,
-        }),
+    check_reentrant(&key)?;
+    let options = options.bounded();
+    Ok(match claim(&*store, &options, &key, fingerprint).await? {
+        Claimed::Run(token) => {
+            let watchdog = Watchdog::start(Arc::clone(&store), key.clone(), token, options.lease);
+            Begin::Run(HeldClaim {
+                store,
+                key,
+                token,
+                watchdog: Some(watchdog),
+                armed: true,
+            })
+        }
         Claimed::Replay(outcome) => Begin::Replay(outcome),
     })
 }
 
-/// A claim this caller holds. Dropping it without [`complete`](Self::complete) or
-/// [`release`](Self::release) (a cancelled future, a panic) releases the claim, so a
-/// retry runs at once instead of waiting for the lease to lapse.
+/// A claim this caller holds. Its lease is renewed by a watchdog task for as long
+/// as the claim is held, however rarely the caller polls. Dropping it without
+/// [`complete`](Self::complete) or [`release`](Self::release) (a cancelled future,
+/// a panic) releases the claim, so a retry runs at once instead of waiting for the
+/// lease to lapse.
 pub struct HeldClaim {
     store: Arc<dyn Store>,
     key: Key,
     token: FencingToken,
+    /// Renews the lease until the claim is completed, released or dropped.
+    watchdog: Option<Watchdog>,
     armed: bool,
 }
 
@@ -438,35 +526,34 @@ impl HeldClaim {
         self.token
     }
 
-    /// Runs `work` as this attempt ([`current`] sees it), renewing the lease
-    /// every third of it until `work` finishes.
-    pub async fn run<F: Future>(&self, options: &Options, work: F) -> F::Output {
-        let attempt = Attempt {
-            key: self.key.clone(),
-            token: self.token,
-        };
-        run_renewing(
-            &*self.store,
-            options,
-            &self.key,
-            self.token,
-            CURRENT.scope(attempt, work),
-        )
-        .await
+    /// Runs `work` as this attempt ([`current`] sees it). The lease is renewed
+    /// by the claim's watchdog meanwhile, whether or not `work` is polled.
+    pub async fn run<F: Future>(&self, work: F) -> F::Output {
+        let attempt = Attempt::new(self.key.clone(), self.token);
+        CURRENT.scope(attempt, work).await
     }
 
-    /// Records `outcome` for `ttl` (retrying a transient store failure twice).
+    /// Records `outcome` for `ttl` (capped to 100 years).
+    ///
+    /// A transient store failure is retried twice in place (20 ms, 40 ms). If the
+    /// store still fails, `Ok` is returned and the completion goes on in the
+    /// background for up to [`COMPLETION_RETRY_LIMIT`], the lease renewed
+    /// meanwhile, so duplicates wait and then replay instead of running the work
+    /// again. A completion whose reply was lost but whose write landed is `Ok`.
     /// [`Error::LeaseLost`] means another caller took the key over meanwhile and
     /// nothing was written.
     pub async fn complete(mut self, outcome: &[u8], ttl: Duration) -> Result<(), Error> {
         self.armed = false;
         let token = self.token;
-        match complete(&*self.store, &self.key, token, outcome, ttl).await {
-            Ok(()) => {
+        let (store, key) = (Arc::clone(&self.store), self.key.clone());
+        let watchdog = self.watchdog.take();
+        match lease::complete(store, key, token, watchdog, outcome, cap_duration(ttl)).await {
+            Completion::Recorded => {
                 tracing::debug!(token = token.0, "completed");
                 Ok(())
             }
-            Err(Error::LeaseLost) => {
+            Completion::Deferred => Ok(()),
+            Completion::Lost => {
                 tracing::error!(
                     token = token.0,
                     "lease lost: another call took the key over while this one ran; \
@@ -474,7 +561,7 @@ impl HeldClaim {
                 );
                 Err(Error::LeaseLost)
             }
-            Err(err) => {
+            Completion::Failed(err) => {
                 tracing::error!(token = token.0, error = %err, "could not record the outcome");
                 Err(err)
             }
@@ -490,6 +577,7 @@ impl HeldClaim {
     /// [`release`](Self::release), logged as `what` ("released after error", …).
     pub(crate) async fn release_because(mut self, what: &'static str) {
         self.armed = false;
+        self.watchdog = None;
         let token = self.token;
         match self.store.release(self.key.as_str(), token).await {
             Ok(()) => tracing::debug!(token = token.0, "{what}"),
@@ -545,17 +633,31 @@ async fn claim(
 struct Waiter {
     deadline: Option<tokio::time::Instant>,
     backoff: Duration,
+    /// Whether a running duplicate was seen: from then on this caller is waiting,
+    /// and a transient store error is retried within the wait instead of ending it.
+    waiting: bool,
 }
 
 impl Waiter {
     fn new(options: &Options) -> Self {
+        let now = tokio::time::Instant::now();
         Waiter {
             deadline: match options.in_progress {
-                InProgress::Wait(d) => Some(tokio::time::Instant::now() + d),
+                InProgress::Wait(d) => Some(now.checked_add(cap_duration(d)).unwrap_or(now)),
                 InProgress::Reject => None,
             },
             backoff: Duration::from_millis(2),
+            waiting: false,
         }
+    }
+
+    /// Sleeps before the next claim: the backoff (doubling to 100 ms), never past
+    /// `limit` or the deadline.
+    async fn pause(&mut self, deadline: tokio::time::Instant, limit: Duration) {
+        let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+        let pause = self.backoff.min(limit).min(left);
+        tokio::time::sleep(pause.max(Duration::from_millis(1))).await;
+        self.backoff = (self.backoff * 2).min(Duration::from_millis(100));
     }
 
     /// `Some` to run or replay, `None` to claim again (after a pause).
@@ -574,9 +676,8 @@ impl Waiter {
                 let now = tokio::time::Instant::now();
                 match self.deadline {
                     Some(deadline) if now < deadline => {
-                        let pause = self.backoff.min(lease_remaining).min(deadline - now);
-                        tokio::time::sleep(pause.max(Duration::from_millis(1))).await;
-                        self.backoff = (self.backoff * 2).min(Duration::from_millis(100));
+                        self.waiting = true;
+                        self.pause(deadline, lease_remaining).await;
                         Ok(None)
                     }
                     _ => {
@@ -591,6 +692,17 @@ impl Waiter {
                 tracing::warn!("key reused with a different fingerprint");
                 Err(Error::KeyReused)
             }
+            Err(Error::Store(err))
+                if self.waiting
+                    && self
+                        .deadline
+                        .is_some_and(|deadline| tokio::time::Instant::now() < deadline) =>
+            {
+                tracing::warn!(error = %err, "claim failed while waiting for a running duplicate; retrying");
+                let deadline = self.deadline.expect("checked above");
+                self.pause(deadline, Duration::MAX).await;
+                Ok(None)
+            }
             Err(err) => {
                 tracing::error!(error = %err, "claim failed; the body did not run");
                 Err(err)
@@ -599,92 +711,12 @@ impl Waiter {
     }
 }
 
-/// Completes, retrying a transient store failure twice: giving up early would
-/// leave the key claimed until the lease lapses and invite a second execution.
-async fn complete(
-    store: &dyn Store,
-    key: &Key,
-    token: FencingToken,
-    outcome: &[u8],
-    ttl: Duration,
-) -> Result<(), Error> {
-    let mut attempt = 0;
-    loop {
-        match store.complete(key.as_str(), token, outcome, ttl).await {
-            Err(Error::Store(err)) if attempt < 2 => {
-                attempt += 1;
-                tracing::warn!(error = %err, attempt, "completion failed; retrying");
-                tokio::time::sleep(Duration::from_millis(20 << attempt)).await;
-            }
-            other => return other,
-        }
-    }
-}
-
-type RenewFuture<'a> = Pin<Box<dyn Future<Output = Result<(), Error>> + Send + 'a>>;
-
-/// Polls the body, renewing the lease every third of it until the body finishes.
-/// The body is polled first on every wake-up, and a body that finishes without
-/// waiting never sets a timer.
-async fn run_renewing<F: Future>(
-    store: &dyn Store,
-    options: &Options,
-    key: &Key,
-    token: FencingToken,
-    body: F,
-) -> F::Output {
-    let mut body = pin!(body);
-    let interval = (options.lease / 3).max(Duration::from_millis(1));
-    let mut timer: Option<Pin<Box<tokio::time::Sleep>>> = None;
-    let mut renewing: Option<RenewFuture<'_>> = None;
-    let mut renewing_alive = true;
-    poll_fn(move |cx| {
-        if let Poll::Ready(out) = body.as_mut().poll(cx) {
-            return Poll::Ready(out);
-        }
-        loop {
-            if let Some(fut) = renewing.as_mut() {
-                match fut.as_mut().poll(cx) {
-                    Poll::Pending => return Poll::Pending,
-                    Poll::Ready(result) => {
-                        renewing = None;
-                        match result {
-                            Ok(()) => tracing::trace!(token = token.0, "lease renewed"),
-                            Err(Error::LeaseLost) => {
-                                tracing::error!(
-                                    token = token.0,
-                                    "lease lost while the body runs; its outcome will not be recorded"
-                                );
-                                renewing_alive = false;
-                            }
-                            Err(err) => {
-                                tracing::warn!(token = token.0, error = %err, "lease renewal failed; retrying")
-                            }
-                        }
-                    }
-                }
-            }
-            if !renewing_alive {
-                return Poll::Pending;
-            }
-            let timer = timer.get_or_insert_with(|| Box::pin(tokio::time::sleep(interval)));
-            match timer.as_mut().poll(cx) {
-                Poll::Pending => return Poll::Pending,
-                Poll::Ready(()) => {
-                    timer.as_mut().reset(tokio::time::Instant::now() + interval);
-                    renewing = Some(store.renew(key.as_str(), token, options.lease));
-                }
-            }
-        }
-    })
-    .await
-}
-
 impl Drop for HeldClaim {
     fn drop(&mut self) {
         if !self.armed {
             return;
         }
+        self.watchdog = None;
         let token = self.token;
         match self.store.release_now(self.key.as_str(), token) {
             Some(Ok(())) => tracing::debug!(token = token.0, "released after cancellation"),

@@ -47,6 +47,14 @@ pub enum Error {
     )]
     LeaseLost,
 
+    /// A call made from inside an idempotent body with the key that body (or one it
+    /// runs inside of) holds: it would wait for itself, so it fails at once.
+    #[error(
+        "re-entrant idempotent call: this key is held by the call whose body made it \
+         (it would wait for itself); use a different key or name for the inner call"
+    )]
+    Reentrant,
+
     /// The store could not be reached or failed; the body did not run (fail-closed).
     #[error("the idempotency store failed: {0}")]
     Store(#[source] BoxError),

@@ -1,8 +1,9 @@
 //! A store that fails: fail-closed at claim (the body does not run), and a
-//! completion that cannot be written leaves the claim in place rather than
-//! inviting a second execution.
+//! completion that cannot be written is kept and retried in the background with
+//! the claim held, rather than inviting a second execution.
 
 use std::sync::atomic::Ordering;
+use std::time::Duration;
 
 use idem_runtime::{idempotent, Error, RecordState, Store};
 
@@ -46,27 +47,50 @@ async fn a_store_down_at_claim_fails_closed_and_the_body_does_not_run() {
 }
 
 #[tokio::test(start_paused = true)]
-async fn a_completion_that_cannot_be_written_keeps_the_claim() {
+async fn a_completion_that_keeps_failing_is_recorded_in_the_background_and_never_reruns() {
     let svc = Svc {
         store: FaultyStore::default(),
         runs: Runs::default(),
     };
     svc.store.completions_fail.store(true, Ordering::SeqCst);
-    let result = svc.pay(2).await;
-    assert!(
-        matches!(result, Err(AppError::Idem(Error::Store(_)))),
-        "{result:?}"
-    );
+    // The work ran and its outcome is in hand: the caller gets it.
+    assert_eq!(svc.pay(2).await.unwrap(), 1);
     assert_eq!(svc.runs.get(), 1);
-    // The claim stays (not released), so an immediate retry does not run the body again.
     let key = idem_runtime::Key::derive("faults", &2u32).unwrap();
-    let record = svc.store.inner.get(key.as_str()).await.unwrap().unwrap();
-    assert_eq!(record.state, RecordState::Processing);
-    svc.store.completions_fail.store(false, Ordering::SeqCst);
-    let retry = svc.pay(2).await;
-    assert!(
-        matches!(retry, Err(ref e) if e.is_in_progress()),
-        "{retry:?}"
-    );
+    // The store stays unwritable for three leases (30 s each): the claim is kept
+    // renewed, so every retry meanwhile waits instead of running the work again.
+    for _ in 0..9 {
+        tokio::time::sleep(Duration::from_secs(10)).await;
+        let retry = svc.pay(2).await;
+        assert!(
+            matches!(retry, Err(ref e) if e.is_in_progress()),
+            "{retry:?}"
+        );
+        let record = svc.store.inner.get(key.as_str()).await.unwrap().unwrap();
+        assert_eq!(record.state, RecordState::Processing);
+    }
     assert_eq!(svc.runs.get(), 1);
+    // The store recovers: the background completion lands and retries replay.
+    svc.store.completions_fail.store(false, Ordering::SeqCst);
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let record = svc.store.inner.get(key.as_str()).await.unwrap().unwrap();
+    assert_eq!(record.state, RecordState::Completed);
+    assert_eq!(svc.pay(2).await.unwrap(), 1, "replayed");
+    assert_eq!(svc.runs.get(), 1, "the body ran once");
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_background_completion_gives_up_after_its_limit_and_the_claim_lapses() {
+    let svc = Svc {
+        store: FaultyStore::default(),
+        runs: Runs::default(),
+    };
+    svc.store.completions_fail.store(true, Ordering::SeqCst);
+    assert_eq!(svc.pay(3).await.unwrap(), 1);
+    tokio::time::sleep(idem_runtime::engine::COMPLETION_RETRY_LIMIT + Duration::from_secs(5)).await;
+    // Bounded: the claim is no longer renewed; once its lease lapses a retry runs.
+    tokio::time::sleep(Duration::from_secs(31)).await;
+    svc.store.completions_fail.store(false, Ordering::SeqCst);
+    assert_eq!(svc.pay(3).await.unwrap(), 2);
+    assert_eq!(svc.pay(3).await.unwrap(), 2);
 }

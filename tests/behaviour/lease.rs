@@ -125,3 +125,67 @@ async fn a_holder_that_lost_its_lease_gets_lease_lost_and_records_nothing() {
     assert_eq!(record.outcome.as_deref(), Some(&b"{\"ok\":2}"[..]));
     assert_eq!(jobs.runs.get(), 2);
 }
+
+#[tokio::test(start_paused = true)]
+async fn a_call_polled_once_then_left_unpolled_keeps_its_lease() {
+    let jobs = Jobs {
+        store: MemoryStore::new(),
+        runs: Runs::default(),
+    };
+    // Polled once (it claims and starts its body), then not polled again for
+    // three leases — a `select!` whose other branch runs long.
+    let mut first = Box::pin(jobs.run(4, Duration::from_millis(10_000)));
+    assert!(futures::poll!(first.as_mut()).is_pending());
+    assert_eq!(jobs.runs.get(), 1);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let dup = jobs.run(4, Duration::ZERO).await;
+    assert!(
+        matches!(dup, Err(ref e) if e.is_in_progress()),
+        "the unpolled call still holds its lease: {dup:?}"
+    );
+    let record = jobs.store.get(&key(4)).await.unwrap().unwrap();
+    assert_eq!(record.state, RecordState::Processing);
+    assert!(record.expires_in > Duration::from_millis(50), "{record:?}");
+    assert_eq!(jobs.runs.get(), 1, "nobody took it over");
+    // Dropping the call releases the claim at once: the next call runs.
+    drop(first);
+    assert_eq!(jobs.run(4, Duration::ZERO).await.unwrap(), 2);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_body_that_blocks_its_thread_keeps_its_lease() {
+    struct Blocking {
+        store: MemoryStore,
+        runs: Runs,
+    }
+    impl Blocking {
+        #[idempotent(key = job, lease = "1s", name = "blocking", store = self.store)]
+        async fn run(&self, job: u32) -> Result<usize, AppError> {
+            let n = self.runs.hit();
+            // Blocks its worker thread for three leases before its first await.
+            std::thread::sleep(Duration::from_secs(3));
+            Ok(n)
+        }
+    }
+    let jobs = Arc::new(Blocking {
+        store: MemoryStore::new(),
+        runs: Runs::default(),
+    });
+    let first = tokio::spawn({
+        let jobs = jobs.clone();
+        async move { jobs.run(1).await }
+    });
+    while jobs.runs.get() == 0 {
+        tokio::task::yield_now().await;
+    }
+    // Past two leases of the blocked body, a duplicate is still refused.
+    std::thread::sleep(Duration::from_millis(2_200));
+    let dup = jobs.run(1).await;
+    assert!(
+        matches!(dup, Err(ref e) if e.is_in_progress()),
+        "the blocked body still holds its lease: {dup:?}"
+    );
+    assert_eq!(first.await.unwrap().unwrap(), 1);
+    assert_eq!(jobs.run(1).await.unwrap(), 1, "replayed");
+    assert_eq!(jobs.runs.get(), 1);
+}

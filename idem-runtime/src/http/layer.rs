@@ -73,9 +73,10 @@ impl IdempotencyLayer {
         Arc::make_mut(&mut self.config)
     }
 
-    /// How long a stored response is replayed (default 24 h).
+    /// How long a stored response is replayed (default 24 h; capped to 1 ms – 100 years).
     pub fn ttl(mut self, ttl: Duration) -> Self {
-        self.config().options.ttl = ttl;
+        let options = &mut self.config().options;
+        *options = options.ttl(ttl);
         self
     }
 
@@ -83,7 +84,8 @@ impl IdempotencyLayer {
     /// 30 s; renewed every third of it). A server that dies mid-request frees the
     /// key after this.
     pub fn lease(mut self, lease: Duration) -> Self {
-        self.config().options.lease = lease;
+        let options = &mut self.config().options;
+        *options = options.lease(lease);
         self
     }
 
@@ -136,7 +138,8 @@ impl IdempotencyLayer {
     /// What a duplicate does while the first request runs: 409 at once
     /// ([`InProgress::Reject`], the default) or wait for its response.
     pub fn in_progress(mut self, policy: InProgress) -> Self {
-        self.config().options.in_progress = policy;
+        let options = &mut self.config().options;
+        *options = options.in_progress(policy);
         self
     }
 

@@ -211,7 +211,7 @@ where
 
     let request = Request::from_parts(parts, Body::buffered(data, trailers));
     let ran = held
-        .run(&config.options, async {
+        .run(async {
             let response = match inner.call(request).await {
                 Ok(response) => response,
                 Err(err) => return Err(err),

@@ -146,9 +146,9 @@ impl Deduplicator {
         }
     }
 
-    /// How long a processed message is remembered (default 7 days).
+    /// How long a processed message is remembered (default 7 days; capped to 1 ms – 100 years).
     pub fn ttl(mut self, ttl: Duration) -> Self {
-        self.options.ttl = ttl;
+        self.options = self.options.ttl(ttl);
         self
     }
 
@@ -156,7 +156,7 @@ impl Deduplicator {
     /// 30 s, renewed every third of it). A consumer that dies mid-message frees
     /// the message after this.
     pub fn lease(mut self, lease: Duration) -> Self {
-        self.options.lease = lease;
+        self.options = self.options.lease(lease);
         self
     }
 
@@ -164,7 +164,7 @@ impl Deduplicator {
     /// processed: [`InProgress::Reject`] (the default) answers
     /// [`Outcome::InProgress`] at once; [`InProgress::Wait`] waits for it.
     pub fn in_progress(mut self, policy: InProgress) -> Self {
-        self.options.in_progress = policy;
+        self.options = self.options.in_progress(policy);
         self
     }
 
@@ -201,7 +201,7 @@ impl Deduplicator {
             Ok(Begin::Replay(_)) => return Ok(Outcome::Duplicate),
             Err(err) => return claim_error(err),
         };
-        match held.run(&self.options, handler()).await {
+        match held.run(handler()).await {
             Ok(value) => {
                 // The handler's effects happened: acknowledge whatever the store says.
                 // A failed completion is logged by `complete`; the record then
@@ -293,7 +293,7 @@ impl Deduplicator {
         match result {
             Ok(value) => {
                 store
-                    .complete_in(tx, key, token, PROCESSED, self.options.ttl)
+                    .complete_in(tx, key, token, PROCESSED, self.options.bounded().ttl)
                     .await
                     .map_err(ProcessError::Idempotency)?;
                 Ok(Outcome::Processed(value))

@@ -1,0 +1,202 @@
+//! Holding a claim: the lease watchdog, and completions that outlast a store hiccup.
+//!
+//! The lease is renewed by a [`Watchdog`] task that lives exactly as long as the
+//! claim, so it does not depend on how often the caller polls the call's future
+//! (a `select!` whose other branch runs long, a stream combinator, a body that
+//! blocks its thread on a multi-threaded runtime). Dropping the claim stops it.
+//!
+//! A completion is tried three times in place (at once, after 20 ms and 40 ms).
+//! If the store still fails, the outcome is in hand and the work must not run
+//! again: the claim is handed to a background task that keeps the lease renewed
+//! and retries the completion with backoff (up to [`COMPLETION_RETRY_LIMIT`]),
+//! while duplicates get `InProgress`. A completion whose reply was lost (the
+//! write landed, the connection dropped before the answer) is recognised on the
+//! retry: the record is completed with this claim's own token, so it succeeded.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use tracing::Instrument as _;
+
+use crate::error::Error;
+use crate::key::Key;
+use crate::store::{FencingToken, RecordState, Store};
+
+/// How long a completion that keeps failing with store errors is retried in the
+/// background before the claim is left to lapse with its lease (5 minutes).
+pub const COMPLETION_RETRY_LIMIT: Duration = Duration::from_secs(5 * 60);
+
+/// Renews a claim's lease every third of it, from its own task, until dropped.
+pub(crate) struct Watchdog {
+    task: tokio::task::AbortHandle,
+}
+
+impl Watchdog {
+    /// Starts renewing `token`'s lease on `key` (`lease` at a time).
+    pub(crate) fn start(
+        store: Arc<dyn Store>,
+        key: Key,
+        token: FencingToken,
+        lease: Duration,
+    ) -> Self {
+        let interval = (lease / 3).max(Duration::from_millis(1));
+        let task = tokio::spawn(
+            async move {
+                    let mut pause = interval;
+                    loop {
+                        tokio::time::sleep(pause).await;
+                        match store.renew(key.as_str(), token, lease).await {
+                            Ok(()) => {
+                                tracing::trace!(token = token.0, "lease renewed");
+                                pause = interval;
+                            }
+                            Err(Error::LeaseLost) => {
+                                tracing::error!(
+                                    token = token.0,
+                                    "lease lost while the claim is held; its outcome will not be recorded"
+                                );
+                                return;
+                            }
+                            Err(err) => {
+                                // Two more tries fit in the lease at this pace.
+                                tracing::warn!(token = token.0, error = %err, "lease renewal failed; retrying");
+                                pause = (interval / 2).max(Duration::from_millis(1));
+                            }
+                        }
+                    }
+                }
+            .in_current_span(),
+        )
+        .abort_handle();
+        // On a multi-threaded runtime a task spawned from a worker waits in that
+        // worker's "LIFO slot", which other workers never steal: a body that
+        // blocks its thread right away would keep the watchdog from ever starting.
+        // Spawning one more (empty) task moves the watchdog to the worker's
+        // stealable queue and wakes an idle worker to take it.
+        if tokio::runtime::Handle::current().runtime_flavor()
+            == tokio::runtime::RuntimeFlavor::MultiThread
+        {
+            drop(tokio::spawn(async {}));
+        }
+        Watchdog { task }
+    }
+}
+
+impl Drop for Watchdog {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// What one completion attempt decided.
+enum Attempted {
+    /// Recorded (now, or by an earlier attempt whose reply was lost).
+    Done(Result<(), Error>),
+    /// A transient store failure: try again.
+    Retry(Error),
+}
+
+async fn attempt(
+    store: &dyn Store,
+    key: &Key,
+    token: FencingToken,
+    outcome: &[u8],
+    ttl: Duration,
+) -> Attempted {
+    match store.complete(key.as_str(), token, outcome, ttl).await {
+        Ok(()) => Attempted::Done(Ok(())),
+        // The write may have landed with its reply lost (a cut connection; a
+        // client that resends on its own): then the record is completed with this
+        // very token, which no other caller ever holds.
+        Err(Error::LeaseLost) => match store.get(key.as_str()).await {
+            Ok(Some(record)) if record.token == token && record.state == RecordState::Completed => {
+                tracing::debug!(
+                    token = token.0,
+                    "completion already recorded (an earlier reply was lost)"
+                );
+                Attempted::Done(Ok(()))
+            }
+            Ok(_) => Attempted::Done(Err(Error::LeaseLost)),
+            Err(err @ Error::Store(_)) => Attempted::Retry(err),
+            Err(err) => Attempted::Done(Err(err)),
+        },
+        Err(err @ Error::Store(_)) => Attempted::Retry(err),
+        Err(err) => Attempted::Done(Err(err)),
+    }
+}
+
+/// How a completion ended, for the caller.
+pub(crate) enum Completion {
+    /// The outcome is recorded.
+    Recorded,
+    /// Another caller took the key over (or the record vanished): nothing was written.
+    Lost,
+    /// The store kept failing; a background task holds the claim and keeps trying.
+    Deferred,
+    /// The store refused the outcome for another reason (a codec error, say).
+    Failed(Error),
+}
+
+/// Completes in place (three tries), then, if the store is still failing, hands
+/// the claim and its watchdog to a background task that keeps trying.
+pub(crate) async fn complete(
+    store: Arc<dyn Store>,
+    key: Key,
+    token: FencingToken,
+    watchdog: Option<Watchdog>,
+    outcome: &[u8],
+    ttl: Duration,
+) -> Completion {
+    let mut last = None;
+    for retry in 0..3u32 {
+        if retry > 0 {
+            tokio::time::sleep(Duration::from_millis(10 << retry)).await;
+        }
+        match attempt(&*store, &key, token, outcome, ttl).await {
+            Attempted::Done(Ok(())) => return Completion::Recorded,
+            Attempted::Done(Err(Error::LeaseLost)) => return Completion::Lost,
+            Attempted::Done(Err(err)) => return Completion::Failed(err),
+            Attempted::Retry(err) => {
+                tracing::warn!(error = %err, attempt = retry + 1, "completion failed; retrying");
+                last = Some(err);
+            }
+        }
+    }
+    let err = last.map(|e| e.to_string()).unwrap_or_default();
+    tracing::warn!(
+        token = token.0, error = %err,
+        "the store keeps failing; the outcome is kept and recorded in the background \
+         (the claim stays held, so duplicates wait instead of running again)"
+    );
+    let outcome = outcome.to_vec();
+    tokio::spawn(
+        async move {
+            let _watchdog = watchdog;
+            let deadline = tokio::time::Instant::now() + COMPLETION_RETRY_LIMIT;
+            let mut pause = Duration::from_millis(100);
+            loop {
+                tokio::time::sleep(pause).await;
+                match attempt(&*store, &key, token, &outcome, ttl).await {
+                    Attempted::Done(Ok(())) => {
+                        tracing::info!(token = token.0, "completed in the background");
+                        return;
+                    }
+                    Attempted::Done(Err(err)) => {
+                        tracing::error!(token = token.0, error = %err, "background completion refused; the outcome was not recorded");
+                        return;
+                    }
+                    Attempted::Retry(err) if tokio::time::Instant::now() >= deadline => {
+                        tracing::error!(
+                            token = token.0, error = %err,
+                            "background completion gave up; the claim lapses with its lease"
+                        );
+                        return;
+                    }
+                    Attempted::Retry(_) => pause = (pause * 2).min(Duration::from_secs(2)),
+                }
+            }
+        }
+        .in_current_span(),
+    );
+    Completion::Deferred
+}
