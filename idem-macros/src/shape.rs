@@ -107,7 +107,7 @@ pub fn boxed_async_block_mut(stmts: &mut [Stmt]) -> Option<&mut ExprAsync> {
 }
 
 /// `R` in `Pin<Box<dyn Future<Output = R> + ..>>`.
-fn boxed_future_output(output: &ReturnType) -> Option<Type> {
+pub fn boxed_future_output(output: &ReturnType) -> Option<Type> {
     let ReturnType::Type(_, ty) = output else {
         return None;
     };
