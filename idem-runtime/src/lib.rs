@@ -130,7 +130,15 @@ pub mod __private {
     #[inline]
     pub fn strip_closures(path: &str) -> &str {
         let mut path = path;
-        while path.ends_with('}') {
+        loop {
+            // The usual segment first: a suffix compare, a few ns.
+            if let Some(rest) = path.strip_suffix("::{{closure}}") {
+                path = rest;
+                continue;
+            }
+            if !path.ends_with('}') {
+                break;
+            }
             // Walk back to the `{` that opens the last segment.
             let bytes = path.as_bytes();
             let mut depth = 0usize;
@@ -162,14 +170,17 @@ pub mod __private {
     /// `async fn` form is. A list that holds a type (`g<'_, u32>`) stays.
     #[inline]
     fn strip_lifetimes(path: &str) -> &str {
-        let Some(open) = path.strip_suffix('>').and_then(|p| p.rfind('<')) else {
+        let Some(mut rest) = path.strip_suffix("'_>") else {
             return path;
         };
-        let list = &path[open + 1..path.len() - 1];
-        if list.split(", ").all(|arg| arg == "'_") {
-            &path[..open]
-        } else {
-            path
+        loop {
+            if let Some(fn_path) = rest.strip_suffix('<') {
+                return fn_path;
+            }
+            match rest.strip_suffix("'_, ") {
+                Some(more) => rest = more,
+                None => return path,
+            }
         }
     }
 
@@ -279,6 +290,8 @@ pub mod __private {
                 ("a::g<'_, u32>::{{closure}}", "a::g<'_, u32>"),
                 ("a::g<a::B<'_>>::{{closure}}", "a::g<a::B<'_>>"),
                 ("a::g<fn() -> u8>::{{closure}}", "a::g<fn() -> u8>"),
+                ("a::g<a::B<'_>, '_>::{{closure}}", "a::g<a::B<'_>, '_>"),
+                ("a::S<'_>::m::{{closure}}", "a::S<'_>::m"),
                 ("a::f", "a::f"),
                 ("{{closure}}", "{{closure}}"),
                 ("", ""),
