@@ -64,7 +64,7 @@ pub fn idempotent(attr: TokenStream, item: TokenStream) -> TokenStream {
     // future's output is the return type.
     // (Also when its body was not recognised, so the one error is about that.)
     let output = match &shape {
-        Some(Shape::AsyncTrait { output }) => Some(output.clone()),
+        Some(Shape::AsyncTrait { output }) => Some((**output).clone()),
         Some(Shape::Native) => None,
         None => shape::boxed_future_output(&func.sig.output),
     };

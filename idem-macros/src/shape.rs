@@ -39,7 +39,7 @@ pub enum Shape {
     /// the same shape): `fn .. -> Pin<Box<dyn Future<Output = R> ..>> { Box::pin(async move { .. }) }`.
     AsyncTrait {
         /// `R`, the future's output.
-        output: Type,
+        output: Box<Type>,
     },
 }
 
@@ -50,7 +50,9 @@ pub fn detect(func: &ItemFn) -> syn::Result<Shape> {
     }
     if let Some(output) = boxed_future_output(&func.sig.output) {
         return match boxed_async_block(&func.block.stmts) {
-            Some(_) => Ok(Shape::AsyncTrait { output }),
+            Some(_) => Ok(Shape::AsyncTrait {
+                output: Box::new(output),
+            }),
             None => Err(syn::Error::new_spanned(
                 func.sig.fn_token,
                 "#[idempotent] needs an `async fn`; this `fn` returns a boxed future, but its body is not the single `Box::pin(async move { .. })` that `#[async_trait]` writes, so #[idempotent] cannot find the body to run once. \

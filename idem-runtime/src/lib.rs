@@ -263,6 +263,16 @@ pub mod __private {
     #[inline]
     pub fn assert_result<R: ResultParts>() {}
 
+    /// The store named by `store =`, checked to write inside the `tx =` transaction.
+    #[inline]
+    pub fn tx_store<'s, S, X>(store: &'s S, _tx: &X) -> &'s S
+    where
+        S: crate::TransactionalStore<X> + ?Sized,
+        X: Send + ?Sized,
+    {
+        store
+    }
+
     #[cfg(test)]
     mod tests {
         use super::{fn_path, strip_closures};
@@ -300,7 +310,8 @@ pub mod __private {
             }
         }
 
-        fn generic<T>() -> &'static str {
+        fn generic<T: Default>() -> &'static str {
+            let _unused = T::default();
             fn_path(&|| ())
         }
 
@@ -319,15 +330,5 @@ pub mod __private {
                 "idem_runtime::__private::tests::generic<&str>"
             );
         }
-    }
-
-    /// The store named by `store =`, checked to write inside the `tx =` transaction.
-    #[inline]
-    pub fn tx_store<'s, S, X>(store: &'s S, _tx: &X) -> &'s S
-    where
-        S: crate::TransactionalStore<X> + ?Sized,
-        X: Send + ?Sized,
-    {
-        store
     }
 }
