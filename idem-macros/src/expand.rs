@@ -512,6 +512,17 @@ mod tests {
         );
         assert_eq!(out.matches("compile_error").count(), 1, "{out}");
         assert!(out.contains("put `#[idempotent(..)]` first"), "{out}");
+        // A plain `fn` that was never async gets the plain message.
+        let out = expand_str(
+            quote!(key = id, store = s),
+            quote!(
+                #[test]
+                fn t() -> Result<(), E> {
+                    Ok(())
+                }
+            ),
+        );
+        assert!(out.contains("it waits on the store"), "{out}");
     }
 
     #[test]

@@ -158,16 +158,10 @@ fn single_type_argument<'t>(ty: &'t Type, name: &str) -> Option<&'t Type> {
 }
 
 /// Whether a runtime attribute placed above `#[idempotent]` rewrote an
-/// `async fn`: `#[tokio::test]` and its kin add a `#[test]` attribute, and
-/// they all drive the former body with `block_on`.
+/// `async fn`: `#[tokio::test]`, `#[tokio::main]`, `#[async_std::test]` and their
+/// kin all leave a plain `fn` that drives the former body with `block_on`.
 fn rewritten_by_runtime_attribute(func: &ItemFn) -> bool {
-    let test_attr = func.attrs.iter().any(|a| {
-        a.path()
-            .segments
-            .last()
-            .is_some_and(|s| s.ident == "test" || s.ident == "rustc_test_marker")
-    });
-    test_attr || mentions(quote::ToTokens::to_token_stream(&func.block), "block_on")
+    mentions(quote::ToTokens::to_token_stream(&func.block), "block_on")
 }
 
 fn mentions(tokens: TokenStream, word: &str) -> bool {
