@@ -24,7 +24,7 @@ struct Svc<S> {
 }
 
 impl<S: Store> Svc<S> {
-    #[idempotent(key = id, fingerprint = amount, ttl = "10s", store = self.store)]
+    #[idempotent(key = id, fingerprint = amount, ttl = "10s", name = "cache-pay", store = self.store)]
     async fn pay(&self, id: u32, amount: u32) -> Result<usize, AppError> {
         Ok(self.runs.fetch_add(1, Ordering::SeqCst) + 1)
     }
@@ -121,7 +121,7 @@ async fn a_cached_replay_survives_the_record_vanishing_from_redis() {
     s.pay(id, 5).await.unwrap();
     let client = redis::Client::open(url.as_str()).unwrap();
     let mut conn = client.get_multiplexed_async_connection().await.unwrap();
-    let key = idem_runtime::Key::derive(concat!(module_path!(), "::pay"), &id).unwrap();
+    let key = idem_runtime::Key::derive("cache-pay", &id).unwrap();
     let deleted: i64 = redis::cmd("DEL")
         .arg(redis.redis_key(key.as_str()))
         .query_async(&mut conn)

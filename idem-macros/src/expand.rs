@@ -9,31 +9,34 @@
 //! Output:
 //! ```text
 //! async fn create_order(&self, req: Req) -> Result<Order, OrderError> {
-//!     const __IDEM_OPTIONS: ::idem_runtime::__private::Options =
-//!         ::idem_runtime::__private::Options::new(concat!(module_path!(), "::", "create_order"))
+//!     let __idem_options: ::idem_runtime::__private::Options =
+//!         ::idem_runtime::__private::Options::new(::idem_runtime::__private::fn_path(&|| ()))
 //!             .ttl(::idem_runtime::__private::Duration::from_millis(86400000))
 //!             .lease(..).in_progress(..);
 //!     let __idem_store = ::idem_runtime::__private::store_handle(&(self.store));
-//!     let __idem_key = ::idem_runtime::__private::Keyer::new(__IDEM_OPTIONS.namespace)
+//!     let __idem_key = ::idem_runtime::__private::Keyer::new(__idem_options.namespace)
 //!         .part(&(req.user_id)).part(&(req.product_id))
 //!         .window(::idem_runtime::__private::Duration::from_millis(86400000))
 //!         .finish();
-//!     ::idem_runtime::__private::execute(__idem_store, &__IDEM_OPTIONS, __idem_key,
+//!     ::idem_runtime::__private::execute(__idem_store, &__idem_options, __idem_key,
 //!         None, ::idem_runtime::__private::release_errors::<Order, OrderError>(),
 //!         async move { if false { let __idem_ret: Result<Order, OrderError> = loop {}; return __idem_ret; } body },
 //!     ).await
 //! }
 //! ```
+//! Every generated name is a local with `Span::mixed_site()` hygiene, so none
+//! of them can shadow, or be shadowed by, a user's name.
 //! Key parts are borrowed (`&(expr)`), never moved, so a `String` field is
 //! still there when the body runs.
 
-use proc_macro2::{Span, TokenStream};
+use proc_macro2::{Group, Span, TokenStream, TokenTree};
 use quote::{quote, quote_spanned};
 use syn::spanned::Spanned as _;
-use syn::{Ident, ItemFn};
+use syn::{Expr, Ident, ItemFn, Pat, Stmt};
 
 use crate::args::{self, Args, InProgressArg};
 use crate::fallback;
+use crate::shape::{self, Shape};
 use crate::validate::{self, Checked};
 
 /// Default ttl: 24 hours.
@@ -53,19 +56,44 @@ pub fn idempotent(attr: TokenStream, item: TokenStream) -> TokenStream {
             return fallback::emit(err, item);
         }
     };
+    let (shape, shape_err) = match shape::detect(&func) {
+        Ok(shape) => (Some(shape), None),
+        Err(err) => (None, Some(err)),
+    };
+    // The signature as the user wrote it: for an `#[async_trait]` method, the
+    // future's output is the return type.
+    // (Also when its body was not recognised, so the one error is about that.)
+    let output = match &shape {
+        Some(Shape::AsyncTrait { output }) => Some((**output).clone()),
+        Some(Shape::Native) => None,
+        None => shape::boxed_future_output(&func.sig.output),
+    };
+    let sig = match output {
+        Some(output) => {
+            let mut sig = func.sig.clone();
+            sig.asyncness = Some(Default::default());
+            sig.output = syn::parse_quote!(-> #output);
+            sig
+        }
+        None => func.sig.clone(),
+    };
     let parsed = args::parse(attr);
     let checked = match &parsed {
-        Ok(args) => validate::check(&func.sig, args),
+        Ok(args) => validate::check(&sig, shape_err, args),
         // Still check the signature, so argument and signature errors show together.
-        Err(_) => validate::check(&func.sig, &Args::lenient()),
+        Err(_) => validate::check(&sig, shape_err, &Args::lenient()),
     };
-    match (parsed, checked) {
-        (Ok(args), Ok(checked)) => expand(&args, &checked, func),
-        (Err(mut err), Err(more)) => {
+    match (parsed, checked, shape) {
+        (Ok(args), Ok(checked), Some(Shape::Native)) => expand(&args, &checked, func),
+        (Ok(args), Ok(checked), Some(Shape::AsyncTrait { .. })) => {
+            expand_async_trait(args, &checked, func)
+        }
+        (Err(mut err), Err(more), _) => {
             err.combine(more);
             fallback::emit(err, item)
         }
-        (Err(err), Ok(_)) | (Ok(_), Err(err)) => fallback::emit(err, item),
+        (Err(err), _, _) | (_, Err(err), _) => fallback::emit(err, item),
+        (Ok(_), Ok(_), None) => unreachable!("a shape error fails the check"),
     }
 }
 
@@ -85,13 +113,15 @@ fn local(name: &str) -> Ident {
     Ident::new(name, Span::mixed_site())
 }
 
-fn expand(args: &Args, checked: &Checked, func: ItemFn) -> TokenStream {
-    let krate = args
-        .krate
+fn krate(args: &Args) -> TokenStream {
+    args.krate
         .as_ref()
         .map(|p| quote!(#p))
-        .unwrap_or_else(|| quote!(::idem_runtime));
-    let private = quote!(#krate::__private);
+        .unwrap_or_else(|| quote!(::idem_runtime))
+}
+
+/// An `async fn`: the rewrite replaces its body.
+fn expand(args: &Args, checked: &Checked, func: ItemFn) -> TokenStream {
     let ItemFn {
         attrs,
         vis,
@@ -103,12 +133,107 @@ fn expand(args: &Args, checked: &Checked, func: ItemFn) -> TokenStream {
     let (inner, outer): (Vec<_>, Vec<_>) = attrs
         .into_iter()
         .partition(|a| matches!(a.style, syn::AttrStyle::Inner(_)));
-    let fn_name = sig.ident.to_string();
+    let stmts = &block.stmts;
+    let rewritten = rewrite(args, checked, quote!(#(#stmts)*));
+    quote! {
+        #(#outer)*
+        #vis #sig {
+            #(#inner)*
+            #rewritten
+        }
+    }
+}
+
+/// A method `#[async_trait]` has rewritten: the rewrite goes inside its
+/// `Box::pin(async move { .. })`.
+///
+/// async-trait 0.1 ends that block with `let __ret: R = { body }; __ret`, after
+/// rebinding the receiver as `__self` and each parameter under its own name (a
+/// pattern parameter is destructured there). The rewrite replaces `{ body }`, so
+/// `key`, `fingerprint` and `store` see every parameter binding; `self` in them
+/// is renamed to `__self` as async-trait renamed it in the body. Without that
+/// statement (a boxed future written by hand, another version), the rewrite
+/// wraps the whole block, before any rebinding, where `self` and the
+/// parameters are still the function's own.
+fn expand_async_trait(mut args: Args, checked: &Checked, mut func: ItemFn) -> TokenStream {
+    let block = shape::boxed_async_block_mut(&mut func.block.stmts)
+        .expect("detected: the body is Box::pin(async move { .. })");
+    let stmts = &mut block.block.stmts;
+    let renames_self = stmts.iter().any(|stmt| match stmt {
+        Stmt::Local(local) => {
+            matches!(&local.pat, Pat::Ident(p) if p.ident == "__self")
+                && local.init.as_ref().is_some_and(
+                    |init| matches!(&*init.expr, Expr::Path(p) if p.path.is_ident("self")),
+                )
+        }
+        _ => false,
+    });
+    let ret_stmt = stmts.iter_mut().rev().find_map(|stmt| match stmt {
+        Stmt::Local(local) => match (&local.pat, &mut local.init) {
+            (Pat::Type(typed), Some(init))
+                if matches!(&*typed.pat, Pat::Ident(p) if p.ident == "__ret") =>
+            {
+                Some(init)
+            }
+            _ => None,
+        },
+        _ => None,
+    });
+    match ret_stmt {
+        Some(init) => {
+            if renames_self {
+                rename_self_in(&mut args);
+            }
+            let body = &init.expr;
+            let rewritten = rewrite(&args, checked, quote!(#body));
+            *init.expr = syn::parse_quote!({ #rewritten });
+        }
+        None => {
+            let all = std::mem::take(stmts);
+            let rewritten = rewrite(&args, checked, quote!(#(#all)*));
+            *stmts = syn::parse_quote!(#rewritten);
+        }
+    }
+    quote!(#func)
+}
+
+/// `self` → `__self` in the `key`, `fingerprint` and `store` expressions.
+fn rename_self_in(args: &mut Args) {
+    fn rename(tokens: TokenStream) -> TokenStream {
+        tokens
+            .into_iter()
+            .map(|tt| match tt {
+                TokenTree::Ident(ident) if ident == "self" => {
+                    TokenTree::Ident(Ident::new("__self", ident.span()))
+                }
+                TokenTree::Group(group) => {
+                    let mut renamed = Group::new(group.delimiter(), rename(group.stream()));
+                    renamed.set_span(group.span());
+                    TokenTree::Group(renamed)
+                }
+                other => other,
+            })
+            .collect()
+    }
+    fn expr(e: &mut Expr) {
+        let renamed = rename(quote!(#e));
+        *e = syn::parse2(renamed).expect("renaming an identifier keeps an expression");
+    }
+    args.key.iter_mut().flatten().for_each(expr);
+    args.fingerprint.iter_mut().flatten().for_each(expr);
+    args.store.iter_mut().for_each(expr);
+}
+
+/// The statements that replace `body` (tokens that evaluate to the function's
+/// `Result`): bind the options, store, key and fingerprint, then call the engine.
+fn rewrite(args: &Args, checked: &Checked, body: TokenStream) -> TokenStream {
+    let krate = krate(args);
+    let private = quote!(#krate::__private);
 
     let store_var = local("__idem_store");
     let key_var = local("__idem_key");
     let fp_var = local("__idem_fingerprint");
-    let options = local("__IDEM_OPTIONS");
+    let options = local("__idem_options");
     let ret_var = local("__idem_ret");
 
     // Type checks land on the user's tokens: `T` and `E` are passed to `execute`
@@ -129,10 +254,14 @@ fn expand(args: &Args, checked: &Checked, func: ItemFn) -> TokenStream {
     let ok_ty = ok.as_ref().map_or(underscore.clone(), |t| quote!(#t));
     let err_ty = err.as_ref().map_or(underscore, |t| quote!(#t));
 
-    // Options: a constant, so nothing is parsed or allocated per call.
+    // Options: a local value (hygienic, unlike an item, so no user name is
+    // shadowed); building it is a few moves, nothing is parsed or allocated.
+    // The default namespace is the function's own path as the compiler names
+    // it: `module::f`, `module::Type::m`, `<module::T as module::Tr>::m`,
+    // `module::g<u32>`.
     let namespace = match &args.name {
         Some(lit) => quote!(#lit),
-        None => quote!(::core::concat!(::core::module_path!(), "::", #fn_name)),
+        None => quote!(#private::fn_path(&|| ())),
     };
     let ttl = args.ttl.as_ref().map_or(DEFAULT_TTL_MS, |d| d.ms);
     let lease = args.lease.as_ref().map_or(DEFAULT_LEASE_MS, |d| d.ms);
@@ -194,7 +323,6 @@ fn expand(args: &Args, checked: &Checked, func: ItemFn) -> TokenStream {
         }
     };
 
-    let stmts = &block.stmts;
     let body = quote! {
         #[allow(
             unknown_lints,
@@ -209,7 +337,7 @@ fn expand(args: &Args, checked: &Checked, func: ItemFn) -> TokenStream {
             let #ret_var: #ret = loop {};
             return #ret_var;
         }
-        #(#stmts)*
+        #body
     };
     // The body runs as `async move { .. }`, polled by the engine (which renews
     // the lease alongside it). With `tx`, the engine claims inside the
@@ -239,19 +367,15 @@ fn expand(args: &Args, checked: &Checked, func: ItemFn) -> TokenStream {
         }
     };
     quote! {
-        #(#outer)*
-        #vis #sig {
-            #(#inner)*
-            #check
-            const #options: #private::Options = #private::Options::new(#namespace)
-                .ttl(#private::Duration::from_millis(#ttl))
-                .lease(#private::Duration::from_millis(#lease))
-                .in_progress(#in_progress);
-            let #store_var = #store;
-            let #key_var = #private::Keyer::new(#options.namespace) #(#parts)* #window .finish();
-            let #fp_var = #fingerprint;
-            #call
-        }
+        #check
+        let #options: #private::Options = #private::Options::new(#namespace)
+            .ttl(#private::Duration::from_millis(#ttl))
+            .lease(#private::Duration::from_millis(#lease))
+            .in_progress(#in_progress);
+        let #store_var = #store;
+        let #key_var = #private::Keyer::new(#options.namespace) #(#parts)* #window .finish();
+        let #fp_var = #fingerprint;
+        #call
     }
 }
 
@@ -305,5 +429,128 @@ mod tests {
             ),
         );
         assert_eq!(out.matches("compile_error").count(), 3, "{out}");
+    }
+
+    /// What async-trait 0.1.92 makes of `async fn m(&self, id: u64) -> Result<u32, E>`.
+    fn async_trait_method() -> TokenStream {
+        quote!(
+            fn m<'life0, 'async_trait>(
+                &'life0 self,
+                id: u64,
+            ) -> ::core::pin::Pin<
+                Box<
+                    dyn ::core::future::Future<Output = Result<u32, E>>
+                        + ::core::marker::Send
+                        + 'async_trait,
+                >,
+            >
+            where
+                'life0: 'async_trait,
+                Self: 'async_trait,
+            {
+                Box::pin(async move {
+                    if let ::core::option::Option::Some(__ret) =
+                        ::core::option::Option::None::<Result<u32, E>>
+                    {
+                        #[allow(unreachable_code)]
+                        return __ret;
+                    }
+                    let __self = self;
+                    let id = id;
+                    let __ret: Result<u32, E> = { Ok(__self.n + id as u32) };
+                    #[allow(unreachable_code)]
+                    __ret
+                })
+            }
+        )
+    }
+
+    #[test]
+    fn rewrites_inside_the_async_trait_future_with_self_renamed() {
+        let out = expand_str(
+            quote!(key = (self.tenant, id), store = self.store),
+            async_trait_method(),
+        );
+        assert!(!out.contains("compile_error"), "{out}");
+        assert!(out.contains("Box :: pin (async move"), "{out}");
+        assert!(out.contains("store_handle (& (__self . store))"), "{out}");
+        assert!(out.contains(". part (& (__self . tenant))"), "{out}");
+        assert!(out.contains("let __ret : Result < u32 , E > = {"), "{out}");
+        assert!(out.contains("execute"), "{out}");
+        assert!(!out.contains("(self ."), "{out}");
+    }
+
+    #[test]
+    fn a_boxed_future_of_another_shape_is_one_clear_error() {
+        let out = expand_str(
+            quote!(key = id, store = self.store),
+            quote!(
+                fn m(&self, id: u64) -> Pin<Box<dyn Future<Output = Result<u32, E>> + Send + '_>> {
+                    let fut = async move { Ok(1) };
+                    Box::pin(fut)
+                }
+            ),
+        );
+        assert_eq!(out.matches("compile_error").count(), 1, "{out}");
+        assert!(out.contains("Box::pin(async move { .. })"), "{out}");
+    }
+
+    #[test]
+    fn a_runtime_attribute_above_is_named_as_the_cause() {
+        let out = expand_str(
+            quote!(key = id, store = s),
+            quote!(
+                #[::core::prelude::v1::test]
+                fn t() -> Result<(), E> {
+                    let body = async { Ok(()) };
+                    tokio::runtime::Builder::new_current_thread()
+                        .build()
+                        .unwrap()
+                        .block_on(body)
+                }
+            ),
+        );
+        assert_eq!(out.matches("compile_error").count(), 1, "{out}");
+        assert!(out.contains("put `#[idempotent(..)]` first"), "{out}");
+        // A plain `fn` that was never async gets the plain message.
+        let out = expand_str(
+            quote!(key = id, store = s),
+            quote!(
+                #[test]
+                fn t() -> Result<(), E> {
+                    Ok(())
+                }
+            ),
+        );
+        assert!(out.contains("it waits on the store"), "{out}");
+    }
+
+    #[test]
+    fn impl_trait_results_are_one_error_that_names_the_fix() {
+        let out = expand_str(
+            quote!(key = id, store = s),
+            quote!(
+                async fn f(id: u64) -> Result<Vec<impl Display>, E> {
+                    Ok(vec![id])
+                }
+            ),
+        );
+        assert_eq!(out.matches("compile_error").count(), 1, "{out}");
+        assert!(out.contains("Return a concrete type"), "{out}");
+    }
+
+    #[test]
+    fn options_are_a_hygienic_local_not_an_item() {
+        let out = expand_str(
+            quote!(key = id, store = s),
+            quote!(
+                async fn f(s: &S, id: u64) -> Result<u64, E> {
+                    Ok(id)
+                }
+            ),
+        );
+        assert!(!out.contains("const"), "{out}");
+        assert!(out.contains("let __idem_options"), "{out}");
+        assert!(out.contains("fn_path (& || ())"), "{out}");
     }
 }

@@ -6,6 +6,7 @@ mod args;
 mod duration;
 mod expand;
 mod fallback;
+mod shape;
 mod validate;
 
 use proc_macro::TokenStream;

@@ -20,16 +20,14 @@ pub struct Checked {
     pub tx: Option<Type>,
 }
 
-/// Validates `sig` and `args`, collecting every problem.
-pub fn check(sig: &Signature, args: &Args) -> syn::Result<Checked> {
+/// Validates `sig` and `args`, collecting every problem; `shape` is the
+/// verdict on the function's form (not async, not a recognised boxed future).
+pub fn check(sig: &Signature, shape: Option<syn::Error>, args: &Args) -> syn::Result<Checked> {
     let mut errors = Errors::default();
     let attr_span = args.span.unwrap_or_else(Span::call_site);
 
-    if sig.asyncness.is_none() {
-        errors.push(syn::Error::new_spanned(
-            sig.fn_token,
-            "#[idempotent] needs an `async fn`: it waits on the store before and after the body",
-        ));
+    if let Some(shape) = shape {
+        errors.push(shape);
     }
     let checked = return_type(sig).map_err(|e| errors.push(e)).ok();
 
@@ -106,6 +104,13 @@ fn return_type(sig: &Signature) -> syn::Result<Checked> {
         ReturnType::Default => return Err(not_result(&sig.ident)),
         ReturnType::Type(_, ty) => ty,
     };
+    if let Some(opaque) = impl_trait(ty) {
+        return Err(syn::Error::new_spanned(
+            opaque,
+            "#[idempotent] cannot store an `impl Trait` result: the `Ok` value is serialized, stored and replayed, so its type must be named. \
+             Return a concrete type that implements `Serialize` + `DeserializeOwned`",
+        ));
+    }
     let mut inner: &Type = ty;
     while let Type::Paren(p) = inner {
         inner = &p.elem;
@@ -152,5 +157,31 @@ fn return_type(sig: &Signature) -> syn::Result<Checked> {
             ..alias
         }),
         _ => Ok(alias),
+    }
+}
+
+/// The first opaque `impl Trait` type inside `ty`.
+fn impl_trait(ty: &Type) -> Option<&Type> {
+    match ty {
+        Type::ImplTrait(_) => Some(ty),
+        Type::Paren(t) => impl_trait(&t.elem),
+        Type::Group(t) => impl_trait(&t.elem),
+        Type::Reference(t) => impl_trait(&t.elem),
+        Type::Slice(t) => impl_trait(&t.elem),
+        Type::Array(t) => impl_trait(&t.elem),
+        Type::Ptr(t) => impl_trait(&t.elem),
+        Type::Tuple(t) => t.elems.iter().find_map(impl_trait),
+        Type::Path(t) => t
+            .path
+            .segments
+            .iter()
+            .find_map(|segment| match &segment.arguments {
+                PathArguments::AngleBracketed(args) => args.args.iter().find_map(|arg| match arg {
+                    GenericArgument::Type(t) => impl_trait(t),
+                    _ => None,
+                }),
+                _ => None,
+            }),
+        _ => None,
     }
 }

@@ -14,7 +14,7 @@ struct Jobs<S> {
 }
 
 impl<S: Store> Jobs<S> {
-    #[idempotent(key = job, lease = "100ms", store = self.store)]
+    #[idempotent(key = job, lease = "100ms", name = "lease-jobs", store = self.store)]
     async fn run(&self, job: u32, work: Duration) -> Result<usize, AppError> {
         let n = self.runs.hit();
         tokio::time::sleep(work).await;
@@ -23,7 +23,7 @@ impl<S: Store> Jobs<S> {
 }
 
 fn key(job: u32) -> String {
-    idem_runtime::Key::derive(concat!(module_path!(), "::run"), &job)
+    idem_runtime::Key::derive("lease-jobs", &job)
         .unwrap()
         .as_str()
         .to_owned()

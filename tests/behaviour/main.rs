@@ -5,6 +5,7 @@ mod cancellation;
 mod concurrency;
 mod corrupt;
 mod current;
+mod dyn_traits;
 mod errors;
 mod faults;
 mod fingerprint;

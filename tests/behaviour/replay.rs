@@ -67,7 +67,7 @@ async fn ttl_expiry_runs_the_body_again() {
 async fn the_store_holds_the_json_outcome() {
     let p = payments();
     p.charge("cy".into(), 9).await.unwrap();
-    let key = idem_runtime::key::KeyBuilder::new(concat!(module_path!(), "::charge"))
+    let key = idem_runtime::key::KeyBuilder::new(concat!(module_path!(), "::Payments::charge"))
         .part("cy")
         .unwrap()
         .part(&9u64)

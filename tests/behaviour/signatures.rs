@@ -90,3 +90,18 @@ async fn mut_self_generics_impl_trait_patterns_early_return_and_question_mark() 
         Err(AppError::Unavailable)
     ));
 }
+
+static ORDER_STORE: std::sync::LazyLock<MemoryStore> = std::sync::LazyLock::new(MemoryStore::new);
+
+// `#[idempotent]` first, then `#[tokio::test]`: the order the attribute-order
+// error asks for compiles and runs the body as an idempotent call.
+#[idempotent(key = "attribute-order", store = *ORDER_STORE)]
+#[tokio::test]
+async fn idempotent_above_tokio_test_runs_inside_a_claim() -> Result<(), AppError> {
+    let attempt = idem_runtime::current().expect("the body runs inside a claim");
+    assert_eq!(
+        attempt.key().namespace(),
+        "behaviour::signatures::idempotent_above_tokio_test_runs_inside_a_claim"
+    );
+    Ok(())
+}

@@ -1,0 +1,18 @@
+use std::fmt::Display;
+
+use idem_runtime::{idempotent, MemoryStore};
+
+#[derive(Debug)]
+pub struct AppError;
+impl From<idem_runtime::Error> for AppError {
+    fn from(_: idem_runtime::Error) -> Self {
+        AppError
+    }
+}
+
+#[idempotent(key = id, store = store)]
+async fn create(store: &MemoryStore, id: u64) -> Result<impl Display, AppError> {
+    Ok(id)
+}
+
+fn main() {}
