@@ -94,3 +94,63 @@ async fn a_background_completion_gives_up_after_its_limit_and_the_claim_lapses()
     assert_eq!(svc.pay(3).await.unwrap(), 2);
     assert_eq!(svc.pay(3).await.unwrap(), 2);
 }
+
+struct Waiting {
+    store: FaultyStore,
+    runs: Runs,
+}
+
+impl Waiting {
+    #[idempotent(key = id, name = "faults-wait", in_progress = wait("60s"), store = self.store)]
+    async fn pay(&self, id: u32, work: Duration) -> Result<usize, AppError> {
+        let n = self.runs.hit();
+        tokio::time::sleep(work).await;
+        Ok(n)
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_waiting_duplicate_rides_out_a_transient_store_error() {
+    let svc = std::sync::Arc::new(Waiting {
+        store: FaultyStore::default(),
+        runs: Runs::default(),
+    });
+    let first = tokio::spawn({
+        let svc = svc.clone();
+        async move { svc.pay(1, Duration::from_secs(5)).await }
+    });
+    tokio::time::sleep(Duration::from_millis(10)).await;
+    let waiter = tokio::spawn({
+        let svc = svc.clone();
+        async move { svc.pay(1, Duration::ZERO).await }
+    });
+    // The waiter is polling; the store drops out for a second, then comes back.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    svc.store.claims_fail.store(true, Ordering::SeqCst);
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    svc.store.claims_fail.store(false, Ordering::SeqCst);
+    assert_eq!(first.await.unwrap().unwrap(), 1);
+    assert_eq!(
+        waiter.await.unwrap().unwrap(),
+        1,
+        "the wait survived the store error and replayed the first result"
+    );
+    assert_eq!(svc.runs.get(), 1);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_store_down_before_any_wait_still_fails_closed_at_once() {
+    let svc = Waiting {
+        store: FaultyStore::default(),
+        runs: Runs::default(),
+    };
+    svc.store.claims_fail.store(true, Ordering::SeqCst);
+    let started = tokio::time::Instant::now();
+    let result = svc.pay(2, Duration::ZERO).await;
+    assert!(
+        matches!(result, Err(AppError::Idem(Error::Store(_)))),
+        "{result:?}"
+    );
+    assert_eq!(started.elapsed(), Duration::ZERO);
+    assert_eq!(svc.runs.get(), 0);
+}

@@ -12,6 +12,7 @@ mod fingerprint;
 mod lease;
 mod missing_key;
 mod namespaces;
+mod reentrancy;
 mod replay;
 mod signatures;
 
