@@ -56,7 +56,7 @@ pub enum InProgress {
 /// on every store instead of an overflow.
 #[derive(Debug, Clone, Copy)]
 pub struct Options {
-    /// The key namespace (default: `module_path::fn_name`).
+    /// The key namespace (the attribute's default: the function's path, e.g. `crate::module::Type::method`).
     pub namespace: &'static str,
     /// How long a completed outcome is replayed.
     pub ttl: Duration,
