@@ -479,12 +479,26 @@ pub async fn begin(
     let options = options.bounded();
     Ok(match claim(&*store, &options, &key, fingerprint).await? {
         Claimed::Run(token) => {
-            let watchdog = Watchdog::start(Arc::clone(&store), key.clone(), token, options.lease);
+            let watchdog = std::sync::OnceLock::new();
+            // On a multi-threaded runtime the watchdog starts with the claim, so
+            // even a body that blocks its thread before its first await keeps its
+            // lease. On a current-thread runtime such a body would block the
+            // watchdog too, so it starts when the body first waits: a body that
+            // finishes at once costs no task.
+            if lease::multi_threaded() {
+                let _ = watchdog.set(Watchdog::start(
+                    Arc::clone(&store),
+                    key.clone(),
+                    token,
+                    options.lease,
+                ));
+            }
             Begin::Run(HeldClaim {
                 store,
                 key,
                 token,
-                watchdog: Some(watchdog),
+                lease: options.lease,
+                watchdog,
                 armed: true,
             })
         }
@@ -501,8 +515,9 @@ pub struct HeldClaim {
     store: Arc<dyn Store>,
     key: Key,
     token: FencingToken,
+    lease: Duration,
     /// Renews the lease until the claim is completed, released or dropped.
-    watchdog: Option<Watchdog>,
+    watchdog: std::sync::OnceLock<Watchdog>,
     armed: bool,
 }
 
@@ -530,7 +545,27 @@ impl HeldClaim {
     /// by the claim's watchdog meanwhile, whether or not `work` is polled.
     pub async fn run<F: Future>(&self, work: F) -> F::Output {
         let attempt = Attempt::new(self.key.clone(), self.token);
-        CURRENT.scope(attempt, work).await
+        let mut work = std::pin::pin!(CURRENT.scope(attempt, work));
+        if self.watchdog.get().is_some() {
+            return work.await;
+        }
+        std::future::poll_fn(|cx| {
+            let polled = work.as_mut().poll(cx);
+            if polled.is_pending() {
+                self.watchdog.get_or_init(|| self.start_watchdog());
+            }
+            polled
+        })
+        .await
+    }
+
+    fn start_watchdog(&self) -> Watchdog {
+        Watchdog::start(
+            Arc::clone(&self.store),
+            self.key.clone(),
+            self.token,
+            self.lease,
+        )
     }
 
     /// Records `outcome` for `ttl` (capped to 100 years).
@@ -546,7 +581,10 @@ impl HeldClaim {
         self.armed = false;
         let token = self.token;
         let (store, key) = (Arc::clone(&self.store), self.key.clone());
-        let watchdog = self.watchdog.take();
+        let watchdog = match self.watchdog.take() {
+            Some(watchdog) => watchdog.into(),
+            None => lease::Lazy::Start(self.lease),
+        };
         match lease::complete(store, key, token, watchdog, outcome, cap_duration(ttl)).await {
             Completion::Recorded => {
                 tracing::debug!(token = token.0, "completed");
@@ -577,7 +615,7 @@ impl HeldClaim {
     /// [`release`](Self::release), logged as `what` ("released after error", …).
     pub(crate) async fn release_because(mut self, what: &'static str) {
         self.armed = false;
-        self.watchdog = None;
+        drop(self.watchdog.take());
         let token = self.token;
         match self.store.release(self.key.as_str(), token).await {
             Ok(()) => tracing::debug!(token = token.0, "{what}"),
@@ -716,7 +754,7 @@ impl Drop for HeldClaim {
         if !self.armed {
             return;
         }
-        self.watchdog = None;
+        drop(self.watchdog.take());
         let token = self.token;
         match self.store.release_now(self.key.as_str(), token) {
             Some(Ok(())) => tracing::debug!(token = token.0, "released after cancellation"),

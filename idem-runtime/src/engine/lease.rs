@@ -73,12 +73,31 @@ impl Watchdog {
         // blocks its thread right away would keep the watchdog from ever starting.
         // Spawning one more (empty) task moves the watchdog to the worker's
         // stealable queue and wakes an idle worker to take it.
-        if tokio::runtime::Handle::current().runtime_flavor()
-            == tokio::runtime::RuntimeFlavor::MultiThread
-        {
+        if multi_threaded() {
             drop(tokio::spawn(async {}));
         }
         Watchdog { task }
+    }
+}
+
+/// Whether the current Tokio runtime has several worker threads.
+pub(crate) fn multi_threaded() -> bool {
+    tokio::runtime::Handle::try_current()
+        .is_ok_and(|rt| rt.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread)
+}
+
+/// A watchdog that runs already, or the lease to start one with when needed.
+pub(crate) enum Lazy {
+    /// Renewing already.
+    Running(Watchdog),
+    /// Not started (the body finished without waiting): start one, for this
+    /// lease, only if the completion has to go on in the background.
+    Start(Duration),
+}
+
+impl From<Watchdog> for Lazy {
+    fn from(watchdog: Watchdog) -> Self {
+        Lazy::Running(watchdog)
     }
 }
 
@@ -143,7 +162,7 @@ pub(crate) async fn complete(
     store: Arc<dyn Store>,
     key: Key,
     token: FencingToken,
-    watchdog: Option<Watchdog>,
+    watchdog: Lazy,
     outcome: &[u8],
     ttl: Duration,
 ) -> Completion {
@@ -169,6 +188,10 @@ pub(crate) async fn complete(
          (the claim stays held, so duplicates wait instead of running again)"
     );
     let outcome = outcome.to_vec();
+    let watchdog = match watchdog {
+        Lazy::Running(watchdog) => watchdog,
+        Lazy::Start(lease) => Watchdog::start(Arc::clone(&store), key.clone(), token, lease),
+    };
     tokio::spawn(
         async move {
             let _watchdog = watchdog;
