@@ -103,7 +103,7 @@ async fn the_http_layer_caps_huge_durations_on_every_store() {
             .ttl(Duration::MAX)
             .lease(Duration::MAX)
             .in_progress(InProgress::Wait(Duration::MAX))
-            .namespace(&unique("durations-http"));
+            .namespace(unique("durations-http"));
         let app = Router::new()
             .route(
                 "/pay",

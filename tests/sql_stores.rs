@@ -12,6 +12,7 @@ use idem_runtime::{
 use idem_tests::{postgres_url, unique, AppError, PgOrders};
 use sqlx::AssertSqlSafe;
 
+#[allow(dead_code)] // each test binary uses part of the proxy
 mod proxy;
 
 fn sqlite_url(name: &str) -> String {

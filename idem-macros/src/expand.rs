@@ -200,10 +200,15 @@ fn expand_async_trait(mut args: Args, checked: &Checked, mut func: ItemFn) -> To
 /// `self` → `__self` in the `key`, `fingerprint` and `store` expressions.
 fn rename_self_in(args: &mut Args) {
     fn rename(tokens: TokenStream) -> TokenStream {
-        tokens
-            .into_iter()
-            .map(|tt| match tt {
-                TokenTree::Ident(ident) if ident == "self" => {
+        let mut tokens = tokens.into_iter().peekable();
+        let mut out = Vec::new();
+        while let Some(tt) = tokens.next() {
+            out.push(match tt {
+                // `self::CONST` is a module path, not the receiver.
+                TokenTree::Ident(ident)
+                    if ident == "self"
+                        && !matches!(tokens.peek(), Some(TokenTree::Punct(p)) if p.as_char() == ':') =>
+                {
                     TokenTree::Ident(Ident::new("__self", ident.span()))
                 }
                 TokenTree::Group(group) => {
@@ -212,8 +217,9 @@ fn rename_self_in(args: &mut Args) {
                     TokenTree::Group(renamed)
                 }
                 other => other,
-            })
-            .collect()
+            });
+        }
+        out.into_iter().collect()
     }
     fn expr(e: &mut Expr) {
         let renamed = rename(quote!(#e));
@@ -262,6 +268,12 @@ fn rewrite(args: &Args, checked: &Checked, body: TokenStream) -> TokenStream {
     let namespace = match &args.name {
         Some(lit) => quote!(#lit),
         None => quote!(#private::fn_path(&|| ())),
+    };
+    // A default namespace is checked to tell this instantiation apart (a
+    // closure as a generic argument does not); a given name is the user's.
+    let keyer = match &args.name {
+        Some(_) => quote!(#private::Keyer::new),
+        None => quote!(#private::Keyer::new_default),
     };
     let ttl = args.ttl.as_ref().map_or(DEFAULT_TTL_MS, |d| d.ms);
     let lease = args.lease.as_ref().map_or(DEFAULT_LEASE_MS, |d| d.ms);
@@ -373,7 +385,7 @@ fn rewrite(args: &Args, checked: &Checked, body: TokenStream) -> TokenStream {
             .lease(#private::Duration::from_millis(#lease))
             .in_progress(#in_progress);
         let #store_var = #store;
-        let #key_var = #private::Keyer::new(#options.namespace) #(#parts)* #window .finish();
+        let #key_var = #keyer(#options.namespace) #(#parts)* #window .finish();
         let #fp_var = #fingerprint;
         #call
     }

@@ -55,6 +55,20 @@ pub enum Error {
     )]
     Reentrant,
 
+    /// The function's default namespace cannot tell its instantiations apart
+    /// (a closure or another anonymous type is among its generic arguments), so
+    /// two of them could share records; give the function a `name`.
+    #[error(
+        "the default namespace `{namespace}` cannot tell this instantiation of the \
+         function from others (a closure or other anonymous type is a generic \
+         argument); give the function an explicit `name = \"...\"` (instantiations \
+         then share records); the call did not run"
+    )]
+    AmbiguousNamespace {
+        /// The default namespace as computed.
+        namespace: String,
+    },
+
     /// The store could not be reached or failed; the body did not run (fail-closed).
     #[error("the idempotency store failed: {0}")]
     Store(#[source] BoxError),

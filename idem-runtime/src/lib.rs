@@ -192,6 +192,21 @@ pub mod __private {
         pub fn new(namespace: &'n str) -> Self {
             Keyer(Ok(KeyBuilder::new(namespace)))
         }
+        /// Like [`new`](Self::new) for a default namespace, which must tell the
+        /// instantiation apart: `type_name` prints every closure (and other
+        /// anonymous types) alike, so one among the generic arguments would
+        /// let two instantiations share records.
+        #[inline]
+        pub fn new_default(namespace: &'n str) -> Self {
+            match namespace.find('<') {
+                Some(generics) if namespace[generics..].contains('{') => {
+                    Keyer(Err(Error::AmbiguousNamespace {
+                        namespace: namespace.to_owned(),
+                    }))
+                }
+                _ => Self::new(namespace),
+            }
+        }
         #[inline]
         pub fn part<T: Serialize + ?Sized>(self, value: &T) -> Self {
             Keyer(self.0.and_then(|b| b.part(value)))

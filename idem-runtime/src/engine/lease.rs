@@ -166,20 +166,32 @@ pub(crate) async fn complete(
     outcome: &[u8],
     ttl: Duration,
 ) -> Completion {
+    let mut pending = Pending {
+        store,
+        key,
+        token,
+        watchdog: Some(watchdog),
+        outcome,
+        ttl,
+        settled: false,
+    };
     let mut last = None;
     for retry in 0..3u32 {
         if retry > 0 {
             tokio::time::sleep(Duration::from_millis(10 << retry)).await;
         }
-        match attempt(&*store, &key, token, outcome, ttl).await {
-            Attempted::Done(Ok(())) => return Completion::Recorded,
-            Attempted::Done(Err(Error::LeaseLost)) => return Completion::Lost,
-            Attempted::Done(Err(err)) => return Completion::Failed(err),
+        let done = match attempt(&*pending.store, &pending.key, token, outcome, ttl).await {
+            Attempted::Done(Ok(())) => Completion::Recorded,
+            Attempted::Done(Err(Error::LeaseLost)) => Completion::Lost,
+            Attempted::Done(Err(err)) => Completion::Failed(err),
             Attempted::Retry(err) => {
                 tracing::warn!(error = %err, attempt = retry + 1, "completion failed; retrying");
                 last = Some(err);
+                continue;
             }
-        }
+        };
+        pending.settled = true;
+        return done;
     }
     let err = last.map(|e| e.to_string()).unwrap_or_default();
     tracing::warn!(
@@ -187,39 +199,107 @@ pub(crate) async fn complete(
         "the store keeps failing; the outcome is kept and recorded in the background \
          (the claim stays held, so duplicates wait instead of running again)"
     );
-    let outcome = outcome.to_vec();
-    let watchdog = match watchdog {
-        Lazy::Running(watchdog) => watchdog,
-        Lazy::Start(lease) => Watchdog::start(Arc::clone(&store), key.clone(), token, lease),
-    };
-    tokio::spawn(
-        async move {
-            let _watchdog = watchdog;
-            let deadline = tokio::time::Instant::now() + COMPLETION_RETRY_LIMIT;
-            let mut pause = Duration::from_millis(100);
-            loop {
-                tokio::time::sleep(pause).await;
-                match attempt(&*store, &key, token, &outcome, ttl).await {
-                    Attempted::Done(Ok(())) => {
-                        tracing::info!(token = token.0, "completed in the background");
-                        return;
+    pending.defer(BACKGROUND_FIRST_PAUSE);
+    Completion::Deferred
+}
+
+/// The background task's first pause after the in-place tries failed; it
+/// doubles up to [`BACKGROUND_MAX_PAUSE`].
+const BACKGROUND_FIRST_PAUSE: Duration = Duration::from_millis(50);
+
+/// The longest pause between background tries: short, because once a store
+/// that was unreachable for longer than the lease is back, a duplicate may take
+/// the lapsed claim over before the next try lands.
+const BACKGROUND_MAX_PAUSE: Duration = Duration::from_millis(200);
+
+/// A completion in progress. If the caller's future is dropped before it
+/// settles (a timeout around the call fires during a retry), the outcome is
+/// still in hand: it is recorded in the background instead of being lost with
+/// the claim left held.
+struct Pending<'a> {
+    store: Arc<dyn Store>,
+    key: Key,
+    token: FencingToken,
+    watchdog: Option<Lazy>,
+    outcome: &'a [u8],
+    ttl: Duration,
+    settled: bool,
+}
+
+impl Pending<'_> {
+    /// Hands the completion to a background task that keeps the lease renewed
+    /// and retries until it lands, is refused, or [`COMPLETION_RETRY_LIMIT`] passes.
+    fn defer(&mut self, first_pause: Duration) {
+        self.settled = true;
+        let (store, key, token, ttl) = (
+            Arc::clone(&self.store),
+            self.key.clone(),
+            self.token,
+            self.ttl,
+        );
+        let outcome = self.outcome.to_vec();
+        let watchdog = match self.watchdog.take() {
+            Some(Lazy::Running(watchdog)) => Some(watchdog),
+            Some(Lazy::Start(lease)) => Some(Watchdog::start(
+                Arc::clone(&store),
+                key.clone(),
+                token,
+                lease,
+            )),
+            None => None,
+        };
+        tokio::spawn(
+            async move {
+                let _watchdog = watchdog;
+                let deadline = tokio::time::Instant::now() + COMPLETION_RETRY_LIMIT;
+                let mut pause = first_pause;
+                loop {
+                    tokio::time::sleep(pause).await;
+                    match attempt(&*store, &key, token, &outcome, ttl).await {
+                        Attempted::Done(Ok(())) => {
+                            tracing::info!(token = token.0, "completed in the background");
+                            return;
+                        }
+                        Attempted::Done(Err(err)) => {
+                            tracing::error!(token = token.0, error = %err, "background completion refused; the outcome was not recorded");
+                            return;
+                        }
+                        Attempted::Retry(err) if tokio::time::Instant::now() >= deadline => {
+                            tracing::error!(
+                                token = token.0, error = %err,
+                                "background completion gave up; the claim lapses with its lease"
+                            );
+                            return;
+                        }
+                        Attempted::Retry(_) => {
+                            pause = (pause * 2).clamp(BACKGROUND_FIRST_PAUSE, BACKGROUND_MAX_PAUSE)
+                        }
                     }
-                    Attempted::Done(Err(err)) => {
-                        tracing::error!(token = token.0, error = %err, "background completion refused; the outcome was not recorded");
-                        return;
-                    }
-                    Attempted::Retry(err) if tokio::time::Instant::now() >= deadline => {
-                        tracing::error!(
-                            token = token.0, error = %err,
-                            "background completion gave up; the claim lapses with its lease"
-                        );
-                        return;
-                    }
-                    Attempted::Retry(_) => pause = (pause * 2).min(Duration::from_secs(2)),
                 }
             }
+            .in_current_span(),
+        );
+    }
+}
+
+impl Drop for Pending<'_> {
+    fn drop(&mut self) {
+        if self.settled {
+            return;
         }
-        .in_current_span(),
-    );
-    Completion::Deferred
+        if tokio::runtime::Handle::try_current().is_ok() {
+            tracing::warn!(
+                token = self.token.0,
+                "the caller went away while its outcome was being recorded; \
+                 recording it in the background"
+            );
+            self.defer(Duration::ZERO);
+        } else {
+            tracing::warn!(
+                token = self.token.0,
+                "dropped outside a Tokio runtime while recording the outcome; \
+                 the claim lapses with its lease"
+            );
+        }
+    }
 }
