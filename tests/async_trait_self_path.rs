@@ -1,8 +1,6 @@
-//! Review: `self::` module paths in `key` inside an `#[async_trait]` impl.
-//! The macro renames every `self` token to `__self`, including the `self` of a
-//! module path, so this fails to compile:
-//! error[E0433]: cannot find module or crate `__self` in this scope.
-//! The same key on a native `async fn` method compiles.
+//! `self::` module paths in `key` inside an `#[async_trait]` impl: the macro
+//! renames the receiver `self` to async-trait's `__self`, but not the `self` of
+//! a module path (which once failed with "cannot find module `__self`").
 
 use std::sync::Arc;
 
@@ -30,7 +28,8 @@ impl Svc for S {
 
 #[tokio::test]
 async fn async_trait_key_with_a_self_module_path() {
-    let s: Arc<dyn Svc> = Arc::new(S { store: MemoryStore::new() });
+    let s: Arc<dyn Svc> = Arc::new(S {
+        store: MemoryStore::new(),
+    });
     assert_eq!(s.m(3).await.unwrap(), 3);
 }
-
