@@ -5,7 +5,7 @@
 //! of the encoding is a breaking release: regenerate with `IDEM_BLESS=1 cargo
 //! test --test golden` and say so in the changelog.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::time::{Duration, UNIX_EPOCH};
 
 use idem_runtime::key::{fingerprint, FingerprintBuilder, KeyBuilder};
@@ -43,6 +43,8 @@ fn vectors() -> Vec<(&'static str, String)> {
     map.insert("b", 2);
     map.insert("a", 1);
     let tree: BTreeMap<_, _> = map.clone().into_iter().collect();
+    let set_tree: BTreeSet<&str> = ["c", "a", "b"].into();
+    let set_hash: HashSet<&str> = ["b", "c", "a"].into();
     let day = Duration::from_secs(86_400);
     let at = UNIX_EPOCH + Duration::from_secs(1_700_000_000);
     vec![
@@ -63,6 +65,12 @@ fn vectors() -> Vec<(&'static str, String)> {
         ("seq [1,2,3]", key(&vec![1, 2, 3])),
         ("nested option", key(&vec![Some(1), None])),
         ("hashmap", key(&map)),
+        ("btreeset {a,b,c} (encoding v2)", key(&set_tree)),
+        ("hashset {a,b,c} (same as btreeset)", key(&set_hash)),
+        (
+            "vec of hashsets (encoding v2)",
+            key(&vec![set_hash.clone(), HashSet::new()]),
+        ),
         ("btreemap (same as hashmap)", key(&tree)),
         (
             "struct",
@@ -181,15 +189,19 @@ fn equivalent_values_share_digests_and_others_do_not() {
     let v: BTreeMap<&str, String> = vectors().into_iter().collect();
     assert_eq!(v["u64 42"], v["i8 42 (same as u64 42)"]);
     assert_eq!(v["hashmap"], v["btreemap (same as hashmap)"]);
+    assert_eq!(
+        v["btreeset {a,b,c} (encoding v2)"],
+        v["hashset {a,b,c} (same as btreeset)"]
+    );
     assert_eq!(v["struct"], v["struct, fields reordered (same as struct)"]);
     assert_eq!(v["str hello"], v["newtype struct (same as str)"]);
     assert_eq!(v["str x"], v["char x (same as str x)"]);
     assert_ne!(v["tuple (ab, c)"], v["tuple (a, bc)"]);
     assert_ne!(v["two parts"], v["two parts, window 1d at 2023-11-14"]);
-    let distinct: std::collections::HashSet<&String> = v.values().collect();
+    let distinct: HashSet<&String> = v.values().collect();
     assert_eq!(
         distinct.len(),
-        v.len() - 5,
+        v.len() - 6,
         "only the listed equivalences collide"
     );
 }

@@ -20,8 +20,21 @@
 //! | `()`, unit struct | `u` |
 //! | newtype struct | the inner value |
 //! | seq, tuple, tuple struct | `l` + `u64` count + elements |
+//! | set (`HashSet`, `BTreeSet`, any `*Set` or `*Bag`, `BinaryHeap`) | `S` + `u64` count + elements sorted by their encoding (so the hasher and the insertion order never matter) |
 //! | map, struct | `m` + `u64` count + entries sorted by their encoded key (so `HashMap` order and field order never matter) |
 //! | enum variant | `e` + name (unit) or `E` + name + payload |
+//!
+//! Sets are recognised by the type serde hands to `Serializer::collect_seq`,
+//! which is how every std collection (and `hashbrown`, `indexmap`, `im`)
+//! serializes itself. A hand-written `Serialize` impl that feeds an unordered
+//! collection to `serialize_seq` element by element cannot be told from a
+//! list: give it a `collect_seq` impl, or key on a `BTreeSet` or a sorted `Vec`.
+//!
+//! This is encoding version 2. Version 1 wrote sets as lists in iteration
+//! order (so a `HashSet` key changed from call to call); version 2 differs
+//! from it only by the `S` tag, which version 1 never wrote, so every key
+//! without a set keeps its digest, and no version 2 digest can equal a
+//! version 1 digest of different material. The domain string stays `v1`.
 //!
 //! A whole key is `idem:key:v1`, the number of parts, the parts, then (with a
 //! window) `w` + window length in ms + bucket number. At the top level of a part
@@ -280,6 +293,18 @@ pub fn canonical_bytes<T: Serialize + ?Sized>(value: &T) -> Result<Vec<u8>, Erro
     let mut out = Vec::new();
     encode_into(&mut out, value, false)?;
     Ok(out)
+}
+
+/// Whether a collection type (as `type_name` spells the `collect_seq` argument,
+/// e.g. `&std::collections::hash::set::HashSet<u8, RandomState>`) is unordered.
+fn is_unordered(type_name: &str) -> bool {
+    let mut name = type_name;
+    while let Some(rest) = name.strip_prefix('&') {
+        name = rest.strip_prefix("mut ").unwrap_or(rest);
+    }
+    let path = name.split('<').next().unwrap_or(name);
+    let last = path.rsplit("::").next().unwrap_or(path);
+    last.ends_with("Set") || last.ends_with("Bag") || last == "BinaryHeap"
 }
 
 fn is_missing(encoded: &[u8]) -> bool {
@@ -553,6 +578,40 @@ impl<'a, 'b> ser::Serializer for &'b mut Encoder<'a> {
         self.variant(b'E', variant);
         value.serialize(self)
     }
+    /// Every std collection serializes through here with `I` = a reference to
+    /// the collection, so its type says whether the order is meaningful. Sets
+    /// (`HashSet`, `BTreeSet`, any `*Set`, `BinaryHeap`, any `*Bag`) are written
+    /// as `S` + count + elements sorted by their encoding, so the hasher and the
+    /// insertion order never reach the digest; every other sequence keeps its order.
+    fn collect_seq<I>(self, iter: I) -> Result<(), EncodeError>
+    where
+        I: IntoIterator,
+        I::Item: Serialize,
+    {
+        if is_unordered(std::any::type_name::<I>()) {
+            self.top = false;
+            let mut elements = iter
+                .into_iter()
+                .map(|e| MapEncoder::encode(&e))
+                .collect::<Result<Vec<_>, _>>()?;
+            elements.sort_unstable();
+            self.out.push(b'S');
+            self.len(elements.len());
+            for e in &elements {
+                self.out.extend_from_slice(e);
+            }
+            return Ok(());
+        }
+        let mut seq = SeqEncoder {
+            count_at: self.begin_seq(b'l'),
+            enc: self,
+            count: 0,
+        };
+        for e in iter {
+            seq.element(&e)?;
+        }
+        seq.end()
+    }
     fn serialize_seq(self, _len: Option<usize>) -> Result<Self::SerializeSeq, EncodeError> {
         let count_at = self.begin_seq(b'l');
         Ok(SeqEncoder {
@@ -818,6 +877,90 @@ mod tests {
             b.insert(format!("k{i}"), i);
         }
         assert_eq!(key(&a), key(&b));
+    }
+
+    #[test]
+    fn sets_are_order_independent_whatever_the_hasher() {
+        use std::collections::{BTreeSet, BinaryHeap, HashSet};
+        use std::hash::BuildHasherDefault;
+        let items: Vec<String> = (0..40).map(|i| format!("item-{i}")).collect();
+        let tree: BTreeSet<String> = items.iter().cloned().collect();
+        let expected = key(&tree);
+        for round in 0..20 {
+            // Each HashSet gets its own RandomState, so its iteration order differs.
+            let set: HashSet<String> = items.iter().rev().cloned().collect();
+            assert_eq!(key(&set), expected, "round {round}");
+        }
+        let fixed: HashSet<String, BuildHasherDefault<std::collections::hash_map::DefaultHasher>> =
+            items.iter().cloned().collect();
+        assert_eq!(key(&fixed), expected);
+        let heap: BinaryHeap<String> = items.iter().cloned().collect();
+        assert_eq!(key(&heap), expected);
+        let refs: HashSet<&str> = items.iter().map(String::as_str).collect();
+        assert_eq!(key(&refs), expected);
+    }
+
+    #[test]
+    fn sets_nested_in_structs_options_and_enums_are_order_independent() {
+        use std::collections::HashSet;
+        #[derive(serde::Serialize)]
+        enum Wrap {
+            Tags { tags: Option<HashSet<u32>> },
+            Pair(u8, Vec<HashSet<u32>>),
+        }
+        let a: HashSet<u32> = (0..100).collect();
+        let b: HashSet<u32> = (0..100).rev().collect();
+        assert_eq!(
+            key(&(
+                1,
+                Wrap::Tags {
+                    tags: Some(a.clone())
+                }
+            )),
+            key(&(
+                1,
+                Wrap::Tags {
+                    tags: Some(b.clone())
+                }
+            ))
+        );
+        assert_eq!(
+            key(&Wrap::Pair(1, vec![a.clone(), b.clone()])),
+            key(&Wrap::Pair(1, vec![b, a]))
+        );
+    }
+
+    #[test]
+    fn sequences_keep_their_order_and_differ_from_sets() {
+        use std::collections::{BTreeSet, VecDeque};
+        assert_ne!(key(&vec![1, 2]), key(&vec![2, 1]));
+        assert_ne!(key(&[1, 2][..]), key(&[2, 1][..]));
+        assert_ne!(key(&[1, 2]), key(&[2, 1]));
+        assert_ne!(
+            key(&VecDeque::from(vec![1, 2])),
+            key(&VecDeque::from(vec![2, 1]))
+        );
+        assert_eq!(key(&vec![1, 2]), key(&[1, 2][..]));
+        let set: BTreeSet<i32> = [1, 2].into();
+        assert_ne!(key(&set), key(&vec![1, 2]), "a set is not a list");
+    }
+
+    #[test]
+    fn collection_types_are_classified() {
+        use std::collections::{BTreeSet, BinaryHeap, HashSet, LinkedList, VecDeque};
+        use std::sync::Arc;
+        fn of<T: ?Sized>(_: &T) -> &'static str {
+            std::any::type_name::<&T>()
+        }
+        assert!(is_unordered(of(&HashSet::<u8>::new())));
+        assert!(is_unordered(of(&BTreeSet::<Vec<u8>>::new())));
+        assert!(is_unordered(of(&BinaryHeap::<u8>::new())));
+        assert!(is_unordered("&&mut hashbrown::set::HashSet<u8>"));
+        assert!(!is_unordered(of(&Vec::<HashSet<u8>>::new())));
+        assert!(!is_unordered(of(&VecDeque::<u8>::new())));
+        assert!(!is_unordered(of(&LinkedList::<u8>::new())));
+        assert!(!is_unordered(of(&[0u8][..])));
+        assert!(!is_unordered(of(&Arc::<[u8]>::from(vec![]))));
     }
 
     #[test]

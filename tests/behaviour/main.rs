@@ -15,6 +15,7 @@ mod namespaces;
 mod reentrancy;
 mod replay;
 mod signatures;
+mod unordered;
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 
