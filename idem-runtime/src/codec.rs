@@ -3,6 +3,26 @@
 //! A stored outcome is `{"ok": <T>}` or, when errors are cached, `{"err": <E>}`.
 //! Anything else in the record (corrupt bytes, another type's shape) decodes to
 //! [`Error::Codec`]: never a panic, never a rerun.
+//!
+//! # Replays are exact
+//!
+//! Floats are written as the shortest decimal that reads back as the same bits
+//! and read back exactly (`serde_json`'s `float_roundtrip`), so a replayed
+//! `f64` or `f32` is bit for bit the first result, `-0.0` and subnormals
+//! included. A value JSON cannot give back as it was — a NaN or infinite float,
+//! or `Some(x)` where `x` is written as `null` (`Some(None)`, `Some(())`) — is
+//! refused before anything is stored: the call returns [`Error::Codec`] and the
+//! claim is released, rather than recording a value that would replay as
+//! something else for its whole ttl. The codec also reads every outcome back
+//! before it is stored, so an outcome whose type cannot deserialize what it
+//! serialized (a hand-written impl, `skip_serializing` without a default) is
+//! refused the same way instead of becoming a record that never replays.
+//!
+//! One ambiguity remains that no codec can see without comparing values: a
+//! type whose serde form is itself ambiguous (an `#[serde(untagged)]` enum whose
+//! variants overlap) replays as whatever serde reads back first.
+
+mod faithful;
 
 use serde::de::{DeserializeOwned, IgnoredAny};
 use serde::{Deserialize, Serialize};
@@ -24,13 +44,22 @@ enum Stored<T, E> {
 }
 
 /// Encodes a successful outcome as `{"ok": value}`.
+///
+/// A value JSON would not give back as it was (see [the module docs](self))
+/// is [`Error::Codec`].
 pub fn encode_ok<T: Serialize>(value: &T) -> Result<Vec<u8>, Error> {
+    faithful::check(value)
+        .map_err(|e| Error::codec(format!("the result cannot be stored faithfully: {e}")))?;
     serde_json::to_vec(&StoredRef::<T, ()>::Ok(value))
         .map_err(|e| Error::codec(format!("cannot encode the result: {e}")))
 }
 
 /// Encodes a failed outcome as `{"err": error}`.
+///
+/// An error JSON would not give back as it was is [`Error::Codec`].
 pub fn encode_err<E: Serialize>(error: &E) -> Result<Vec<u8>, Error> {
+    faithful::check(error)
+        .map_err(|e| Error::codec(format!("the error cannot be stored faithfully: {e}")))?;
     serde_json::to_vec(&StoredRef::<(), E>::Err(error))
         .map_err(|e| Error::codec(format!("cannot encode the error: {e}")))
 }
@@ -136,12 +165,21 @@ where
 
 impl<T, E> Codec<T, E> {
     /// The bytes to store for `outcome`, or `None` to release the claim instead.
+    ///
+    /// The bytes are read back before they are returned: an outcome that would
+    /// not decode as its own type is [`Error::Codec`] here, never a record.
     pub fn encode(&self, outcome: &Result<T, E>) -> Option<Result<Vec<u8>, Error>> {
-        match (outcome, self.cache_errors) {
-            (Ok(v), _) => Some((self.encode_ok)(v)),
-            (Err(e), Some((encode, cache))) if cache(e) => Some(encode(e)),
-            (Err(_), _) => None,
-        }
+        let bytes = match (outcome, self.cache_errors) {
+            (Ok(v), _) => (self.encode_ok)(v),
+            (Err(e), Some((encode, cache))) if cache(e) => encode(e),
+            (Err(_), _) => return None,
+        };
+        Some(bytes.and_then(|bytes| match (self.decode)(&bytes) {
+            Ok(_) => Ok(bytes),
+            Err(e) => Err(Error::codec(format!(
+                "the outcome cannot be stored: its type does not read back what it wrote ({e})"
+            ))),
+        }))
     }
 
     /// Decodes stored bytes back into the outcome to replay.
