@@ -41,7 +41,11 @@ enum V {
     Map(BTreeMap<String, V>),
     IntMap(BTreeMap<i64, f64>),
     Tuple(u8, Box<V>),
-    Record { a: Option<f64>, b: Vec<V>, c: String },
+    Record {
+        a: Option<f64>,
+        b: Vec<V>,
+        c: String,
+    },
 }
 
 /// The error type of the generated calls; `Declined` is cached.
@@ -86,7 +90,9 @@ fn same(a: &V, b: &V) -> bool {
         (V::List(x), V::List(y)) => all_same(x, y),
         (V::Map(x), V::Map(y)) => {
             x.len() == y.len()
-                && x.iter().zip(y).all(|((ka, va), (kb, vb))| ka == kb && same(va, vb))
+                && x.iter()
+                    .zip(y)
+                    .all(|((ka, va), (kb, vb))| ka == kb && same(va, vb))
         }
         (V::IntMap(x), V::IntMap(y)) => {
             x.len() == y.len()
@@ -160,8 +166,7 @@ fn values() -> impl Strategy<Value = V> {
         prop_oneof![
             proptest::option::of(inner.clone().prop_map(Box::new)).prop_map(V::Opt),
             proptest::collection::vec(inner.clone(), 0..6).prop_map(V::List),
-            proptest::collection::btree_map(any::<String>(), inner.clone(), 0..4)
-                .prop_map(V::Map),
+            proptest::collection::btree_map(any::<String>(), inner.clone(), 0..4).prop_map(V::Map),
             (any::<u8>(), inner.clone().prop_map(Box::new)).prop_map(|(n, v)| V::Tuple(n, v)),
             (
                 proptest::option::of(f64s()),

@@ -208,3 +208,80 @@ async fn a_record_that_vanishes_while_its_body_runs_refuses_the_completion() {
         "no result was written for a claim nobody holds"
     );
 }
+
+struct Plain {
+    store: RedisStore,
+    runs: AtomicUsize,
+}
+
+impl Plain {
+    #[idempotent(key = id, name = "redis-corrupt", store = self.store)]
+    async fn run(&self, id: String) -> Result<usize, AppError> {
+        Ok(self.runs.fetch_add(1, Ordering::SeqCst) + 1)
+    }
+}
+
+/// A record that is not what idem wrote — another type under the key, a
+/// deadline that is not a number, a state idem never writes, a completed record
+/// without its outcome, a token that is not a number — is `Error::Codec`, as
+/// on the SQL stores, from the claim and from `get`; the body never runs.
+#[tokio::test]
+async fn corrupt_records_are_codec_errors_and_never_rerun() {
+    let svc = Plain {
+        store: RedisStore::connect(&redis_url())
+            .await
+            .unwrap()
+            .with_prefix("idem-corrupt:"),
+        runs: AtomicUsize::new(0),
+    };
+    let client = redis::Client::open(redis_url()).unwrap();
+    let mut conn = client.get_multiplexed_async_connection().await.unwrap();
+    let far = "99999999999999";
+    let cases: [(&str, Vec<&str>); 5] = [
+        ("a string", vec![]),
+        (
+            "no deadline",
+            vec!["s", "c", "t", "5", "o", "1", "e", "soon"],
+        ),
+        (
+            "a strange state",
+            vec!["s", "x", "t", "5", "o", "1", "e", far],
+        ),
+        ("no outcome", vec!["s", "c", "t", "5", "e", far]),
+        ("a strange token", vec!["s", "p", "t", "five", "e", far]),
+    ];
+    for (what, fields) in cases {
+        let id = unique("corrupt");
+        let key = idem_runtime::Key::derive("redis-corrupt", &id).unwrap();
+        let redis_key = svc.store.redis_key(key.as_str());
+        if fields.is_empty() {
+            let _: () = redis::cmd("SET")
+                .arg(&redis_key)
+                .arg("not a record")
+                .query_async(&mut conn)
+                .await
+                .unwrap();
+        } else {
+            let _: () = redis::cmd("HSET")
+                .arg(&redis_key)
+                .arg(&fields)
+                .query_async(&mut conn)
+                .await
+                .unwrap();
+        }
+        let _: () = redis::cmd("PEXPIRE")
+            .arg(&redis_key)
+            .arg(600_000)
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+        let result = svc.run(id.clone()).await;
+        assert!(
+            matches!(result, Err(AppError::Idem(Error::Codec(_)))),
+            "{what}: {result:?}"
+        );
+        let read = svc.store.get(key.as_str()).await;
+        assert!(matches!(read, Err(Error::Codec(_))), "{what}: {read:?}");
+    }
+    assert_eq!(svc.runs.load(Ordering::SeqCst), 0, "no body ran");
+}

@@ -59,13 +59,22 @@ struct Cache {
     hasher: RandomState,
 }
 
+/// One shard: the entries, and their insertion order for eviction.
+///
+/// Each insertion gets a sequence number, kept in the entry and beside the key
+/// in `order`; an `order` slot whose number is not its entry's (the entry
+/// expired, or expired and was inserted again) is stale and skipped. Stale
+/// slots are compacted away once `order` holds twice the shard's capacity, so
+/// its length stays below that however the keys churn.
 #[derive(Default)]
 struct Shard {
     entries: HashMap<String, Entry, RandomState>,
-    order: VecDeque<String>,
+    order: VecDeque<(String, u64)>,
+    next_seq: u64,
 }
 
 struct Entry {
+    seq: u64,
     outcome: Vec<u8>,
     fingerprint: Option<Digest>,
     expires_at: Instant,
@@ -143,27 +152,33 @@ impl Cache {
         if shard.entries.contains_key(key) {
             return;
         }
-        while shard.entries.len() >= self.per_shard {
-            match shard.order.pop_front() {
-                Some(oldest) => {
-                    shard.entries.remove(&oldest);
-                }
-                None => break,
+        let Shard {
+            entries,
+            order,
+            next_seq,
+        } = &mut *shard;
+        while entries.len() >= self.per_shard {
+            let Some((oldest, seq)) = order.pop_front() else {
+                break;
+            };
+            if entries.get(&oldest).is_some_and(|e| e.seq == seq) {
+                entries.remove(&oldest);
             }
         }
-        shard.order.push_back(key.to_owned());
-        shard.entries.insert(
+        let seq = *next_seq;
+        *next_seq += 1;
+        order.push_back((key.to_owned(), seq));
+        entries.insert(
             key.to_owned(),
             Entry {
+                seq,
                 outcome: outcome.to_vec(),
                 fingerprint,
                 expires_at,
             },
         );
-        // `order` may hold keys already expired out of `entries`; keep it bounded.
-        if shard.order.len() > 2 * self.per_shard {
-            let Shard { entries, order } = &mut *shard;
-            order.retain(|k| entries.contains_key(k));
+        if order.len() > 2 * self.per_shard {
+            order.retain(|(k, seq)| entries.get(k).is_some_and(|e| e.seq == *seq));
         }
     }
 }
@@ -223,5 +238,84 @@ impl<S: Store + Clone + 'static> Store for ReplayCache<S> {
 
     fn release_now(&self, key: &str, token: FencingToken) -> Option<Result<(), Error>> {
         self.inner.release_now(key, token)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn request(key: &str) -> ClaimRequest<'_> {
+        ClaimRequest {
+            key,
+            fingerprint: None,
+            lease: Duration::from_secs(1),
+        }
+    }
+
+    fn queued(cache: &Cache) -> usize {
+        cache.shards.iter().map(|s| lock(s).order.len()).sum()
+    }
+
+    /// Keys that expire and complete again, over and over: the eviction queue
+    /// stays bounded by twice the capacity and holds no duplicate of a live key.
+    #[test]
+    fn churn_keeps_the_eviction_queue_bounded() {
+        let store = ReplayCache::new((), 64);
+        let cache = &store.cache;
+        let bound = 2 * cache.per_shard * SHARDS + SHARDS;
+        for round in 0..20_000u32 {
+            // The same few keys, each found expired and cached again (so the
+            // key is in the cache again when the queue is compacted).
+            let key = format!("ns:{}", round % 5);
+            assert!(cache.lookup(&request(&key)).is_none());
+            cache.insert(&key, b"1", None, Duration::ZERO);
+            // And a stream of live keys, evicting one another.
+            let live = format!("ns:live:{round}");
+            cache.insert(&live, b"2", None, Duration::from_secs(60));
+            assert!(queued(cache) <= bound, "queue grew to {}", queued(cache));
+        }
+        assert!(store.len() <= cache.per_shard * SHARDS);
+        for shard in cache.shards.iter() {
+            let shard = lock(shard);
+            let live = shard
+                .order
+                .iter()
+                .filter(|(k, seq)| shard.entries.get(k).is_some_and(|e| e.seq == *seq))
+                .count();
+            assert_eq!(
+                live,
+                shard.entries.len(),
+                "each entry has exactly one live slot"
+            );
+        }
+    }
+
+    /// A key inserted again after expiring is evicted by its own age, not by
+    /// its earlier, stale slot.
+    #[test]
+    fn a_reinserted_key_is_evicted_by_its_new_age() {
+        let store = ReplayCache::new((), 1);
+        let cache = &store.cache;
+        assert_eq!(cache.per_shard, 1);
+        // Find two keys in the same shard.
+        let shard_of = |k: &str| (cache.hasher.hash_one(k) >> 32) as usize % SHARDS;
+        let a = "ns:a".to_owned();
+        let b = (0..)
+            .map(|i| format!("ns:b{i}"))
+            .find(|k| shard_of(k) == shard_of(&a))
+            .unwrap();
+        cache.insert(&a, b"old", None, Duration::ZERO);
+        assert!(cache.lookup(&request(&a)).is_none());
+        cache.insert(&a, b"new", None, Duration::from_secs(60));
+        assert!(
+            matches!(cache.lookup(&request(&a)), Some(Claim::Completed { outcome, .. }) if outcome == b"new")
+        );
+        cache.insert(&b, b"b", None, Duration::from_secs(60));
+        assert!(
+            cache.lookup(&request(&a)).is_none(),
+            "capacity 1: the older key went"
+        );
+        assert!(cache.lookup(&request(&b)).is_some());
     }
 }

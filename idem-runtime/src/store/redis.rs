@@ -40,10 +40,12 @@ local now = math.floor(now_us / 1000)
 
 const CLAIM: &str = r#"
 local key, fp, lease, grace = KEYS[1], ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3])
-local r = redis.call('HMGET', key, 's', 't', 'f', 'o', 'e')
+local r = redis.pcall('HMGET', key, 's', 't', 'f', 'o', 'e')
+if r.err then return {-1, 'a hash'} end
 local s = r[1]
 if s and s ~= 'r' then
   local e = tonumber(r[5])
+  if not e then return {-1, 'a numeric deadline'} end
   if e > now then
     return {0, s, r[2], r[3], r[4], e - now, 0}
   end
@@ -60,8 +62,8 @@ return {1, 'p', tok, false, false, lease, (s == 'p') and 1 or 0}
 "#;
 
 const HELD: &str = r#"
-local r = redis.call('HMGET', KEYS[1], 's', 't')
-if r[1] ~= 'p' or r[2] ~= ARGV[1] then return 0 end
+local r = redis.pcall('HMGET', KEYS[1], 's', 't')
+if r.err or r[1] ~= 'p' or r[2] ~= ARGV[1] then return 0 end
 "#;
 
 const COMPLETE: &str = r#"
@@ -86,9 +88,12 @@ return 1
 "#;
 
 const GET: &str = r#"
-local r = redis.call('HMGET', KEYS[1], 's', 't', 'f', 'o', 'e')
+local r = redis.pcall('HMGET', KEYS[1], 's', 't', 'f', 'o', 'e')
+if r.err then return {-1, 'a hash'} end
 if not r[1] or r[1] == 'r' then return false end
-local rem = tonumber(r[5]) - now
+local e = tonumber(r[5])
+if not e then return {-1, 'a numeric deadline'} end
+local rem = e - now
 if r[1] == 'c' and rem <= 0 then return false end
 return {r[1], r[2], r[3], r[4], math.max(rem, 0)}
 "#;
@@ -293,6 +298,20 @@ fn corrupt(what: &str) -> Error {
     Error::codec(format!("a stored record is corrupt: expected {what}"))
 }
 
+/// The error for a reply of the wrong shape: the script's own finding (`{-1,
+/// what}`, for a key that is not a hash or a record without a numeric
+/// deadline), else `otherwise`.
+fn corrupt_reply(reply: &[Value], otherwise: &str) -> Error {
+    match reply {
+        [Value::Int(-1), what] => corrupt(
+            bytes(what)
+                .and_then(|b| std::str::from_utf8(b).ok())
+                .unwrap_or(otherwise),
+        ),
+        _ => corrupt(otherwise),
+    }
+}
+
 fn fingerprint(v: &Value) -> Result<Option<Digest>, Error> {
     match bytes(v) {
         None => Ok(None),
@@ -329,7 +348,7 @@ impl Store for RedisStore {
             .await
             .map_err(store_error)?;
         let [acquired, st, token, stored_fp, outcome, rem, took_over] = reply.as_slice() else {
-            return Err(corrupt("a claim reply of 7 fields"));
+            return Err(corrupt_reply(&reply, "a claim reply of 7 fields"));
         };
         let token = FencingToken(int(token)? as u64);
         if int(acquired)? == 1 {
@@ -404,14 +423,19 @@ impl Store for RedisStore {
             return Ok(None);
         };
         let [st, token, fp, outcome, rem] = reply.as_slice() else {
-            return Err(corrupt("a record of 5 fields"));
+            return Err(corrupt_reply(&reply, "a record of 5 fields"));
         };
+        let state = state(st)?;
+        let outcome = bytes(outcome).map(<[u8]>::to_vec);
+        if state == RecordState::Completed && outcome.is_none() {
+            return Err(corrupt("an outcome on a completed record"));
+        }
         Ok(Some(Record::new(
             key.to_owned(),
-            state(st)?,
+            state,
             FencingToken(int(token)? as u64),
             fingerprint(fp)?,
-            bytes(outcome).map(<[u8]>::to_vec),
+            outcome,
             remaining(int(rem)?),
         )))
     }
