@@ -16,7 +16,12 @@
 //! exclusive inside the caller's transaction (`tx =`), where it is held until
 //! commit or rollback. A duplicate of an uncommitted `tx =` claim therefore
 //! learns at once that the key is in progress, instead of blocking on the
-//! uncommitted row. A record committed by a concurrent claim after the read
+//! uncommitted row. The holder's lease and fingerprint are in that uncommitted
+//! row, which no other transaction can read: the duplicate is told the key is
+//! in progress for its own lease (so waiters back off as they do against any
+//! running claim, and `reject` advertises that lease as `retry_after`), and a
+//! different fingerprint is reported as [`Claim::FingerprintMismatch`] only
+//! once the claim has committed. A record committed by a concurrent claim after the read
 //! makes the statement return no row; it is then simply run again.
 
 use std::sync::Arc;
@@ -95,7 +100,7 @@ SELECT true AS acquired,
        $3::bigint AS remaining_ms
   FROM claimed
 UNION ALL
-SELECT false, false, 'processing', 0, NULL, NULL, 1::bigint FROM lock WHERE NOT got
+SELECT false, false, 'processing', 0, NULL, NULL, $3::bigint FROM lock WHERE NOT got
 UNION ALL
 SELECT false, false, state, token, fingerprint, outcome,
        (extract(epoch FROM expires_at - clock_timestamp()) * 1000)::bigint

@@ -30,6 +30,7 @@ use sqlx::{AssertSqlSafe, Row, Sqlite, Transaction};
 use super::sql::{self, ClaimRow, Ready};
 use super::{Claim, ClaimRequest, FencingToken, TransactionalStore};
 use crate::error::Error;
+use crate::key::Digest;
 
 /// The database clock in milliseconds since the Unix epoch.
 const NOW: &str = "CAST((julianday('now') - 2440587.5) * 86400000 AS INTEGER)";
@@ -55,7 +56,9 @@ pub struct SqliteStore {
 /// SQLite lets one transaction write at a time, so a duplicate's claim would
 /// block on an open `tx =` claim until its commit. A rejecting duplicate is
 /// answered from here at once instead; each connection's commit and rollback
-/// hooks clear its keys. An entry also lapses with the claim's lease, in case a
+/// hooks clear its keys. An entry keeps the claim's fingerprint and lease, so a
+/// duplicate with another fingerprint is told the key was reused, and one
+/// that waits backs off for the lease actually left. An entry also lapses with the claim's lease, in case a
 /// connection is closed with its transaction open (SQLite then rolls back
 /// without calling the hook). A duplicate in another process still waits on
 /// the database lock, up to the busy timeout.
@@ -65,26 +68,47 @@ struct OpenClaims(Mutex<OpenInner>);
 #[derive(Default)]
 struct OpenInner {
     by_connection: HashMap<usize, Vec<String>>,
-    keys: HashMap<String, tokio::time::Instant>,
+    keys: HashMap<String, Open>,
+}
+
+/// An open claim's fingerprint and lease end.
+struct Open {
+    fingerprint: Option<Digest>,
+    until: tokio::time::Instant,
 }
 
 impl OpenClaims {
-    fn contains(&self, key: &str) -> bool {
+    /// The decision for a duplicate of an open claim, if `request` is one.
+    fn decide(&self, request: &ClaimRequest<'_>) -> Option<Claim> {
         let mut inner = self.lock();
-        match inner.keys.get(key) {
-            Some(until) if *until > tokio::time::Instant::now() => true,
-            Some(_) => {
-                inner.keys.remove(key);
-                false
-            }
-            None => false,
+        let open = inner.keys.get(request.key)?;
+        let now = tokio::time::Instant::now();
+        if open.until <= now {
+            inner.keys.remove(request.key);
+            return None;
         }
+        if let (Some(held), Some(given)) = (&open.fingerprint, request.fingerprint) {
+            if held != given {
+                return Some(Claim::FingerprintMismatch);
+            }
+        }
+        Some(Claim::InProgress {
+            lease_remaining: open.until - now,
+        })
     }
 
-    fn add(&self, connection: usize, key: &str, lease: Duration) {
+    fn add(&self, connection: usize, request: &ClaimRequest<'_>) {
         let mut inner = self.lock();
-        let until = tokio::time::Instant::now() + lease;
-        inner.keys.insert(key.to_owned(), until);
+        let now = tokio::time::Instant::now();
+        let until = now
+            .checked_add(request.lease)
+            .unwrap_or(now + super::MAX_DURATION);
+        let open = Open {
+            fingerprint: request.fingerprint.copied(),
+            until,
+        };
+        let key = request.key;
+        inner.keys.insert(key.to_owned(), open);
         inner
             .by_connection
             .entry(connection)
@@ -261,10 +285,8 @@ impl SqliteStore {
         request: ClaimRequest<'_>,
         _in_transaction: bool,
     ) -> Result<Claim, Error> {
-        if self.open.contains(request.key) {
-            return Ok(Claim::InProgress {
-                lease_remaining: request.lease,
-            });
+        if let Some(duplicate) = self.open.decide(&request) {
+            return Ok(duplicate);
         }
         // The insert decides atomically whether this call takes the key. When a
         // live record holds it, the read that follows sees that record, or (if it
@@ -312,7 +334,7 @@ impl SqliteStore {
         if let Claim::Acquired { .. } = claim {
             let mut handle = tx.lock_handle().await.map_err(Error::store)?;
             let connection = handle.as_raw_handle().as_ptr() as usize;
-            self.open.add(connection, request.key, request.lease);
+            self.open.add(connection, &request);
             let open = Arc::clone(&self.open);
             handle.set_commit_hook(move || {
                 open.end(connection);
