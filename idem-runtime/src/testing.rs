@@ -43,6 +43,7 @@ pub async fn conformance(store: &dyn Store) {
     lapsed_lease_is_taken_over(store, &ns).await;
     ttl_expiry_allows_a_new_claim(store, &ns).await;
     purge_removes_expired_records(store, &ns).await;
+    huge_durations_are_capped(store, &ns).await;
 }
 
 /// A random namespace for one run of the suite.
@@ -186,6 +187,36 @@ pub async fn renew_extends_only_the_current_claim(store: &dyn Store, ns: &Namesp
     }
     let record = store.get(&key).await.unwrap().expect("record");
     assert_eq!(record.token, token);
+}
+
+/// `Duration::MAX` as a lease, a renewal and a ttl is taken as
+/// [`MAX_DURATION`](crate::store::MAX_DURATION): no panic, no store error, and
+/// the record lives (for about a century).
+pub async fn huge_durations_are_capped(store: &dyn Store, ns: &Namespace) {
+    let key = ns.key("huge");
+    let token = acquire(store, &key, Duration::MAX).await;
+    store
+        .renew(&key, token, Duration::MAX)
+        .await
+        .expect("a renewal for Duration::MAX is capped, not refused");
+    match store.claim(req(&key, None, LONG)).await {
+        Ok(Claim::InProgress { lease_remaining }) => assert!(
+            lease_remaining > Duration::from_secs(50 * 365 * 24 * 3600),
+            "a Duration::MAX lease is about a century, got {lease_remaining:?}"
+        ),
+        other => panic!("a Duration::MAX lease must be live, got {other:?}"),
+    }
+    store
+        .complete(&key, token, b"1", Duration::MAX)
+        .await
+        .expect("a completion for Duration::MAX is capped, not refused");
+    let record = store.get(&key).await.unwrap().expect("record");
+    assert_eq!(record.state, RecordState::Completed);
+    assert!(
+        record.expires_in > Duration::from_secs(50 * 365 * 24 * 3600),
+        "a Duration::MAX ttl is about a century, got {:?}",
+        record.expires_in
+    );
 }
 
 /// Any live record with a different fingerprint is a mismatch; no fingerprint matches any.

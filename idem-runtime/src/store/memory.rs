@@ -191,7 +191,7 @@ impl Inner {
             token,
             fingerprint: request.fingerprint.copied(),
             state: State::Processing {
-                lease_until: now + request.lease,
+                lease_until: now + super::cap_duration(request.lease),
             },
         };
         shard.records.insert(request.key.to_owned(), entry);
@@ -283,7 +283,7 @@ impl Store for Inner {
         outcome: &[u8],
         ttl: Duration,
     ) -> Result<(), Error> {
-        let expires_at = Instant::now() + ttl;
+        let expires_at = Instant::now() + super::cap_duration(ttl);
         self.with_claim(key, token, |entry| {
             entry.state = State::Completed {
                 outcome: outcome.to_vec(),
@@ -297,7 +297,7 @@ impl Store for Inner {
     }
 
     async fn renew(&self, key: &str, token: FencingToken, lease: Duration) -> Result<(), Error> {
-        let lease_until = Instant::now() + lease;
+        let lease_until = Instant::now() + super::cap_duration(lease);
         self.with_claim(key, token, |entry| {
             entry.state = State::Processing { lease_until };
         })

@@ -272,8 +272,10 @@ impl RedisStore {
     }
 }
 
+/// `d` in whole milliseconds (at least 1), capped to
+/// [`MAX_DURATION`](super::MAX_DURATION).
 fn ms(d: Duration) -> String {
-    d.as_millis().max(1).to_string()
+    super::cap_duration(d).as_millis().max(1).to_string()
 }
 
 fn bytes(v: &Value) -> Option<&[u8]> {

@@ -122,8 +122,10 @@ pub(crate) fn remaining(ms: i64) -> Duration {
 }
 
 /// Milliseconds as the `i64` SQL binds take, saturating.
+/// `d` in whole milliseconds, capped to [`MAX_DURATION`](super::MAX_DURATION)
+/// (database interval arithmetic overflows long before `i64::MAX` ms).
 pub(crate) fn millis(d: Duration) -> i64 {
-    i64::try_from(d.as_millis()).unwrap_or(i64::MAX)
+    super::cap_duration(d).as_millis() as i64
 }
 
 /// Builds a [`Record`] from a stored row.
