@@ -191,3 +191,91 @@ async fn postgres_waiters_on_an_uncommitted_claim_back_off() {
     tx.rollback().await.unwrap();
     assert_eq!(svc.wait(id).await.unwrap(), 1, "after the rollback it runs");
 }
+
+async fn sqlite_store() -> (SqliteStore, String) {
+    let dir = std::env::temp_dir().join(unique("idem-open-claims"));
+    std::fs::create_dir_all(&dir).unwrap();
+    let url = format!("sqlite://{}/r.db", dir.display());
+    (SqliteStore::connect(&url).await.unwrap(), url)
+}
+
+/// The body failed (an uncached error): the engine releases the claim inside the
+/// transaction. Until that commits, a duplicate with another fingerprint is in
+/// progress (never `KeyReused`, a final answer for a key that holds nothing),
+/// and a retry inside the same transaction takes the key again.
+/// Found by the break-it review of issue 10.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sqlite_a_claim_released_in_its_open_transaction_is_never_key_reused() {
+    let (store, _) = sqlite_store().await;
+    let key = Key::derive("break-open", &unique("k")).unwrap();
+    let (a, b) = (Digest([1; 32]), Digest([2; 32]));
+    let mut tx = store.pool().begin().await.unwrap();
+    let Claim::Acquired { token, .. } = store
+        .claim_in(&mut tx, request(&key, Some(&a), Duration::from_secs(30)))
+        .await
+        .unwrap()
+    else {
+        panic!()
+    };
+    store
+        .release_in(&mut tx, key.as_str(), token)
+        .await
+        .unwrap();
+    // Another request with a different body, from another task: the release is
+    // not committed yet, so it is told to come back, not that the key is reused.
+    let other = store
+        .claim(request(&key, Some(&b), Duration::from_secs(1)))
+        .await
+        .unwrap();
+    assert!(
+        matches!(other, Claim::InProgress { .. }),
+        "released, uncommitted: {other:?}"
+    );
+    // Same transaction, retried (the app retries the failed step before committing).
+    let retry = store
+        .claim_in(&mut tx, request(&key, Some(&a), Duration::from_secs(30)))
+        .await
+        .unwrap();
+    assert!(matches!(retry, Claim::Acquired { .. }), "retry: {retry:?}");
+    tx.commit().await.unwrap();
+    // The retry holds the key now, committed, with the first fingerprint.
+    let after = store
+        .claim(request(&key, Some(&b), Duration::from_secs(1)))
+        .await
+        .unwrap();
+    assert_eq!(after, Claim::FingerprintMismatch, "after commit");
+}
+
+/// A key completed inside the transaction, claimed again inside the same
+/// transaction: that connection sees its own write, so it replays instead of
+/// being told "in progress" by its own claim.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sqlite_the_holding_transaction_sees_its_own_completion() {
+    let (store, _) = sqlite_store().await;
+    let key = Key::derive("break-open", &unique("k")).unwrap();
+    let a = Digest([1; 32]);
+    let mut tx = store.pool().begin().await.unwrap();
+    let Claim::Acquired { token, .. } = store
+        .claim_in(&mut tx, request(&key, Some(&a), Duration::from_secs(30)))
+        .await
+        .unwrap()
+    else {
+        panic!()
+    };
+    store
+        .complete_in(
+            &mut tx,
+            key.as_str(),
+            token,
+            br#"{"ok":1}"#,
+            Duration::from_secs(60),
+        )
+        .await
+        .unwrap();
+    let again = store
+        .claim_in(&mut tx, request(&key, Some(&a), Duration::from_secs(30)))
+        .await
+        .unwrap();
+    tx.commit().await.unwrap();
+    assert!(matches!(again, Claim::Completed { .. }), "{again:?}");
+}

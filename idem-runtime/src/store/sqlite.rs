@@ -71,20 +71,28 @@ struct OpenInner {
     keys: HashMap<String, Open>,
 }
 
-/// An open claim's fingerprint and lease end.
+/// An open claim's connection, fingerprint and lease end.
 struct Open {
+    connection: usize,
+    /// `None` once the claim was released inside its transaction: until the
+    /// release commits, duplicates are told it is in progress, never reused.
     fingerprint: Option<Digest>,
     until: tokio::time::Instant,
 }
 
 impl OpenClaims {
     /// The decision for a duplicate of an open claim, if `request` is one.
-    fn decide(&self, request: &ClaimRequest<'_>) -> Option<Claim> {
+    /// A claim on the connection that holds it (`connection`) goes to the
+    /// database, which shows that transaction its own writes.
+    fn decide(&self, request: &ClaimRequest<'_>, connection: Option<usize>) -> Option<Claim> {
         let mut inner = self.lock();
         let open = inner.keys.get(request.key)?;
         let now = tokio::time::Instant::now();
         if open.until <= now {
             inner.keys.remove(request.key);
+            return None;
+        }
+        if connection == Some(open.connection) {
             return None;
         }
         if let (Some(held), Some(given)) = (&open.fingerprint, request.fingerprint) {
@@ -104,6 +112,7 @@ impl OpenClaims {
             .checked_add(request.lease)
             .unwrap_or(now + super::MAX_DURATION);
         let open = Open {
+            connection,
             fingerprint: request.fingerprint.copied(),
             until,
         };
@@ -114,6 +123,13 @@ impl OpenClaims {
             .entry(connection)
             .or_default()
             .push(key.to_owned());
+    }
+
+    /// The claim was released inside its still-open transaction.
+    fn released(&self, key: &str) {
+        if let Some(open) = self.lock().keys.get_mut(key) {
+            open.fingerprint = None;
+        }
     }
 
     fn end(&self, connection: usize) {
@@ -285,7 +301,17 @@ impl SqliteStore {
         request: ClaimRequest<'_>,
         _in_transaction: bool,
     ) -> Result<Claim, Error> {
-        if let Some(duplicate) = self.open.decide(&request) {
+        self.claim_with(conn, request, None).await
+    }
+
+    /// A claim on `conn`; `connection` names it when it holds open claims.
+    async fn claim_with(
+        &self,
+        conn: &mut SqliteConnection,
+        request: ClaimRequest<'_>,
+        connection: Option<usize>,
+    ) -> Result<Claim, Error> {
+        if let Some(duplicate) = self.open.decide(&request, connection) {
             return Ok(duplicate);
         }
         // The insert decides atomically whether this call takes the key. When a
@@ -330,10 +356,13 @@ impl SqliteStore {
         tx: &mut Transaction<'_, Sqlite>,
         request: ClaimRequest<'_>,
     ) -> Result<Claim, Error> {
-        let claim = self.claim_on(tx, request, true).await?;
+        let connection = {
+            let mut handle = tx.lock_handle().await.map_err(Error::store)?;
+            handle.as_raw_handle().as_ptr() as usize
+        };
+        let claim = self.claim_with(tx, request, Some(connection)).await?;
         if let Claim::Acquired { .. } = claim {
             let mut handle = tx.lock_handle().await.map_err(Error::store)?;
-            let connection = handle.as_raw_handle().as_ptr() as usize;
             self.open.add(connection, &request);
             let open = Arc::clone(&self.open);
             handle.set_commit_hook(move || {
@@ -389,6 +418,8 @@ impl<'c> TransactionalStore<Transaction<'c, Sqlite>> for SqliteStore {
         key: &str,
         token: FencingToken,
     ) -> Result<(), Error> {
-        self.release_on(tx, key, token).await
+        self.release_on(tx, key, token).await?;
+        self.open.released(key);
+        Ok(())
     }
 }
