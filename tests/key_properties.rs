@@ -501,3 +501,65 @@ fn the_http_layer_accepts_exactly_the_client_key_set() {
         })
         .unwrap();
 }
+
+/// Two `HashSet`s with the same elements in different iteration orders.
+fn two_orders() -> (HashSet<u32>, HashSet<u32>) {
+    let a: HashSet<u32> = (0..64).collect();
+    for _ in 0..200 {
+        let b: HashSet<u32> = (0..64).rev().collect();
+        if a.iter().ne(b.iter()) {
+            return (a, b);
+        }
+    }
+    panic!("could not get two iteration orders");
+}
+
+/// Found by the break-it review of issue 10: a slice whose element type is a
+/// set was taken for a set itself, so `[{1}, {2}]` and `[{2}, {1}]` collided
+/// and a slice keyed differently from the same `Vec`.
+#[test]
+fn a_slice_of_sets_keeps_its_order_and_equals_its_vec() {
+    let ab: Vec<BTreeSet<u32>> = vec![[1].into(), [2].into()];
+    let ba: Vec<BTreeSet<u32>> = vec![[2].into(), [1].into()];
+    let (sa, sb): (&[BTreeSet<u32>], &[BTreeSet<u32>]) = (&ab, &ba);
+    assert_ne!(canonical_bytes(sa).unwrap(), canonical_bytes(sb).unwrap());
+    assert_eq!(canonical_bytes(&ab).unwrap(), canonical_bytes(sa).unwrap());
+    let boxed: Box<[(u8, HashSet<u8>)]> = vec![(1, [1].into()), (2, [2].into())].into();
+    let reversed: Box<[(u8, HashSet<u8>)]> = vec![(2, [2].into()), (1, [1].into())].into();
+    assert_ne!(
+        canonical_bytes(&boxed).unwrap(),
+        canonical_bytes(&reversed).unwrap()
+    );
+}
+
+/// Found by the break-it review: a hand-written `Serialize` passing the set's
+/// `iter()` to `collect_seq` (what the docs advise) kept iteration order.
+#[test]
+fn collect_seq_over_a_sets_iterator_is_unordered() {
+    struct Tags(HashSet<u32>);
+    impl Serialize for Tags {
+        fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+            s.collect_seq(self.0.iter())
+        }
+    }
+    struct Sorted(BTreeSet<u32>);
+    impl Serialize for Sorted {
+        fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+            s.collect_seq(self.0.iter())
+        }
+    }
+    let (a, b) = two_orders();
+    let sorted = Sorted(a.iter().copied().collect());
+    assert_eq!(
+        canonical_bytes(&Tags(a.clone())).unwrap(),
+        canonical_bytes(&Tags(b)).unwrap()
+    );
+    assert_eq!(
+        canonical_bytes(&Tags(a.clone())).unwrap(),
+        canonical_bytes(&sorted).unwrap()
+    );
+    assert_eq!(
+        canonical_bytes(&Tags(a.clone())).unwrap(),
+        canonical_bytes(&a).unwrap()
+    );
+}

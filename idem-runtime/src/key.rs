@@ -28,7 +28,12 @@
 //! which is how every std collection (and `hashbrown`, `indexmap`, `im`)
 //! serializes itself. A hand-written `Serialize` impl that feeds an unordered
 //! collection to `serialize_seq` element by element cannot be told from a
-//! list: give it a `collect_seq` impl, or key on a `BTreeSet` or a sorted `Vec`.
+//! list: pass the set (or its `iter()`) to `collect_seq`, or key on a
+//! `BTreeSet` or a sorted `Vec`. serde also hides a set's type where it buffers
+//! a value before writing it — inside `#[serde(flatten)]` fields and
+//! internally, adjacently or un-tagged enums — so there a `HashSet` is written
+//! in its iteration order: use a `BTreeSet` (always in one order) in such
+//! positions.
 //!
 //! This is encoding version 2. Version 1 wrote sets as lists in iteration
 //! order (so a `HashSet` key changed from call to call); version 2 differs
@@ -302,9 +307,22 @@ fn is_unordered(type_name: &str) -> bool {
     while let Some(rest) = name.strip_prefix('&') {
         name = rest.strip_prefix("mut ").unwrap_or(rest);
     }
+    // A slice or tuple is ordered, whatever its elements are (`&[BTreeSet<u8>]`).
+    if name.starts_with('[') || name.starts_with('(') {
+        return false;
+    }
     let path = name.split('<').next().unwrap_or(name);
-    let last = path.rsplit("::").next().unwrap_or(path);
-    last.ends_with("Set") || last.ends_with("Bag") || last == "BinaryHeap"
+    let mut segments = path.rsplit("::");
+    let last = segments.next().unwrap_or(path);
+    if last.ends_with("Set") || last.ends_with("Bag") || last == "BinaryHeap" {
+        return true;
+    }
+    // A set's own iterators (`collect_seq(self.set.iter())`): std's
+    // `hash::set::Iter`, `btree::set::Iter`, `binary_heap::Iter`, hashbrown's
+    // `set::Iter`, and `*_set` modules.
+    let module = segments.next().unwrap_or("");
+    matches!(last, "Iter" | "IntoIter" | "Drain")
+        && (module == "set" || module.ends_with("_set") || module == "binary_heap")
 }
 
 fn is_missing(encoded: &[u8]) -> bool {
