@@ -311,3 +311,83 @@ fn every_store_replays_the_first_result_exactly_or_refuses_it_on_the_first_call(
             .unwrap_or_else(|e| panic!("{name}: {e}"));
     }
 }
+
+/// Found by the break-it review of issue 10: serde reads untagged and
+/// internally tagged enums and flattened fields through an `f64` buffer, so an
+/// `f32` written as its own shortest decimal could round twice (`0x15ae43fd`
+/// came back as `0x15ae43fe`).
+#[test]
+fn an_f32_in_buffered_shapes_round_trips_bit_for_bit() {
+    #[derive(Serialize, Deserialize)]
+    #[serde(untagged)]
+    enum Untagged {
+        F(f32),
+    }
+    #[derive(Serialize, Deserialize)]
+    #[serde(tag = "t")]
+    enum Internal {
+        A { v: f32 },
+    }
+    #[derive(Serialize, Deserialize)]
+    struct Inner {
+        v: f32,
+    }
+    #[derive(Serialize, Deserialize)]
+    struct Flat {
+        #[serde(flatten)]
+        inner: Inner,
+    }
+    fn check(x: f32) -> Result<(), TestCaseError> {
+        let untagged: Codec<Untagged, Error> = Codec::release_errors();
+        let bytes = untagged.encode(&Ok(Untagged::F(x))).unwrap().unwrap();
+        let Untagged::F(y) = untagged.decode(&bytes).unwrap().unwrap();
+        prop_assert_eq!(x.to_bits(), y.to_bits(), "untagged");
+        let internal: Codec<Internal, Error> = Codec::release_errors();
+        let bytes = internal.encode(&Ok(Internal::A { v: x })).unwrap().unwrap();
+        let Internal::A { v: y } = internal.decode(&bytes).unwrap().unwrap();
+        prop_assert_eq!(x.to_bits(), y.to_bits(), "internally tagged");
+        let flat: Codec<Flat, Error> = Codec::release_errors();
+        let bytes = flat
+            .encode(&Ok(Flat {
+                inner: Inner { v: x },
+            }))
+            .unwrap()
+            .unwrap();
+        let y = flat.decode(&bytes).unwrap().unwrap().inner.v;
+        prop_assert_eq!(x.to_bits(), y.to_bits(), "flattened");
+        Ok(())
+    }
+    check(f32::from_bits(0x15AE_43FD)).unwrap();
+    let mut runner = TestRunner::new(Config {
+        cases: 5_000,
+        ..Config::default()
+    });
+    runner
+        .run(
+            &any::<f32>().prop_filter("finite", |x| x.is_finite()),
+            check,
+        )
+        .unwrap();
+}
+
+/// Found by the break-it review: `Some(RawValue "null")` is written as `null`
+/// and replayed as `None`; it is refused on the first call, while other raw
+/// JSON inside `Some` is stored and replayed as it was.
+#[test]
+fn some_raw_json_null_is_refused_and_other_raw_json_replays() {
+    use serde_json::value::RawValue;
+    let codec: Codec<Option<Box<RawValue>>, Error> = Codec::release_errors();
+    for null in ["null", " null "] {
+        let raw = RawValue::from_string(null.into()).unwrap();
+        assert!(
+            matches!(codec.encode(&Ok(Some(raw))), Some(Err(Error::Codec(_)))),
+            "Some(raw {null:?}) must be refused"
+        );
+    }
+    let raw = RawValue::from_string(r#"{"a":[1,null]}"#.into()).unwrap();
+    let bytes = codec.encode(&Ok(Some(raw))).unwrap().unwrap();
+    let back = codec.decode(&bytes).unwrap().unwrap().expect("Some");
+    assert_eq!(back.get(), r#"{"a":[1,null]}"#);
+    let bytes = codec.encode(&Ok(None)).unwrap().unwrap();
+    assert!(codec.decode(&bytes).unwrap().unwrap().is_none());
+}

@@ -9,7 +9,10 @@
 //! Floats are written as the shortest decimal that reads back as the same bits
 //! and read back exactly (`serde_json`'s `float_roundtrip`), so a replayed
 //! `f64` or `f32` is bit for bit the first result, `-0.0` and subnormals
-//! included. A value JSON cannot give back as it was — a NaN or infinite float,
+//! included. An `f32` is written as its exact value widened to `f64` (so
+//! `0.1f32` is stored as `0.10000000149011612`): serde reads untagged and
+//! internally tagged enums and flattened fields through an `f64` buffer, and
+//! the widened decimal is the one that narrows back to the same bits there too. A value JSON cannot give back as it was — a NaN or infinite float,
 //! or `Some(x)` where `x` is written as `null` (`Some(None)`, `Some(())`) — is
 //! refused before anything is stored: the call returns [`Error::Codec`] and the
 //! claim is released, rather than recording a value that would replay as
@@ -50,7 +53,7 @@ enum Stored<T, E> {
 pub fn encode_ok<T: Serialize>(value: &T) -> Result<Vec<u8>, Error> {
     faithful::check(value)
         .map_err(|e| Error::codec(format!("the result cannot be stored faithfully: {e}")))?;
-    serde_json::to_vec(&StoredRef::<T, ()>::Ok(value))
+    to_vec(&StoredRef::<T, ()>::Ok(value))
         .map_err(|e| Error::codec(format!("cannot encode the result: {e}")))
 }
 
@@ -60,8 +63,31 @@ pub fn encode_ok<T: Serialize>(value: &T) -> Result<Vec<u8>, Error> {
 pub fn encode_err<E: Serialize>(error: &E) -> Result<Vec<u8>, Error> {
     faithful::check(error)
         .map_err(|e| Error::codec(format!("the error cannot be stored faithfully: {e}")))?;
-    serde_json::to_vec(&StoredRef::<(), E>::Err(error))
+    to_vec(&StoredRef::<(), E>::Err(error))
         .map_err(|e| Error::codec(format!("cannot encode the error: {e}")))
+}
+
+/// Compact JSON, except that an `f32` is written as the shortest decimal of
+/// its exact `f64` value. serde reads some shapes (untagged and internally
+/// tagged enums, `#[serde(flatten)]`) through a buffer that parses every number
+/// as `f64` and then narrows it; the `f32`'s own shortest decimal can then
+/// round twice and land one unit off, while the widened value narrows exactly.
+struct Exact;
+
+impl serde_json::ser::Formatter for Exact {
+    fn write_f32<W: ?Sized + std::io::Write>(
+        &mut self,
+        writer: &mut W,
+        value: f32,
+    ) -> std::io::Result<()> {
+        self.write_f64(writer, value.into())
+    }
+}
+
+fn to_vec<T: Serialize + ?Sized>(value: &T) -> serde_json::Result<Vec<u8>> {
+    let mut out = Vec::with_capacity(128);
+    value.serialize(&mut serde_json::Serializer::with_formatter(&mut out, Exact))?;
+    Ok(out)
 }
 
 /// Decodes an outcome stored by [`encode_ok`] or [`encode_err`].

@@ -72,7 +72,14 @@ impl Walk {
 }
 
 /// Visits the elements, fields or entries of a compound value.
-struct Children;
+#[derive(Default)]
+struct Children {
+    /// A `serde_json::value::RawValue` directly inside `Some`: its text must not be `null`.
+    raw_in_some: bool,
+}
+
+/// The struct name `serde_json` gives a `RawValue`, whose one field is its JSON text.
+const RAW_VALUE: &str = "$serde_json::private::RawValue";
 
 impl Children {
     fn visit<T: Serialize + ?Sized>(&mut self, value: &T) -> Result<(), Unfaithful> {
@@ -147,17 +154,17 @@ impl ser::Serializer for Walk {
         value.serialize(Walk::child())
     }
     fn serialize_seq(self, _len: Option<usize>) -> Result<Children, Unfaithful> {
-        Ok(Children)
+        Ok(Children::default())
     }
     fn serialize_tuple(self, _len: usize) -> Result<Children, Unfaithful> {
-        Ok(Children)
+        Ok(Children::default())
     }
     fn serialize_tuple_struct(
         self,
         _name: &'static str,
         _len: usize,
     ) -> Result<Children, Unfaithful> {
-        Ok(Children)
+        Ok(Children::default())
     }
     fn serialize_tuple_variant(
         self,
@@ -166,13 +173,15 @@ impl ser::Serializer for Walk {
         _variant: &'static str,
         _len: usize,
     ) -> Result<Children, Unfaithful> {
-        Ok(Children)
+        Ok(Children::default())
     }
     fn serialize_map(self, _len: Option<usize>) -> Result<Children, Unfaithful> {
-        Ok(Children)
+        Ok(Children::default())
     }
-    fn serialize_struct(self, _name: &'static str, _len: usize) -> Result<Children, Unfaithful> {
-        Ok(Children)
+    fn serialize_struct(self, name: &'static str, _len: usize) -> Result<Children, Unfaithful> {
+        Ok(Children {
+            raw_in_some: self.in_some && name == RAW_VALUE,
+        })
     }
     fn serialize_struct_variant(
         self,
@@ -181,7 +190,7 @@ impl ser::Serializer for Walk {
         _variant: &'static str,
         _len: usize,
     ) -> Result<Children, Unfaithful> {
-        Ok(Children)
+        Ok(Children::default())
     }
 }
 
@@ -251,6 +260,14 @@ impl ser::SerializeStruct for Children {
         _key: &'static str,
         value: &T,
     ) -> Result<(), Unfaithful> {
+        if self.raw_in_some {
+            // The field is the raw JSON text; `Some(raw null)` is written as `null`.
+            if let Ok(serde_json::Value::String(text)) = serde_json::to_value(value) {
+                if text.trim() == "null" {
+                    return Err(Unfaithful(SOME_NULL.into()));
+                }
+            }
+        }
         self.visit(value)
     }
     fn end(self) -> Result<(), Unfaithful> {
