@@ -237,8 +237,33 @@ async fn corrupt_records_are_codec_errors_and_never_rerun() {
     let client = redis::Client::open(redis_url()).unwrap();
     let mut conn = client.get_multiplexed_async_connection().await.unwrap();
     let far = "99999999999999";
-    let cases: [(&str, Vec<&str>); 5] = [
+    let cases: [(&str, Vec<&str>); 12] = [
         ("a string", vec![]),
+        // Found by the break-it review of issue 10: Lua's `tonumber` reads
+        // these deadlines as numbers, and strange states with a past deadline
+        // were taken over.
+        (
+            "a nan deadline",
+            vec!["s", "c", "t", "5", "o", "1", "e", "nan"],
+        ),
+        (
+            "an inf deadline",
+            vec!["s", "c", "t", "5", "o", "1", "e", "inf"],
+        ),
+        (
+            "a hex deadline",
+            vec!["s", "c", "t", "5", "o", "1", "e", "0x7fffffff"],
+        ),
+        (
+            "a strange state, past",
+            vec!["s", "x", "t", "5", "o", "1", "e", "1"],
+        ),
+        ("no state", vec!["t", "5", "o", "1", "e", far]),
+        (
+            "processing, nan deadline",
+            vec!["s", "p", "t", "5", "e", "nan"],
+        ),
+        ("completed, no token", vec!["s", "c", "o", "1", "e", far]),
         (
             "no deadline",
             vec!["s", "c", "t", "5", "o", "1", "e", "soon"],

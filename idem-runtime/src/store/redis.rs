@@ -38,14 +38,32 @@ local now_us = tonumber(t[1]) * 1000000 + tonumber(t[2])
 local now = math.floor(now_us / 1000)
 "#;
 
+/// What is wrong with a record read by `HMGET s t f o e`, or `nil` if idem
+/// could have written it (or there is none). `tonumber` alone would take
+/// `nan`, `inf` and `0x..`; idem writes decimal integers only.
+const VALID: &str = r#"
+local function invalid(r)
+  if r.err then return 'a hash' end
+  if not r[1] then
+    if r[2] or r[3] or r[4] or r[5] then return 'a state' end
+    return nil
+  end
+  if r[1] ~= 'p' and r[1] ~= 'c' and r[1] ~= 'r' then return 'a state' end
+  if not (r[5] and string.match(r[5], '^%-?%d+$')) then return 'a numeric deadline' end
+  if not (r[2] and string.match(r[2], '^%d+$')) then return 'a numeric token' end
+  if r[1] == 'c' and not r[4] then return 'an outcome on a completed record' end
+  return nil
+end
+"#;
+
 const CLAIM: &str = r#"
 local key, fp, lease, grace = KEYS[1], ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3])
 local r = redis.pcall('HMGET', key, 's', 't', 'f', 'o', 'e')
-if r.err then return {-1, 'a hash'} end
+local bad = invalid(r)
+if bad then return {-1, bad} end
 local s = r[1]
 if s and s ~= 'r' then
   local e = tonumber(r[5])
-  if not e then return {-1, 'a numeric deadline'} end
   if e > now then
     return {0, s, r[2], r[3], r[4], e - now, 0}
   end
@@ -89,10 +107,10 @@ return 1
 
 const GET: &str = r#"
 local r = redis.pcall('HMGET', KEYS[1], 's', 't', 'f', 'o', 'e')
-if r.err then return {-1, 'a hash'} end
+local bad = invalid(r)
+if bad then return {-1, bad} end
 if not r[1] or r[1] == 'r' then return false end
 local e = tonumber(r[5])
-if not e then return {-1, 'a numeric deadline'} end
 local rem = e - now
 if r[1] == 'c' and rem <= 0 then return false end
 return {r[1], r[2], r[3], r[4], math.max(rem, 0)}
@@ -109,11 +127,11 @@ struct Scripts {
 impl Scripts {
     fn new() -> Self {
         Scripts {
-            claim: Script::new(&format!("{NOW}{CLAIM}")),
+            claim: Script::new(&format!("{VALID}{NOW}{CLAIM}")),
             complete: Script::new(&format!("{HELD}{NOW}{COMPLETE}")),
             renew: Script::new(&format!("{HELD}{NOW}{RENEW}")),
             release: Script::new(&format!("{HELD}{NOW}{RELEASE}")),
-            get: Script::new(&format!("{NOW}{GET}")),
+            get: Script::new(&format!("{VALID}{NOW}{GET}")),
         }
     }
 }
