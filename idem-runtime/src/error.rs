@@ -117,6 +117,13 @@ pub enum InvalidKey {
         /// Zero-based byte position of the first offending character.
         position: usize,
     },
+    /// A header value that starts with `"` is not a well-formed Structured
+    /// Field string (RFC 8941).
+    #[error("the quoted key is malformed: {reason}")]
+    MalformedString {
+        /// What is wrong with it.
+        reason: &'static str,
+    },
 }
 
 fn fmt_duration(d: Duration) -> String {

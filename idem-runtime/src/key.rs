@@ -805,6 +805,52 @@ impl ClientKey {
         Ok(ClientKey(key.to_owned()))
     }
 
+    /// Parses an `Idempotency-Key` header value in either spelling: bare
+    /// (`k-1`, as Stripe's clients send it) or as a Structured Field string
+    /// (`"k-1"`, RFC 8941, as the IETF Idempotency-Key draft defines it, with
+    /// `\"` and `\\` escapes). Both spellings of one key are the same key.
+    /// Surrounding spaces and tabs are ignored. A value that starts with `"`
+    /// must be a well-formed string with nothing after it (parameters such as
+    /// `"k-1";a=1` are refused). The key itself must then be 1 to 255 visible
+    /// ASCII characters, as for [`parse`](Self::parse).
+    ///
+    /// ```
+    /// use idem_runtime::ClientKey;
+    /// assert_eq!(ClientKey::from_header(b"\"q-1\"")?, ClientKey::parse("q-1")?);
+    /// assert_eq!(ClientKey::from_header(br#""a\"b""#)?.as_str(), "a\"b");
+    /// assert!(ClientKey::from_header(b"\"unterminated").is_err());
+    /// # Ok::<(), idem_runtime::Error>(())
+    /// ```
+    pub fn from_header(value: &[u8]) -> Result<Self, Error> {
+        let trimmed = trim_ows(value);
+        if trimmed.first() != Some(&b'"') {
+            let text = std::str::from_utf8(trimmed).map_err(|_| {
+                let position = trimmed.iter().position(|b| !b.is_ascii()).unwrap_or(0);
+                Error::InvalidKey(InvalidKey::InvalidCharacter { position })
+            })?;
+            return Self::parse(text);
+        }
+        let mut key = String::with_capacity(trimmed.len());
+        let mut bytes = trimmed[1..].iter().copied();
+        loop {
+            match bytes.next() {
+                None => return Err(quoted("it has no closing quote")),
+                Some(b'"') => break,
+                Some(b'\\') => match bytes.next() {
+                    Some(c @ (b'"' | b'\\')) => key.push(c as char),
+                    _ => return Err(quoted("a backslash may only escape `\"` or `\\`")),
+                },
+                Some(c @ 0x20..=0x7e) => key.push(c as char),
+                Some(_) => return Err(quoted("it holds a byte that is not printable ASCII")),
+            }
+        }
+        match bytes.next() {
+            None => Self::parse(&key),
+            Some(b';') => Err(quoted("parameters are not supported")),
+            Some(_) => Err(quoted("there is more after the closing quote")),
+        }
+    }
+
     /// Checks `key` without allocating.
     pub fn validate(key: &str) -> Result<(), InvalidKey> {
         if key.is_empty() {
@@ -828,6 +874,20 @@ impl ClientKey {
     pub fn into_string(self) -> String {
         self.0
     }
+}
+
+fn trim_ows(mut value: &[u8]) -> &[u8] {
+    while let [b' ' | b'\t', rest @ ..] = value {
+        value = rest;
+    }
+    while let [rest @ .., b' ' | b'\t'] = value {
+        value = rest;
+    }
+    value
+}
+
+fn quoted(reason: &'static str) -> Error {
+    Error::InvalidKey(InvalidKey::MalformedString { reason })
 }
 
 impl fmt::Debug for ClientKey {

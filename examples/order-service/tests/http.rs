@@ -299,3 +299,36 @@ async fn three_server_processes_on_one_database_make_one_order() {
         }
     }
 }
+
+/// The IETF draft sends the key as a Structured Field string (`"k"`), Stripe's
+/// clients send it bare (`k`): a retry that switches spelling is a replay, not
+/// a second order; a malformed quoted key is a 400 (issue 11, item 3).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_quoted_and_the_bare_key_are_one_order() {
+    let (running, service) = start(&sqlite_file("spelling"), None).await;
+    let (user, product) = (fresh_id(), fresh_id());
+    service.restock(product, 10).await.unwrap();
+    let base = running.url();
+    let order = json!({ "user_id": user, "product_id": product, "quantity": 1 });
+    let key = "8e03978e-40d5-43e8-bc93-6894a57f9324";
+    let first = post(&base, "/orders", "ann", key, &order).await;
+    assert_eq!((first.status, first.replayed), (StatusCode::CREATED, false));
+    let quoted = post(&base, "/orders", "ann", &format!("\"{key}\""), &order).await;
+    assert_eq!(
+        (quoted.status, quoted.replayed),
+        (StatusCode::CREATED, true)
+    );
+    assert_eq!(quoted.body, first.body);
+    // And the other way round, with a fresh key.
+    let other = json!({ "user_id": user, "product_id": product, "quantity": 2 });
+    let first = post(&base, "/orders", "ann", "\"k-2\"", &other).await;
+    let bare = post(&base, "/orders", "ann", "k-2", &other).await;
+    assert_eq!((first.replayed, bare.replayed), (false, true));
+    assert_eq!(bare.body, first.body);
+    for malformed in ["\"k-3", "\"k-3\";a=1", "\"k\\-3\"", "\"k 3\""] {
+        let reply = post(&base, "/orders", "ann", malformed, &order).await;
+        assert_eq!(reply.status, StatusCode::BAD_REQUEST, "{malformed}");
+    }
+    assert_eq!(service.orders_of(&[user]).await.unwrap(), 2);
+    running.stop().await.unwrap();
+}

@@ -108,10 +108,7 @@ where
 
 /// The client's key, or why it is malformed.
 fn parse_key(value: &http::HeaderValue) -> Result<ClientKey, String> {
-    let text = value
-        .to_str()
-        .map_err(|_| "the key must be 1 to 255 visible ASCII characters".to_owned())?;
-    ClientKey::parse(text).map_err(|err| match err {
+    ClientKey::from_header(value.as_bytes()).map_err(|err| match err {
         Error::InvalidKey(why) => why.to_string(),
         other => other.to_string(),
     })
