@@ -395,6 +395,45 @@ async fn a_request_body_over_the_limit_gets_413_and_the_handler_does_not_run() {
     );
 }
 
+/// `Expect: 100-continue` with a declared length over the limit: the 413
+/// comes before the client uploads anything, not after (issue 11, item 2).
+#[tokio::test]
+async fn an_expect_continue_request_over_the_limit_gets_413_before_the_upload() {
+    let s = serve(scoped(MemoryStore::new()).max_request_body(1024)).await;
+    let addr = s.base.trim_start_matches("http://");
+    let mut tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let head = format!(
+        "POST /echo HTTP/1.1\r\nhost: {addr}\r\nidempotency-key: expect\r\n\
+         content-length: 2000\r\nexpect: 100-continue\r\n\r\n"
+    );
+    tcp.write_all(head.as_bytes()).await.unwrap();
+    // No body is sent: the server must answer from the head alone.
+    let mut answer = vec![0u8; 4096];
+    let n = tcp.read(&mut answer).await.unwrap();
+    let answer = String::from_utf8_lossy(&answer[..n]);
+    assert!(answer.starts_with("HTTP/1.1 413"), "{answer}");
+    assert_eq!(s.runs(), 0);
+    // Within the limit, the upload is invited and the handler runs.
+    let mut tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let head = format!(
+        "POST /echo HTTP/1.1\r\nhost: {addr}\r\nidempotency-key: expect-ok\r\n\
+         content-length: 5\r\nexpect: 100-continue\r\nconnection: close\r\n\r\n"
+    );
+    tcp.write_all(head.as_bytes()).await.unwrap();
+    let mut first = vec![0u8; 64];
+    let n = tcp.read(&mut first).await.unwrap();
+    assert!(
+        first[..n].starts_with(b"HTTP/1.1 100"),
+        "{:?}",
+        String::from_utf8_lossy(&first[..n])
+    );
+    tcp.write_all(b"hello").await.unwrap();
+    let mut rest = String::new();
+    tcp.read_to_string(&mut rest).await.unwrap();
+    assert!(rest.contains("201 Created"), "{rest}");
+    assert_eq!(s.runs(), 1);
+}
+
 #[tokio::test]
 async fn a_response_over_the_limit_is_passed_through_whole_and_not_stored() {
     let s = serve(scoped(MemoryStore::new()).max_response_body(64 * 1024)).await;

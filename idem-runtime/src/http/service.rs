@@ -139,9 +139,16 @@ where
         .headers
         .get(header::CONTENT_LENGTH)
         .and_then(|v| v.to_str().ok()?.parse::<u64>().ok());
-    // Refuse what is too large to drain without reading it at all.
+    // Refuse what is too large to drain without reading it at all; and a
+    // client that waits for `100 Continue` before uploading is told at once
+    // (reading the body is what would invite the upload).
     let drain_cap = (limit as u64).saturating_mul(4).max(DRAIN_AT_LEAST);
-    if declared.is_some_and(|len| len > drain_cap) {
+    let expects_continue = parts
+        .headers
+        .get(header::EXPECT)
+        .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"100-continue"));
+    let refuse_unread = if expects_continue { limit as u64 } else { drain_cap };
+    if declared.is_some_and(|len| len > refuse_unread) {
         return Ok(too_large.response(&too_large.default_detail()));
     }
     let read = read_limited(Box::pin(body), limit)
