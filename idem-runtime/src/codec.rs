@@ -113,9 +113,21 @@ pub fn decode_ok<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, Error> {
     }
 }
 
+/// serde_json's messages quote the values they stumble on ("invalid type:
+/// string \"4111…\""), which are stored data; the error names only the kind
+/// of mismatch and where it is, so it can go into logs and problem bodies.
 fn corrupt(e: serde_json::Error) -> Error {
+    let kind = match e.classify() {
+        serde_json::error::Category::Io => "unreadable",
+        serde_json::error::Category::Syntax => "not valid JSON",
+        serde_json::error::Category::Data => "not the shape of this type",
+        serde_json::error::Category::Eof => "truncated",
+    };
     Error::codec(format!(
-        "the stored outcome is corrupt or was written by an incompatible type: {e}"
+        "the stored outcome is corrupt or was written by an incompatible type: {kind} \
+         (line {}, column {})",
+        e.line(),
+        e.column()
     ))
 }
 

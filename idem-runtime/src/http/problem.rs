@@ -141,6 +141,12 @@ impl Problem {
             Problem::RequestTooLarge { limit } => {
                 format!("request bodies on this endpoint are limited to {limit} bytes")
             }
+            Problem::StoreUnavailable => "the idempotency store could not be reached; \
+                 the request was not processed, retry it later"
+                .into(),
+            Problem::StoredResponseCorrupt => "the response stored for this key could not be \
+                 read; the request was not run again"
+                .into(),
             _ => self.parts().2.to_owned(),
         }
     }

@@ -147,7 +147,11 @@ where
         .headers
         .get(header::EXPECT)
         .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"100-continue"));
-    let refuse_unread = if expects_continue { limit as u64 } else { drain_cap };
+    let refuse_unread = if expects_continue {
+        limit as u64
+    } else {
+        drain_cap
+    };
     if declared.is_some_and(|len| len > refuse_unread) {
         return Ok(too_large.response(&too_large.default_detail()));
     }
@@ -162,8 +166,8 @@ where
         }
         Err(err) => {
             tracing::debug!(error = %err, "request body could not be read");
-            return Ok(Problem::RequestUnreadable
-                .response(&format!("the request body could not be read: {err}")));
+            let problem = Problem::RequestUnreadable;
+            return Ok(problem.response(&problem.default_detail()));
         }
     };
 
@@ -180,7 +184,10 @@ where
         .and_then(|k| k.part(key.as_str()))
     {
         Ok(builder) => builder.finish(),
-        Err(err) => return Ok(Problem::Internal.response(&err.to_string())),
+        Err(err) => {
+            tracing::error!(error = %err, "the key could not be built");
+            return Ok(Problem::Internal.response(&Problem::Internal.default_detail()));
+        }
     };
 
     tracing::Span::current().record("digest", tracing::field::display(key.digest()));
@@ -199,17 +206,18 @@ where
                 Ok(response) => response,
                 Err(err) => {
                     tracing::error!(error = %err, "the stored response could not be decoded");
-                    Problem::StoredResponseCorrupt.response(&err.to_string())
+                    let problem = Problem::StoredResponseCorrupt;
+                    problem.response(&problem.default_detail())
                 }
             })
         }
         Err(err) => {
             let problem = Problem::from_claim_error(&err);
-            let detail = match err {
-                Error::Store(_) => format!("{err}; the request was not processed, retry it later"),
-                _ => problem.default_detail(),
-            };
-            return Ok(problem.response(&detail));
+            // The store's own words (hosts, SQL) are for the log, not the client.
+            if let Error::Store(_) = err {
+                tracing::warn!(error = %err, "the store failed at claim; request not processed");
+            }
+            return Ok(problem.response(&problem.default_detail()));
         }
     };
 
@@ -272,7 +280,8 @@ where
         Err(err) => {
             tracing::error!(error = %err, "the response body failed; key released");
             held.release().await;
-            Ok(Problem::HandlerBodyFailed.response(&format!("the response body failed: {err}")))
+            let problem = Problem::HandlerBodyFailed;
+            Ok(problem.response(&problem.default_detail()))
         }
     }
 }

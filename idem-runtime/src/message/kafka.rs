@@ -244,7 +244,7 @@ impl Kafka {
                 Action::Redeliver(delay) => {
                     *failures_here += 1;
                     if let Err(err) = &outcome {
-                        tracing::warn!(message_id = %id, error = %err, "message not processed; re-reading it");
+                        tracing::warn!(digest = %self.dedup.log_digest(&id), error = %err, "message not processed; re-reading it");
                     }
                     drop(message);
                     tokio::time::sleep(delay).await;

@@ -178,6 +178,15 @@ impl Deduplicator {
         &self.namespace
     }
 
+    /// The digest that stands for `message_id` in logs (the record's own
+    /// digest; the raw id never reaches a log line).
+    pub(crate) fn log_digest(&self, message_id: &str) -> String {
+        match self.key(message_id) {
+            Ok(key) => key.digest().to_hex(),
+            Err(_) => "(no key)".to_owned(),
+        }
+    }
+
     /// The key of a message id in this consumer's namespace.
     pub fn key(&self, message_id: &str) -> Result<Key, Error> {
         Ok(KeyBuilder::new(&self.namespace).part(message_id)?.finish())

@@ -182,7 +182,7 @@ impl JetStream {
                 AckKind::Nak(Some((*retry_after).max(self.backoff_base)))
             }
             Err(err) => {
-                tracing::warn!(message_id = %id, delivered, error = %err, "message not processed; redelivering");
+                tracing::warn!(digest = %self.dedup.log_digest(&id), delivered, error = %err, "message not processed; redelivering");
                 AckKind::Nak(Some(backoff(
                     delivered,
                     self.backoff_base,
@@ -193,7 +193,7 @@ impl JetStream {
         if let Err(err) = message.ack_with(ack).await {
             // The delivery is redelivered after `ack_wait`; a processed message
             // then meets its record and is acked as a duplicate.
-            tracing::warn!(message_id = %id, error = %err, "could not acknowledge the message");
+            tracing::warn!(digest = %self.dedup.log_digest(&id), error = %err, "could not acknowledge the message");
         }
         outcome
     }
