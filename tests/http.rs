@@ -337,9 +337,9 @@ async fn a_corrupt_stored_response_is_a_500_problem_never_a_rerun() {
 }
 
 #[tokio::test]
-async fn statuses_2xx_and_4xx_are_stored_but_5xx_408_409_429_release_the_key() {
+async fn decisions_are_stored_but_5xx_try_again_and_validation_refusals_release_the_key() {
     let s = serve(scoped(MemoryStore::new())).await;
-    for code in [200, 201, 202, 400, 402, 404, 422] {
+    for code in [200, 201, 202, 302, 402, 410, 412] {
         let path = format!("/status/{code}");
         let key = format!("stored-{code}");
         let before = s.runs();
@@ -349,7 +349,9 @@ async fn statuses_2xx_and_4xx_are_stored_but_5xx_408_409_429_release_the_key() {
         assert!(replayed(&again), "{code} is replayed");
         assert_eq!(s.runs(), before + 1, "{code} ran once");
     }
-    for code in [500, 502, 503, 408, 409, 429] {
+    for code in [
+        500, 502, 503, 408, 409, 429, 400, 401, 403, 404, 405, 415, 422,
+    ] {
         let path = format!("/status/{code}");
         let key = format!("released-{code}");
         let before = s.runs();
@@ -364,9 +366,86 @@ async fn statuses_2xx_and_4xx_are_stored_but_5xx_408_409_429_release_the_key() {
 #[tokio::test]
 async fn which_statuses_are_stored_is_configurable() {
     let s = serve(scoped(MemoryStore::new()).store_status(|status| status.is_success())).await;
-    s.post("/status/404", Some("k404"), "").await;
-    assert!(!replayed(&s.post("/status/404", Some("k404"), "").await));
+    s.post("/status/402", Some("k402"), "").await;
+    assert!(!replayed(&s.post("/status/402", Some("k402"), "").await));
     assert_eq!(s.runs(), 2);
+    // And back to storing a validation refusal, as earlier releases did.
+    let s = serve(scoped(MemoryStore::new()).store_status(|status| status.as_u16() != 500)).await;
+    s.post("/status/422", Some("k422"), "").await;
+    assert!(replayed(&s.post("/status/422", Some("k422"), "").await));
+    assert_eq!(s.runs(), 1);
+}
+
+/// A framework rejection (axum's `Json` extractor without a JSON
+/// `Content-Type`: 415; an unknown route: 404; a wrong method: 405) is not
+/// stored, and `Content-Type` is part of the fingerprint: a client that
+/// corrects its `Content-Type` gets its request run, not the old 415 for the
+/// whole ttl (issue 11, item 2).
+#[tokio::test]
+async fn a_corrected_retry_after_a_framework_rejection_runs() {
+    let runs = Arc::new(AtomicUsize::new(0));
+    let counter = Arc::clone(&runs);
+    let router = Router::new()
+        .route(
+            "/orders",
+            post(move |axum::Json(v): axum::Json<serde_json::Value>| {
+                let n = counter.fetch_add(1, Ordering::SeqCst) + 1;
+                async move { (StatusCode::CREATED, format!("order {n} for {v}")) }
+            }),
+        )
+        .layer(scoped(MemoryStore::new()));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let base = format!("http://{}", listener.local_addr().unwrap());
+    tokio::spawn(async move { axum::serve(listener, router).await });
+    let http = reqwest::Client::new();
+    let send = |path: &'static str, method: Method, content_type: Option<&'static str>| {
+        // One key per route and method; the fingerprint holds them too.
+        let key = format!("fix-me{path}-{method}");
+        let mut request = http
+            .request(method, format!("{base}{path}"))
+            .header("idempotency-key", key)
+            .body(r#"{"sku":1}"#);
+        if let Some(content_type) = content_type {
+            request = request.header("content-type", content_type);
+        }
+        request.send()
+    };
+    let first = send("/orders", Method::POST, Some("text/plain"))
+        .await
+        .unwrap();
+    assert_eq!(first.status(), 415);
+    let again = send("/orders", Method::POST, Some("text/plain"))
+        .await
+        .unwrap();
+    assert_eq!(again.status(), 415);
+    assert!(!replayed(&again), "a rejection is not replayed");
+    let fixed = send("/orders", Method::POST, Some("application/json"))
+        .await
+        .unwrap();
+    assert_eq!(fixed.status(), 201, "the corrected request runs");
+    assert_eq!(runs.load(Ordering::SeqCst), 1);
+    let retry = send("/orders", Method::POST, Some("application/json"))
+        .await
+        .unwrap();
+    assert!(replayed(&retry), "its retry is a replay");
+    // Now that the key holds a JSON request, the same bytes as text are another request.
+    let other = send("/orders", Method::POST, Some("text/plain"))
+        .await
+        .unwrap();
+    assert_eq!(other.status(), 422);
+    for (path, method, status) in [
+        ("/nowhere", Method::POST, 404),
+        ("/orders", Method::PATCH, 405),
+    ] {
+        for _ in 0..2 {
+            let response = send(path, method.clone(), Some("application/json"))
+                .await
+                .unwrap();
+            assert_eq!(response.status(), status, "{path}");
+            assert!(!replayed(&response), "{path} {status} is not stored");
+        }
+    }
+    assert_eq!(runs.load(Ordering::SeqCst), 1);
 }
 
 #[tokio::test]

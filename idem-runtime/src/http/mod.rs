@@ -25,17 +25,18 @@
 //!
 //! | request | response |
 //! |---|---|
-//! | first with its key | the handler's response; stored if its status is (default: 2xx, 3xx, 4xx except 408, 409, 429) |
+//! | first with its key | the handler's response; stored if its status is (default: 2xx, 3xx, and 4xx other than "try again" and validation refusals, see [`default_store_status`]) |
 //! | repeat, stored response | that response, byte for byte, plus `Idempotent-Replayed: true` |
 //! | repeat while the first runs | 409 with `Retry-After` (or waits, with [`InProgress::Wait`]) |
-//! | same key, different method, path, query or body | 422 |
+//! | same key, different method, path, query, `Content-Type` or body | 422 |
 //! | key missing (where required) or malformed | 400 |
 //! | request body over the limit | 413 |
 //! | store unreachable | 503 (the handler does not run) |
 //!
 //! Error bodies are `application/problem+json` (RFC 9457), with a `type` naming
 //! the case (`urn:idem:problem:in-progress`, …). A status that is not stored
-//! (5xx, 408, 409, 429) releases the key, so a retry runs the handler again. A
+//! (5xx, 408, 409, 429, and validation refusals such as 400, 404, 415, 422)
+//! releases the key, so a retry runs the handler again. A
 //! response body over the limit is passed through whole, not stored, and the key
 //! released: a retry runs again, so size the limit above the largest response
 //! of a route that must not run twice. The handler runs in its own task, so a
@@ -67,13 +68,25 @@ pub const IDEMPOTENT_REPLAYED: http::HeaderName =
 /// The request header that carries the client's key, unless configured otherwise.
 pub const IDEMPOTENCY_KEY: http::HeaderName = http::HeaderName::from_static("idempotency-key");
 
-/// Which response statuses are stored and replayed by default: 2xx, 3xx, and 4xx
-/// except 408 (timeout), 409 (conflict) and 429 (too many requests), which say
-/// "try again" and so must not be replayed. Everything else (5xx) releases the key.
+/// Which response statuses are stored and replayed by default: 2xx, 3xx, and the
+/// 4xx that report a decision the handler made (402 payment required, 410 gone,
+/// 412, …). Not stored, so the key is released and a retry runs again:
+///
+/// - 408, 409, 425, 429, which say "try again";
+/// - the refusals that come before a handler's work, and that a corrected retry
+///   must not keep getting (Stripe saves no result for a request that failed
+///   validation): 400, 401, 403, 404, 405, 406, 407, 411, 413, 414, 415, 422,
+///   431 — axum's extractor rejections (`Json` without a JSON `Content-Type`:
+///   415; a body that does not parse: 400/422) and router misses (404/405)
+///   among them;
+/// - 5xx and 1xx.
+///
+/// Replace it with [`IdempotencyLayer::store_status`].
 pub fn default_store_status(status: http::StatusCode) -> bool {
     match status.as_u16() {
         200..=399 => true,
-        408 | 409 | 429 => false,
+        408 | 409 | 425 | 429 => false,
+        400 | 401 | 403..=407 | 411 | 413 | 414 | 415 | 422 | 431 => false,
         400..=499 => true,
         _ => false,
     }

@@ -106,6 +106,20 @@ where
     }
 }
 
+/// The request's `Content-Type`, trimmed and lowercased (`""` without one): part
+/// of the fingerprint, since the same bytes under another type are another
+/// request.
+fn content_type(headers: &http::HeaderMap) -> String {
+    headers
+        .get(header::CONTENT_TYPE)
+        .map(|v| {
+            String::from_utf8_lossy(v.as_bytes())
+                .trim()
+                .to_ascii_lowercase()
+        })
+        .unwrap_or_default()
+}
+
 /// The client's key, or why it is malformed.
 fn parse_key(value: &http::HeaderValue) -> Result<ClientKey, String> {
     ClientKey::from_header(value.as_bytes()).map_err(|err| match err {
@@ -175,6 +189,7 @@ where
         .bytes(parts.method.as_str().as_bytes())
         .bytes(parts.uri.path().as_bytes())
         .bytes(parts.uri.query().unwrap_or("").as_bytes())
+        .bytes(content_type(&parts.headers).as_bytes())
         .bytes(&data)
         .finish();
     let scope = config.scope.as_ref().and_then(|scope| scope(&parts));
