@@ -16,6 +16,7 @@ use idem_tests::FaultyStore;
 use reqwest::Method;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::{Notify, Semaphore};
+use tower::Layer as _;
 
 /// What the handlers did.
 struct App {
@@ -53,6 +54,33 @@ async fn big(State(app): State<Arc<App>>) -> Response {
     (StatusCode::OK, body).into_response()
 }
 
+/// An event stream: one event, then (once the gate opens) another. With
+/// `?fail=1`, a 503 stream that ends at once.
+async fn events(State(app): State<Arc<App>>, query: axum::extract::RawQuery) -> Response {
+    app.runs.fetch_add(1, Ordering::SeqCst);
+    let (tx, rx) = tokio::sync::mpsc::channel::<Result<String, std::io::Error>>(4);
+    let status = if query.0.is_some() {
+        tx.send(Ok("data: down\n\n".into())).await.unwrap();
+        StatusCode::SERVICE_UNAVAILABLE
+    } else {
+        tx.send(Ok("data: one\n\n".into())).await.unwrap();
+        tokio::spawn(async move {
+            app.gate.acquire().await.unwrap().forget();
+            let _ = tx.send(Ok("data: two\n\n".into())).await;
+        });
+        StatusCode::OK
+    };
+    let stream = futures::stream::unfold(rx, |mut rx| async move {
+        rx.recv().await.map(|item| (item, rx))
+    });
+    (
+        status,
+        [("content-type", "text/event-stream")],
+        axum::body::Body::from_stream(stream),
+    )
+        .into_response()
+}
+
 async fn attempt(State(app): State<Arc<App>>) -> Response {
     app.runs.fetch_add(1, Ordering::SeqCst);
     let key = idem_runtime::current().map(|a| a.derive_key("downstream"));
@@ -76,6 +104,7 @@ async fn serve(layer: IdempotencyLayer) -> Server {
         .route("/status/{code}", post(status))
         .route("/slow/{code}", post(slow))
         .route("/big", post(big))
+        .route("/events", post(events))
         .route("/attempt", post(attempt))
         .layer(layer)
         .with_state(Arc::clone(&app));
@@ -403,6 +432,7 @@ async fn a_corrected_retry_after_a_framework_rejection_runs() {
         let key = format!("fix-me{path}-{method}");
         let mut request = http
             .request(method, format!("{base}{path}"))
+            .header("authorization", "Bearer ann")
             .header("idempotency-key", key)
             .body(r#"{"sku":1}"#);
         if let Some(content_type) = content_type {
@@ -458,7 +488,7 @@ async fn a_request_body_over_the_limit_gets_413_and_the_handler_does_not_run() {
     let mut tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
     let chunk = "y".repeat(800);
     let raw = format!(
-        "POST /echo HTTP/1.1\r\nhost: {addr}\r\nidempotency-key: chunked\r\n\
+        "POST /echo HTTP/1.1\r\nhost: {addr}\r\nauthorization: Bearer ann\r\nidempotency-key: chunked\r\n\
          transfer-encoding: chunked\r\nconnection: close\r\n\r\n\
          320\r\n{chunk}\r\n320\r\n{chunk}\r\n0\r\n\r\n"
     );
@@ -482,7 +512,7 @@ async fn an_expect_continue_request_over_the_limit_gets_413_before_the_upload() 
     let addr = s.base.trim_start_matches("http://");
     let mut tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
     let head = format!(
-        "POST /echo HTTP/1.1\r\nhost: {addr}\r\nidempotency-key: expect\r\n\
+        "POST /echo HTTP/1.1\r\nhost: {addr}\r\nauthorization: Bearer ann\r\nidempotency-key: expect\r\n\
          content-length: 2000\r\nexpect: 100-continue\r\n\r\n"
     );
     tcp.write_all(head.as_bytes()).await.unwrap();
@@ -495,7 +525,7 @@ async fn an_expect_continue_request_over_the_limit_gets_413_before_the_upload() 
     // Within the limit, the upload is invited and the handler runs.
     let mut tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
     let head = format!(
-        "POST /echo HTTP/1.1\r\nhost: {addr}\r\nidempotency-key: expect-ok\r\n\
+        "POST /echo HTTP/1.1\r\nhost: {addr}\r\nauthorization: Bearer ann\r\nidempotency-key: expect-ok\r\n\
          content-length: 5\r\nexpect: 100-continue\r\nconnection: close\r\n\r\n"
     );
     tcp.write_all(head.as_bytes()).await.unwrap();
@@ -514,16 +544,159 @@ async fn an_expect_continue_request_over_the_limit_gets_413_before_the_upload() 
 }
 
 #[tokio::test]
-async fn a_response_over_the_limit_is_passed_through_whole_and_not_stored() {
+async fn a_response_over_the_limit_is_passed_through_whole_and_a_retry_gets_410_not_a_rerun() {
     let s = serve(scoped(MemoryStore::new()).max_response_body(64 * 1024)).await;
     let expected: Vec<u8> = (0..3_000_000u32).map(|i| (i % 251) as u8).collect();
-    for run in 1..=2 {
+    let r = s.post("/big", Some("k"), "").await;
+    assert_eq!(r.status(), 200);
+    assert!(!replayed(&r));
+    assert_eq!(r.bytes().await.unwrap(), expected, "never truncated");
+    for _ in 0..3 {
         let r = s.post("/big", Some("k"), "").await;
-        assert_eq!(r.status(), 200);
-        assert!(!replayed(&r));
-        assert_eq!(r.bytes().await.unwrap(), expected, "never truncated");
-        assert_eq!(s.runs(), run, "not stored, so the key was released");
+        assert!(replayed(&r));
+        assert_eq!(
+            problem(r, 410).await,
+            "urn:idem:problem:response-not-stored"
+        );
     }
+    assert_eq!(
+        s.runs(),
+        1,
+        "the work ran once: a retry never runs it again"
+    );
+    // A response just over the limit, found only while reading (the length
+    // was not declared as too large): the same.
+    let s = serve(scoped(MemoryStore::new()).max_response_body(3_000_000 - 1)).await;
+    let r = s.post("/big", Some("k"), "").await;
+    assert_eq!(r.bytes().await.unwrap(), expected);
+    let again = s.post("/big", Some("k"), "").await;
+    assert_eq!(
+        problem(again, 410).await,
+        "urn:idem:problem:response-not-stored"
+    );
+    assert_eq!(s.runs(), 1);
+}
+
+#[tokio::test]
+async fn a_streamed_response_flows_at_once_and_a_retry_gets_410_not_a_rerun() {
+    let s = serve(scoped(MemoryStore::new())).await;
+    let mut first = s.post("/events", Some("sse"), "").await;
+    assert_eq!(first.status(), 200);
+    assert_eq!(first.headers()["content-type"], "text/event-stream");
+    // The first event arrives while the handler is still producing the stream
+    // (it waits on the gate): nothing is buffered.
+    // (A generous bound only so that a buffering layer fails instead of hanging.)
+    let chunk = tokio::time::timeout(Duration::from_secs(30), first.chunk())
+        .await
+        .expect("the first event is not held back until the stream ends")
+        .unwrap()
+        .unwrap();
+    assert_eq!(&chunk[..], b"data: one\n\n");
+    // A retry meanwhile, and after, gets the 410 problem; the stream's work is
+    // not run twice.
+    let during = s.post("/events", Some("sse"), "").await;
+    assert_eq!(
+        problem(during, 410).await,
+        "urn:idem:problem:response-not-stored"
+    );
+    s.app.gate.add_permits(1);
+    let mut rest = Vec::new();
+    while let Some(chunk) = first.chunk().await.unwrap() {
+        rest.extend_from_slice(&chunk);
+    }
+    assert_eq!(rest, b"data: two\n\n");
+    let after = s.post("/events", Some("sse"), "").await;
+    assert!(replayed(&after));
+    assert_eq!(
+        problem(after, 410).await,
+        "urn:idem:problem:response-not-stored"
+    );
+    assert_eq!(s.runs(), 1);
+    // A streamed response whose status is not stored releases the key at once.
+    let failing = s.post("/events?fail=1", Some("sse-5xx"), "").await;
+    assert_eq!(failing.status(), 503);
+    assert_eq!(failing.text().await.unwrap(), "data: down\n\n");
+    let retried = s.post("/events?fail=1", Some("sse-5xx"), "").await;
+    assert_eq!(retried.status(), 503);
+    assert!(!replayed(&retried));
+    assert_eq!(s.runs(), 3);
+}
+
+#[tokio::test]
+async fn trailers_are_stored_and_replayed() {
+    use http_body_util::BodyExt as _;
+    use tower::ServiceExt as _;
+
+    let runs = Arc::new(AtomicUsize::new(0));
+    let handler = {
+        let runs = Arc::clone(&runs);
+        tower::service_fn(move |_req: axum::http::Request<_>| {
+            let runs = Arc::clone(&runs);
+            async move {
+                runs.fetch_add(1, Ordering::SeqCst);
+                let mut trailers = HeaderMap::new();
+                trailers.insert("grpc-status", "0".parse().unwrap());
+                let body = http_body_util::Full::new(axum::body::Bytes::from_static(b"done"))
+                    .with_trailers(async move { Some(Ok(trailers)) });
+                Ok::<_, std::convert::Infallible>(axum::http::Response::new(body))
+            }
+        })
+    };
+    let service = IdempotencyLayer::new(MemoryStore::new())
+        .global_scope()
+        .layer(handler);
+    for round in 0..2 {
+        let request = axum::http::Request::post("/rpc")
+            .header("idempotency-key", "t")
+            .body(http_body_util::Empty::<axum::body::Bytes>::new())
+            .unwrap();
+        let response = service.clone().oneshot(request).await.unwrap();
+        assert_eq!(
+            response.headers().contains_key("idempotent-replayed"),
+            round == 1
+        );
+        let body = response.into_body().collect().await.unwrap();
+        assert_eq!(body.trailers().unwrap()["grpc-status"], "0");
+        assert_eq!(&body.to_bytes()[..], b"done");
+    }
+    assert_eq!(runs.load(Ordering::SeqCst), 1);
+}
+
+#[tokio::test]
+async fn a_request_whose_client_is_unknown_gets_401_and_never_a_shared_scope() {
+    let s = serve(scoped(MemoryStore::new())).await;
+    let anonymous = || {
+        s.http
+            .post(format!("{}/echo", s.base))
+            .header("idempotency-key", "shared")
+            .body("same")
+            .send()
+    };
+    for _ in 0..2 {
+        let r = anonymous().await.unwrap();
+        assert_eq!(problem(r, 401).await, "urn:idem:problem:scope-unknown");
+    }
+    assert_eq!(
+        s.runs(),
+        0,
+        "the handler does not run for an unknown client"
+    );
+    // A global scope, chosen on purpose, serves them all from one key space.
+    let s = serve(IdempotencyLayer::new(MemoryStore::new()).global_scope()).await;
+    let first = anonymous_to(&s).await;
+    let second = anonymous_to(&s).await;
+    assert!(!replayed(&first) && replayed(&second));
+    assert_eq!(s.runs(), 1);
+}
+
+async fn anonymous_to(s: &Server) -> reqwest::Response {
+    s.http
+        .post(format!("{}/echo", s.base))
+        .header("idempotency-key", "shared")
+        .body("same")
+        .send()
+        .await
+        .unwrap()
 }
 
 #[tokio::test]
@@ -594,6 +767,7 @@ async fn a_custom_header_name() {
     let send = || {
         s.http
             .post(format!("{}/echo", s.base))
+            .header("authorization", "Bearer ann")
             .header("x-request-key", "k")
             .body("b")
             .send()

@@ -8,8 +8,8 @@
 //! | `GET /healthz` | 200 `ok` |
 //!
 //! Both `POST` routes require an `Idempotency-Key` header; keys are scoped by the
-//! bearer token of the `Authorization` header (standing in for the signed-in
-//! user), so one user can never replay another's response. `POST /orders` is
+//! user the `Authorization` bearer token speaks for (see `subject`), so one user
+//! can never replay another's response, and a request with no token gets 401. `POST /orders` is
 //! protected twice: by the client's key at the HTTP layer, and by
 //! `create_order`'s own key on the order's business fields, written in the same
 //! transaction as the order.
@@ -62,11 +62,17 @@ pub async fn key_store(spec: Option<&str>, db: &Db) -> Result<Arc<dyn Store>, id
     })
 }
 
-/// The bearer token of the `Authorization` header: whose keys these are.
-fn bearer(parts: &axum::http::request::Parts) -> Option<String> {
+/// Whose keys these are: the subject the `Authorization` bearer token speaks
+/// for. A real service verifies the token here and returns its subject (a
+/// JWT's `sub`), never the token itself, so a token refreshed between two
+/// retries keeps its scope. This demo's stand-in for that: the token names its
+/// user, `Bearer ann`, or `Bearer ann.<anything>` for another token of the same
+/// user. No token, no subject: the layer answers 401.
+fn subject(parts: &axum::http::request::Parts) -> Option<String> {
     let value = parts.headers.get(header::AUTHORIZATION)?.to_str().ok()?;
-    let token = value.strip_prefix("Bearer ").unwrap_or(value);
-    Some(token.trim().to_owned())
+    let token = value.strip_prefix("Bearer ")?.trim();
+    let user = token.split('.').next().unwrap_or_default();
+    (!user.is_empty()).then(|| user.to_owned())
 }
 
 fn routes() -> Router<OrderService> {
@@ -84,7 +90,7 @@ pub fn router(service: OrderService, keys: Arc<dyn Store>) -> Router {
         .layer(
             IdempotencyLayer::with_store(keys)
                 .require_key(true)
-                .scope(bearer),
+                .scope(subject),
         )
         .with_state(service)
 }

@@ -332,3 +332,39 @@ async fn the_quoted_and_the_bare_key_are_one_order() {
     assert_eq!(service.orders_of(&[user]).await.unwrap(), 2);
     running.stop().await.unwrap();
 }
+
+/// A request with no token is refused before anything runs, never put in a
+/// scope anonymous clients share; a refreshed token of the same user keeps the
+/// scope, so its retry replays (issue 11, item 2).
+#[tokio::test]
+async fn no_token_is_401_and_a_refreshed_token_keeps_its_scope() {
+    let (running, service) = start(&sqlite_file("scope"), None).await;
+    let (user, product) = (fresh_id(), fresh_id());
+    service.restock(product, 10).await.unwrap();
+    let base = running.url();
+    let order = json!({ "user_id": user, "product_id": product, "quantity": 1 });
+    for _ in 0..2 {
+        let anonymous = reqwest::Client::new()
+            .post(format!("{base}/orders"))
+            .header("Idempotency-Key", "anon-1")
+            .json(&order)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(anonymous.status(), StatusCode::UNAUTHORIZED);
+        let body: serde_json::Value = anonymous.json().await.unwrap();
+        assert_eq!(body["type"], "urn:idem:problem:scope-unknown");
+    }
+    assert_eq!(service.orders_of(&[user]).await.unwrap(), 0);
+    let first = post(&base, "/orders", "ann.token-1", "refresh-1", &order).await;
+    let refreshed = post(&base, "/orders", "ann.token-2", "refresh-1", &order).await;
+    assert_eq!((first.status, first.replayed), (StatusCode::CREATED, false));
+    assert!(
+        refreshed.replayed,
+        "the same user, a new token: the same scope"
+    );
+    assert_eq!(refreshed.body, first.body);
+    let bob = post(&base, "/orders", "bob", "refresh-1", &order).await;
+    assert!(!bob.replayed, "another user never gets ann's response");
+    running.stop().await.unwrap();
+}

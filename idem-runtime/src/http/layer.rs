@@ -14,6 +14,17 @@ use crate::Store;
 /// The scope of a request's key (e.g. the authenticated subject).
 pub(crate) type ScopeFn = dyn Fn(&Parts) -> Option<String> + Send + Sync;
 
+/// Whose keys a request's key is looked up among.
+#[derive(Clone)]
+pub(crate) enum Scope {
+    /// Nothing configured: one key space for every client (warned about once).
+    Unset,
+    /// [`IdempotencyLayer::global_scope`]: one key space, chosen on purpose.
+    Global,
+    /// [`IdempotencyLayer::scope`]: the function's answer; `None` is refused.
+    By(Arc<ScopeFn>),
+}
+
 /// Everything the service needs, shared by every clone.
 #[derive(Clone)]
 pub(crate) struct Config {
@@ -23,7 +34,7 @@ pub(crate) struct Config {
     pub(crate) header: HeaderName,
     pub(crate) methods: Vec<Method>,
     pub(crate) key_required: bool,
-    pub(crate) scope: Option<Arc<ScopeFn>>,
+    pub(crate) scope: Scope,
     pub(crate) max_request_body: usize,
     pub(crate) max_response_body: usize,
     pub(crate) store_status: fn(StatusCode) -> bool,
@@ -33,8 +44,8 @@ pub(crate) struct Config {
 /// `Idempotency-Key` header safe to retry (see the [module docs](super)).
 ///
 /// Defaults: ttl 24 h, lease 30 s, header `Idempotency-Key`, methods `POST` and
-/// `PATCH`, key optional, one scope for everyone, request and response bodies up
-/// to 1 MiB, duplicates in flight rejected with 409, statuses stored per
+/// `PATCH`, key optional, one scope for everyone (see [`scope`](Self::scope)),
+/// request and response bodies up to 1 MiB, duplicates in flight rejected with 409, statuses stored per
 /// [`default_store_status`].
 #[derive(Clone)]
 pub struct IdempotencyLayer {
@@ -61,7 +72,7 @@ impl IdempotencyLayer {
                 header: IDEMPOTENCY_KEY,
                 methods: vec![Method::POST, Method::PATCH],
                 key_required: false,
-                scope: None,
+                scope: Scope::Unset,
                 max_request_body: DEFAULT_BODY_LIMIT,
                 max_response_body: DEFAULT_BODY_LIMIT,
                 store_status: default_store_status,
@@ -110,14 +121,30 @@ impl IdempotencyLayer {
     }
 
     /// Whose key it is: keys are looked up per scope, so one client can never
-    /// replay another's response. `scope` gets the request head, typically returns
-    /// the authenticated subject; `None` puts the request in the shared unnamed
-    /// scope.
+    /// replay another's response. `scope` gets the request head and returns the
+    /// **authenticated subject** (a user or account id), never the raw
+    /// credential: a client whose token is refreshed between two retries must
+    /// land in the same scope, or its retry runs again.
+    ///
+    /// A request for which `scope` returns `None` (no credentials, a header
+    /// that does not parse) is refused with 401 `urn:idem:problem:scope-unknown`
+    /// and the handler does not run: it never falls into a scope shared with
+    /// other anonymous clients. To serve anonymous clients, return a scope for
+    /// them on purpose (say, from a session id).
     pub fn scope<F>(mut self, scope: F) -> Self
     where
         F: Fn(&Parts) -> Option<String> + Send + Sync + 'static,
     {
-        self.config().scope = Some(Arc::new(scope));
+        self.config().scope = Scope::By(Arc::new(scope));
+        self
+    }
+
+    /// One key space for every client, on purpose: for a service whose callers
+    /// all trust each other (one internal client, keys that are globally unique
+    /// UUIDs from one system). Without this or [`scope`](Self::scope) the layer
+    /// behaves the same but warns once in the log that keys are not scoped.
+    pub fn global_scope(mut self) -> Self {
+        self.config().scope = Scope::Global;
         self
     }
 
@@ -129,7 +156,9 @@ impl IdempotencyLayer {
     }
 
     /// The largest response body stored (default 1 MiB). A larger response is
-    /// passed through whole, not stored, and the key released.
+    /// passed through whole and not stored, but the request is recorded as done:
+    /// a retry gets 410 `urn:idem:problem:response-not-stored`, never a second run.
+    /// Size it above the largest response a route that must be replayed gives.
     pub fn max_response_body(mut self, bytes: usize) -> Self {
         self.config().max_response_body = bytes;
         self
@@ -169,7 +198,14 @@ impl fmt::Debug for IdempotencyLayer {
             .field("header", &c.header)
             .field("methods", &c.methods)
             .field("key_required", &c.key_required)
-            .field("scoped", &c.scope.is_some())
+            .field(
+                "scope",
+                &match c.scope {
+                    Scope::Unset => "unset (global)",
+                    Scope::Global => "global",
+                    Scope::By(_) => "per client",
+                },
+            )
             .field("max_request_body", &c.max_request_body)
             .field("max_response_body", &c.max_response_body)
             .finish_non_exhaustive()

@@ -30,16 +30,36 @@
 //! | repeat while the first runs | 409 with `Retry-After` (or waits, with [`InProgress::Wait`]) |
 //! | same key, different method, path, query, `Content-Type` or body | 422 |
 //! | key missing (where required) or malformed | 400 |
+//! | [`scope`](IdempotencyLayer::scope) finds no client (no credentials) | 401 |
+//! | repeat of a request whose response was streamed or too large to store | 410 (the request is not run again) |
 //! | request body over the limit | 413 |
 //! | store unreachable | 503 (the handler does not run) |
 //!
 //! Error bodies are `application/problem+json` (RFC 9457), with a `type` naming
 //! the case (`urn:idem:problem:in-progress`, …). A status that is not stored
 //! (5xx, 408, 409, 429, and validation refusals such as 400, 404, 415, 422)
-//! releases the key, so a retry runs the handler again. A
-//! response body over the limit is passed through whole, not stored, and the key
-//! released: a retry runs again, so size the limit above the largest response
-//! of a route that must not run twice. The handler runs in its own task, so a
+//! releases the key, so a retry runs the handler again.
+//!
+//! **Responses that are not stored.** A response is buffered (up to
+//! [`max_response_body`](IdempotencyLayer::max_response_body)) to be stored only
+//! when its status is stored and its length is known up front. A streamed
+//! response — `text/event-stream`, or a body of unknown length (chunked,
+//! generated) — flows to the client at once, unbuffered; so does one whose
+//! declared length is over the limit, and the rest of one found over the limit
+//! while being read. The handler ran, so the request is still recorded as done
+//! (with the response's status, without its body): a retry with the same key gets
+//! 410 `urn:idem:problem:response-not-stored` and is **not** run again. Put
+//! compression layers outside this one, so the bodies it stores have a length.
+//!
+//! **Scopes.** Keys are kept per client by [`scope`](IdempotencyLayer::scope):
+//! give it the authenticated subject (the user or account id), never the raw
+//! credential, so a token refreshed between retries keeps its scope. A request
+//! for which it finds no subject is refused with 401, never put in a scope that
+//! anonymous clients share. A layer with no scope keeps one key space for every
+//! client and warns once in the log; [`global_scope`](IdempotencyLayer::global_scope)
+//! chooses that on purpose.
+//!
+//! The handler runs in its own task, so a
 //! client that disconnects mid-request does not cancel it: its response is still
 //! stored (or the key released).
 //!

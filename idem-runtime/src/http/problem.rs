@@ -13,14 +13,51 @@ use crate::Error;
 pub(crate) enum Problem {
     KeyMissing,
     KeyMalformed,
-    InProgress { retry_after: Duration },
+    ScopeUnknown,
+    InProgress {
+        retry_after: Duration,
+    },
     KeyReused,
-    RequestTooLarge { limit: usize },
+    RequestTooLarge {
+        limit: usize,
+    },
     RequestUnreadable,
     StoreUnavailable,
     StoredResponseCorrupt,
     HandlerBodyFailed,
+    /// The request ran; its response (status `status`) was not stored.
+    ResponseNotStored {
+        status: u16,
+        why: Withheld,
+    },
     Internal,
+}
+
+/// Why a response was passed through without being stored, though the request
+/// with its key is recorded as done.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Withheld {
+    /// Streamed (`text/event-stream`, or a body of unknown length).
+    Streamed,
+    /// Larger than the layer's `max_response_body`.
+    TooLarge,
+}
+
+impl Withheld {
+    pub(crate) fn as_str(self) -> &'static str {
+        match self {
+            Withheld::Streamed => "streamed",
+            Withheld::TooLarge => "too-large",
+        }
+    }
+
+    pub(crate) fn parse(s: &str) -> Option<Withheld> {
+        match s {
+            "streamed" => Some(Withheld::Streamed),
+            "too-large" => Some(Withheld::TooLarge),
+            _ => None,
+        }
+    }
 }
 
 impl Problem {
@@ -48,6 +85,11 @@ impl Problem {
                 StatusCode::BAD_REQUEST,
                 "key-malformed",
                 "The Idempotency-Key header is malformed",
+            ),
+            Problem::ScopeUnknown => (
+                StatusCode::UNAUTHORIZED,
+                "scope-unknown",
+                "The request's client could not be identified",
             ),
             Problem::InProgress { .. } => (
                 StatusCode::CONFLICT,
@@ -83,6 +125,11 @@ impl Problem {
                 StatusCode::INTERNAL_SERVER_ERROR,
                 "response-failed",
                 "The response body failed while it was being produced",
+            ),
+            Problem::ResponseNotStored { .. } => (
+                StatusCode::GONE,
+                "response-not-stored",
+                "The request with this Idempotency-Key was processed, but its response cannot be replayed",
             ),
             Problem::Internal => (
                 StatusCode::INTERNAL_SERVER_ERROR,
@@ -144,6 +191,18 @@ impl Problem {
             Problem::StoreUnavailable => "the idempotency store could not be reached; \
                  the request was not processed, retry it later"
                 .into(),
+            Problem::ScopeUnknown => "idempotency keys are kept per client, and this request \
+                 carries no credentials this endpoint recognises; authenticate and retry"
+                .into(),
+            Problem::ResponseNotStored { status, why } => format!(
+                "the first request with this key was processed (status {status}), but its \
+                 response was {}, so it was not stored; the request is not run again \
+                 (look its result up instead)",
+                match why {
+                    Withheld::Streamed => "streamed",
+                    Withheld::TooLarge => "too large to store",
+                }
+            ),
             Problem::StoredResponseCorrupt => "the response stored for this key could not be \
                  read; the request was not run again"
                 .into(),

@@ -1,6 +1,7 @@
 //! [`IdempotencyService`]: claim the key, run the handler once, store its
 //! response, replay it to duplicates.
 
+use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
 
@@ -10,10 +11,10 @@ use tower_service::Service;
 use tracing::Instrument as _;
 
 use super::body::{drain, read_limited, Read};
-use super::layer::Config;
-use super::problem::Problem;
+use super::layer::{Config, Scope};
+use super::problem::{Problem, Withheld};
 use super::{stored, Body, ResponseFuture};
-use crate::engine::{begin, Begin};
+use crate::engine::{begin, Begin, HeldClaim};
 use crate::error::BoxError;
 use crate::key::{FingerprintBuilder, KeyBuilder};
 use crate::{ClientKey, Error};
@@ -147,6 +148,26 @@ where
     ResB::Error: Into<BoxError>,
 {
     let (parts, body) = request.into_parts();
+    let scope = match &config.scope {
+        Scope::By(scope) => match scope(&parts) {
+            Some(scope) => Some(scope),
+            None => {
+                let problem = Problem::ScopeUnknown;
+                return Ok(problem.response(&problem.default_detail()));
+            }
+        },
+        Scope::Global => None,
+        Scope::Unset => {
+            static WARNED: std::sync::Once = std::sync::Once::new();
+            WARNED.call_once(|| {
+                tracing::warn!(
+                    "an IdempotencyLayer has no scope: every client shares one key space; \
+                     set .scope(..) to the authenticated subject, or .global_scope() if that is meant"
+                )
+            });
+            None
+        }
+    };
     let limit = config.max_request_body;
     let too_large = Problem::RequestTooLarge { limit };
     let declared = parts
@@ -192,7 +213,6 @@ where
         .bytes(content_type(&parts.headers).as_bytes())
         .bytes(&data)
         .finish();
-    let scope = config.scope.as_ref().and_then(|scope| scope(&parts));
     // A tuple, so the unnamed scope (`None`) is a key part like any other.
     let key = match KeyBuilder::new(&config.namespace)
         .part(&("scope", scope.as_deref()))
@@ -237,6 +257,7 @@ where
     };
 
     let request = Request::from_parts(parts, Body::buffered(data, trailers));
+    let max = config.max_response_body;
     let ran = held
         .run(async {
             let response = match inner.call(request).await {
@@ -244,25 +265,41 @@ where
                 Err(err) => return Err(err),
             };
             let (head, body) = response.into_parts();
-            let read = read_limited(Box::pin(body), config.max_response_body)
-                .await
-                .map_err(Into::<BoxError>::into);
-            Ok((head, read))
+            let body = Box::pin(body);
+            let reading = if !(config.store_status)(head.status) {
+                Reading::Unstored(body)
+            } else if streamed(&head.headers, &body.size_hint()) {
+                Reading::Withheld(Withheld::Streamed, body)
+            } else if body.size_hint().lower() > max as u64 {
+                Reading::Withheld(Withheld::TooLarge, body)
+            } else {
+                Reading::Read(
+                    read_limited(body, max)
+                        .await
+                        .map_err(Into::<BoxError>::into),
+                )
+            };
+            Ok((head, reading))
         })
         .await;
-    let (head, read) = match ran {
+    let (head, reading) = match ran {
         Ok(done) => done,
         Err(err) => {
             held.release().await;
             return Err(err);
         }
     };
-    match read {
-        Ok(Read::Whole {
-            data,
-            trailers: None,
-        }) if (config.store_status)(head.status) => {
-            match stored::encode(head.status, &head.headers, &data) {
+    match reading {
+        Reading::Unstored(body) => {
+            tracing::debug!(status = %head.status, "status not stored; key released");
+            held.release().await;
+            Ok(Response::from_parts(
+                head,
+                Body::partial(Bytes::new(), body),
+            ))
+        }
+        Reading::Read(Ok(Read::Whole { data, trailers })) => {
+            match stored::encode(head.status, &head.headers, &data, trailers.as_ref()) {
                 Ok(bytes) => {
                     // A failure is logged by `complete`; the client still gets the
                     // response the handler produced.
@@ -273,30 +310,69 @@ where
                     held.release().await;
                 }
             }
-            Ok(Response::from_parts(head, Body::buffered(data, None)))
-        }
-        Ok(Read::Whole { data, trailers }) => {
-            if trailers.is_some() {
-                tracing::debug!("response has trailers; not stored, key released");
-            } else {
-                tracing::debug!(status = %head.status, "status not stored; key released");
-            }
-            held.release().await;
             Ok(Response::from_parts(head, Body::buffered(data, trailers)))
         }
-        Ok(Read::TooLarge { prefix, rest }) => {
-            tracing::warn!(
-                limit = config.max_response_body,
-                "response body over the limit; passed through unstored and the key released"
-            );
-            held.release().await;
+        Reading::Withheld(why, body) => {
+            withhold(held, &config, head.status, why).await;
+            Ok(Response::from_parts(
+                head,
+                Body::partial(Bytes::new(), body),
+            ))
+        }
+        Reading::Read(Ok(Read::TooLarge { prefix, rest })) => {
+            withhold(held, &config, head.status, Withheld::TooLarge).await;
             Ok(Response::from_parts(head, Body::partial(prefix, rest)))
         }
-        Err(err) => {
+        Reading::Read(Err(err)) => {
             tracing::error!(error = %err, "the response body failed; key released");
             held.release().await;
             let problem = Problem::HandlerBodyFailed;
             Ok(problem.response(&problem.default_detail()))
+        }
+    }
+}
+
+/// What became of a response with a stored status, before it is answered.
+enum Reading<B> {
+    /// A status that is not stored: the body flows at once, the key is released.
+    Unstored(Pin<Box<B>>),
+    /// A body that is not stored (streamed, or declared too large): it flows
+    /// at once, and the request is recorded as done without it.
+    Withheld(Withheld, Pin<Box<B>>),
+    /// The body read up to the limit.
+    Read(Result<Read<B>, BoxError>),
+}
+
+/// Whether a response is a stream, passed on as it comes rather than buffered
+/// to be stored: an event stream, or a body whose length is not known up front
+/// (no `Content-Length`: chunked, generated).
+fn streamed(headers: &http::HeaderMap, size: &http_body::SizeHint) -> bool {
+    let event_stream = headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| {
+            v.trim_start()
+                .get(..17)
+                .is_some_and(|t| t.eq_ignore_ascii_case("text/event-stream"))
+        });
+    event_stream || size.exact().is_none()
+}
+
+/// Records the request as done without a replayable response (see
+/// [`Withheld`]): the work ran, so a retry must not run it again.
+async fn withhold(held: HeldClaim, config: &Config, status: http::StatusCode, why: Withheld) {
+    tracing::warn!(
+        limit = config.max_response_body,
+        reason = why.as_str(),
+        "response passed through without being stored; retries get 410"
+    );
+    match stored::encode_withheld(status, why) {
+        Ok(bytes) => {
+            let _ = held.complete(&bytes, config.options.ttl).await;
+        }
+        Err(err) => {
+            tracing::error!(error = %err, "the record could not be encoded; releasing");
+            held.release().await;
         }
     }
 }

@@ -6,15 +6,22 @@ use bytes::Bytes;
 use http::{HeaderMap, HeaderName, HeaderValue, Response, StatusCode};
 use serde::{Deserialize, Serialize};
 
+use super::problem::{Problem, Withheld};
 use super::{Body, IDEMPOTENT_REPLAYED};
 use crate::Error;
 
-/// A stored response: `{"ok": {"status": 201, "headers": [["content-type", "…"]], "body": "…"}}`.
+/// A stored response: `{"ok": {"status": 201, "headers": [["content-type", "…"]], "body": "…"}}`,
+/// with `"trailers": [[name, value], …]` when it had trailers; or, for a
+/// response that was passed through without being stored (streamed, too large),
+/// `{"ok": {"status": 201, "withheld": "streamed"}}`.
 #[derive(Debug, Deserialize)]
 struct StoredResponse {
     status: u16,
+    #[serde(default)]
     headers: Vec<(String, Octets)>,
-    body: Octets,
+    body: Option<Octets>,
+    trailers: Option<Vec<(String, Octets)>>,
+    withheld: Option<String>,
 }
 
 /// The same shape, borrowed from the response being stored (no copies).
@@ -23,6 +30,15 @@ struct StoredResponseRef<'a> {
     status: u16,
     headers: Headers<'a>,
     body: OctetsRef<'a>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    trailers: Option<Headers<'a>>,
+}
+
+/// A response recorded without its body.
+#[derive(Serialize)]
+struct WithheldRef {
+    status: u16,
+    withheld: &'static str,
 }
 
 /// Bytes as a JSON string when they are UTF-8, else `{"base64": "…"}`.
@@ -90,37 +106,76 @@ fn hop_by_hop(name: &HeaderName) -> bool {
     )
 }
 
-/// Encodes a response head and its whole body for the store.
+/// Encodes a response head, its whole body and its trailers for the store.
 pub(crate) fn encode(
     status: StatusCode,
     headers: &HeaderMap,
     body: &[u8],
+    trailers: Option<&HeaderMap>,
 ) -> Result<Vec<u8>, Error> {
     let stored = StoredResponseRef {
         status: status.as_u16(),
         headers: Headers(headers),
         body: OctetsRef::new(body),
+        trailers: trailers.map(Headers),
     };
     crate::codec::encode_ok(&stored)
 }
 
-/// Rebuilds a stored response, marked `Idempotent-Replayed: true`.
+/// Encodes the record of a response that was passed through without being
+/// stored: its status and why.
+pub(crate) fn encode_withheld(status: StatusCode, why: Withheld) -> Result<Vec<u8>, Error> {
+    crate::codec::encode_ok(&WithheldRef {
+        status: status.as_u16(),
+        withheld: why.as_str(),
+    })
+}
+
+/// Rebuilds a stored response, marked `Idempotent-Replayed: true`; for a
+/// withheld one, the 410 problem that says so.
 pub(crate) fn decode<B>(bytes: &[u8]) -> Result<Response<Body<B>>, Error> {
     let stored: StoredResponse = crate::codec::decode_ok(bytes)?;
     let status = StatusCode::from_u16(stored.status)
         .map_err(|e| Error::codec(format!("stored response: bad status: {e}")))?;
-    let mut response = Response::new(Body::buffered(Bytes::from(stored.body.into_bytes()?), None));
-    *response.status_mut() = status;
-    let headers = response.headers_mut();
-    for (name, value) in stored.headers {
+    let mut response = match (stored.withheld, stored.body) {
+        (Some(why), None) => {
+            let why = Withheld::parse(&why)
+                .ok_or_else(|| Error::codec("stored response: unknown withheld reason"))?;
+            let problem = Problem::ResponseNotStored {
+                status: status.as_u16(),
+                why,
+            };
+            problem.response(&problem.default_detail())
+        }
+        (None, Some(body)) => {
+            let trailers = match stored.trailers {
+                Some(list) => Some(header_map(list)?),
+                None => None,
+            };
+            let mut response =
+                Response::new(Body::buffered(Bytes::from(body.into_bytes()?), trailers));
+            *response.status_mut() = status;
+            *response.headers_mut() = header_map(stored.headers)?;
+            response
+        }
+        _ => return Err(Error::codec("stored response: neither a body nor withheld")),
+    };
+    response
+        .headers_mut()
+        .insert(IDEMPOTENT_REPLAYED, HeaderValue::from_static("true"));
+    Ok(response)
+}
+
+fn header_map(list: Vec<(String, Octets)>) -> Result<HeaderMap, Error> {
+    let mut headers = HeaderMap::with_capacity(list.len());
+    for (name, value) in list {
         let name = HeaderName::from_bytes(name.as_bytes())
             .map_err(|e| Error::codec(format!("stored response: bad header name: {e}")))?;
         let value = HeaderValue::from_bytes(&value.into_bytes()?)
             .map_err(|e| Error::codec(format!("stored response: bad header value: {e}")))?;
         headers.append(name, value);
     }
-    headers.insert(IDEMPOTENT_REPLAYED, HeaderValue::from_static("true"));
-    Ok(response)
+    Ok(headers)
 }
 
 #[cfg(test)]
@@ -136,7 +191,7 @@ mod tests {
         headers.insert("x-raw", HeaderValue::from_bytes(b"caf\xe9").unwrap());
         headers.insert("connection", HeaderValue::from_static("close"));
         let body = b"\x00\xffbinary";
-        let bytes = encode(StatusCode::CREATED, &headers, body).unwrap();
+        let bytes = encode(StatusCode::CREATED, &headers, body, None).unwrap();
         let response: Response<Body<http_body_util::Empty<Bytes>>> = decode(&bytes).unwrap();
         assert_eq!(response.status(), StatusCode::CREATED);
         let h = response.headers();
@@ -144,13 +199,35 @@ mod tests {
         assert_eq!(h.get("x-raw").unwrap().as_bytes(), b"caf\xe9");
         assert!(h.get("connection").is_none());
         assert_eq!(h.get(IDEMPOTENT_REPLAYED).unwrap(), "true");
-        let text =
-            String::from_utf8(encode(StatusCode::OK, &HeaderMap::new(), b"{\"id\":1}").unwrap())
-                .unwrap();
+        let text = String::from_utf8(
+            encode(StatusCode::OK, &HeaderMap::new(), b"{\"id\":1}", None).unwrap(),
+        )
+        .unwrap();
         assert_eq!(
             text,
             r#"{"ok":{"status":200,"headers":[],"body":"{\"id\":1}"}}"#
         );
+    }
+
+    #[tokio::test]
+    async fn trailers_and_withheld_responses_round_trip() {
+        let mut trailers = HeaderMap::new();
+        trailers.insert("grpc-status", HeaderValue::from_static("0"));
+        let bytes = encode(StatusCode::OK, &HeaderMap::new(), b"x", Some(&trailers)).unwrap();
+        let response: Response<Body<http_body_util::Empty<Bytes>>> = decode(&bytes).unwrap();
+        let collected = http_body_util::BodyExt::collect(response.into_body())
+            .await
+            .unwrap();
+        assert_eq!(collected.trailers(), Some(&trailers));
+
+        let bytes = encode_withheld(StatusCode::CREATED, Withheld::TooLarge).unwrap();
+        assert_eq!(
+            String::from_utf8(bytes.clone()).unwrap(),
+            r#"{"ok":{"status":201,"withheld":"too-large"}}"#
+        );
+        let response: Response<Body<http_body_util::Empty<Bytes>>> = decode(&bytes).unwrap();
+        assert_eq!(response.status(), StatusCode::GONE);
+        assert_eq!(response.headers().get(IDEMPOTENT_REPLAYED).unwrap(), "true");
     }
 
     #[test]
@@ -160,6 +237,9 @@ mod tests {
             br#"{"ok":{"status":99999,"headers":[],"body":""}}"#,
             br#"{"ok":{"status":200,"headers":[["bad name","x"]],"body":""}}"#,
             br#"{"ok":{"status":200,"headers":[],"body":{"base64":"!!"}}}"#,
+            br#"{"ok":{"status":200,"headers":[]}}"#,
+            br#"{"ok":{"status":200,"withheld":"lost"}}"#,
+            br#"{"ok":{"status":200,"body":"","withheld":"streamed"}}"#,
         ] {
             let out: Result<Response<Body<http_body_util::Empty<Bytes>>>, _> = decode(bad);
             assert!(
