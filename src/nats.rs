@@ -8,7 +8,7 @@ use async_nats::jetstream::consumer::PullConsumer;
 use async_nats::jetstream::{self, Message};
 use futures_util::StreamExt as _;
 use idem_runtime::message::nats::JetStream;
-use idem_runtime::message::{Deduplicator, Outcome, ProcessError};
+use idem_runtime::message::{Deduplicator, MessageId, Outcome, ProcessError};
 use idem_runtime::{Error, PostgresStore};
 use sqlx::AssertSqlSafe;
 
@@ -98,7 +98,7 @@ impl Effects {
         let delivered = message.info().map(|i| i.delivered).unwrap_or(1);
         let table = &self.table;
         self.consumer
-            .handle_with(message, async |id: &str| {
+            .handle_with(message, async |id: &MessageId| {
                 let db = |e: sqlx::Error| ProcessError::Idempotency(Error::store(e));
                 let mut tx = self.store.pool().begin().await.map_err(db)?;
                 let dedup = self.consumer.deduplicator();
@@ -117,7 +117,7 @@ impl Effects {
                     sqlx::query(AssertSqlSafe(format!(
                         "INSERT INTO {table} (msg_id, pid) VALUES ($1, $2)"
                     )))
-                    .bind(id)
+                    .bind(id.to_string())
                     .bind(i64::from(std::process::id()))
                     .execute(&mut *tx)
                     .await

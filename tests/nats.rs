@@ -5,8 +5,8 @@ use std::time::Duration;
 
 use async_nats::jetstream::consumer::{pull, AckPolicy, PullConsumer};
 use async_nats::jetstream::{self, stream};
-use idem_runtime::message::nats::{message_id, JetStream};
-use idem_runtime::message::{Deduplicator, Outcome};
+use idem_runtime::message::nats::{given_id, message_id, JetStream};
+use idem_runtime::message::{Deduplicator, MessageId, Outcome};
 use idem_runtime::MemoryStore;
 use idem_tests::nats::{jetstream, Effects};
 use idem_tests::unique;
@@ -89,8 +89,89 @@ async fn messages_are_keyed_by_nats_msg_id_then_stream_sequence() {
     use futures::StreamExt as _;
     let first = batch.next().await.unwrap().unwrap();
     let second = batch.next().await.unwrap().unwrap();
-    assert_eq!(message_id(&first).as_deref(), Some("order-7"));
-    assert_eq!(message_id(&second), Some(format!("{name}:2")));
+    let side = JetStream::new(Deduplicator::new(MemoryStore::new(), "ids"));
+    let created = js.get_stream(&name).await.unwrap().cached_info().created;
+    assert_eq!(
+        side.message_id(&first).await.unwrap(),
+        MessageId::Given("order-7".into())
+    );
+    let position = MessageId::position(&name, created.unix_timestamp_nanos().to_string(), "2");
+    assert_eq!(side.message_id(&second).await.unwrap(), position);
+    assert_eq!(message_id(&second, created), Some(position));
+    js.delete_stream(&name).await.unwrap();
+}
+
+/// Fetches `n` messages and handles each through `side`, counting runs.
+async fn handle_batch(
+    side: &JetStream,
+    consumer: &PullConsumer,
+    n: usize,
+    runs: &std::sync::atomic::AtomicUsize,
+) -> Vec<Outcome<()>> {
+    use futures::StreamExt as _;
+    let mut batch = consumer
+        .fetch()
+        .max_messages(n)
+        .expires(Duration::from_secs(5))
+        .messages()
+        .await
+        .unwrap();
+    let mut outcomes = Vec::new();
+    while let Some(message) = batch.next().await {
+        let message = message.unwrap();
+        let outcome = side
+            .handle(&message, || async {
+                runs.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                Ok::<_, std::io::Error>(())
+            })
+            .await
+            .unwrap();
+        outcomes.push(outcome);
+    }
+    outcomes
+}
+
+/// A stream deleted and recreated under its name starts its sequences again:
+/// its new messages are new, not duplicates of the old stream's (issue 11,
+/// item 1); and a business id spelled like a position is not that position.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_recreated_stream_is_a_new_stream_and_every_new_message_runs() {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    let js = jetstream().await;
+    let name = stream_name("recreate");
+    let runs = AtomicUsize::new(0);
+    // One JetStream value throughout, so what it learned of the old stream is
+    // still in it when the new one's messages arrive.
+    let side = JetStream::new(Deduplicator::new(MemoryStore::new(), "recreate"));
+    let (subject, consumer) = stream_and_consumer(&js, &name, Duration::from_secs(30)).await;
+    for i in 0..3 {
+        publish(&js, &subject, None, format!("old {i}")).await;
+    }
+    let old = handle_batch(&side, &consumer, 3, &runs).await;
+    assert_eq!(old, vec![Outcome::Processed(()); 3]);
+    js.delete_stream(&name).await.unwrap();
+
+    let (subject, consumer) = stream_and_consumer(&js, &name, Duration::from_secs(30)).await;
+    for i in 0..3 {
+        publish(&js, &subject, None, format!("new {i}")).await;
+    }
+    let new = handle_batch(&side, &consumer, 3, &runs).await;
+    assert_eq!(
+        new,
+        vec![Outcome::Processed(()); 3],
+        "sequences 1-3 again, new messages"
+    );
+    assert_eq!(runs.load(Ordering::SeqCst), 6);
+
+    // Business ids spelled like the fallback forms are their own messages.
+    let created = js.get_stream(&name).await.unwrap().cached_info().created;
+    let position = MessageId::position(&name, created.unix_timestamp_nanos().to_string(), "1");
+    for spelled in [position.to_string(), format!("{name}:1")] {
+        publish(&js, &subject, Some(&spelled), "spelled".into()).await;
+    }
+    let spelled = handle_batch(&side, &consumer, 2, &runs).await;
+    assert_eq!(spelled, vec![Outcome::Processed(()); 2]);
+    assert_eq!(runs.load(Ordering::SeqCst), 8);
     js.delete_stream(&name).await.unwrap();
 }
 
@@ -294,7 +375,7 @@ async fn run_handles_many_messages_at_once_and_each_once() {
     let run = side.run(
         &consumer,
         async |message: &async_nats::jetstream::Message| {
-            let id = message_id(message).unwrap();
+            let id = given_id(message).unwrap().to_owned();
             *seen.lock().unwrap().entry(id).or_default() += 1;
             Ok::<_, std::io::Error>(())
         },

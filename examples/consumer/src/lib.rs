@@ -16,8 +16,8 @@ use std::time::Duration;
 use async_nats::jetstream::consumer::{pull, AckPolicy, PullConsumer};
 use async_nats::jetstream::{self, stream, Message};
 use futures_util::StreamExt as _;
-use idem_runtime::message::nats::{message_id, JetStream};
-use idem_runtime::message::{Deduplicator, Outcome, ProcessError};
+use idem_runtime::message::nats::{given_id, JetStream};
+use idem_runtime::message::{Deduplicator, MessageId, Outcome, ProcessError};
 use idem_runtime::{Error, SqliteStore};
 use order_service::Db;
 use serde::{Deserialize, Serialize};
@@ -115,7 +115,7 @@ impl Recorder {
     /// idempotency record), or skips it as a duplicate, then acks or naks it.
     pub async fn handle(&self, message: &Message) -> Result<Outcome<()>, ProcessError<String>> {
         self.consumer
-            .handle_with(message, async |id: &str| {
+            .handle_with(message, async |id: &MessageId| {
                 let db = |e: sqlx::Error| ProcessError::Idempotency(Error::store(e));
                 let mut tx = self.store.pool().begin().await.map_err(db)?;
                 let dedup = self.consumer.deduplicator();
@@ -126,7 +126,7 @@ impl Recorder {
                 };
                 let result = async {
                     if let Some((failing, armed)) = &self.fail_once {
-                        if failing == id && armed.swap(false, Ordering::SeqCst) {
+                        if id.given() == Some(failing.as_str()) && armed.swap(false, Ordering::SeqCst) {
                             return Err("the ledger was briefly unavailable".to_owned());
                         }
                     }
@@ -259,7 +259,7 @@ pub async fn demo(nats_url: &str, db_url: &str) -> Result<Report, ConsumerError>
             Ok(Some(message)) => message.map_err(nats)?,
             _ => return Err(ConsumerError::Timeout(expected - done)),
         };
-        let id = message_id(&message).unwrap_or_default();
+        let id = given_id(&message).unwrap_or_default();
         if !id.starts_with(&format!("pay-{run}-")) {
             // An earlier run's leftover: handle it like any other, off the report.
             let _ = recorder.handle(&message).await;
@@ -280,7 +280,7 @@ pub async fn demo(nats_url: &str, db_url: &str) -> Result<Report, ConsumerError>
             Err(e) => format!("failed ({e}): nak'ed, redelivered"),
         };
         report.lines.push(Line {
-            payment_id: id,
+            payment_id: id.to_owned(),
             delivery,
             outcome,
         });

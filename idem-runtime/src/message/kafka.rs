@@ -22,7 +22,13 @@
 //! ```
 //!
 //! Each message is keyed by a business-id header (`idempotency-key` unless set
-//! with [`Kafka::id_header`]), falling back to `topic:partition:offset`. An
+//! with [`Kafka::id_header`]), falling back to its position — topic, partition
+//! and offset, qualified by the message's timestamp so that a recreated topic's
+//! offsets are new messages ([`message_id`]). The one gap of the fallback: a
+//! producer that sets old `CreateTime` timestamps explicitly and republishes
+//! into a recreated topic could land a message at the offset *and*
+//! millisecond of an old one; give such messages a business id, or set the
+//! topic's `message.timestamp.type=LogAppendTime`. An
 //! offset is committed only once the message is processed or known to be a
 //! duplicate, and only as far as every earlier message of its partition is too
 //! ([`OffsetTracker`]); a message whose handler failed, or that is in progress
@@ -42,22 +48,41 @@ use rdkafka::error::KafkaError;
 use rdkafka::message::{BorrowedMessage, Headers, Message};
 use rdkafka::{Offset, TopicPartitionList};
 
-use super::{backoff, Deduplicator, Outcome, ProcessError};
+use super::{backoff, Deduplicator, MessageId, Outcome, ProcessError};
 
-/// The id a Kafka message is deduplicated by: the value of header `header`
-/// (when present, non-empty and UTF-8), or `topic:partition:offset`.
-pub fn message_id(header_value: Option<&[u8]>, topic: &str, partition: i32, offset: i64) -> String {
+/// The id a Kafka message is deduplicated by: the value of the id header
+/// (when present, non-empty and UTF-8), or its position: `partition:offset`
+/// in `topic`, qualified by the message's timestamp (milliseconds, `CreateTime`
+/// or `LogAppendTime`; `-` when the message has none).
+///
+/// The timestamp stands in for the topic's identity: a topic deleted and
+/// recreated under the same name starts its offsets again at 0, and its new
+/// messages carry their own, later timestamps, so they are never taken for the
+/// old ones. (Kafka's topic ids would be the exact identity; librdkafka offers
+/// them only through a C interface this crate does not call, having no unsafe
+/// code. See the module docs for the one gap.)
+pub fn message_id(
+    header_value: Option<&[u8]>,
+    topic: &str,
+    partition: i32,
+    offset: i64,
+    timestamp: Option<i64>,
+) -> MessageId {
     match header_value
         .and_then(|v| std::str::from_utf8(v).ok())
         .filter(|v| !v.is_empty())
     {
-        Some(id) => id.to_owned(),
-        None => format!("{topic}:{partition}:{offset}"),
+        Some(id) => MessageId::Given(id.to_owned()),
+        None => MessageId::position(
+            topic,
+            timestamp.map_or_else(|| "-".to_owned(), |ms| ms.to_string()),
+            format!("{partition}:{offset}"),
+        ),
     }
 }
 
 /// [`message_id`] of a received message.
-pub fn id_of<M: Message>(message: &M, header: &str) -> String {
+pub fn id_of<M: Message>(message: &M, header: &str) -> MessageId {
     let value = message.headers().and_then(|headers| {
         headers
             .iter()
@@ -69,6 +94,7 @@ pub fn id_of<M: Message>(message: &M, header: &str) -> String {
         message.topic(),
         message.partition(),
         message.offset(),
+        message.timestamp().to_millis(),
     )
 }
 
@@ -266,14 +292,28 @@ mod tests {
     use super::*;
 
     #[test]
-    fn a_business_id_header_wins_else_topic_partition_offset() {
-        assert_eq!(message_id(Some(b"order-7"), "payments", 3, 42), "order-7");
-        assert_eq!(message_id(Some(b""), "payments", 3, 42), "payments:3:42");
+    fn a_business_id_header_wins_else_topic_partition_offset_and_timestamp() {
+        let at = |ts: Option<i64>, p: &str| {
+            MessageId::position("payments", ts.map_or("-".into(), |t| t.to_string()), p)
+        };
         assert_eq!(
-            message_id(Some(b"\xff\xfe"), "payments", 3, 42),
-            "payments:3:42"
+            message_id(Some(b"order-7"), "payments", 3, 42, Some(1)),
+            MessageId::Given("order-7".into())
         );
-        assert_eq!(message_id(None, "payments", 0, 0), "payments:0:0");
+        assert_eq!(
+            message_id(Some(b""), "payments", 3, 42, Some(5)),
+            at(Some(5), "3:42")
+        );
+        assert_eq!(
+            message_id(Some(b"\xff\xfe"), "payments", 3, 42, Some(5)),
+            at(Some(5), "3:42")
+        );
+        assert_eq!(message_id(None, "payments", 0, 0, None), at(None, "0:0"));
+        // The same offset of a recreated topic, a message of its own: another id.
+        assert_ne!(
+            message_id(None, "payments", 0, 0, Some(1_700_000_000_000)),
+            message_id(None, "payments", 0, 0, Some(1_700_000_100_000))
+        );
     }
 
     #[test]

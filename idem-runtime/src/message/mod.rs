@@ -100,6 +100,96 @@ impl<E: std::error::Error + 'static> std::error::Error for ProcessError<E> {
     }
 }
 
+/// What a message is deduplicated by.
+///
+/// A publisher's own id ([`Given`](MessageId::Given)) names the message wherever
+/// it lands; without one, the broker's position does, qualified by the
+/// incarnation of the log it is in ([`Position`](MessageId::Position)), so that
+/// a stream or topic deleted and recreated under the same name — whose
+/// positions start again — is never taken for the old one. The two forms never
+/// share a key, whatever their text: a business id `"ORDERS:7"` is not the
+/// position 7 of stream `ORDERS`.
+///
+/// `&str` and `String` convert into `Given`.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum MessageId {
+    /// An id the publisher gave the message: a business id, JetStream's
+    /// `Nats-Msg-Id`, a Kafka id header.
+    Given(String),
+    /// Where the broker keeps a message that has no id.
+    Position {
+        /// The stream or topic.
+        log: String,
+        /// What changes when the log is deleted and recreated: the JetStream
+        /// stream's creation time, the Kafka topic's id.
+        incarnation: String,
+        /// The place in the log: the stream sequence; `partition:offset`.
+        position: String,
+    },
+}
+
+impl MessageId {
+    /// A position in `log` (as it is in `incarnation`).
+    pub fn position(
+        log: impl Into<String>,
+        incarnation: impl Into<String>,
+        position: impl Into<String>,
+    ) -> Self {
+        MessageId::Position {
+            log: log.into(),
+            incarnation: incarnation.into(),
+            position: position.into(),
+        }
+    }
+
+    /// The publisher's id, if the message has one.
+    pub fn given(&self) -> Option<&str> {
+        match self {
+            MessageId::Given(id) => Some(id),
+            MessageId::Position { .. } => None,
+        }
+    }
+}
+
+impl fmt::Display for MessageId {
+    /// The id, or `log@incarnation:position`.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            MessageId::Given(id) => f.write_str(id),
+            MessageId::Position {
+                log,
+                incarnation,
+                position,
+            } => write!(f, "{log}@{incarnation}:{position}"),
+        }
+    }
+}
+
+impl From<&str> for MessageId {
+    fn from(id: &str) -> Self {
+        MessageId::Given(id.to_owned())
+    }
+}
+
+impl From<String> for MessageId {
+    fn from(id: String) -> Self {
+        MessageId::Given(id)
+    }
+}
+
+impl From<&String> for MessageId {
+    fn from(id: &String) -> Self {
+        MessageId::Given(id.clone())
+    }
+}
+
+impl From<&MessageId> for MessageId {
+    fn from(id: &MessageId) -> Self {
+        id.clone()
+    }
+}
+
 /// What a processed message's record holds: only that it was processed (the
 /// handler's result is not replayed to a duplicate, it is acknowledged).
 const PROCESSED: &[u8] = b"{\"ok\":null}";
@@ -180,16 +270,31 @@ impl Deduplicator {
 
     /// The digest that stands for `message_id` in logs (the record's own
     /// digest; the raw id never reaches a log line).
-    pub(crate) fn log_digest(&self, message_id: &str) -> String {
+    pub(crate) fn log_digest(&self, message_id: &MessageId) -> String {
         match self.key(message_id) {
             Ok(key) => key.digest().to_hex(),
             Err(_) => "(no key)".to_owned(),
         }
     }
 
-    /// The key of a message id in this consumer's namespace.
-    pub fn key(&self, message_id: &str) -> Result<Key, Error> {
-        Ok(KeyBuilder::new(&self.namespace).part(message_id)?.finish())
+    /// The key of a message id in this consumer's namespace. A given id is the
+    /// key's one part (as it always was); a position is four (a marker, the
+    /// log, its incarnation, the position), so the two never meet.
+    pub fn key(&self, message_id: impl Into<MessageId>) -> Result<Key, Error> {
+        let builder = KeyBuilder::new(&self.namespace);
+        Ok(match message_id.into() {
+            MessageId::Given(id) => builder.part(&id)?,
+            MessageId::Position {
+                log,
+                incarnation,
+                position,
+            } => builder
+                .part("@position")?
+                .part(&log)?
+                .part(&incarnation)?
+                .part(&position)?,
+        }
+        .finish())
     }
 
     /// Runs `handler` unless `message_id` was processed before (or is being
@@ -197,7 +302,7 @@ impl Deduplicator {
     /// it again. An empty id is [`Error::MissingKey`].
     pub async fn process<T, E, F, Fut>(
         &self,
-        message_id: &str,
+        message_id: impl Into<MessageId>,
         handler: F,
     ) -> Result<Outcome<T>, ProcessError<E>>
     where
@@ -240,7 +345,7 @@ impl Deduplicator {
         &self,
         store: &S,
         tx: &mut X,
-        message_id: &str,
+        message_id: impl Into<MessageId>,
         handler: impl AsyncFnOnce(&mut X) -> Result<T, E>,
     ) -> Result<Outcome<T>, ProcessError<E>>
     where
@@ -266,7 +371,7 @@ impl Deduplicator {
         &self,
         store: &S,
         tx: &mut X,
-        message_id: &str,
+        message_id: impl Into<MessageId>,
     ) -> Result<Begun, Error>
     where
         S: TransactionalStore<X> + ?Sized,
@@ -362,6 +467,39 @@ fn claim_error<T, E>(err: Error) -> Result<Outcome<T>, ProcessError<E>> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_given_id_never_meets_a_position_whatever_its_text() {
+        let dedup = Deduplicator::new(crate::MemoryStore::new(), "k");
+        let position = MessageId::position("ORDERS", "1700000000000000000", "7");
+        for spelled in [
+            position.to_string(),
+            "ORDERS:7".to_owned(),
+            "ORDERS".to_owned(),
+        ] {
+            assert_ne!(
+                dedup.key(&position).unwrap().as_str(),
+                dedup.key(spelled.as_str()).unwrap().as_str()
+            );
+        }
+        // Another incarnation of the same stream: another message.
+        assert_ne!(
+            dedup.key(&position).unwrap().as_str(),
+            dedup
+                .key(MessageId::position("ORDERS", "1700000000000000001", "7"))
+                .unwrap()
+                .as_str()
+        );
+        // A given id keys as it always did: one part, the id.
+        assert_eq!(
+            dedup.key("m-1").unwrap().as_str(),
+            KeyBuilder::new(dedup.namespace())
+                .part("m-1")
+                .unwrap()
+                .finish()
+                .as_str()
+        );
+    }
 
     #[test]
     fn backoff_doubles_up_to_the_cap() {

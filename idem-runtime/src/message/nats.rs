@@ -21,8 +21,11 @@
 //! ```
 //!
 //! Each message is keyed by its `Nats-Msg-Id` header (the publisher's id, which
-//! JetStream also uses to drop duplicate publishes within its window), or by
-//! `stream:sequence` when it has none; then:
+//! JetStream also uses to drop duplicate publishes within its window), or, when
+//! it has none, by its stream sequence in the stream's current incarnation (the
+//! stream's creation time: a stream deleted and recreated under the same name
+//! starts its sequences again, and they are new messages) — see
+//! [`MessageId`]; then:
 //!
 //! | outcome | ack |
 //! |---|---|
@@ -38,28 +41,51 @@
 
 use std::time::Duration;
 
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+
+use async_nats::jetstream::consumer::pull::MessagesErrorKind;
 use async_nats::jetstream::consumer::PullConsumer;
 use async_nats::jetstream::{AckKind, Message};
 use futures_util::StreamExt as _;
+use time::OffsetDateTime;
 
-use super::{backoff, Deduplicator, Outcome, ProcessError};
+use super::{backoff, Deduplicator, MessageId, Outcome, ProcessError};
 
-/// The id a message is deduplicated by: its `Nats-Msg-Id` header, or
-/// `stream:sequence` (unique within the stream) when it has none.
-pub fn message_id(message: &Message) -> Option<String> {
-    let header = message
+/// The message's `Nats-Msg-Id` header (the publisher's id), if it has a
+/// non-empty one.
+pub fn given_id(message: &Message) -> Option<&str> {
+    message
         .headers
         .as_ref()
         .and_then(|h| h.get(async_nats::header::NATS_MESSAGE_ID))
         .map(|v| v.as_str())
-        .filter(|v| !v.is_empty());
-    match header {
-        Some(id) => Some(id.to_owned()),
-        None => message
-            .info()
-            .ok()
-            .map(|info| format!("{}:{}", info.stream, info.stream_sequence)),
+        .filter(|v| !v.is_empty())
+}
+
+/// The id a message is deduplicated by: its `Nats-Msg-Id` header, or its
+/// stream sequence in the incarnation of the stream created at
+/// `stream_created` (the stream's `created` time, as
+/// [`JetStream::message_id`] looks it up). `None` for a message that is not a
+/// JetStream delivery.
+pub fn message_id(message: &Message, stream_created: OffsetDateTime) -> Option<MessageId> {
+    if let Some(id) = given_id(message) {
+        return Some(MessageId::Given(id.to_owned()));
     }
+    let info = message.info().ok()?;
+    Some(MessageId::position(
+        info.stream,
+        stream_created.unix_timestamp_nanos().to_string(),
+        info.stream_sequence.to_string(),
+    ))
+}
+
+/// What [`JetStream`] last learned of a stream: when it was created, and the
+/// publish time of the newest message it held then.
+#[derive(Debug, Clone, Copy)]
+struct Seen {
+    created: OffsetDateTime,
+    newest: OffsetDateTime,
 }
 
 /// Consumes JetStream messages through a [`Deduplicator`], acknowledging each
@@ -71,6 +97,7 @@ pub struct JetStream {
     backoff_base: Duration,
     backoff_max: Duration,
     concurrency: usize,
+    streams: Arc<Mutex<HashMap<String, Seen>>>,
 }
 
 impl JetStream {
@@ -83,6 +110,7 @@ impl JetStream {
             backoff_base: Duration::from_millis(100),
             backoff_max: Duration::from_secs(30),
             concurrency: 1,
+            streams: Arc::default(),
         }
     }
 
@@ -113,9 +141,54 @@ impl JetStream {
         &self.dedup
     }
 
+    /// The id `message` is deduplicated by (see [`message_id`]): its
+    /// `Nats-Msg-Id`, else its stream sequence qualified by the stream's
+    /// creation time, so a stream deleted and recreated under the same name is a
+    /// new stream. The creation time is looked up from the server and kept; it
+    /// is looked up again for a message published after the newest one the
+    /// stream held at the last look, so a stream recreated since is seen (one
+    /// lookup serves a whole backlog). An error here is a failed lookup.
+    pub async fn message_id(&self, message: &Message) -> Result<MessageId, crate::Error> {
+        if let Some(id) = given_id(message) {
+            return Ok(MessageId::Given(id.to_owned()));
+        }
+        let info = message.info().map_err(|_| crate::Error::MissingKey)?;
+        let (stream, published) = (info.stream.to_owned(), info.published);
+        let known = self
+            .streams
+            .lock()
+            .ok()
+            .and_then(|s| s.get(&stream).copied());
+        let created = match known {
+            // Published no later than a message the stream held when it was
+            // looked up: it is in that incarnation (a newer one would only hold
+            // messages published after the lookup).
+            Some(seen) if published <= seen.newest => seen.created,
+            _ => {
+                let handle = message.context.get_stream(&stream).await.map_err(|e| {
+                    crate::Error::store(format!("could not look the stream up: {e}"))
+                })?;
+                let found = handle.cached_info();
+                let seen = Seen {
+                    created: found.created,
+                    newest: found.state.last_timestamp,
+                };
+                if let Ok(mut streams) = self.streams.lock() {
+                    streams.insert(stream.clone(), seen);
+                }
+                seen.created
+            }
+        };
+        message_id(message, created).ok_or(crate::Error::MissingKey)
+    }
+
     /// Pulls messages from `consumer` and [`handle`](Self::handle)s each
-    /// ([`concurrency`](Self::concurrency) at a time), until the subscription
-    /// fails. Handler errors do not stop it (they are nak'ed).
+    /// ([`concurrency`](Self::concurrency) at a time), until the consumer is
+    /// deleted or the client closes. Handler errors do not stop it (they are
+    /// nak'ed), nor do the stream's transient errors — a missed heartbeat, a
+    /// failed pull while the server restarts — which are logged while the
+    /// client reconnects and pulling resumes. Messages being handled when it
+    /// ends are finished and acknowledged first.
     pub async fn run<T, E, F>(
         &self,
         consumer: &PullConsumer,
@@ -127,17 +200,38 @@ impl JetStream {
     {
         let messages = consumer.messages().await?;
         let handler = &handler;
-        let mut handled = std::pin::pin!(messages
-            .map(|message| async move {
-                let message = message?;
-                let _ = self.handle(&message, || handler(&message)).await;
-                Ok::<_, async_nats::Error>(())
+        let ended: Mutex<Option<async_nats::Error>> = Mutex::new(None);
+        let ended_ref = &ended;
+        messages
+            .filter_map(|next| async move {
+                match next {
+                    Ok(message) => Some(message),
+                    Err(err) => {
+                        match err.kind() {
+                            // The stream ends after these.
+                            MessagesErrorKind::ConsumerDeleted
+                            | MessagesErrorKind::PushBasedConsumer => {
+                                tracing::warn!(error = %err, "the consumer is gone; stopping once in-flight messages are done");
+                                if let Ok(mut ended) = ended_ref.lock() {
+                                    *ended = Some(err.into());
+                                }
+                            }
+                            _ => tracing::warn!(error = %err, "message stream error; still pulling"),
+                        }
+                        None
+                    }
+                }
             })
-            .buffer_unordered(self.concurrency));
-        while let Some(result) = handled.next().await {
-            result?;
+            .map(|message| async move {
+                let _ = self.handle(&message, || handler(&message)).await;
+            })
+            .buffer_unordered(self.concurrency)
+            .for_each(|()| async {})
+            .await;
+        match ended.into_inner() {
+            Ok(Some(err)) => Err(err),
+            _ => Ok(()),
         }
-        Ok(())
     }
 
     /// Handles one delivery: runs `handler` through the deduplicator, then
@@ -152,7 +246,7 @@ impl JetStream {
         Fut: std::future::Future<Output = Result<T, E>>,
         E: std::fmt::Display,
     {
-        self.handle_with(message, async |id: &str| {
+        self.handle_with(message, async |id: &MessageId| {
             self.dedup.process(id, handler).await
         })
         .await
@@ -165,17 +259,26 @@ impl JetStream {
     pub async fn handle_with<T, E>(
         &self,
         message: &Message,
-        process: impl AsyncFnOnce(&str) -> Result<Outcome<T>, ProcessError<E>>,
+        process: impl AsyncFnOnce(&MessageId) -> Result<Outcome<T>, ProcessError<E>>,
     ) -> Result<Outcome<T>, ProcessError<E>>
     where
         E: std::fmt::Display,
     {
-        let Some(id) = message_id(message) else {
+        let delivered = message.info().map(|i| i.delivered).unwrap_or(1);
+        let id = match self.message_id(message).await {
+            Ok(id) => id,
             // Not a JetStream delivery (no reply subject to ack on): nothing to key.
-            return Err(ProcessError::Idempotency(crate::Error::MissingKey));
+            Err(err @ crate::Error::MissingKey) => return Err(ProcessError::Idempotency(err)),
+            Err(err) => {
+                tracing::warn!(delivered, error = %err, "message id unknown; redelivering");
+                let delay = backoff(delivered, self.backoff_base, self.backoff_max);
+                if let Err(err) = message.ack_with(AckKind::Nak(Some(delay))).await {
+                    tracing::warn!(error = %err, "could not nak the message");
+                }
+                return Err(ProcessError::Idempotency(err));
+            }
         };
         let outcome = self.with_progress(message, process(&id)).await;
-        let delivered = message.info().map(|i| i.delivered).unwrap_or(1);
         let ack = match &outcome {
             Ok(Outcome::Processed(_)) | Ok(Outcome::Duplicate) => AckKind::Ack,
             Ok(Outcome::InProgress { retry_after }) => {
