@@ -67,8 +67,10 @@ ensure_redis() {
 }
 
 ensure_nats() {
-    if port_open 4222; then echo "nats: running"; return; fi
+    # The binary too, even when a server already runs: tests/nats_restart.rs
+    # starts (and kills) a server of its own.
     command -v nats-server >/dev/null || [ -x /usr/sbin/nats-server ] || apt_install nats-server
+    if port_open 4222; then echo "nats: running"; return; fi
     local bin
     bin=$(command -v nats-server || echo /usr/sbin/nats-server)
     mkdir -p /var/lib/nats-server

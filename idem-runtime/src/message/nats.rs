@@ -44,7 +44,7 @@ use std::time::Duration;
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
-use async_nats::jetstream::consumer::pull::MessagesErrorKind;
+use async_nats::jetstream::consumer::pull::{self, MessagesErrorKind};
 use async_nats::jetstream::consumer::PullConsumer;
 use async_nats::jetstream::{AckKind, Message};
 use futures_util::StreamExt as _;
@@ -198,7 +198,21 @@ impl JetStream {
         F: AsyncFn(&Message) -> Result<T, E>,
         E: std::fmt::Display,
     {
-        let messages = consumer.messages().await?;
+        self.run_stream(consumer.messages().await?, handler).await
+    }
+
+    /// Like [`run`](Self::run), on a message stream the caller opened, for its
+    /// own batch size, expiry or heartbeat:
+    /// `consumer.stream().max_messages_per_batch(50).heartbeat(..).messages().await?`.
+    pub async fn run_stream<T, E, F>(
+        &self,
+        messages: pull::Stream,
+        handler: F,
+    ) -> Result<(), async_nats::Error>
+    where
+        F: AsyncFn(&Message) -> Result<T, E>,
+        E: std::fmt::Display,
+    {
         let handler = &handler;
         let ended: Mutex<Option<async_nats::Error>> = Mutex::new(None);
         let ended_ref = &ended;

@@ -1,0 +1,280 @@
+//! A JetStream consumer whose NATS server is killed and restarted under it
+//! (issue 11, item 1): `run` logs the stream's errors and goes on, the
+//! handlers in flight finish and are acknowledged, every message runs once;
+//! and what the adapter logs carries digests, never the message ids.
+//!
+//! Its own test binary: it starts its own `nats-server` (on a free port, with
+//! its own store directory, so the shared server on 4222 is untouched), and
+//! installs a global log subscriber to read what was logged.
+
+use std::collections::HashMap;
+use std::io::Write;
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use async_nats::jetstream::consumer::{pull, AckPolicy};
+use async_nats::jetstream::{self, stream};
+use idem_runtime::message::nats::{given_id, JetStream};
+use idem_runtime::message::Deduplicator;
+use idem_runtime::MemoryStore;
+use tokio::sync::Semaphore;
+
+#[derive(Clone, Default)]
+struct Captured(Arc<Mutex<Vec<u8>>>);
+
+impl Write for Captured {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(buf);
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+impl Captured {
+    /// The lines idem itself logged.
+    fn idem_lines(&self) -> Vec<String> {
+        String::from_utf8_lossy(&self.0.lock().unwrap())
+            .lines()
+            .filter(|l| l.contains("idem_runtime"))
+            .map(str::to_owned)
+            .collect()
+    }
+}
+
+/// A `nats-server` of this test's own.
+struct Server {
+    port: u16,
+    dir: std::path::PathBuf,
+    child: Option<Child>,
+}
+
+impl Server {
+    fn binary() -> String {
+        std::env::var("IDEM_NATS_SERVER").unwrap_or_else(|_| {
+            ["/usr/sbin/nats-server", "/usr/bin/nats-server", "/usr/local/bin/nats-server"]
+                .into_iter()
+                .find(|p| std::path::Path::new(p).exists())
+                .unwrap_or("nats-server")
+                .to_owned()
+        })
+    }
+
+    async fn start() -> Server {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let dir = std::path::Path::new(env!("CARGO_TARGET_TMPDIR"))
+            .join(format!("nats-restart-{}-{port}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let mut server = Server {
+            port,
+            dir,
+            child: None,
+        };
+        server.launch().await;
+        server
+    }
+
+    async fn launch(&mut self) {
+        let child = Command::new(Self::binary())
+            .args(["-a", "127.0.0.1", "-p", &self.port.to_string(), "-js", "-sd"])
+            .arg(&self.dir)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("nats-server starts");
+        self.child = Some(child);
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+        while tokio::net::TcpStream::connect(("127.0.0.1", self.port))
+            .await
+            .is_err()
+        {
+            assert!(tokio::time::Instant::now() < deadline, "nats-server did not come up");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            child.kill().unwrap();
+            child.wait().unwrap();
+        }
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        self.kill();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// Waits for `done`, checking every 50 ms, for at most a minute.
+async fn until(what: &str, mut done: impl FnMut() -> bool) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    while !done() {
+        assert!(tokio::time::Instant::now() < deadline, "timed out waiting: {what}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Publishes until the server acknowledges (the client may be reconnecting);
+/// the `Nats-Msg-Id` makes a repeated publish one message.
+async fn publish(js: &jetstream::Context, subject: &str, id: &str) {
+    loop {
+        let mut headers = async_nats::HeaderMap::new();
+        headers.insert("Nats-Msg-Id", id);
+        let sent = js
+            .publish_with_headers(subject.to_owned(), headers, id.to_owned().into())
+            .await;
+        if let Ok(ack) = sent {
+            if ack.await.is_ok() {
+                return;
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+const SECRET: &str = "secret-payment";
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_consumer_survives_a_server_restart_and_finishes_what_it_was_doing() {
+    let captured = Captured::default();
+    let writer = captured.clone();
+    let subscriber = tracing_subscriber::fmt()
+        .with_max_level(tracing::Level::DEBUG)
+        .with_ansi(false)
+        .with_writer(move || writer.clone())
+        .finish();
+    tracing::subscriber::set_global_default(subscriber).unwrap();
+
+    let mut server = Server::start().await;
+    let client = async_nats::ConnectOptions::new()
+        .retry_on_initial_connect()
+        .reconnect_delay_callback(|_| Duration::from_millis(100))
+        .connect(format!("127.0.0.1:{}", server.port))
+        .await
+        .unwrap();
+    let js = jetstream::new(client);
+    let subject = "idem.restart";
+    js.create_stream(stream::Config {
+        name: "RESTART".into(),
+        subjects: vec![subject.into()],
+        storage: stream::StorageType::File,
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let consumer = js
+        .create_consumer_on_stream(
+            pull::Config {
+                durable_name: Some("recorder".into()),
+                ack_policy: AckPolicy::Explicit,
+                ack_wait: Duration::from_secs(30),
+                max_deliver: -1,
+                ..Default::default()
+            },
+            "RESTART",
+        )
+        .await
+        .unwrap();
+
+    // The first four messages wait at the gate until the server has been
+    // killed and restarted; the first delivery of #5 fails (a warning names it
+    // by digest only).
+    let gate = Semaphore::new(0);
+    let started: Mutex<HashMap<String, usize>> = Mutex::default();
+    let finished: Mutex<HashMap<String, usize>> = Mutex::default();
+    let failed_once = std::sync::atomic::AtomicBool::new(false);
+    let id = |n: usize| format!("{SECRET}-{n}");
+    let slow: Vec<String> = (0..4).map(id).collect();
+    let side = JetStream::new(Deduplicator::new(MemoryStore::new(), "restart"))
+        .concurrency(8)
+        .progress_every(Some(Duration::from_secs(1)))
+        .nak_backoff(Duration::from_millis(50), Duration::from_millis(200));
+    // Missed heartbeats show within a second of the server going away.
+    let messages = consumer
+        .stream()
+        .heartbeat(Duration::from_millis(500))
+        .expires(Duration::from_secs(2))
+        .messages()
+        .await
+        .unwrap();
+    let run = side.run_stream(messages, async |message: &jetstream::Message| {
+        let id = given_id(message).unwrap().to_owned();
+        *started.lock().unwrap().entry(id.clone()).or_default() += 1;
+        if slow.contains(&id) {
+            gate.acquire().await.unwrap().forget();
+        }
+        if id.ends_with("-5") && !failed_once.swap(true, std::sync::atomic::Ordering::SeqCst) {
+            // (What a handler puts in its own error is its business: this one names no id.)
+            return Err("the ledger refused the payment".to_owned());
+        }
+        *finished.lock().unwrap().entry(id).or_default() += 1;
+        Ok(())
+    });
+
+    let script = async {
+        for n in 0..20 {
+            publish(&js, subject, &id(n)).await;
+        }
+        until("the slow handlers start", || {
+            let started = started.lock().unwrap();
+            slow.iter().all(|id| started.contains_key(id))
+        })
+        .await;
+        server.kill();
+        until("the stream reports the server gone", || {
+            captured
+                .idem_lines()
+                .iter()
+                .any(|l| l.contains("message stream error; still pulling"))
+        })
+        .await;
+        server.launch().await;
+        gate.add_permits(slow.len());
+        for n in 20..40 {
+            publish(&js, subject, &id(n)).await;
+        }
+        until("every message finishes", || finished.lock().unwrap().len() == 40).await;
+        let mut probe = consumer.clone();
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+        loop {
+            if let Ok(info) = probe.info().await {
+                if info.num_pending == 0 && info.num_ack_pending == 0 {
+                    break;
+                }
+            }
+            assert!(tokio::time::Instant::now() < deadline, "never drained");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    };
+    tokio::select! {
+        out = run => panic!("the consumer stopped under a restart: {out:?}"),
+        () = script => {}
+    }
+
+    let started = started.into_inner().unwrap();
+    let finished = finished.into_inner().unwrap();
+    for n in 0..40 {
+        let id = id(n);
+        let runs = if n == 5 { 2 } else { 1 };
+        assert_eq!(started[&id], runs, "{id} started once (and its retry after the failure)");
+        assert_eq!(finished[&id], 1, "{id} took effect once");
+    }
+
+    // What the adapter logged names messages by digest, never by id.
+    let lines = captured.idem_lines();
+    assert!(
+        lines.iter().any(|l| l.contains("message not processed") && l.contains("digest=")),
+        "the failure was logged: {lines:#?}"
+    );
+    let leaked: Vec<_> = lines.iter().filter(|l| l.contains(SECRET)).collect();
+    assert!(leaked.is_empty(), "message ids in the log: {leaked:#?}");
+}
