@@ -81,6 +81,29 @@ async fn events(State(app): State<Arc<App>>, query: axum::extract::RawQuery) -> 
         .into_response()
 }
 
+/// axum's own `Sse` response: one event now, another once the gate opens.
+async fn sse(State(app): State<Arc<App>>) -> Response {
+    use axum::response::sse::{Event, Sse};
+    app.runs.fetch_add(1, Ordering::SeqCst);
+    let events = futures::stream::unfold(0u8, move |n| {
+        let app = Arc::clone(&app);
+        async move {
+            match n {
+                0 => Some((
+                    Ok::<_, std::convert::Infallible>(Event::default().data("one")),
+                    1,
+                )),
+                1 => {
+                    app.gate.acquire().await.unwrap().forget();
+                    Some((Ok(Event::default().data("two")), 2))
+                }
+                _ => None,
+            }
+        }
+    });
+    Sse::new(events).into_response()
+}
+
 async fn attempt(State(app): State<Arc<App>>) -> Response {
     app.runs.fetch_add(1, Ordering::SeqCst);
     let key = idem_runtime::current().map(|a| a.derive_key("downstream"));
@@ -105,6 +128,7 @@ async fn serve(layer: IdempotencyLayer) -> Server {
         .route("/slow/{code}", post(slow))
         .route("/big", post(big))
         .route("/events", post(events))
+        .route("/sse", post(sse))
         .route("/attempt", post(attempt))
         .layer(layer)
         .with_state(Arc::clone(&app));
@@ -620,6 +644,27 @@ async fn a_streamed_response_flows_at_once_and_a_retry_gets_410_not_a_rerun() {
     assert_eq!(retried.status(), 503);
     assert!(!replayed(&retried));
     assert_eq!(s.runs(), 3);
+}
+
+#[tokio::test]
+async fn an_axum_sse_response_flows_at_once_and_runs_once() {
+    let s = serve(scoped(MemoryStore::new())).await;
+    let mut first = s.post("/sse", Some("sse"), "").await;
+    assert_eq!(first.headers()["content-type"], "text/event-stream");
+    let chunk = tokio::time::timeout(Duration::from_secs(30), first.chunk())
+        .await
+        .expect("the first event is not held back until the stream ends")
+        .unwrap()
+        .unwrap();
+    assert_eq!(&chunk[..], b"data: one\n\n");
+    s.app.gate.add_permits(1);
+    while first.chunk().await.unwrap().is_some() {}
+    let again = s.post("/sse", Some("sse"), "").await;
+    assert_eq!(
+        problem(again, 410).await,
+        "urn:idem:problem:response-not-stored"
+    );
+    assert_eq!(s.runs(), 1);
 }
 
 #[tokio::test]

@@ -54,11 +54,15 @@ struct Server {
 impl Server {
     fn binary() -> String {
         std::env::var("IDEM_NATS_SERVER").unwrap_or_else(|_| {
-            ["/usr/sbin/nats-server", "/usr/bin/nats-server", "/usr/local/bin/nats-server"]
-                .into_iter()
-                .find(|p| std::path::Path::new(p).exists())
-                .unwrap_or("nats-server")
-                .to_owned()
+            [
+                "/usr/sbin/nats-server",
+                "/usr/bin/nats-server",
+                "/usr/local/bin/nats-server",
+            ]
+            .into_iter()
+            .find(|p| std::path::Path::new(p).exists())
+            .unwrap_or("nats-server")
+            .to_owned()
         })
     }
 
@@ -82,7 +86,14 @@ impl Server {
 
     async fn launch(&mut self) {
         let child = Command::new(Self::binary())
-            .args(["-a", "127.0.0.1", "-p", &self.port.to_string(), "-js", "-sd"])
+            .args([
+                "-a",
+                "127.0.0.1",
+                "-p",
+                &self.port.to_string(),
+                "-js",
+                "-sd",
+            ])
             .arg(&self.dir)
             .stdout(Stdio::null())
             .stderr(Stdio::null())
@@ -94,7 +105,10 @@ impl Server {
             .await
             .is_err()
         {
-            assert!(tokio::time::Instant::now() < deadline, "nats-server did not come up");
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "nats-server did not come up"
+            );
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
     }
@@ -118,7 +132,10 @@ impl Drop for Server {
 async fn until(what: &str, mut done: impl FnMut() -> bool) {
     let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
     while !done() {
-        assert!(tokio::time::Instant::now() < deadline, "timed out waiting: {what}");
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "timed out waiting: {what}"
+        );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
@@ -242,7 +259,10 @@ async fn a_consumer_survives_a_server_restart_and_finishes_what_it_was_doing() {
         for n in 20..40 {
             publish(&js, subject, &id(n)).await;
         }
-        until("every message finishes", || finished.lock().unwrap().len() == 40).await;
+        until("every message finishes", || {
+            finished.lock().unwrap().len() == 40
+        })
+        .await;
         let mut probe = consumer.clone();
         let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
         loop {
@@ -265,14 +285,19 @@ async fn a_consumer_survives_a_server_restart_and_finishes_what_it_was_doing() {
     for n in 0..40 {
         let id = id(n);
         let runs = if n == 5 { 2 } else { 1 };
-        assert_eq!(started[&id], runs, "{id} started once (and its retry after the failure)");
+        assert_eq!(
+            started[&id], runs,
+            "{id} started once (and its retry after the failure)"
+        );
         assert_eq!(finished[&id], 1, "{id} took effect once");
     }
 
     // What the adapter logged names messages by digest, never by id.
     let lines = captured.idem_lines();
     assert!(
-        lines.iter().any(|l| l.contains("message not processed") && l.contains("digest=")),
+        lines
+            .iter()
+            .any(|l| l.contains("message not processed") && l.contains("digest=")),
         "the failure was logged: {lines:#?}"
     );
     let leaked: Vec<_> = lines.iter().filter(|l| l.contains(SECRET)).collect();
