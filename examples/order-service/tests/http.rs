@@ -368,3 +368,36 @@ async fn no_token_is_401_and_a_refreshed_token_keeps_its_scope() {
     assert!(!bob.replayed, "another user never gets ann's response");
     running.stop().await.unwrap();
 }
+
+/// An order whose echoed response is just over the 1 MiB response limit (the
+/// request itself within the 1 MiB request limit): the first attempt gets the
+/// whole order, retries get 410 and never run it again (issue 11, item 2;
+/// before, each of three attempts ran the handler).
+#[tokio::test]
+async fn an_order_whose_response_is_too_large_to_store_runs_once() {
+    let (running, service) = start(&sqlite_file("too-large"), None).await;
+    let (user, product) = (fresh_id(), fresh_id());
+    service.restock(product, 10).await.unwrap();
+    let base = running.url();
+    // The request's body is under 1 MiB; the order echoes `ship_to` with more
+    // fields around it, so its body is over.
+    let ship_to = "x".repeat((1 << 20) - 100);
+    let order =
+        json!({ "user_id": user, "product_id": product, "quantity": 1, "ship_to": ship_to });
+    assert!(serde_json::to_vec(&order).unwrap().len() <= 1 << 20);
+    let first = post(&base, "/orders", "ann", "big-1", &order).await;
+    assert_eq!((first.status, first.replayed), (StatusCode::CREATED, false));
+    assert!(
+        first.body.len() > 1 << 20,
+        "the whole order, never truncated"
+    );
+    for _ in 0..2 {
+        let retry = post(&base, "/orders", "ann", "big-1", &order).await;
+        assert_eq!(retry.status, StatusCode::GONE);
+        assert!(retry.replayed);
+        let problem: serde_json::Value = serde_json::from_slice(&retry.body).unwrap();
+        assert_eq!(problem["type"], "urn:idem:problem:response-not-stored");
+    }
+    assert_eq!(service.orders_of(&[user]).await.unwrap(), 1);
+    running.stop().await.unwrap();
+}

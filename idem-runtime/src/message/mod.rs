@@ -270,6 +270,7 @@ impl Deduplicator {
 
     /// The digest that stands for `message_id` in logs (the record's own
     /// digest; the raw id never reaches a log line).
+    #[cfg(any(feature = "nats", feature = "kafka"))]
     pub(crate) fn log_digest(&self, message_id: &MessageId) -> String {
         match self.key(message_id) {
             Ok(key) => key.digest().to_hex(),
