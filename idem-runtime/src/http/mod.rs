@@ -59,9 +59,10 @@
 //! client and warns once in the log; [`global_scope`](IdempotencyLayer::global_scope)
 //! chooses that on purpose.
 //!
-//! The handler runs in its own task, so a
-//! client that disconnects mid-request does not cancel it: its response is still
-//! stored (or the key released).
+//! A protected request is handled in place; if the client disconnects
+//! mid-request, the rest is moved into a task of its own rather than dropped, so
+//! the handler is not cut off: its response is still stored (or the key
+//! released).
 //!
 //! The layer's service accepts any request body with `Bytes` chunks and hands the
 //! inner service a [`Body`] (the buffered request); it answers with a [`Body`]
