@@ -67,7 +67,7 @@ async fn apply<F: Fn(u32) -> u32>(store: &MemoryStore, k: u32, f: F) -> Result<u
     Ok(f(k))
 }
 
-/// SPEC §2: each instantiation of a generic function gets its own namespace.
+/// CONTRACT §2: each instantiation of a generic function gets its own namespace.
 /// `type_name` prints every closure type alike, so instantiations over two
 /// closures cannot be told apart: the default namespace is refused with a clear
 /// error (nothing runs), and an explicit `name` works (and is shared).

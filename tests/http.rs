@@ -1,5 +1,5 @@
 //! `IdempotencyLayer` end to end: an axum app on a real socket, a real HTTP
-//! client, and every answer of SPEC §6.
+//! client, and every answer of CONTRACT §6.
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;

@@ -427,7 +427,7 @@ proptest! {
     }
 }
 
-/// SPEC's set of client keys: 1 to 255 bytes, each visible ASCII.
+/// The contract's set of client keys (CONTRACT §3.1): 1 to 255 bytes, each visible ASCII.
 fn is_valid_client_key(bytes: &[u8]) -> bool {
     (1..=255).contains(&bytes.len()) && bytes.iter().all(|b| (b'!'..=b'~').contains(b))
 }

@@ -1,4 +1,4 @@
-//! trybuild UI tests: every compile-time rule of SPEC §2 has a failing case
+//! trybuild UI tests: every compile-time rule of CONTRACT §2 has a failing case
 //! whose `.stderr` points at the offending token, and the pass cases cover the
 //! signatures and hygiene the attribute must keep working.
 

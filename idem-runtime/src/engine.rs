@@ -1,4 +1,4 @@
-//! The engine: claim → run → complete / release, as SPEC §3 lays out.
+//! The engine: claim → run → complete / release, as CONTRACT §3.2 lays out.
 //!
 //! [`execute`] is what `#[idempotent]` expands to. It is an ordinary async
 //! function, so services that cannot use the attribute (a closure, a trait

@@ -38,7 +38,7 @@
 //! The attribute claims the key atomically in the store, runs the body once
 //! (renewing its lease while it runs), stores the serialized result — or releases
 //! the claim on error, unless `cache_errors` — and replays the stored result to
-//! every duplicate. See `SPEC.md` §2 for every argument.
+//! every duplicate. See `docs/CONTRACT.md` §2 for every argument.
 //!
 //! | module | what it holds |
 //! |---|---|

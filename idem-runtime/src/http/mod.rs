@@ -21,7 +21,7 @@
 //!     );
 //! ```
 //!
-//! What a request gets (SPEC §6, the IETF Idempotency-Key draft, Stripe's API):
+//! What a request gets (docs/CONTRACT.md §6, the IETF Idempotency-Key draft, Stripe's API):
 //!
 //! | request | response |
 //! |---|---|

@@ -1,4 +1,4 @@
-//! Effectively-once processing on at-least-once brokers (SPEC §7).
+//! Effectively-once processing on at-least-once brokers (docs/CONTRACT.md §7).
 //!
 //! Brokers redeliver: after a crash, a slow ack, a rebalance. A [`Deduplicator`]
 //! keys each message by its id (a business id, the JetStream `Nats-Msg-Id`, or

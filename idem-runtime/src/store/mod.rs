@@ -4,7 +4,7 @@
 //! two states: `PROCESSING` (claimed, with a lease and a fencing token) or
 //! `COMPLETED` (holding the encoded outcome until the ttl elapses). The whole
 //! claim decision is one atomic [`Store::claim`] call; the table it implements is
-//! in the crate docs and SPEC §3.
+//! in the crate docs and docs/CONTRACT.md §3.
 
 use std::fmt;
 use std::sync::Arc;
@@ -172,7 +172,7 @@ impl Record {
 )]
 #[async_trait]
 pub trait Store: Send + Sync {
-    /// Atomically decides a claim, per the table in SPEC §3:
+    /// Atomically decides a claim, per the table in CONTRACT §3.2:
     /// absent / expired / lapsed → [`Claim::Acquired`] with a new token;
     /// live processing → [`Claim::InProgress`]; completed → [`Claim::Completed`];
     /// a live record with a different fingerprint → [`Claim::FingerprintMismatch`].
