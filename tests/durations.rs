@@ -71,7 +71,7 @@ async fn the_engine_caps_huge_durations_on_every_store() {
         let options = unbounded(namespace);
         let runs = AtomicUsize::new(0);
         for _ in 0..2 {
-            let key = KeyBuilder::new(namespace).part("k").map(|b| b.finish());
+            let key = KeyBuilder::new(namespace).part("k").finish();
             let out: Result<usize, Error> = execute(
                 Arc::clone(&store),
                 &options,
@@ -84,7 +84,7 @@ async fn the_engine_caps_huge_durations_on_every_store() {
             assert_eq!(out.unwrap(), 1, "{name}: ran once, then replayed");
         }
         assert_eq!(runs.load(Ordering::SeqCst), 1, "{name}");
-        let key = KeyBuilder::new(namespace).part("k").unwrap().finish();
+        let key = KeyBuilder::new(namespace).part("k").finish().unwrap();
         let record = store.get(key.as_str()).await.unwrap().unwrap();
         assert_eq!(record.state, RecordState::Completed, "{name}");
         assert!(

@@ -269,7 +269,7 @@ fn every_store_replays_the_first_result_exactly_or_refuses_it_on_the_first_call(
                 let runs = AtomicUsize::new(0);
                 let call = || {
                     let store = Arc::clone(&store);
-                    let key = KeyBuilder::new(namespace).part(&id).map(|b| b.finish());
+                    let key = KeyBuilder::new(namespace).part(&id).finish();
                     let (v, runs) = (v.clone(), &runs);
                     let options = &options;
                     async move {
@@ -295,7 +295,7 @@ fn every_store_replays_the_first_result_exactly_or_refuses_it_on_the_first_call(
                         matches!(&first, Err(AppError::Idem(e)) if e.starts_with("Codec")),
                         "{name}: {v:?} must be refused on the first call, got {first:?}"
                     );
-                    let key = KeyBuilder::new(namespace).part(&id).unwrap().finish();
+                    let key = KeyBuilder::new(namespace).part(&id).finish().unwrap();
                     let record = rt.block_on(store.get(key.as_str())).unwrap();
                     prop_assert!(record.is_none(), "{name}: the claim was released");
                     prop_assert_eq!(runs.load(Ordering::SeqCst), 2, "a retry runs again");

@@ -106,21 +106,19 @@ fn vectors() -> Vec<(&'static str, String)> {
             "two parts",
             KeyBuilder::new("orders")
                 .part(&7u64)
-                .unwrap()
                 .part(&42u64)
-                .unwrap()
                 .finish()
+                .unwrap()
                 .to_string(),
         ),
         (
             "two parts, window 1d at 2023-11-14",
             KeyBuilder::new("orders")
                 .part(&7u64)
-                .unwrap()
                 .part(&42u64)
-                .unwrap()
                 .window_at(day, at)
                 .finish()
+                .unwrap()
                 .to_string(),
         ),
         ("fingerprint str", fingerprint("body").unwrap().to_hex()),
@@ -131,6 +129,7 @@ fn vectors() -> Vec<(&'static str, String)> {
                 .bytes(b"/orders")
                 .bytes(b"{}")
                 .finish()
+                .unwrap()
                 .to_hex(),
         ),
     ]

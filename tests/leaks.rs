@@ -109,10 +109,9 @@ async fn problem_bodies_and_logs_reveal_no_internals_keys_or_stored_data() {
     let store = MemoryStore::new();
     let key = KeyBuilder::new("leaks")
         .part(&("scope", None::<&str>))
-        .unwrap()
         .part(CLIENT_KEY)
-        .unwrap()
-        .finish();
+        .finish()
+        .unwrap();
     let Claim::Acquired { token, .. } = store
         .claim(ClaimRequest {
             key: key.as_str(),

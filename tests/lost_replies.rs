@@ -37,10 +37,9 @@ impl<S: Store> Svc<S> {
 fn key(run: &str, id: u32) -> String {
     idem_runtime::key::KeyBuilder::new("lost-replies")
         .part(run)
-        .unwrap()
         .part(&id)
-        .unwrap()
         .finish()
+        .unwrap()
         .as_str()
         .to_owned()
 }

@@ -14,7 +14,7 @@
 //!             .ttl(::idem_runtime::__private::Duration::from_millis(86400000))
 //!             .lease(..).in_progress(..);
 //!     let __idem_store = ::idem_runtime::__private::store_handle(&(self.store));
-//!     let __idem_key = ::idem_runtime::__private::Keyer::new(__idem_options.namespace)
+//!     let __idem_key = ::idem_runtime::__private::KeyBuilder::new(__idem_options.namespace)
 //!         .part(&(req.user_id)).part(&(req.product_id))
 //!         .window(::idem_runtime::__private::Duration::from_millis(86400000))
 //!         .finish();
@@ -272,8 +272,8 @@ fn rewrite(args: &Args, checked: &Checked, body: TokenStream) -> TokenStream {
     // A default namespace is checked to tell this instantiation apart (a
     // closure as a generic argument does not); a given name is the user's.
     let keyer = match &args.name {
-        Some(_) => quote!(#private::Keyer::new),
-        None => quote!(#private::Keyer::new_default),
+        Some(_) => quote!(#private::KeyBuilder::new),
+        None => quote!(#private::default_key),
     };
     let ttl = args.ttl.as_ref().map_or(DEFAULT_TTL_MS, |d| d.ms);
     let lease = args.lease.as_ref().map_or(DEFAULT_LEASE_MS, |d| d.ms);
@@ -315,7 +315,9 @@ fn rewrite(args: &Args, checked: &Checked, body: TokenStream) -> TokenStream {
             let fp_parts = fp_parts
                 .iter()
                 .map(|part| quote_spanned!(part.span()=> .part(&(#part))));
-            quote!(#private::Fingerprinter::new() #(#fp_parts)* .finish())
+            quote!(::core::option::Option::Some(
+                #private::FingerprintBuilder::new() #(#fp_parts)* .finish()
+            ))
         }
     };
     // How outcomes are stored; its bounds are checked against the written `T` and `E`.

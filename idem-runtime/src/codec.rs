@@ -236,8 +236,8 @@ impl<T, E> Codec<T, E> {
 #[doc(hidden)]
 pub fn release_errors<T, E>() -> Codec<T, E>
 where
-    T: crate::__private::StorableOutput,
-    E: crate::__private::IdempotentError,
+    T: StorableOutput,
+    E: IdempotentError,
 {
     Codec::release_errors()
 }
@@ -246,11 +246,38 @@ where
 #[doc(hidden)]
 pub fn cache_errors<T, E>(cache: Option<fn(&E) -> bool>) -> Codec<T, E>
 where
-    T: crate::__private::StorableOutput,
-    E: crate::__private::IdempotentError + crate::__private::StorableError,
+    T: StorableOutput,
+    E: IdempotentError + StorableError,
 {
     Codec::cache_errors_if(cache.unwrap_or(|_| true))
 }
+
+/// The success type of an `#[idempotent]` function is stored as JSON and replayed.
+#[diagnostic::on_unimplemented(
+    message = "`{Self}` cannot be stored: the success type of an #[idempotent] function must implement `Serialize` and `DeserializeOwned`",
+    label = "the result is stored and replayed, so this type must be serializable",
+    note = "derive them: `#[derive(serde::Serialize, serde::Deserialize)]`"
+)]
+pub trait StorableOutput: Serialize + DeserializeOwned {}
+impl<T: Serialize + DeserializeOwned> StorableOutput for T {}
+
+/// An `#[idempotent]` function must be able to return idem's own errors.
+#[diagnostic::on_unimplemented(
+    message = "the error type `{Self}` must implement `From<idem_runtime::Error>`",
+    label = "an #[idempotent] call can fail before the body runs (in progress, key reused, store down), so this error must hold an `idem_runtime::Error`",
+    note = "add `impl From<idem_runtime::Error> for {Self}`"
+)]
+pub trait IdempotentError: From<Error> {}
+impl<E: From<Error>> IdempotentError for E {}
+
+/// With `cache_errors`, errors are stored and replayed too.
+#[diagnostic::on_unimplemented(
+    message = "`cache_errors` needs an error type that implements `Serialize` and `DeserializeOwned`, and `{Self}` does not",
+    label = "cached errors are stored and replayed, so this type must be serializable",
+    note = "derive them on the error type, or remove `cache_errors`"
+)]
+pub trait StorableError: Serialize + DeserializeOwned {}
+impl<E: Serialize + DeserializeOwned> StorableError for E {}
 
 #[cfg(test)]
 mod tests {

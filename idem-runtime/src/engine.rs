@@ -14,7 +14,7 @@
 //! # #[tokio::main(flavor = "current_thread")] async fn main() {
 //! static OPTIONS: Options = Options::new("doc::charge");
 //! let store = MemoryStore::new();
-//! let key = KeyBuilder::new(OPTIONS.namespace).part("order-7").map(|b| b.finish());
+//! let key = KeyBuilder::new(OPTIONS.namespace).part("order-7").finish();
 //! let out: Result<u32, Error> =
 //!     execute(store.handle(), &OPTIONS, key, None, Codec::release_errors(), async { Ok(42) }).await;
 //! assert_eq!(out.unwrap(), 42);
@@ -177,7 +177,7 @@ impl Attempt {
         crate::key::FingerprintBuilder::new()
             .bytes(self.key.as_str().as_bytes())
             .bytes(purpose.as_bytes())
-            .finish()
+            .finish_bytes()
             .to_hex()
     }
 }

@@ -69,10 +69,9 @@ async fn the_store_holds_the_json_outcome() {
     p.charge("cy".into(), 9).await.unwrap();
     let key = idem_runtime::key::KeyBuilder::new(concat!(module_path!(), "::Payments::charge"))
         .part("cy")
-        .unwrap()
         .part(&9u64)
-        .unwrap()
-        .finish();
+        .finish()
+        .unwrap();
     let record = idem_runtime::Store::get(&p.store, key.as_str())
         .await
         .unwrap()

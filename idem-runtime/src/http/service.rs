@@ -212,13 +212,14 @@ where
         .bytes(parts.uri.query().unwrap_or("").as_bytes())
         .bytes(content_type(&parts.headers).as_bytes())
         .bytes(&data)
-        .finish();
+        .finish_bytes();
     // A tuple, so the unnamed scope (`None`) is a key part like any other.
     let key = match KeyBuilder::new(&config.namespace)
         .part(&("scope", scope.as_deref()))
-        .and_then(|k| k.part(key.as_str()))
+        .part(key.as_str())
+        .finish()
     {
-        Ok(builder) => builder.finish(),
+        Ok(key) => key,
         Err(err) => {
             tracing::error!(error = %err, "the key could not be built");
             return Ok(Problem::Internal.response(&Problem::Internal.default_detail()));

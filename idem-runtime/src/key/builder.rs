@@ -15,10 +15,15 @@ const FINGERPRINT_DOMAIN: &[u8] = b"idem:fingerprint:v1";
 
 /// Builds a [`Key`] from parts, each any `Serialize` value, and an optional window.
 ///
+/// Like `http::request::Builder`, it carries the first error (a part that
+/// cannot be encoded, or is `None` / `""`) to [`finish`](Self::finish), so parts
+/// chain without a `?` each:
+///
 /// ```
 /// use idem_runtime::key::KeyBuilder;
-/// let key = KeyBuilder::new("orders").part(&42u64)?.part("sku-1")?.finish();
+/// let key = KeyBuilder::new("orders").part(&42u64).part("sku-1").finish()?;
 /// assert!(key.as_str().starts_with("orders:"));
+/// assert!(KeyBuilder::new("orders").part("").finish().is_err());
 /// # Ok::<(), idem_runtime::Error>(())
 /// ```
 #[derive(Debug)]
@@ -27,6 +32,7 @@ pub struct KeyBuilder<'n> {
     parts: u64,
     buf: Vec<u8>,
     window: Option<(u64, u64)>,
+    error: Option<Error>,
 }
 
 impl<'n> KeyBuilder<'n> {
@@ -37,18 +43,31 @@ impl<'n> KeyBuilder<'n> {
             parts: 0,
             buf: Vec::with_capacity(64),
             window: None,
+            error: None,
         }
     }
 
-    /// Adds one part. A part that is `None` or an empty string is [`Error::MissingKey`].
-    pub fn part<T: Serialize + ?Sized>(mut self, value: &T) -> Result<Self, Error> {
-        let start = self.buf.len();
-        encode_into(&mut self.buf, value, true)?;
-        if is_missing(&self.buf[start..]) {
-            return Err(Error::MissingKey);
+    /// A builder that already failed: [`finish`](Self::finish) returns `error`.
+    pub(crate) fn failed(namespace: &'n str, error: Error) -> Self {
+        KeyBuilder {
+            error: Some(error),
+            ..KeyBuilder::new(namespace)
         }
-        self.parts += 1;
-        Ok(self)
+    }
+
+    /// Adds one part. A part that is `None` or an empty string makes the key
+    /// [`Error::MissingKey`]; one that cannot be encoded, [`Error::Codec`].
+    pub fn part<T: Serialize + ?Sized>(mut self, value: &T) -> Self {
+        if self.error.is_some() {
+            return self;
+        }
+        let start = self.buf.len();
+        match encode_into(&mut self.buf, value, true) {
+            Ok(()) if is_missing(&self.buf[start..]) => self.error = Some(Error::MissingKey),
+            Ok(()) => self.parts += 1,
+            Err(err) => self.error = Some(err),
+        }
+        self
     }
 
     /// Adds the current UTC time bucket `floor(unix_time / window)` to the key.
@@ -67,8 +86,15 @@ impl<'n> KeyBuilder<'n> {
         self
     }
 
-    /// Hashes the parts into the final key.
-    pub fn finish(self) -> Key {
+    /// Hashes the parts into the final key; the first error instead, if a
+    /// part failed, and [`Error::MissingKey`] for a key with no parts.
+    pub fn finish(self) -> Result<Key, Error> {
+        if let Some(error) = self.error {
+            return Err(error);
+        }
+        if self.parts == 0 {
+            return Err(Error::MissingKey);
+        }
         let mut hasher = Sha256::new();
         hasher.update(KEY_DOMAIN);
         hasher.update(self.parts.to_be_bytes());
@@ -78,23 +104,21 @@ impl<'n> KeyBuilder<'n> {
             hasher.update(window_ms.to_be_bytes());
             hasher.update(bucket.to_be_bytes());
         }
-        Key::from_digest(self.namespace, Digest(hasher.finalize().into()))
-    }
-
-    /// Like [`finish`](Self::finish), but a key with no parts is [`Error::MissingKey`].
-    pub fn try_finish(self) -> Result<Key, Error> {
-        if self.parts == 0 {
-            return Err(Error::MissingKey);
-        }
-        Ok(self.finish())
+        Ok(Key::from_digest(
+            self.namespace,
+            Digest(hasher.finalize().into()),
+        ))
     }
 }
 
-/// Builds a request fingerprint: the SHA-256 of the canonical encoding of its parts.
+/// Builds a request fingerprint: the SHA-256 of the canonical encoding of its
+/// parts. Like [`KeyBuilder`], it carries the first error to
+/// [`finish`](Self::finish).
 #[derive(Debug, Default)]
 pub struct FingerprintBuilder {
     parts: u64,
     buf: Vec<u8>,
+    error: Option<Error>,
 }
 
 impl FingerprintBuilder {
@@ -103,14 +127,19 @@ impl FingerprintBuilder {
         FingerprintBuilder {
             parts: 0,
             buf: Vec::with_capacity(64),
+            error: None,
         }
     }
 
     /// Adds one part (`None` and empty values are allowed here).
-    pub fn part<T: Serialize + ?Sized>(mut self, value: &T) -> Result<Self, Error> {
-        encode_into(&mut self.buf, value, true)?;
-        self.parts += 1;
-        Ok(self)
+    pub fn part<T: Serialize + ?Sized>(mut self, value: &T) -> Self {
+        if self.error.is_none() {
+            match encode_into(&mut self.buf, value, true) {
+                Ok(()) => self.parts += 1,
+                Err(err) => self.error = Some(err),
+            }
+        }
+        self
     }
 
     /// Adds raw bytes as one part (for HTTP bodies and other byte payloads).
@@ -123,8 +152,18 @@ impl FingerprintBuilder {
         self
     }
 
-    /// Hashes the parts.
-    pub fn finish(self) -> Digest {
+    /// Hashes the parts; the first error instead, if a part failed.
+    pub fn finish(self) -> Result<Digest, Error> {
+        match self.error {
+            Some(error) => Err(error),
+            None => Ok(self.finish_bytes()),
+        }
+    }
+
+    /// Hashes the parts of a fingerprint built from [`bytes`](Self::bytes)
+    /// only, which cannot fail.
+    pub(crate) fn finish_bytes(self) -> Digest {
+        debug_assert!(self.error.is_none(), "finish_bytes after a failed part");
         let mut hasher = Sha256::new();
         hasher.update(FINGERPRINT_DOMAIN);
         hasher.update(self.parts.to_be_bytes());
@@ -135,7 +174,7 @@ impl FingerprintBuilder {
 
 /// The fingerprint of one `Serialize` value.
 pub fn fingerprint<T: Serialize + ?Sized>(value: &T) -> Result<Digest, Error> {
-    Ok(FingerprintBuilder::new().part(value)?.finish())
+    FingerprintBuilder::new().part(value).finish()
 }
 
 /// The canonical encoding of `value` (the bytes that are hashed), for inspection and tests.

@@ -140,7 +140,7 @@ impl Key {
 
     /// Derives a key from one `Serialize` value (a convenience over [`KeyBuilder`]).
     pub fn derive<T: Serialize + ?Sized>(namespace: &str, value: &T) -> Result<Self, Error> {
-        Ok(KeyBuilder::new(namespace).part(value)?.finish())
+        KeyBuilder::new(namespace).part(value).finish()
     }
 
     /// The storage key, `namespace:hex(digest)`.
@@ -326,9 +326,9 @@ mod tests {
         let k = |t| {
             KeyBuilder::new("w")
                 .part(&1)
-                .unwrap()
                 .window_at(day, t)
                 .finish()
+                .unwrap()
         };
         assert_eq!(k(t0), k(t1));
         assert_ne!(k(t1), k(t2));

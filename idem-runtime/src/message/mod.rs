@@ -283,19 +283,19 @@ impl Deduplicator {
     /// log, its incarnation, the position), so the two never meet.
     pub fn key(&self, message_id: impl Into<MessageId>) -> Result<Key, Error> {
         let builder = KeyBuilder::new(&self.namespace);
-        Ok(match message_id.into() {
-            MessageId::Given(id) => builder.part(&id)?,
+        match message_id.into() {
+            MessageId::Given(id) => builder.part(&id),
             MessageId::Position {
                 log,
                 incarnation,
                 position,
             } => builder
-                .part("@position")?
-                .part(&log)?
-                .part(&incarnation)?
-                .part(&position)?,
+                .part("@position")
+                .part(&log)
+                .part(&incarnation)
+                .part(&position),
         }
-        .finish())
+        .finish()
     }
 
     /// Runs `handler` unless `message_id` was processed before (or is being
@@ -496,8 +496,8 @@ mod tests {
             dedup.key("m-1").unwrap().as_str(),
             KeyBuilder::new(dedup.namespace())
                 .part("m-1")
-                .unwrap()
                 .finish()
+                .unwrap()
                 .as_str()
         );
     }
