@@ -41,8 +41,8 @@ async fn stores() -> Vec<(&'static str, Arc<dyn Store>)> {
 }
 
 /// Options built field by field, past every builder cap.
-fn unbounded(namespace: &'static str) -> Options {
-    let mut options = Options::new(namespace);
+fn unbounded() -> Options {
+    let mut options = Options::new();
     options.ttl = Duration::MAX;
     options.lease = Duration::MAX;
     options.in_progress = InProgress::Wait(Duration::MAX);
@@ -51,24 +51,24 @@ fn unbounded(namespace: &'static str) -> Options {
 
 #[test]
 fn builders_cap_durations() {
-    let options = Options::new("x")
+    let options = Options::new()
         .ttl(Duration::MAX)
         .lease(Duration::from_secs(u64::MAX))
         .in_progress(InProgress::Wait(Duration::MAX));
     assert_eq!(options.ttl, MAX_DURATION);
     assert_eq!(options.lease, MAX_DURATION);
     assert_eq!(options.in_progress, InProgress::Wait(MAX_DURATION));
-    let zero = Options::new("x").ttl(Duration::ZERO).lease(Duration::ZERO);
+    let zero = Options::new().ttl(Duration::ZERO).lease(Duration::ZERO);
     assert_eq!(zero.ttl, Duration::from_millis(1));
     assert_eq!(zero.lease, Duration::from_millis(1));
-    assert_eq!(unbounded("x").bounded().ttl, MAX_DURATION);
+    assert_eq!(unbounded().bounded().ttl, MAX_DURATION);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_engine_caps_huge_durations_on_every_store() {
     for (name, store) in stores().await {
         let namespace: &'static str = Box::leak(unique("durations").into_boxed_str());
-        let options = unbounded(namespace);
+        let options = unbounded();
         let runs = AtomicUsize::new(0);
         for _ in 0..2 {
             let key = KeyBuilder::new(namespace).part("k").finish();

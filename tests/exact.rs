@@ -259,7 +259,7 @@ fn every_store_replays_the_first_result_exactly_or_refuses_it_on_the_first_call(
         .build()
         .unwrap();
     let namespace: &'static str = Box::leak(unique("exact").into_boxed_str());
-    let options = Options::new(namespace);
+    let options = Options::new();
     for (name, store, cases) in rt.block_on(stores()) {
         let mut runner = TestRunner::new(Config::with_cases(cases));
         let case = AtomicUsize::new(0);

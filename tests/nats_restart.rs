@@ -300,6 +300,12 @@ async fn a_consumer_survives_a_server_restart_and_finishes_what_it_was_doing() {
             .any(|l| l.contains("message not processed") && l.contains("digest=")),
         "the failure was logged: {lines:#?}"
     );
+    assert!(
+        lines
+            .iter()
+            .any(|l| l.contains("namespace=\"idem::message::restart\"")),
+        "claims are traced under the consumer's own namespace: {lines:#?}"
+    );
     let leaked: Vec<_> = lines.iter().filter(|l| l.contains(SECRET)).collect();
     assert!(leaked.is_empty(), "message ids in the log: {leaked:#?}");
 }

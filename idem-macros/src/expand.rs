@@ -9,12 +9,13 @@
 //! Output:
 //! ```text
 //! async fn create_order(&self, req: Req) -> Result<Order, OrderError> {
+//!     let __idem_namespace: &'static str = ::idem_runtime::__private::fn_path(&|| ());
 //!     let __idem_options: ::idem_runtime::__private::Options =
-//!         ::idem_runtime::__private::Options::new(::idem_runtime::__private::fn_path(&|| ()))
+//!         ::idem_runtime::__private::Options::new()
 //!             .ttl(::idem_runtime::__private::Duration::from_millis(86400000))
 //!             .lease(..).in_progress(..);
 //!     let __idem_store = ::idem_runtime::__private::store_handle(&(self.store));
-//!     let __idem_key = ::idem_runtime::__private::KeyBuilder::new(__idem_options.namespace)
+//!     let __idem_key = ::idem_runtime::__private::KeyBuilder::new(__idem_namespace)
 //!         .part(&(req.user_id)).part(&(req.product_id))
 //!         .window(::idem_runtime::__private::Duration::from_millis(86400000))
 //!         .finish();
@@ -240,6 +241,7 @@ fn rewrite(args: &Args, checked: &Checked, body: TokenStream) -> TokenStream {
     let key_var = local("__idem_key");
     let fp_var = local("__idem_fingerprint");
     let options = local("__idem_options");
+    let namespace_var = local("__idem_namespace");
     let ret_var = local("__idem_ret");
 
     // Type checks land on the user's tokens: `T` and `E` are passed to `execute`
@@ -382,12 +384,13 @@ fn rewrite(args: &Args, checked: &Checked, body: TokenStream) -> TokenStream {
     };
     quote! {
         #check
-        let #options: #private::Options = #private::Options::new(#namespace)
+        let #namespace_var: &'static str = #namespace;
+        let #options: #private::Options = #private::Options::new()
             .ttl(#private::Duration::from_millis(#ttl))
             .lease(#private::Duration::from_millis(#lease))
             .in_progress(#in_progress);
         let #store_var = #store;
-        let #key_var = #keyer(#options.namespace) #(#parts)* #window .finish();
+        let #key_var = #keyer(#namespace_var) #(#parts)* #window .finish();
         let #fp_var = #fingerprint;
         #call
     }

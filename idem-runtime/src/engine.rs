@@ -12,9 +12,9 @@
 //! use idem_runtime::{Error, MemoryStore, Store};
 //!
 //! # #[tokio::main(flavor = "current_thread")] async fn main() {
-//! static OPTIONS: Options = Options::new("doc::charge");
+//! static OPTIONS: Options = Options::new();
 //! let store = MemoryStore::new();
-//! let key = KeyBuilder::new(OPTIONS.namespace).part("order-7").finish();
+//! let key = KeyBuilder::new("doc::charge").part("order-7").finish();
 //! let out: Result<u32, Error> =
 //!     execute(store.handle(), &OPTIONS, key, None, Codec::release_errors(), async { Ok(42) }).await;
 //! assert_eq!(out.unwrap(), 42);
@@ -48,7 +48,8 @@ pub enum InProgress {
     Wait(Duration),
 }
 
-/// Per-function settings: the namespace, ttl, lease and in-progress policy.
+/// Per-function settings: ttl, lease and in-progress policy. (The namespace is
+/// the key's own: [`Key::namespace`](crate::Key::namespace).)
 ///
 /// Durations are kept between 1 ms and [`MAX_DURATION`](crate::store::MAX_DURATION)
 /// (100 years, the attribute's own limit): the builder methods cap them, and the
@@ -56,8 +57,6 @@ pub enum InProgress {
 /// on every store instead of an overflow.
 #[derive(Debug, Clone, Copy)]
 pub struct Options {
-    /// The key namespace (the attribute's default: the function's path, e.g. `crate::module::Type::method`).
-    pub namespace: &'static str,
     /// How long a completed outcome is replayed.
     pub ttl: Duration,
     /// How long a claim is held without renewal.
@@ -66,11 +65,16 @@ pub struct Options {
     pub in_progress: InProgress,
 }
 
+impl Default for Options {
+    fn default() -> Self {
+        Options::new()
+    }
+}
+
 impl Options {
     /// The defaults: ttl 24 h, lease 30 s, reject duplicates in progress.
-    pub const fn new(namespace: &'static str) -> Self {
+    pub const fn new() -> Self {
         Options {
-            namespace,
             ttl: Duration::from_secs(24 * 60 * 60),
             lease: Duration::from_secs(30),
             in_progress: InProgress::Reject,
@@ -103,7 +107,7 @@ impl Options {
     /// These options with every duration within idem's limits (fields are public,
     /// so the engine applies the builder's caps once more before using them).
     pub fn bounded(&self) -> Options {
-        Options::new(self.namespace)
+        Options::new()
             .ttl(self.ttl)
             .lease(self.lease)
             .in_progress(self.in_progress)
@@ -234,7 +238,7 @@ where
     };
     let span = tracing::debug_span!(
         "idempotent",
-        namespace = options.namespace,
+        namespace = key.namespace(),
         digest = %key.digest(),
     );
     run(store, options, key, fingerprint, codec, body)
@@ -327,7 +331,7 @@ where
     let options = &options.bounded();
     let span = tracing::debug_span!(
         "idempotent",
-        namespace = options.namespace,
+        namespace = key.namespace(),
         digest = %key.digest(),
         tx = true,
     );
@@ -477,7 +481,17 @@ pub async fn begin(
 ) -> Result<Begin, Error> {
     check_reentrant(&key)?;
     let options = options.bounded();
-    Ok(match claim(&*store, &options, &key, fingerprint).await? {
+    // The claim's events carry the key's own namespace (a consumer's, a
+    // layer's), like the attribute's.
+    let span = tracing::debug_span!(
+        "idempotent",
+        namespace = key.namespace(),
+        digest = %key.digest(),
+    );
+    let claimed = claim(&*store, &options, &key, fingerprint)
+        .instrument(span)
+        .await?;
+    Ok(match claimed {
         Claimed::Run(token) => {
             let watchdog = std::sync::OnceLock::new();
             // On a multi-threaded runtime the watchdog starts with the claim, so

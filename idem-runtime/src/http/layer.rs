@@ -67,7 +67,7 @@ impl IdempotencyLayer {
         IdempotencyLayer {
             config: Arc::new(Config {
                 store,
-                options: Options::new("idem::http"),
+                options: Options::new(),
                 namespace: "idem::http".to_owned(),
                 header: IDEMPOTENCY_KEY,
                 methods: vec![Method::POST, Method::PATCH],

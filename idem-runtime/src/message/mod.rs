@@ -230,7 +230,7 @@ impl Deduplicator {
         Deduplicator {
             store,
             namespace: format!("idem::message::{}", consumer.into()),
-            options: Options::new("idem::message")
+            options: Options::new()
                 .ttl(Duration::from_secs(7 * 24 * 60 * 60))
                 .lease(Duration::from_secs(30)),
         }
