@@ -399,20 +399,6 @@ impl Reaper {
     }
 }
 
-#[cfg(feature = "sqlite")]
-/// The low 20 bits of a SQLite fencing token: distinct for 2^20 consecutive
-/// claims in this process (a counter from a random start), so two keys
-/// claimed in the same millisecond get different tokens.
-pub(crate) fn token_salt() -> i64 {
-    use std::hash::BuildHasher;
-    use std::sync::atomic::{AtomicU64, Ordering};
-    use std::sync::OnceLock;
-    static START: OnceLock<u64> = OnceLock::new();
-    static COUNTER: AtomicU64 = AtomicU64::new(0);
-    let start = *START.get_or_init(|| std::hash::RandomState::new().hash_one(std::process::id()));
-    (start.wrapping_add(COUNTER.fetch_add(1, Ordering::Relaxed)) & 0xF_FFFF) as i64
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -322,7 +322,7 @@ impl SqliteStore {
                 .bind(request.key.to_owned())
                 .bind(request.fingerprint.map(|d| d.as_bytes().to_vec()))
                 .bind(sql::millis(request.lease))
-                .bind(sql::token_salt())
+                .bind(token_salt())
                 .fetch_optional(&mut *conn)
                 .await
                 .map_err(sql::db_error)?;
@@ -386,6 +386,19 @@ fn read_row(row: &SqliteRow) -> Result<ClaimRow, Error> {
         outcome: row.try_get(3).map_err(sql::db_error)?,
         remaining_ms: row.try_get(4).map_err(sql::db_error)?,
     })
+}
+
+/// The low 20 bits of a SQLite fencing token: distinct for 2^20 consecutive
+/// claims in this process (a counter from a random start), so two keys
+/// claimed in the same millisecond get different tokens.
+fn token_salt() -> i64 {
+    use std::hash::BuildHasher;
+    use std::sync::atomic::{AtomicU64, Ordering};
+    use std::sync::OnceLock;
+    static START: OnceLock<u64> = OnceLock::new();
+    static COUNTER: AtomicU64 = AtomicU64::new(0);
+    let start = *START.get_or_init(|| std::hash::RandomState::new().hash_one(std::process::id()));
+    (start.wrapping_add(COUNTER.fetch_add(1, Ordering::Relaxed)) & 0xF_FFFF) as i64
 }
 
 sql::sql_store!(SqliteStore, Sqlite, SqlitePool, SqliteConnection);
