@@ -103,7 +103,8 @@ async fn the_http_layer_caps_huge_durations_on_every_store() {
             .ttl(Duration::MAX)
             .lease(Duration::MAX)
             .in_progress(InProgress::Wait(Duration::MAX))
-            .namespace(unique("durations-http"));
+            .namespace(unique("durations-http"))
+            .global_scope();
         let app = Router::new()
             .route(
                 "/pay",

@@ -554,7 +554,7 @@ fn the_http_layer_accepts_exactly_the_client_key_set() {
         .unwrap();
     let app = Router::new()
         .route("/x", post(|| async { "ran" }))
-        .layer(IdempotencyLayer::new(Arc::new(MemoryStore::new())));
+        .layer(IdempotencyLayer::new(Arc::new(MemoryStore::new())).global_scope());
     let mut runner = proptest::test_runner::TestRunner::new(ProptestConfig {
         cases: 1_000,
         ..ProptestConfig::default()
@@ -596,7 +596,7 @@ async fn the_quoted_and_the_bare_spelling_are_one_key() {
                 async move { format!("run {n}") }
             }),
         )
-        .layer(IdempotencyLayer::new(Arc::new(MemoryStore::new())));
+        .layer(IdempotencyLayer::new(Arc::new(MemoryStore::new())).global_scope());
     for (spelling, replayed) in [
         (&br"q-1"[..], false),
         (br#""q-1""#, true),

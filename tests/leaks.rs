@@ -96,7 +96,11 @@ async fn problem_bodies_and_logs_reveal_no_internals_keys_or_stored_data() {
     // The store is down: 503, and the body does not quote the store.
     let app = Router::new()
         .route("/pay", post(|| async { "paid" }))
-        .layer(IdempotencyLayer::new(Leaky).namespace("leaks"));
+        .layer(
+            IdempotencyLayer::new(Leaky)
+                .namespace("leaks")
+                .global_scope(),
+        );
     let (status, body) = send(&app).await;
     assert_eq!(status, 503, "{body}");
     for secret in ["hunter2", "db-7.internal", "SELECT"] {
@@ -135,7 +139,11 @@ async fn problem_bodies_and_logs_reveal_no_internals_keys_or_stored_data() {
         .unwrap();
     let app = Router::new()
         .route("/pay", post(|| async { "paid" }))
-        .layer(IdempotencyLayer::new(store).namespace("leaks"));
+        .layer(
+            IdempotencyLayer::new(store)
+                .namespace("leaks")
+                .global_scope(),
+        );
     let (status, body) = send(&app).await;
     assert_eq!(status, 500, "{body}");
     assert!(body.contains("stored-response-corrupt"), "{body}");

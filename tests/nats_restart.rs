@@ -1,7 +1,8 @@
 //! A JetStream consumer whose NATS server is killed and restarted under it
 //! (issue 11, item 1): `run` logs the stream's errors and goes on, the
 //! handlers in flight finish and are acknowledged, every message runs once;
-//! and what the adapter logs carries digests, never the message ids.
+//! and what the adapter logs carries digests, never the message ids. And a
+//! consumer that is gone when the server comes back ends `run`.
 //!
 //! Its own test binary: it starts its own `nats-server` (on a free port, with
 //! its own store directory, so the shared server on 4222 is untouched), and
@@ -10,6 +11,7 @@
 use std::collections::HashMap;
 use std::io::Write;
 use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -223,7 +225,7 @@ async fn a_consumer_survives_a_server_restart_and_finishes_what_it_was_doing() {
         .messages()
         .await
         .unwrap();
-    let run = side.run_stream(messages, async |message: &jetstream::Message| {
+    let run = side.run_stream(&consumer, messages, async |message: &jetstream::Message| {
         let id = given_id(message).unwrap().to_owned();
         *started.lock().unwrap().entry(id.clone()).or_default() += 1;
         if slow.contains(&id) {
@@ -308,4 +310,102 @@ async fn a_consumer_survives_a_server_restart_and_finishes_what_it_was_doing() {
     );
     let leaked: Vec<_> = lines.iter().filter(|l| l.contains(SECRET)).collect();
     assert!(leaked.is_empty(), "message ids in the log: {leaked:#?}");
+}
+
+fn find_dir(root: &std::path::Path, name: &str) -> Option<std::path::PathBuf> {
+    for entry in std::fs::read_dir(root).ok()? {
+        let path = entry.ok()?.path();
+        if path.is_dir() {
+            if path.file_name().is_some_and(|n| n == name) {
+                return Some(path);
+            }
+            if let Some(found) = find_dir(&path, name) {
+                return Some(found);
+            }
+        }
+    }
+    None
+}
+
+/// A consumer that disappeared while the client was disconnected never sends
+/// "Consumer Deleted": `run` looks it up after the stream's errors and ends
+/// with an error instead of pulling from nothing forever (found by the
+/// break-it review of issue 11).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn run_ends_when_its_consumer_is_gone_after_a_reconnect() {
+    let mut server = Server::start().await;
+    let client = async_nats::ConnectOptions::new()
+        .retry_on_initial_connect()
+        .reconnect_delay_callback(|_| Duration::from_millis(100))
+        .connect(format!("127.0.0.1:{}", server.port))
+        .await
+        .unwrap();
+    let js = jetstream::new(client);
+    js.create_stream(stream::Config {
+        name: "GONE".into(),
+        subjects: vec!["idem.gone".into()],
+        storage: stream::StorageType::File,
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let consumer = js
+        .create_consumer_on_stream(
+            pull::Config {
+                durable_name: Some("vanishing".into()),
+                ack_policy: AckPolicy::Explicit,
+                ..Default::default()
+            },
+            "GONE",
+        )
+        .await
+        .unwrap();
+    js.publish("idem.gone", "one".into())
+        .await
+        .unwrap()
+        .await
+        .unwrap();
+
+    let side = JetStream::new(Deduplicator::new(MemoryStore::new(), "gone")).progress_every(None);
+    let runs = AtomicUsize::new(0);
+    let messages = consumer
+        .stream()
+        .heartbeat(Duration::from_millis(500))
+        .expires(Duration::from_secs(2))
+        .messages()
+        .await
+        .unwrap();
+    let run = side.run_stream(&consumer, messages, async |_m: &jetstream::Message| {
+        runs.fetch_add(1, Ordering::SeqCst);
+        Ok::<_, std::io::Error>(())
+    });
+    let script = async {
+        while runs.load(Ordering::SeqCst) == 0 {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        server.kill();
+        // While the server is down the consumer goes away.
+        let dir = find_dir(&server.dir, "vanishing").expect("the consumer's directory");
+        std::fs::remove_dir_all(dir).unwrap();
+        server.launch().await;
+        // The stream is there, the consumer is not.
+        let stream = loop {
+            if let Ok(s) = js.get_stream("GONE").await {
+                break s;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        };
+        assert!(stream
+            .get_consumer::<pull::Config>("vanishing")
+            .await
+            .is_err());
+        tokio::time::sleep(Duration::from_secs(30)).await;
+    };
+    let out = tokio::select! {
+        out = run => Some(out),
+        () = script => None,
+    };
+    let out = out.expect("run still pulling 30 s after its consumer was found gone");
+    assert!(out.is_err(), "{out:?}");
 }

@@ -63,9 +63,11 @@ fn bench(c: &mut Criterion) {
         .unwrap();
     let bare: Router = Router::new().route("/orders", post(handler));
     // A short ttl keeps the map from growing without bound over millions of keys.
-    let layered = bare
-        .clone()
-        .layer(IdempotencyLayer::new(MemoryStore::new()).ttl(Duration::from_secs(1)));
+    let layered = bare.clone().layer(
+        IdempotencyLayer::new(MemoryStore::new())
+            .global_scope()
+            .ttl(Duration::from_secs(1)),
+    );
     let next = AtomicU64::new(0);
     let mut group = c.benchmark_group("http");
     group.bench_function("bare", |b| b.to_async(&rt).iter(|| call(&bare, "k")));

@@ -17,7 +17,7 @@ pub(crate) type ScopeFn = dyn Fn(&Parts) -> Option<String> + Send + Sync;
 /// Whose keys a request's key is looked up among.
 #[derive(Clone)]
 pub(crate) enum Scope {
-    /// Nothing configured: one key space for every client (warned about once).
+    /// Nothing configured: keyed requests are refused (401), said once in the log.
     Unset,
     /// [`IdempotencyLayer::global_scope`]: one key space, chosen on purpose.
     Global,
@@ -44,7 +44,8 @@ pub(crate) struct Config {
 /// `Idempotency-Key` header safe to retry (see the [module docs](super)).
 ///
 /// Defaults: ttl 24 h, lease 30 s, header `Idempotency-Key`, methods `POST` and
-/// `PATCH`, key optional, one scope for everyone (see [`scope`](Self::scope)),
+/// `PATCH`, key optional, **no scope** — set [`scope`](Self::scope) (or
+/// [`global_scope`](Self::global_scope)), or keyed requests get 401 —
 /// request and response bodies up to 1 MiB, duplicates in flight rejected with 409, statuses stored per
 /// [`default_store_status`].
 #[derive(Clone)]
@@ -141,8 +142,9 @@ impl IdempotencyLayer {
 
     /// One key space for every client, on purpose: for a service whose callers
     /// all trust each other (one internal client, keys that are globally unique
-    /// UUIDs from one system). Without this or [`scope`](Self::scope) the layer
-    /// behaves the same but warns once in the log that keys are not scoped.
+    /// UUIDs from one system). A layer with neither this nor
+    /// [`scope`](Self::scope) refuses keyed requests with 401: it cannot tell
+    /// one client's key from another's, and does not guess.
     pub fn global_scope(mut self) -> Self {
         self.config().scope = Scope::Global;
         self
@@ -201,7 +203,7 @@ impl fmt::Debug for IdempotencyLayer {
             .field(
                 "scope",
                 &match c.scope {
-                    Scope::Unset => "unset (global)",
+                    Scope::Unset => "unset (keyed requests refused)",
                     Scope::Global => "global",
                     Scope::By(_) => "per client",
                 },

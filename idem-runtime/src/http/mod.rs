@@ -14,11 +14,11 @@
 //!     .layer(
 //!         IdempotencyLayer::new(MemoryStore::new())
 //!             .require_key(true)
-//!             // keys are per client: one client never replays another's response
-//!             .scope(|parts| {
-//!                 parts.headers.get("authorization")?.to_str().ok().map(str::to_owned)
-//!             }),
+//!             // Keys are per client: the subject your auth layer (in front of
+//!             // this one) verified — never the raw credential. None → 401.
+//!             .scope(|parts| parts.extensions.get::<User>().map(|u| u.id.clone())),
 //!     );
+//! # #[derive(Clone)] struct User { id: String }
 //! ```
 //!
 //! What a request gets (docs/CONTRACT.md §6, the IETF Idempotency-Key draft, Stripe's API):
@@ -48,16 +48,18 @@
 //! declared length is over the limit, and the rest of one found over the limit
 //! while being read. The handler ran, so the request is still recorded as done
 //! (with the response's status, without its body): a retry with the same key gets
-//! 410 `urn:idem:problem:response-not-stored` and is **not** run again. Put
-//! compression layers outside this one, so the bodies it stores have a length.
+//! 410 `urn:idem:problem:response-not-stored` and is **not** run again. So is a
+//! retry of a request whose response body failed while the layer read it (the
+//! client got a 500 `response-failed`). Put compression layers outside this
+//! one, so the bodies it stores have a length.
 //!
 //! **Scopes.** Keys are kept per client by [`scope`](IdempotencyLayer::scope):
 //! give it the authenticated subject (the user or account id), never the raw
 //! credential, so a token refreshed between retries keeps its scope. A request
 //! for which it finds no subject is refused with 401, never put in a scope that
-//! anonymous clients share. A layer with no scope keeps one key space for every
-//! client and warns once in the log; [`global_scope`](IdempotencyLayer::global_scope)
-//! chooses that on purpose.
+//! anonymous clients share. A layer with no scope refuses keyed requests with 401
+//! (and says so once in the log); [`global_scope`](IdempotencyLayer::global_scope)
+//! chooses one key space for every client on purpose.
 //!
 //! A protected request is handled in place; if the client disconnects
 //! mid-request, the rest is moved into a task of its own rather than dropped, so

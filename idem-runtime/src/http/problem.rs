@@ -14,6 +14,8 @@ pub(crate) enum Problem {
     KeyMissing,
     KeyMalformed,
     ScopeUnknown,
+    /// The layer has neither a scope function nor a global scope.
+    ScopeUnset,
     InProgress {
         retry_after: Duration,
     },
@@ -41,6 +43,8 @@ pub(crate) enum Withheld {
     Streamed,
     /// Larger than the layer's `max_response_body`.
     TooLarge,
+    /// The body failed while the layer read it to store it.
+    Failed,
 }
 
 impl Withheld {
@@ -48,6 +52,7 @@ impl Withheld {
         match self {
             Withheld::Streamed => "streamed",
             Withheld::TooLarge => "too-large",
+            Withheld::Failed => "failed",
         }
     }
 
@@ -55,6 +60,7 @@ impl Withheld {
         match s {
             "streamed" => Some(Withheld::Streamed),
             "too-large" => Some(Withheld::TooLarge),
+            "failed" => Some(Withheld::Failed),
             _ => None,
         }
     }
@@ -86,7 +92,7 @@ impl Problem {
                 "key-malformed",
                 "The Idempotency-Key header is malformed",
             ),
-            Problem::ScopeUnknown => (
+            Problem::ScopeUnknown | Problem::ScopeUnset => (
                 StatusCode::UNAUTHORIZED,
                 "scope-unknown",
                 "The request's client could not be identified",
@@ -194,6 +200,9 @@ impl Problem {
             Problem::ScopeUnknown => "idempotency keys are kept per client, and this request \
                  carries no credentials this endpoint recognises; authenticate and retry"
                 .into(),
+            Problem::ScopeUnset => "idempotency keys are kept per client, and this endpoint \
+                 is not configured to tell clients apart; the request was not processed"
+                .into(),
             Problem::ResponseNotStored { status, why } => format!(
                 "the first request with this key was processed (status {status}), but its \
                  response was {}, so it was not stored; the request is not run again \
@@ -201,6 +210,7 @@ impl Problem {
                 match why {
                     Withheld::Streamed => "streamed",
                     Withheld::TooLarge => "too large to store",
+                    Withheld::Failed => "cut off by an error while it was produced",
                 }
             ),
             Problem::StoredResponseCorrupt => "the response stored for this key could not be \

@@ -158,14 +158,16 @@ where
         },
         Scope::Global => None,
         Scope::Unset => {
-            static WARNED: std::sync::Once = std::sync::Once::new();
-            WARNED.call_once(|| {
-                tracing::warn!(
-                    "an IdempotencyLayer has no scope: every client shares one key space; \
-                     set .scope(..) to the authenticated subject, or .global_scope() if that is meant"
+            static SAID: std::sync::Once = std::sync::Once::new();
+            SAID.call_once(|| {
+                tracing::error!(
+                    "an IdempotencyLayer has no scope, so keyed requests are refused with 401: \
+                     set .scope(..) to the authenticated subject, or .global_scope() for one key \
+                     space shared by every client"
                 )
             });
-            None
+            let problem = Problem::ScopeUnset;
+            return Ok(problem.response(&problem.default_detail()));
         }
     };
     let limit = config.max_request_body;
@@ -325,8 +327,10 @@ where
             Ok(Response::from_parts(head, Body::partial(prefix, rest)))
         }
         Reading::Read(Err(err)) => {
-            tracing::error!(error = %err, "the response body failed; key released");
-            held.release().await;
+            // The handler ran and chose a stored status: its work is done, so a
+            // retry must not run it again (as for a stream cut midway).
+            tracing::error!(error = %err, "the response body failed; recorded as done without it");
+            withhold(held, &config, head.status, Withheld::Failed).await;
             let problem = Problem::HandlerBodyFailed;
             Ok(problem.response(&problem.default_detail()))
         }

@@ -75,8 +75,8 @@ pub fn message_id(
         Some(id) => MessageId::Given(id.to_owned()),
         None => MessageId::position(
             topic,
-            timestamp.map_or_else(|| "-".to_owned(), |ms| ms.to_string()),
             format!("{partition}:{offset}"),
+            timestamp.map_or_else(|| "-".to_owned(), |ms| ms.to_string()),
         ),
     }
 }

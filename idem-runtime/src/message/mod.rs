@@ -103,10 +103,10 @@ impl<E: std::error::Error + 'static> std::error::Error for ProcessError<E> {
 /// What a message is deduplicated by.
 ///
 /// A publisher's own id ([`Given`](MessageId::Given)) names the message wherever
-/// it lands; without one, the broker's position does, qualified by the
-/// incarnation of the log it is in ([`Position`](MessageId::Position)), so that
-/// a stream or topic deleted and recreated under the same name — whose
-/// positions start again — is never taken for the old one. The two forms never
+/// it lands; without one, the broker's position does, with the time the broker
+/// stored the message ([`Position`](MessageId::Position)), so that a message of a
+/// stream or topic deleted and recreated under the same name — whose positions
+/// start again — is never taken for the old one at its position. The two forms never
 /// share a key, whatever their text: a business id `"ORDERS:7"` is not the
 /// position 7 of stream `ORDERS`.
 ///
@@ -121,25 +121,26 @@ pub enum MessageId {
     Position {
         /// The stream or topic.
         log: String,
-        /// What changes when the log is deleted and recreated: the JetStream
-        /// stream's creation time, the Kafka topic's id.
-        incarnation: String,
         /// The place in the log: the stream sequence; `partition:offset`.
         position: String,
+        /// When the broker stored the message there, which tells it from a
+        /// message a recreated log put at the same place: the JetStream
+        /// stored time (ns), the Kafka message timestamp (ms).
+        stamp: String,
     },
 }
 
 impl MessageId {
-    /// A position in `log` (as it is in `incarnation`).
+    /// The message stored in `log` at `position` at time `stamp`.
     pub fn position(
         log: impl Into<String>,
-        incarnation: impl Into<String>,
         position: impl Into<String>,
+        stamp: impl Into<String>,
     ) -> Self {
         MessageId::Position {
             log: log.into(),
-            incarnation: incarnation.into(),
             position: position.into(),
+            stamp: stamp.into(),
         }
     }
 
@@ -153,15 +154,15 @@ impl MessageId {
 }
 
 impl fmt::Display for MessageId {
-    /// The id, or `log@incarnation:position`.
+    /// The id, or `log:position@stamp`.
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             MessageId::Given(id) => f.write_str(id),
             MessageId::Position {
                 log,
-                incarnation,
                 position,
-            } => write!(f, "{log}@{incarnation}:{position}"),
+                stamp,
+            } => write!(f, "{log}:{position}@{stamp}"),
         }
     }
 }
@@ -280,20 +281,20 @@ impl Deduplicator {
 
     /// The key of a message id in this consumer's namespace. A given id is the
     /// key's one part (as it always was); a position is four (a marker, the
-    /// log, its incarnation, the position), so the two never meet.
+    /// log, the position, the stamp), so the two never meet.
     pub fn key(&self, message_id: impl Into<MessageId>) -> Result<Key, Error> {
         let builder = KeyBuilder::new(&self.namespace);
         match message_id.into() {
             MessageId::Given(id) => builder.part(&id),
             MessageId::Position {
                 log,
-                incarnation,
                 position,
+                stamp,
             } => builder
                 .part("@position")
                 .part(&log)
-                .part(&incarnation)
-                .part(&position),
+                .part(&position)
+                .part(&stamp),
         }
         .finish()
     }
@@ -472,7 +473,7 @@ mod tests {
     #[test]
     fn a_given_id_never_meets_a_position_whatever_its_text() {
         let dedup = Deduplicator::new(crate::MemoryStore::new(), "k");
-        let position = MessageId::position("ORDERS", "1700000000000000000", "7");
+        let position = MessageId::position("ORDERS", "7", "1700000000000000000");
         for spelled in [
             position.to_string(),
             "ORDERS:7".to_owned(),
@@ -483,11 +484,11 @@ mod tests {
                 dedup.key(spelled.as_str()).unwrap().as_str()
             );
         }
-        // Another incarnation of the same stream: another message.
+        // The same place of a recreated stream, stored at another time: another message.
         assert_ne!(
             dedup.key(&position).unwrap().as_str(),
             dedup
-                .key(MessageId::position("ORDERS", "1700000000000000001", "7"))
+                .key(MessageId::position("ORDERS", "7", "1700000000000000001"))
                 .unwrap()
                 .as_str()
         );

@@ -22,10 +22,10 @@
 //!
 //! Each message is keyed by its `Nats-Msg-Id` header (the publisher's id, which
 //! JetStream also uses to drop duplicate publishes within its window), or, when
-//! it has none, by its stream sequence in the stream's current incarnation (the
-//! stream's creation time: a stream deleted and recreated under the same name
-//! starts its sequences again, and they are new messages) — see
-//! [`MessageId`]; then:
+//! it has none, by its place in the stream: the stream sequence and the time
+//! the stream stored the message (a stream deleted and recreated under the same
+//! name starts its sequences again, and its messages are new) — see
+//! [`message_id`] and [`MessageId`]; then:
 //!
 //! | outcome | ack |
 //! |---|---|
@@ -41,14 +41,13 @@
 
 use std::time::Duration;
 
-use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
+use std::sync::Mutex;
 
 use async_nats::jetstream::consumer::pull::{self, MessagesErrorKind};
 use async_nats::jetstream::consumer::PullConsumer;
+use async_nats::jetstream::context::ConsumerInfoErrorKind;
 use async_nats::jetstream::{AckKind, Message};
 use futures_util::StreamExt as _;
-use time::OffsetDateTime;
 
 use super::{backoff, Deduplicator, MessageId, Outcome, ProcessError};
 
@@ -64,28 +63,24 @@ pub fn given_id(message: &Message) -> Option<&str> {
 }
 
 /// The id a message is deduplicated by: its `Nats-Msg-Id` header, or its
-/// stream sequence in the incarnation of the stream created at
-/// `stream_created` (the stream's `created` time, as
-/// [`JetStream::message_id`] looks it up). `None` for a message that is not a
+/// place in the stream — the stream, the sequence, and the time the stream
+/// stored it (nanoseconds). A stream deleted and recreated under its name
+/// starts its sequences again, but each new message is stored at its own time,
+/// so it is never taken for the old one at that sequence; the stamp travels
+/// with every delivery (it is in the ack subject), so it needs no lookup and
+/// is right for a late delivery of a deleted stream, and for a mirror, whose
+/// messages keep their origin's times. `None` for a message that is not a
 /// JetStream delivery.
-pub fn message_id(message: &Message, stream_created: OffsetDateTime) -> Option<MessageId> {
+pub fn message_id(message: &Message) -> Option<MessageId> {
     if let Some(id) = given_id(message) {
         return Some(MessageId::Given(id.to_owned()));
     }
     let info = message.info().ok()?;
     Some(MessageId::position(
         info.stream,
-        stream_created.unix_timestamp_nanos().to_string(),
         info.stream_sequence.to_string(),
+        info.published.unix_timestamp_nanos().to_string(),
     ))
-}
-
-/// What [`JetStream`] last learned of a stream: when it was created, and the
-/// publish time of the newest message it held then.
-#[derive(Debug, Clone, Copy)]
-struct Seen {
-    created: OffsetDateTime,
-    newest: OffsetDateTime,
 }
 
 /// Consumes JetStream messages through a [`Deduplicator`], acknowledging each
@@ -97,7 +92,6 @@ pub struct JetStream {
     backoff_base: Duration,
     backoff_max: Duration,
     concurrency: usize,
-    streams: Arc<Mutex<HashMap<String, Seen>>>,
 }
 
 impl JetStream {
@@ -110,7 +104,6 @@ impl JetStream {
             backoff_base: Duration::from_millis(100),
             backoff_max: Duration::from_secs(30),
             concurrency: 1,
-            streams: Arc::default(),
         }
     }
 
@@ -141,47 +134,6 @@ impl JetStream {
         &self.dedup
     }
 
-    /// The id `message` is deduplicated by (see [`message_id`]): its
-    /// `Nats-Msg-Id`, else its stream sequence qualified by the stream's
-    /// creation time, so a stream deleted and recreated under the same name is a
-    /// new stream. The creation time is looked up from the server and kept; it
-    /// is looked up again for a message published after the newest one the
-    /// stream held at the last look, so a stream recreated since is seen (one
-    /// lookup serves a whole backlog). An error here is a failed lookup.
-    pub async fn message_id(&self, message: &Message) -> Result<MessageId, crate::Error> {
-        if let Some(id) = given_id(message) {
-            return Ok(MessageId::Given(id.to_owned()));
-        }
-        let info = message.info().map_err(|_| crate::Error::MissingKey)?;
-        let (stream, published) = (info.stream.to_owned(), info.published);
-        let known = self
-            .streams
-            .lock()
-            .ok()
-            .and_then(|s| s.get(&stream).copied());
-        let created = match known {
-            // Published no later than a message the stream held when it was
-            // looked up: it is in that incarnation (a newer one would only hold
-            // messages published after the lookup).
-            Some(seen) if published <= seen.newest => seen.created,
-            _ => {
-                let handle = message.context.get_stream(&stream).await.map_err(|e| {
-                    crate::Error::store(format!("could not look the stream up: {e}"))
-                })?;
-                let found = handle.cached_info();
-                let seen = Seen {
-                    created: found.created,
-                    newest: found.state.last_timestamp,
-                };
-                if let Ok(mut streams) = self.streams.lock() {
-                    streams.insert(stream.clone(), seen);
-                }
-                seen.created
-            }
-        };
-        message_id(message, created).ok_or(crate::Error::MissingKey)
-    }
-
     /// Pulls messages from `consumer` and [`handle`](Self::handle)s each
     /// ([`concurrency`](Self::concurrency) at a time), until the consumer is
     /// deleted or the client closes. Handler errors do not stop it (they are
@@ -198,14 +150,21 @@ impl JetStream {
         F: AsyncFn(&Message) -> Result<T, E>,
         E: std::fmt::Display,
     {
-        self.run_stream(consumer.messages().await?, handler).await
+        self.run_stream(consumer, consumer.messages().await?, handler)
+            .await
     }
 
-    /// Like [`run`](Self::run), on a message stream the caller opened, for its
-    /// own batch size, expiry or heartbeat:
+    /// Like [`run`](Self::run), on a message stream of `consumer` the caller
+    /// opened, for its own batch size, expiry or heartbeat:
     /// `consumer.stream().max_messages_per_batch(50).heartbeat(..).messages().await?`.
+    ///
+    /// After each transient error the consumer is looked up, so one that is gone
+    /// — deleted while the client was disconnected, reaped by its
+    /// `inactive_threshold`, lost with the server's store — ends the run with
+    /// an error instead of pulling from nothing forever.
     pub async fn run_stream<T, E, F>(
         &self,
+        consumer: &PullConsumer,
         messages: pull::Stream,
         handler: F,
     ) -> Result<(), async_nats::Error>
@@ -213,29 +172,50 @@ impl JetStream {
         F: AsyncFn(&Message) -> Result<T, E>,
         E: std::fmt::Display,
     {
+        use futures_util::future::ready;
+
         let handler = &handler;
         let ended: Mutex<Option<async_nats::Error>> = Mutex::new(None);
-        let ended_ref = &ended;
+        let end = |err: async_nats::Error| {
+            if let Ok(mut ended) = ended.lock() {
+                *ended = Some(err);
+            }
+        };
+        let end = &end;
         messages
-            .filter_map(|next| async move {
-                match next {
-                    Ok(message) => Some(message),
-                    Err(err) => {
-                        match err.kind() {
-                            // The stream ends after these.
-                            MessagesErrorKind::ConsumerDeleted
-                            | MessagesErrorKind::PushBasedConsumer => {
-                                tracing::warn!(error = %err, "the consumer is gone; stopping once in-flight messages are done");
-                                if let Ok(mut ended) = ended_ref.lock() {
-                                    *ended = Some(err.into());
-                                }
-                            }
-                            _ => tracing::warn!(error = %err, "message stream error; still pulling"),
-                        }
+            // `Some(Some(m))`: a message; `Some(None)`: an error survived; `None`: the end.
+            .then(|next| async move {
+                let err = match next {
+                    Ok(message) => return Some(Some(message)),
+                    Err(err) => err,
+                };
+                if matches!(
+                    err.kind(),
+                    MessagesErrorKind::ConsumerDeleted | MessagesErrorKind::PushBasedConsumer
+                ) {
+                    tracing::warn!(error = %err, "the consumer is gone; stopping once in-flight messages are done");
+                    end(err.into());
+                    return None;
+                }
+                match consumer.get_info().await {
+                    Err(gone)
+                        if matches!(
+                            gone.kind(),
+                            ConsumerInfoErrorKind::NotFound | ConsumerInfoErrorKind::StreamNotFound
+                        ) =>
+                    {
+                        tracing::warn!(error = %err, "the consumer no longer exists; stopping once in-flight messages are done");
+                        end(gone.into());
                         None
+                    }
+                    _ => {
+                        tracing::warn!(error = %err, "message stream error; still pulling");
+                        Some(None)
                     }
                 }
             })
+            .take_while(|next| ready(next.is_some()))
+            .filter_map(|next| ready(next.flatten()))
             .map(|message| async move {
                 let _ = self.handle(&message, || handler(&message)).await;
             })
@@ -278,20 +258,11 @@ impl JetStream {
     where
         E: std::fmt::Display,
     {
-        let delivered = message.info().map(|i| i.delivered).unwrap_or(1);
-        let id = match self.message_id(message).await {
-            Ok(id) => id,
+        let Some(id) = message_id(message) else {
             // Not a JetStream delivery (no reply subject to ack on): nothing to key.
-            Err(err @ crate::Error::MissingKey) => return Err(ProcessError::Idempotency(err)),
-            Err(err) => {
-                tracing::warn!(delivered, error = %err, "message id unknown; redelivering");
-                let delay = backoff(delivered, self.backoff_base, self.backoff_max);
-                if let Err(err) = message.ack_with(AckKind::Nak(Some(delay))).await {
-                    tracing::warn!(error = %err, "could not nak the message");
-                }
-                return Err(ProcessError::Idempotency(err));
-            }
+            return Err(ProcessError::Idempotency(crate::Error::MissingKey));
         };
+        let delivered = message.info().map(|i| i.delivered).unwrap_or(1);
         let outcome = self.with_progress(message, process(&id)).await;
         let ack = match &outcome {
             Ok(Outcome::Processed(_)) | Ok(Outcome::Duplicate) => AckKind::Ack,

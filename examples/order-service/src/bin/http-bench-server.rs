@@ -37,7 +37,10 @@ async fn bare(
 }
 
 fn layer() -> IdempotencyLayer {
-    IdempotencyLayer::new(MemoryStore::new()).require_key(true)
+    // One benchmark client: one key space, on purpose.
+    IdempotencyLayer::new(MemoryStore::new())
+        .require_key(true)
+        .global_scope()
 }
 
 #[tokio::main]
