@@ -294,7 +294,7 @@ mod tests {
     #[test]
     fn a_business_id_header_wins_else_topic_partition_offset_and_timestamp() {
         let at = |ts: Option<i64>, p: &str| {
-            MessageId::position("payments", ts.map_or("-".into(), |t| t.to_string()), p)
+            MessageId::position("payments", p, ts.map_or("-".into(), |t| t.to_string()))
         };
         assert_eq!(
             message_id(Some(b"order-7"), "payments", 3, 42, Some(1)),
