@@ -726,6 +726,13 @@ async fn a_request_whose_client_is_unknown_gets_401_and_never_a_shared_scope() {
         0,
         "the handler does not run for an unknown client"
     );
+    // An empty subject names no one either (found by the second break-it pass).
+    let s = serve(IdempotencyLayer::new(MemoryStore::new()).scope(|_| Some(String::new()))).await;
+    for _ in 0..2 {
+        let r = anonymous_to(&s).await;
+        assert_eq!(problem(r, 401).await, "urn:idem:problem:scope-unknown");
+    }
+    assert_eq!(s.runs(), 0);
     // A global scope, chosen on purpose, serves them all from one key space.
     let s = serve(IdempotencyLayer::new(MemoryStore::new()).global_scope()).await;
     let first = anonymous_to(&s).await;

@@ -127,8 +127,8 @@ impl IdempotencyLayer {
     /// credential: a client whose token is refreshed between two retries must
     /// land in the same scope, or its retry runs again.
     ///
-    /// A request for which `scope` returns `None` (no credentials, a header
-    /// that does not parse) is refused with 401 `urn:idem:problem:scope-unknown`
+    /// A request for which `scope` returns `None` or `Some("")` (no
+    /// credentials, a header that does not parse) is refused with 401 `urn:idem:problem:scope-unknown`
     /// and the handler does not run: it never falls into a scope shared with
     /// other anonymous clients. To serve anonymous clients, return a scope for
     /// them on purpose (say, from a session id).

@@ -149,7 +149,9 @@ where
 {
     let (parts, body) = request.into_parts();
     let scope = match &config.scope {
-        Scope::By(scope) => match scope(&parts) {
+        // An empty subject (`unwrap_or_default()` on a header that did not
+        // parse) names no one: refused like `None`, never a shared scope.
+        Scope::By(scope) => match scope(&parts).filter(|s| !s.is_empty()) {
             Some(scope) => Some(scope),
             None => {
                 let problem = Problem::ScopeUnknown;
