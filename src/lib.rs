@@ -14,6 +14,7 @@ use idem_runtime::{
 };
 use sqlx::{AssertSqlSafe, Postgres, Sqlite, Transaction};
 
+pub mod logs;
 pub mod nats;
 
 /// The PostgreSQL the tests use: `IDEM_POSTGRES_URL`, or the local server.

@@ -4,8 +4,8 @@
 
 use std::time::Duration;
 
-use async_nats::jetstream::consumer::PullConsumer;
-use async_nats::jetstream::{self, Message};
+use async_nats::jetstream::consumer::{pull, AckPolicy, PullConsumer};
+use async_nats::jetstream::{self, stream, Message};
 use futures_util::StreamExt as _;
 use idem_runtime::message::nats::JetStream;
 use idem_runtime::message::{Deduplicator, MessageId, Outcome, ProcessError};
@@ -23,6 +23,197 @@ pub async fn jetstream() -> jetstream::Context {
         .await
         .expect("connect to NATS");
     jetstream::new(client)
+}
+
+/// A stream name no other test run uses.
+pub fn stream_name(prefix: &str) -> String {
+    crate::unique(prefix).replace('_', "-").to_uppercase()
+}
+
+/// A new stream `name` on subject `idem.<name>`, and a durable pull consumer
+/// `recorder` on it with explicit acks and unlimited redeliveries. The
+/// stream's duplicate window is short, so duplicates published on purpose a
+/// moment apart reach the consumer instead of being dropped by JetStream's own
+/// publish dedup.
+pub async fn stream_and_consumer(
+    js: &jetstream::Context,
+    name: &str,
+    ack_wait: Duration,
+) -> (String, PullConsumer) {
+    let subject = format!("idem.{name}");
+    js.create_stream(stream::Config {
+        name: name.to_owned(),
+        subjects: vec![subject.clone()],
+        duplicate_window: Duration::from_millis(100),
+        ..Default::default()
+    })
+    .await
+    .expect("create stream");
+    let consumer = js
+        .create_consumer_on_stream(
+            pull::Config {
+                durable_name: Some("recorder".into()),
+                ack_policy: AckPolicy::Explicit,
+                ack_wait,
+                max_deliver: -1,
+                ..Default::default()
+            },
+            name,
+        )
+        .await
+        .expect("create consumer");
+    (subject, consumer)
+}
+
+/// Publishes `payload` (with `Nats-Msg-Id: id`, if given) and waits for the ack.
+pub async fn publish(js: &jetstream::Context, subject: &str, id: Option<&str>, payload: &str) {
+    let mut headers = async_nats::HeaderMap::new();
+    if let Some(id) = id {
+        headers.insert("Nats-Msg-Id", id);
+    }
+    js.publish_with_headers(subject.to_owned(), headers, payload.to_owned().into())
+        .await
+        .expect("publish")
+        .await
+        .expect("publish ack");
+}
+
+/// The next message of `consumer` (waiting up to 5 s).
+pub async fn fetch_one(consumer: &PullConsumer) -> Message {
+    consumer
+        .fetch()
+        .max_messages(1)
+        .expires(Duration::from_secs(5))
+        .messages()
+        .await
+        .expect("fetch")
+        .next()
+        .await
+        .expect("a message")
+        .expect("a delivery")
+}
+
+/// A `nats-server` of a test's own, on a free port with its own store
+/// directory, to kill and restart (the shared server on 4222 is left alone).
+pub struct OwnServer {
+    /// Its port on 127.0.0.1.
+    pub port: u16,
+    /// Its JetStream store directory.
+    pub dir: std::path::PathBuf,
+    child: Option<std::process::Child>,
+}
+
+impl OwnServer {
+    fn binary() -> String {
+        std::env::var("IDEM_NATS_SERVER").unwrap_or_else(|_| {
+            [
+                "/usr/sbin/nats-server",
+                "/usr/bin/nats-server",
+                "/usr/local/bin/nats-server",
+            ]
+            .into_iter()
+            .find(|p| std::path::Path::new(p).exists())
+            .unwrap_or("nats-server")
+            .to_owned()
+        })
+    }
+
+    /// Starts one, with its store under `tmp`.
+    pub async fn start(tmp: &std::path::Path) -> OwnServer {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .expect("a free port")
+            .port();
+        let dir = tmp.join(format!("nats-{}-{port}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("the store directory");
+        let mut server = OwnServer {
+            port,
+            dir,
+            child: None,
+        };
+        server.launch().await;
+        server
+    }
+
+    /// `127.0.0.1:<port>`.
+    pub fn url(&self) -> String {
+        format!("127.0.0.1:{}", self.port)
+    }
+
+    /// A client that reconnects every 100 ms while the server is away.
+    pub async fn client(&self) -> async_nats::Client {
+        async_nats::ConnectOptions::new()
+            .retry_on_initial_connect()
+            .reconnect_delay_callback(|_| Duration::from_millis(100))
+            .connect(self.url())
+            .await
+            .expect("connect to the own server")
+    }
+
+    /// Starts (again) on the same port and store, and waits until it listens.
+    pub async fn launch(&mut self) {
+        let child = std::process::Command::new(Self::binary())
+            .args([
+                "-a",
+                "127.0.0.1",
+                "-p",
+                &self.port.to_string(),
+                "-js",
+                "-sd",
+            ])
+            .arg(&self.dir)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("nats-server starts");
+        self.child = Some(child);
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+        while tokio::net::TcpStream::connect(("127.0.0.1", self.port))
+            .await
+            .is_err()
+        {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "nats-server did not come up"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// SIGKILLs it.
+    pub fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// The directory of the JetStream asset `name` (a stream, a consumer) in
+    /// its store.
+    pub fn asset_dir(&self, name: &str) -> Option<std::path::PathBuf> {
+        fn find(root: &std::path::Path, name: &str) -> Option<std::path::PathBuf> {
+            for entry in std::fs::read_dir(root).ok()? {
+                let path = entry.ok()?.path();
+                if path.is_dir() {
+                    if path.file_name().is_some_and(|n| n == name) {
+                        return Some(path);
+                    }
+                    if let Some(found) = find(&path, name) {
+                        return Some(found);
+                    }
+                }
+            }
+            None
+        }
+        find(&self.dir, name)
+    }
+}
+
+impl Drop for OwnServer {
+    fn drop(&mut self) {
+        self.kill();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
 }
 
 /// Records one row per processed message in `table`; misbehaves on purpose

@@ -5,8 +5,7 @@
 //!
 //! Its own test binary, with the subscriber installed globally (see logging.rs).
 
-use std::io::Write;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
 use axum::routing::post;
@@ -15,20 +14,8 @@ use idem_runtime::async_trait;
 use idem_runtime::http::IdempotencyLayer;
 use idem_runtime::key::KeyBuilder;
 use idem_runtime::{Claim, ClaimRequest, Error, FencingToken, MemoryStore, Record, Store};
+use idem_tests::logs::Captured;
 use tower::ServiceExt as _;
-
-#[derive(Clone, Default)]
-struct Captured(Arc<Mutex<Vec<u8>>>);
-
-impl Write for Captured {
-    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        self.0.lock().unwrap().extend_from_slice(buf);
-        Ok(buf.len())
-    }
-    fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
-    }
-}
 
 const STORE_SECRET: &str = "db-7.internal.example:5432 password=hunter2";
 const STORED_SECRET: &str = "card 4111111111111111";
@@ -84,14 +71,7 @@ async fn send(app: &Router) -> (u16, String) {
 
 #[tokio::test(flavor = "current_thread")]
 async fn problem_bodies_and_logs_reveal_no_internals_keys_or_stored_data() {
-    let captured = Captured::default();
-    let writer = captured.clone();
-    let subscriber = tracing_subscriber::fmt()
-        .with_max_level(tracing::Level::DEBUG)
-        .with_ansi(false)
-        .with_writer(move || writer.clone())
-        .finish();
-    tracing::subscriber::set_global_default(subscriber).unwrap();
+    let captured = Captured::install();
 
     // The store is down: 503, and the body does not quote the store.
     let app = Router::new()
@@ -149,7 +129,7 @@ async fn problem_bodies_and_logs_reveal_no_internals_keys_or_stored_data() {
     assert!(body.contains("stored-response-corrupt"), "{body}");
     assert!(!body.contains("4111"), "500 body leaks stored data: {body}");
 
-    let logs = String::from_utf8(captured.0.lock().unwrap().clone()).unwrap();
+    let logs = captured.text();
     assert!(
         logs.contains("the stored response could not be decoded"),
         "{logs}"

@@ -4,10 +4,8 @@
 //! per-callsite interest, which a scoped subscriber shares unreliably with
 //! other tests running on other threads.
 
-use std::io::Write;
-use std::sync::{Arc, Mutex};
-
 use idem_runtime::{idempotent, MemoryStore};
+use idem_tests::logs::Captured;
 
 #[derive(Debug)]
 enum AppError {
@@ -19,19 +17,6 @@ enum AppError {
 impl From<idem_runtime::Error> for AppError {
     fn from(e: idem_runtime::Error) -> Self {
         AppError::Idem(e)
-    }
-}
-
-#[derive(Clone, Default)]
-struct Captured(Arc<Mutex<Vec<u8>>>);
-
-impl Write for Captured {
-    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        self.0.lock().unwrap().extend_from_slice(buf);
-        Ok(buf.len())
-    }
-    fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
     }
 }
 
@@ -51,14 +36,7 @@ impl Svc {
 
 #[tokio::test(flavor = "current_thread")]
 async fn outcomes_are_traced_by_digest_never_by_key_material() {
-    let captured = Captured::default();
-    let writer = captured.clone();
-    let subscriber = tracing_subscriber::fmt()
-        .with_max_level(tracing::Level::DEBUG)
-        .with_ansi(false)
-        .with_writer(move || writer.clone())
-        .finish();
-    tracing::subscriber::set_global_default(subscriber).unwrap();
+    let captured = Captured::install();
 
     let svc = Svc {
         store: MemoryStore::new(),
@@ -69,7 +47,7 @@ async fn outcomes_are_traced_by_digest_never_by_key_material() {
     svc.signup(email.clone(), 1).await.unwrap(); // replayed
     svc.signup(email.clone(), 2).await.unwrap_err(); // key reused
 
-    let logs = String::from_utf8(captured.0.lock().unwrap().clone()).unwrap();
+    let logs = captured.text();
     let digest = idem_runtime::Key::derive("signup", &email)
         .unwrap()
         .digest()

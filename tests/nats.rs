@@ -3,58 +3,13 @@
 
 use std::time::Duration;
 
-use async_nats::jetstream::consumer::{pull, AckPolicy, PullConsumer};
-use async_nats::jetstream::{self, stream};
+use async_nats::jetstream::consumer::PullConsumer;
+
 use idem_runtime::message::nats::{given_id, message_id, JetStream};
 use idem_runtime::message::{Deduplicator, MessageId, Outcome};
 use idem_runtime::MemoryStore;
-use idem_tests::nats::{jetstream, Effects};
+use idem_tests::nats::{jetstream, publish, stream_and_consumer, stream_name, Effects};
 use idem_tests::unique;
-
-/// A new stream on its own subject, and a durable pull consumer on it.
-async fn stream_and_consumer(
-    js: &jetstream::Context,
-    name: &str,
-    ack_wait: Duration,
-) -> (String, PullConsumer) {
-    let subject = format!("idem.{name}");
-    js.create_stream(stream::Config {
-        name: name.to_owned(),
-        subjects: vec![subject.clone()],
-        // Short, so duplicates published on purpose a moment apart reach the
-        // consumer instead of being dropped by JetStream's own publish dedup.
-        duplicate_window: Duration::from_millis(100),
-        ..Default::default()
-    })
-    .await
-    .expect("create stream");
-    let consumer = js
-        .create_consumer_on_stream(
-            pull::Config {
-                durable_name: Some("recorder".into()),
-                ack_policy: AckPolicy::Explicit,
-                ack_wait,
-                max_deliver: -1,
-                ..Default::default()
-            },
-            name,
-        )
-        .await
-        .expect("create consumer");
-    (subject, consumer)
-}
-
-async fn publish(js: &jetstream::Context, subject: &str, id: Option<&str>, payload: String) {
-    let mut headers = async_nats::HeaderMap::new();
-    if let Some(id) = id {
-        headers.insert("Nats-Msg-Id", id);
-    }
-    js.publish_with_headers(subject.to_owned(), headers, payload.into())
-        .await
-        .expect("publish")
-        .await
-        .expect("publish ack");
-}
 
 /// Waits until every message is acknowledged and nothing is pending.
 async fn drained(consumer: &mut PullConsumer, timeout: Duration) {
@@ -74,17 +29,13 @@ async fn drained(consumer: &mut PullConsumer, timeout: Duration) {
     }
 }
 
-fn stream_name(prefix: &str) -> String {
-    unique(prefix).replace('_', "-").to_uppercase()
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn messages_are_keyed_by_nats_msg_id_then_stream_sequence() {
     let js = jetstream().await;
     let name = stream_name("ids");
     let (subject, consumer) = stream_and_consumer(&js, &name, Duration::from_secs(30)).await;
-    publish(&js, &subject, Some("order-7"), "a".into()).await;
-    publish(&js, &subject, None, "b".into()).await;
+    publish(&js, &subject, Some("order-7"), "a").await;
+    publish(&js, &subject, None, "b").await;
     let mut batch = consumer.fetch().max_messages(2).messages().await.unwrap();
     use futures::StreamExt as _;
     let first = batch.next().await.unwrap().unwrap();
@@ -142,7 +93,7 @@ async fn a_recreated_stream_is_a_new_stream_and_every_new_message_runs() {
     let side = JetStream::new(Deduplicator::new(MemoryStore::new(), "recreate"));
     let (subject, consumer) = stream_and_consumer(&js, &name, Duration::from_secs(30)).await;
     for i in 0..3 {
-        publish(&js, &subject, None, format!("old {i}")).await;
+        publish(&js, &subject, None, &format!("old {i}")).await;
     }
     let old = handle_batch(&side, &consumer, 3, &runs).await;
     assert_eq!(old, vec![Outcome::Processed(()); 3]);
@@ -150,7 +101,7 @@ async fn a_recreated_stream_is_a_new_stream_and_every_new_message_runs() {
 
     let (subject, consumer) = stream_and_consumer(&js, &name, Duration::from_secs(30)).await;
     for i in 0..3 {
-        publish(&js, &subject, None, format!("new {i}")).await;
+        publish(&js, &subject, None, &format!("new {i}")).await;
     }
     let new = handle_batch(&side, &consumer, 3, &runs).await;
     assert_eq!(
@@ -163,7 +114,7 @@ async fn a_recreated_stream_is_a_new_stream_and_every_new_message_runs() {
     // Business ids spelled like the fallback forms are their own messages.
     let position = MessageId::position(&name, "1", "1700000000000000000");
     for spelled in [position.to_string(), format!("{name}:1")] {
-        publish(&js, &subject, Some(&spelled), "spelled".into()).await;
+        publish(&js, &subject, Some(&spelled), "spelled").await;
     }
     let spelled = handle_batch(&side, &consumer, 2, &runs).await;
     assert_eq!(spelled, vec![Outcome::Processed(()); 2]);
@@ -178,7 +129,7 @@ async fn duplicates_published_on_purpose_are_acked_without_running() {
     let (subject, mut consumer) = stream_and_consumer(&js, &name, Duration::from_secs(30)).await;
     for round in 0..2 {
         for i in 0..20 {
-            publish(&js, &subject, Some(&format!("m{i}")), format!("{round}")).await;
+            publish(&js, &subject, Some(&format!("m{i}")), &format!("{round}")).await;
         }
         // Past JetStream's duplicate window, so the second round is delivered too.
         tokio::time::sleep(Duration::from_millis(200)).await;
@@ -225,7 +176,7 @@ async fn a_long_handler_sends_progress_and_is_not_redelivered() {
     let js = jetstream().await;
     let name = stream_name("wpi");
     let (subject, mut consumer) = stream_and_consumer(&js, &name, Duration::from_millis(600)).await;
-    publish(&js, &subject, Some("slow"), "x".into()).await;
+    publish(&js, &subject, Some("slow"), "x").await;
     let side = JetStream::new(Deduplicator::new(MemoryStore::new(), "wpi"))
         .progress_every(Some(Duration::from_millis(150)));
     let mut messages = consumer.messages().await.unwrap();
@@ -254,7 +205,7 @@ async fn a_handler_error_naks_and_the_redelivery_runs_it() {
     let js = jetstream().await;
     let name = stream_name("nak");
     let (subject, mut consumer) = stream_and_consumer(&js, &name, Duration::from_secs(30)).await;
-    publish(&js, &subject, Some("fails-once"), "x".into()).await;
+    publish(&js, &subject, Some("fails-once"), "x").await;
     let side = JetStream::new(Deduplicator::new(MemoryStore::new(), "nak"))
         .nak_backoff(Duration::from_millis(50), Duration::from_millis(50));
     let mut messages = consumer.messages().await.unwrap();
@@ -291,11 +242,11 @@ async fn a_thousand_messages_take_effect_exactly_once_through_redeliveries_and_a
     let effects = std::sync::Arc::new(Effects::setup(&table, &name).await); // namespace: this run's stream
 
     for i in 0..1000 {
-        publish(&js, &subject, Some(&format!("pay-{i}")), i.to_string()).await;
+        publish(&js, &subject, Some(&format!("pay-{i}")), &i.to_string()).await;
     }
     tokio::time::sleep(Duration::from_millis(200)).await; // past the duplicate window
     for i in (0..1000).step_by(10) {
-        publish(&js, &subject, Some(&format!("pay-{i}")), i.to_string()).await;
+        publish(&js, &subject, Some(&format!("pay-{i}")), &i.to_string()).await;
     }
 
     // A consumer in its own process, killed once it has taken effect on some.
@@ -361,7 +312,13 @@ async fn run_handles_many_messages_at_once_and_each_once() {
     let name = stream_name("run");
     let (subject, consumer) = stream_and_consumer(&js, &name, Duration::from_secs(30)).await;
     for i in 0..200 {
-        publish(&js, &subject, Some(&format!("r{}", i % 150)), i.to_string()).await;
+        publish(
+            &js,
+            &subject,
+            Some(&format!("r{}", i % 150)),
+            &i.to_string(),
+        )
+        .await;
         if i == 149 {
             tokio::time::sleep(Duration::from_millis(200)).await; // past the duplicate window
         }

@@ -14,59 +14,7 @@ use futures::StreamExt as _;
 use idem_runtime::message::nats::JetStream;
 use idem_runtime::message::{Deduplicator, Outcome};
 use idem_runtime::MemoryStore;
-use idem_tests::nats::jetstream;
-use idem_tests::unique;
-
-fn stream_name(prefix: &str) -> String {
-    unique(prefix).replace('_', "-").to_uppercase()
-}
-
-async fn create(js: &jetstream::Context, name: &str) -> (String, PullConsumer) {
-    let subject = format!("idem.{name}");
-    js.create_stream(stream::Config {
-        name: name.to_owned(),
-        subjects: vec![subject.clone()],
-        ..Default::default()
-    })
-    .await
-    .expect("create stream");
-    let consumer = js
-        .create_consumer_on_stream(
-            pull::Config {
-                durable_name: Some("recorder".into()),
-                ack_policy: AckPolicy::Explicit,
-                ack_wait: Duration::from_secs(30),
-                max_deliver: -1,
-                ..Default::default()
-            },
-            name,
-        )
-        .await
-        .expect("create consumer");
-    (subject, consumer)
-}
-
-async fn publish(js: &jetstream::Context, subject: &str, payload: &str) {
-    js.publish(subject.to_owned(), payload.to_owned().into())
-        .await
-        .expect("publish")
-        .await
-        .expect("publish ack");
-}
-
-async fn fetch_one(consumer: &PullConsumer) -> jetstream::Message {
-    consumer
-        .fetch()
-        .max_messages(1)
-        .expires(Duration::from_secs(5))
-        .messages()
-        .await
-        .unwrap()
-        .next()
-        .await
-        .expect("a message")
-        .unwrap()
-}
+use idem_tests::nats::{fetch_one, jetstream, publish, stream_and_consumer, stream_name};
 
 /// A delivery of the old stream handled after the stream was deleted and
 /// recreated (buffered in the client: a pull batch, a handler still busy with
@@ -76,7 +24,7 @@ async fn fetch_one(consumer: &PullConsumer) -> jetstream::Message {
 async fn a_late_delivery_of_a_deleted_stream_does_not_swallow_the_recreated_streams_message() {
     let js = jetstream().await;
     let name = stream_name("late");
-    let (subject, consumer) = create(&js, &name).await;
+    let (subject, consumer) = stream_and_consumer(&js, &name, Duration::from_secs(30)).await;
     let side = JetStream::new(Deduplicator::new(MemoryStore::new(), "late")).progress_every(None);
     let runs = AtomicUsize::new(0);
     let handler = || async {
@@ -85,18 +33,18 @@ async fn a_late_delivery_of_a_deleted_stream_does_not_swallow_the_recreated_stre
     };
 
     // The old stream's message #1 is delivered to this consumer...
-    publish(&js, &subject, "old order").await;
+    publish(&js, &subject, None, "old order").await;
     let old = fetch_one(&consumer).await;
     // ... and before it is handled, the stream is deleted and recreated.
     js.delete_stream(&name).await.unwrap();
-    let (_, consumer) = create(&js, &name).await;
+    let (_, consumer) = stream_and_consumer(&js, &name, Duration::from_secs(30)).await;
     // The late delivery is handled (its ack goes nowhere; that is fine).
     let outcome = side.handle(&old, handler).await;
     assert!(matches!(outcome, Ok(Outcome::Processed(()))), "{outcome:?}");
     assert_eq!(runs.load(Ordering::SeqCst), 1);
 
     // The new stream's message #1 is a new message: it must run.
-    publish(&js, &subject, "new order").await;
+    publish(&js, &subject, None, "new order").await;
     let new = fetch_one(&consumer).await;
     let outcome = side.handle(&new, handler).await;
     let _ = js.delete_stream(&name).await;
@@ -113,8 +61,8 @@ async fn a_late_delivery_of_a_deleted_stream_does_not_swallow_the_recreated_stre
 async fn run_ends_when_its_consumer_is_deleted() {
     let js = jetstream().await;
     let name = stream_name("gone");
-    let (subject, consumer) = create(&js, &name).await;
-    publish(&js, &subject, "one").await;
+    let (subject, consumer) = stream_and_consumer(&js, &name, Duration::from_secs(30)).await;
+    publish(&js, &subject, None, "one").await;
     let side = JetStream::new(Deduplicator::new(MemoryStore::new(), "gone")).progress_every(None);
     let runs = AtomicUsize::new(0);
     let run = side.run(&consumer, async |_m: &jetstream::Message| {
@@ -148,8 +96,8 @@ async fn run_ends_when_its_consumer_is_deleted() {
 async fn run_ends_when_its_stream_is_deleted() {
     let js = jetstream().await;
     let name = stream_name("gonestream");
-    let (subject, consumer) = create(&js, &name).await;
-    publish(&js, &subject, "one").await;
+    let (subject, consumer) = stream_and_consumer(&js, &name, Duration::from_secs(30)).await;
+    publish(&js, &subject, None, "one").await;
     let side =
         JetStream::new(Deduplicator::new(MemoryStore::new(), "gonestream")).progress_every(None);
     let runs = AtomicUsize::new(0);
@@ -182,7 +130,7 @@ async fn through_run_a_buffered_message_of_the_old_stream_swallows_a_new_one() {
     use std::sync::Mutex;
     let js = jetstream().await;
     let name = stream_name("liveloss");
-    let (subject, consumer) = create(&js, &name).await;
+    let (subject, consumer) = stream_and_consumer(&js, &name, Duration::from_secs(30)).await;
     let side =
         JetStream::new(Deduplicator::new(MemoryStore::new(), "liveloss")).progress_every(None);
     let gate = tokio::sync::Semaphore::new(0);
@@ -196,14 +144,14 @@ async fn through_run_a_buffered_message_of_the_old_stream_swallows_a_new_one() {
         Ok::<_, std::io::Error>(())
     };
     let script = async {
-        publish(&js, &subject, "old 1").await;
+        publish(&js, &subject, None, "old 1").await;
         while seen.lock().unwrap().is_empty() {
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
-        publish(&js, &subject, "old 2").await;
+        publish(&js, &subject, None, "old 2").await;
         tokio::time::sleep(Duration::from_millis(300)).await; // #2 reaches the client's buffer
         js.delete_stream(&name).await.unwrap();
-        let _ = create(&js, &name).await;
+        let _ = stream_and_consumer(&js, &name, Duration::from_secs(30)).await;
         gate.add_permits(1);
         std::future::pending::<()>().await;
     };
@@ -223,8 +171,8 @@ async fn through_run_a_buffered_message_of_the_old_stream_swallows_a_new_one() {
         .get_consumer("recorder")
         .await
         .unwrap();
-    publish(&js, &subject, "new 1").await;
-    publish(&js, &subject, "new 2").await;
+    publish(&js, &subject, None, "new 1").await;
+    publish(&js, &subject, None, "new 2").await;
     let _ = tokio::time::timeout(Duration::from_secs(5), side.run(&consumer, handler)).await;
     let _ = js.delete_stream(&name).await;
     assert_eq!(
@@ -250,13 +198,13 @@ async fn a_stream_recreated_as_a_mirror_is_not_taken_for_its_old_incarnation() {
     .await
     .unwrap();
     // The origin's messages are published first...
-    publish(&js, &origin_subject, "origin 1").await;
+    publish(&js, &origin_subject, None, "origin 1").await;
     tokio::time::sleep(Duration::from_millis(20)).await;
 
     // ... then a plain stream under the name the consumer reads.
     let name = stream_name("mirrored");
-    let (subject, consumer) = create(&js, &name).await;
-    publish(&js, &subject, "plain 1").await;
+    let (subject, consumer) = stream_and_consumer(&js, &name, Duration::from_secs(30)).await;
+    publish(&js, &subject, None, "plain 1").await;
     let side =
         JetStream::new(Deduplicator::new(MemoryStore::new(), "mirrored")).progress_every(None);
     let runs = AtomicUsize::new(0);
@@ -311,7 +259,7 @@ async fn a_stream_recreated_as_a_mirror_is_not_taken_for_its_old_incarnation() {
 async fn live_traffic_does_not_cost_a_stream_info_request_per_message() {
     let js = jetstream().await;
     let name = stream_name("lookups");
-    let (subject, consumer) = create(&js, &name).await;
+    let (subject, consumer) = stream_and_consumer(&js, &name, Duration::from_secs(30)).await;
     let spy = async_nats::connect(idem_tests::nats::nats_url())
         .await
         .unwrap();
@@ -324,7 +272,7 @@ async fn live_traffic_does_not_cost_a_stream_info_request_per_message() {
         JetStream::new(Deduplicator::new(MemoryStore::new(), "lookups")).progress_every(None);
     let runs = AtomicUsize::new(0);
     for n in 0..20 {
-        publish(&js, &subject, &format!("live {n}")).await;
+        publish(&js, &subject, None, &format!("live {n}")).await;
         let m = fetch_one(&consumer).await;
         let out = side
             .handle(&m, || async {

@@ -9,10 +9,8 @@
 //! installs a global log subscriber to read what was logged.
 
 use std::collections::HashMap;
-use std::io::Write;
-use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Mutex;
 use std::time::Duration;
 
 use async_nats::jetstream::consumer::{pull, AckPolicy};
@@ -20,115 +18,9 @@ use async_nats::jetstream::{self, stream};
 use idem_runtime::message::nats::{given_id, JetStream};
 use idem_runtime::message::Deduplicator;
 use idem_runtime::MemoryStore;
+use idem_tests::logs::Captured;
+use idem_tests::nats::OwnServer;
 use tokio::sync::Semaphore;
-
-#[derive(Clone, Default)]
-struct Captured(Arc<Mutex<Vec<u8>>>);
-
-impl Write for Captured {
-    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        self.0.lock().unwrap().extend_from_slice(buf);
-        Ok(buf.len())
-    }
-    fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
-    }
-}
-
-impl Captured {
-    /// The lines idem itself logged.
-    fn idem_lines(&self) -> Vec<String> {
-        String::from_utf8_lossy(&self.0.lock().unwrap())
-            .lines()
-            .filter(|l| l.contains("idem_runtime"))
-            .map(str::to_owned)
-            .collect()
-    }
-}
-
-/// A `nats-server` of this test's own.
-struct Server {
-    port: u16,
-    dir: std::path::PathBuf,
-    child: Option<Child>,
-}
-
-impl Server {
-    fn binary() -> String {
-        std::env::var("IDEM_NATS_SERVER").unwrap_or_else(|_| {
-            [
-                "/usr/sbin/nats-server",
-                "/usr/bin/nats-server",
-                "/usr/local/bin/nats-server",
-            ]
-            .into_iter()
-            .find(|p| std::path::Path::new(p).exists())
-            .unwrap_or("nats-server")
-            .to_owned()
-        })
-    }
-
-    async fn start() -> Server {
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
-        let dir = std::path::Path::new(env!("CARGO_TARGET_TMPDIR"))
-            .join(format!("nats-restart-{}-{port}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
-        let mut server = Server {
-            port,
-            dir,
-            child: None,
-        };
-        server.launch().await;
-        server
-    }
-
-    async fn launch(&mut self) {
-        let child = Command::new(Self::binary())
-            .args([
-                "-a",
-                "127.0.0.1",
-                "-p",
-                &self.port.to_string(),
-                "-js",
-                "-sd",
-            ])
-            .arg(&self.dir)
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("nats-server starts");
-        self.child = Some(child);
-        let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
-        while tokio::net::TcpStream::connect(("127.0.0.1", self.port))
-            .await
-            .is_err()
-        {
-            assert!(
-                tokio::time::Instant::now() < deadline,
-                "nats-server did not come up"
-            );
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-    }
-
-    fn kill(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            child.kill().unwrap();
-            child.wait().unwrap();
-        }
-    }
-}
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        self.kill();
-        let _ = std::fs::remove_dir_all(&self.dir);
-    }
-}
 
 /// Waits for `done`, checking every 50 ms, for at most a minute.
 async fn until(what: &str, mut done: impl FnMut() -> bool) {
@@ -144,7 +36,7 @@ async fn until(what: &str, mut done: impl FnMut() -> bool) {
 
 /// Publishes until the server acknowledges (the client may be reconnecting);
 /// the `Nats-Msg-Id` makes a repeated publish one message.
-async fn publish(js: &jetstream::Context, subject: &str, id: &str) {
+async fn publish_until_acked(js: &jetstream::Context, subject: &str, id: &str) {
     loop {
         let mut headers = async_nats::HeaderMap::new();
         headers.insert("Nats-Msg-Id", id);
@@ -164,22 +56,10 @@ const SECRET: &str = "secret-payment";
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_consumer_survives_a_server_restart_and_finishes_what_it_was_doing() {
-    let captured = Captured::default();
-    let writer = captured.clone();
-    let subscriber = tracing_subscriber::fmt()
-        .with_max_level(tracing::Level::DEBUG)
-        .with_ansi(false)
-        .with_writer(move || writer.clone())
-        .finish();
-    tracing::subscriber::set_global_default(subscriber).unwrap();
+    let captured = Captured::install();
 
-    let mut server = Server::start().await;
-    let client = async_nats::ConnectOptions::new()
-        .retry_on_initial_connect()
-        .reconnect_delay_callback(|_| Duration::from_millis(100))
-        .connect(format!("127.0.0.1:{}", server.port))
-        .await
-        .unwrap();
+    let mut server = OwnServer::start(std::path::Path::new(env!("CARGO_TARGET_TMPDIR"))).await;
+    let client = server.client().await;
     let js = jetstream::new(client);
     let subject = "idem.restart";
     js.create_stream(stream::Config {
@@ -241,7 +121,7 @@ async fn a_consumer_survives_a_server_restart_and_finishes_what_it_was_doing() {
 
     let script = async {
         for n in 0..20 {
-            publish(&js, subject, &id(n)).await;
+            publish_until_acked(&js, subject, &id(n)).await;
         }
         until("the slow handlers start", || {
             let started = started.lock().unwrap();
@@ -259,7 +139,7 @@ async fn a_consumer_survives_a_server_restart_and_finishes_what_it_was_doing() {
         server.launch().await;
         gate.add_permits(slow.len());
         for n in 20..40 {
-            publish(&js, subject, &id(n)).await;
+            publish_until_acked(&js, subject, &id(n)).await;
         }
         until("every message finishes", || {
             finished.lock().unwrap().len() == 40
@@ -312,34 +192,14 @@ async fn a_consumer_survives_a_server_restart_and_finishes_what_it_was_doing() {
     assert!(leaked.is_empty(), "message ids in the log: {leaked:#?}");
 }
 
-fn find_dir(root: &std::path::Path, name: &str) -> Option<std::path::PathBuf> {
-    for entry in std::fs::read_dir(root).ok()? {
-        let path = entry.ok()?.path();
-        if path.is_dir() {
-            if path.file_name().is_some_and(|n| n == name) {
-                return Some(path);
-            }
-            if let Some(found) = find_dir(&path, name) {
-                return Some(found);
-            }
-        }
-    }
-    None
-}
-
 /// A consumer that disappeared while the client was disconnected never sends
 /// "Consumer Deleted": `run` looks it up after the stream's errors and ends
 /// with an error instead of pulling from nothing forever (found by the
 /// break-it review of issue 11).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn run_ends_when_its_consumer_is_gone_after_a_reconnect() {
-    let mut server = Server::start().await;
-    let client = async_nats::ConnectOptions::new()
-        .retry_on_initial_connect()
-        .reconnect_delay_callback(|_| Duration::from_millis(100))
-        .connect(format!("127.0.0.1:{}", server.port))
-        .await
-        .unwrap();
+    let mut server = OwnServer::start(std::path::Path::new(env!("CARGO_TARGET_TMPDIR"))).await;
+    let client = server.client().await;
     let js = jetstream::new(client);
     js.create_stream(stream::Config {
         name: "GONE".into(),
@@ -386,7 +246,9 @@ async fn run_ends_when_its_consumer_is_gone_after_a_reconnect() {
         tokio::time::sleep(Duration::from_millis(300)).await;
         server.kill();
         // While the server is down the consumer goes away.
-        let dir = find_dir(&server.dir, "vanishing").expect("the consumer's directory");
+        let dir = server
+            .asset_dir("vanishing")
+            .expect("the consumer's directory");
         std::fs::remove_dir_all(dir).unwrap();
         server.launch().await;
         // The stream is there, the consumer is not.
