@@ -49,20 +49,30 @@ pub async fn stream_and_consumer(
     })
     .await
     .expect("create stream");
-    let consumer = js
-        .create_consumer_on_stream(
-            pull::Config {
-                durable_name: Some("recorder".into()),
-                ack_policy: AckPolicy::Explicit,
-                ack_wait,
-                max_deliver: -1,
-                ..Default::default()
-            },
-            name,
-        )
-        .await
-        .expect("create consumer");
+    let consumer = durable(js, name, "recorder", ack_wait).await;
     (subject, consumer)
+}
+
+/// A durable pull consumer `consumer` on `stream`: explicit acks, unlimited
+/// redeliveries.
+pub async fn durable(
+    js: &jetstream::Context,
+    stream: &str,
+    consumer: &str,
+    ack_wait: Duration,
+) -> PullConsumer {
+    js.create_consumer_on_stream(
+        pull::Config {
+            durable_name: Some(consumer.into()),
+            ack_policy: AckPolicy::Explicit,
+            ack_wait,
+            max_deliver: -1,
+            ..Default::default()
+        },
+        stream,
+    )
+    .await
+    .expect("create consumer")
 }
 
 /// Publishes `payload` (with `Nats-Msg-Id: id`, if given) and waits for the ack.

@@ -8,13 +8,13 @@
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
-use async_nats::jetstream::consumer::{pull, AckPolicy, PullConsumer};
+use async_nats::jetstream::consumer::PullConsumer;
 use async_nats::jetstream::{self, stream};
 use futures::StreamExt as _;
 use idem_runtime::message::nats::JetStream;
 use idem_runtime::message::{Deduplicator, Outcome};
 use idem_runtime::MemoryStore;
-use idem_tests::nats::{fetch_one, jetstream, publish, stream_and_consumer, stream_name};
+use idem_tests::nats::{durable, fetch_one, jetstream, publish, stream_and_consumer, stream_name};
 
 /// A delivery of the old stream handled after the stream was deleted and
 /// recreated (buffered in the client: a pull batch, a handler still busy with
@@ -57,10 +57,18 @@ async fn a_late_delivery_of_a_deleted_stream_does_not_swallow_the_recreated_stre
 
 /// `run` is documented to end (with the error) when its consumer is deleted,
 /// after the in-flight handlers finish.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn run_ends_when_its_consumer_is_deleted() {
+/// What is removed under a running consumer.
+#[derive(Clone, Copy, Debug)]
+enum Removal {
+    Consumer,
+    Stream,
+}
+
+/// `run` ends, with an error, once the consumer (or its whole stream) is
+/// deleted under it — after its handler has run.
+async fn run_ends_when(removed: Removal) {
     let js = jetstream().await;
-    let name = stream_name("gone");
+    let name = stream_name(&format!("gone-{removed:?}"));
     let (subject, consumer) = stream_and_consumer(&js, &name, Duration::from_secs(30)).await;
     publish(&js, &subject, None, "one").await;
     let side = JetStream::new(Deduplicator::new(MemoryStore::new(), "gone")).progress_every(None);
@@ -73,13 +81,15 @@ async fn run_ends_when_its_consumer_is_deleted() {
         while runs.load(Ordering::SeqCst) == 0 {
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
-        tokio::time::sleep(Duration::from_millis(300)).await;
-        js.get_stream(&name)
-            .await
-            .unwrap()
-            .delete_consumer("recorder")
-            .await
-            .unwrap();
+        match removed {
+            Removal::Consumer => {
+                let stream = js.get_stream(&name).await.unwrap();
+                stream.delete_consumer("recorder").await.unwrap();
+            }
+            Removal::Stream => {
+                js.delete_stream(&name).await.unwrap();
+            }
+        }
         tokio::time::sleep(Duration::from_secs(60)).await;
     };
     let out = tokio::select! {
@@ -87,38 +97,18 @@ async fn run_ends_when_its_consumer_is_deleted() {
         () = script => None,
     };
     let _ = js.delete_stream(&name).await;
-    let out = out.expect("run did not end within 60 s of its consumer being deleted");
+    let out = out.expect("run did not end within 60 s of the removal");
     assert!(out.is_err(), "{out:?}");
 }
 
-/// Same, when the whole stream is deleted under `run`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn run_ends_when_its_consumer_is_deleted() {
+    run_ends_when(Removal::Consumer).await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn run_ends_when_its_stream_is_deleted() {
-    let js = jetstream().await;
-    let name = stream_name("gonestream");
-    let (subject, consumer) = stream_and_consumer(&js, &name, Duration::from_secs(30)).await;
-    publish(&js, &subject, None, "one").await;
-    let side =
-        JetStream::new(Deduplicator::new(MemoryStore::new(), "gonestream")).progress_every(None);
-    let runs = AtomicUsize::new(0);
-    let run = side.run(&consumer, async |_m: &jetstream::Message| {
-        runs.fetch_add(1, Ordering::SeqCst);
-        Ok::<_, std::io::Error>(())
-    });
-    let script = async {
-        while runs.load(Ordering::SeqCst) == 0 {
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-        tokio::time::sleep(Duration::from_millis(300)).await;
-        js.delete_stream(&name).await.unwrap();
-        tokio::time::sleep(Duration::from_secs(60)).await;
-    };
-    let out = tokio::select! {
-        out = run => Some(out),
-        () = script => None,
-    };
-    let out = out.expect("run did not end within 60 s of its stream being deleted");
-    assert!(out.is_err(), "{out:?}");
+    run_ends_when(Removal::Stream).await;
 }
 
 /// The same through `run`, as it happens in production: a handler busy with
@@ -230,17 +220,7 @@ async fn a_stream_recreated_as_a_mirror_is_not_taken_for_its_old_incarnation() {
     })
     .await
     .unwrap();
-    let consumer = js
-        .create_consumer_on_stream(
-            pull::Config {
-                durable_name: Some("recorder".into()),
-                ack_policy: AckPolicy::Explicit,
-                ..Default::default()
-            },
-            &name,
-        )
-        .await
-        .unwrap();
+    let consumer = durable(&js, &name, "recorder", Duration::from_secs(30)).await;
     let m = fetch_one(&consumer).await;
     assert_eq!(&m.payload[..], b"origin 1");
     let outcome = side.handle(&m, handler).await;

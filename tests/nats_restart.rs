@@ -13,13 +13,13 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Mutex;
 use std::time::Duration;
 
-use async_nats::jetstream::consumer::{pull, AckPolicy};
+use async_nats::jetstream::consumer::pull;
 use async_nats::jetstream::{self, stream};
 use idem_runtime::message::nats::{given_id, JetStream};
 use idem_runtime::message::Deduplicator;
 use idem_runtime::MemoryStore;
 use idem_tests::logs::Captured;
-use idem_tests::nats::OwnServer;
+use idem_tests::nats::{durable, OwnServer};
 use tokio::sync::Semaphore;
 
 /// Waits for `done`, checking every 50 ms, for at most a minute.
@@ -70,19 +70,7 @@ async fn a_consumer_survives_a_server_restart_and_finishes_what_it_was_doing() {
     })
     .await
     .unwrap();
-    let consumer = js
-        .create_consumer_on_stream(
-            pull::Config {
-                durable_name: Some("recorder".into()),
-                ack_policy: AckPolicy::Explicit,
-                ack_wait: Duration::from_secs(30),
-                max_deliver: -1,
-                ..Default::default()
-            },
-            "RESTART",
-        )
-        .await
-        .unwrap();
+    let consumer = durable(&js, "RESTART", "recorder", Duration::from_secs(30)).await;
 
     // The first four messages wait at the gate until the server has been
     // killed and restarted; the first delivery of #5 fails (a warning names it
@@ -209,17 +197,7 @@ async fn run_ends_when_its_consumer_is_gone_after_a_reconnect() {
     })
     .await
     .unwrap();
-    let consumer = js
-        .create_consumer_on_stream(
-            pull::Config {
-                durable_name: Some("vanishing".into()),
-                ack_policy: AckPolicy::Explicit,
-                ..Default::default()
-            },
-            "GONE",
-        )
-        .await
-        .unwrap();
+    let consumer = durable(&js, "GONE", "vanishing", Duration::from_secs(30)).await;
     js.publish("idem.gone", "one".into())
         .await
         .unwrap()
