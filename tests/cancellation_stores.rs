@@ -1,13 +1,21 @@
 //! A dropped future or a panicking body releases its claim on every store, not
 //! just in memory: the engine spawns the release on the runtime, so the next
-//! call runs right away instead of after the (hour-long) lease.
+//! call runs right away instead of after the (hour-long) lease. And a call
+//! cancelled while its claim request is on the wire, after the claim landed
+//! but before the reply, releases that claim too.
+//!
+//! Deterministic: each cancellation happens at a point the test waits for
+//! (the body started; the store wrote the claim), never after a timer.
 
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use idem_runtime::{idempotent, PostgresStore, RedisStore, SqliteStore, Store};
+use idem_runtime::async_trait;
+use idem_runtime::store::{Claim, ClaimRequest, FencingToken, Record};
+use idem_runtime::{idempotent, Error, MemoryStore, PostgresStore, RedisStore, SqliteStore, Store};
 use idem_tests::{postgres_url, redis_url, unique};
+use tokio::sync::Notify;
 
 #[derive(Debug)]
 struct AppError;
@@ -21,6 +29,8 @@ impl From<idem_runtime::Error> for AppError {
 struct Svc<S> {
     store: S,
     runs: AtomicUsize,
+    /// Told when a body starts.
+    started: Notify,
 }
 
 impl<S: Store> Svc<S> {
@@ -28,6 +38,7 @@ impl<S: Store> Svc<S> {
     #[idempotent(key = id, name = "cancel-stores", lease = "1h", in_progress = wait("20s"), store = self.store)]
     async fn run(self: Arc<Self>, id: String, panic_first: bool) -> Result<usize, AppError> {
         let n = self.runs.fetch_add(1, Ordering::SeqCst) + 1;
+        self.started.notify_one();
         if n == 1 {
             if panic_first {
                 panic!("the body panicked");
@@ -38,28 +49,117 @@ impl<S: Store> Svc<S> {
     }
 }
 
-async fn check<S: Store + 'static>(store: S) {
+async fn body_cancelled_or_panicked<S: Store + 'static>(store: S) {
     for panic_first in [false, true] {
         let svc = Arc::new(Svc {
             store: store.handle(),
             runs: AtomicUsize::new(0),
+            started: Notify::new(),
         });
         let id = unique("cancel");
-        if panic_first {
-            let joined = tokio::spawn(svc.clone().run(id.clone(), true)).await;
-            assert!(joined.unwrap_err().is_panic());
-        } else {
-            let cut = tokio::time::timeout(
-                Duration::from_millis(200),
-                svc.clone().run(id.clone(), false),
-            )
-            .await;
-            assert!(cut.is_err(), "the first call was cancelled while running");
+        let first = tokio::spawn(svc.clone().run(id.clone(), panic_first));
+        svc.started.notified().await;
+        if !panic_first {
+            first.abort();
         }
+        let joined = first.await.unwrap_err();
+        assert!(
+            joined.is_panic() == panic_first && joined.is_cancelled() != panic_first,
+            "{joined:?}"
+        );
         // Waits (at most 20 s) for the released claim, then runs: not after the 1 h lease.
         assert_eq!(svc.clone().run(id.clone(), false).await.unwrap(), 2);
         assert_eq!(svc.clone().run(id, false).await.unwrap(), 2, "then replays");
     }
+}
+
+/// A store whose first claim lands, then holds its reply until `reply` is told.
+#[derive(Clone)]
+struct HeldReply {
+    inner: Arc<dyn Store>,
+    landed: Arc<Notify>,
+    reply: Arc<Notify>,
+    hold: Arc<AtomicBool>,
+}
+
+#[async_trait]
+impl Store for HeldReply {
+    async fn claim(&self, request: ClaimRequest<'_>) -> Result<Claim, Error> {
+        let claimed = self.inner.claim(request).await;
+        if self.hold.swap(false, Ordering::SeqCst) {
+            self.landed.notify_one();
+            self.reply.notified().await;
+        }
+        claimed
+    }
+    async fn complete(
+        &self,
+        key: &str,
+        token: FencingToken,
+        outcome: &[u8],
+        ttl: Duration,
+    ) -> Result<(), Error> {
+        self.inner.complete(key, token, outcome, ttl).await
+    }
+    async fn release(&self, key: &str, token: FencingToken) -> Result<(), Error> {
+        self.inner.release(key, token).await
+    }
+    async fn renew(&self, key: &str, token: FencingToken, lease: Duration) -> Result<(), Error> {
+        self.inner.renew(key, token, lease).await
+    }
+    async fn get(&self, key: &str) -> Result<Option<Record>, Error> {
+        self.inner.get(key).await
+    }
+    async fn purge_expired(&self, batch: usize) -> Result<u64, Error> {
+        self.inner.purge_expired(batch).await
+    }
+    fn handle(&self) -> Arc<dyn Store> {
+        Arc::new(self.clone())
+    }
+}
+
+struct Counted {
+    store: HeldReply,
+    runs: AtomicUsize,
+}
+
+impl Counted {
+    #[idempotent(key = id, name = "cancel-claim", lease = "1h", in_progress = wait("20s"), store = self.store)]
+    async fn run(self: Arc<Self>, id: String) -> Result<usize, AppError> {
+        Ok(self.runs.fetch_add(1, Ordering::SeqCst) + 1)
+    }
+}
+
+async fn claim_cancelled_on_the_wire<S: Store + 'static>(store: S) {
+    let held = HeldReply {
+        inner: store.handle(),
+        landed: Arc::new(Notify::new()),
+        reply: Arc::new(Notify::new()),
+        hold: Arc::new(AtomicBool::new(true)),
+    };
+    let svc = Arc::new(Counted {
+        store: held.clone(),
+        runs: AtomicUsize::new(0),
+    });
+    let id = unique("cancel-claim");
+    let first = tokio::spawn(svc.clone().run(id.clone()));
+    held.landed.notified().await;
+    // The claim is written; its caller goes away before the reply arrives.
+    first.abort();
+    assert!(first.await.unwrap_err().is_cancelled());
+    held.reply.notify_one();
+    // Waits (at most 20 s) for the released claim: not after the 1 h lease.
+    assert_eq!(
+        svc.clone().run(id.clone()).await.unwrap(),
+        1,
+        "the body ran once, now"
+    );
+    assert_eq!(svc.clone().run(id).await.unwrap(), 1, "then replays");
+}
+
+async fn check<S: Store + 'static>(store: S) {
+    body_cancelled_or_panicked(store.handle()).await;
+    claim_cancelled_on_the_wire(store).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -82,4 +182,14 @@ async fn sqlite_releases_cancelled_and_panicked_claims() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn redis_releases_cancelled_and_panicked_claims() {
     check(RedisStore::connect(&redis_url()).await.unwrap()).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn memory_releases_cancelled_and_panicked_claims() {
+    check(MemoryStore::new()).await;
+}
+
+#[tokio::test(flavor = "current_thread")]
+async fn a_claim_cancelled_on_the_wire_is_released_on_a_current_thread_runtime() {
+    claim_cancelled_on_the_wire(MemoryStore::new()).await;
 }

@@ -488,7 +488,7 @@ pub async fn begin(
         namespace = key.namespace(),
         digest = %key.digest(),
     );
-    let claimed = claim(&*store, &options, &key, fingerprint)
+    let claimed = claim(&store, &options, &key, fingerprint)
         .instrument(span)
         .await?;
     Ok(match claimed {
@@ -662,20 +662,96 @@ enum Claimed {
 
 /// Claims the key, waiting for a running duplicate if the policy says so.
 async fn claim(
-    store: &dyn Store,
+    store: &Arc<dyn Store>,
     options: &Options,
     key: &Key,
     fingerprint: Option<&Digest>,
 ) -> Result<Claimed, Error> {
-    let request = ClaimRequest {
-        key: key.as_str(),
-        fingerprint,
-        lease: options.lease,
-    };
     let mut waiter = Waiter::new(options);
     loop {
-        if let Some(claimed) = waiter.decide(store.claim(request).await).await? {
+        let request = InFlight::send(store, key, fingerprint.copied(), options.lease);
+        if let Some(claimed) = waiter.decide(request.await).await? {
             return Ok(claimed);
+        }
+    }
+}
+
+type ClaimFuture = std::pin::Pin<Box<dyn Future<Output = Result<Claim, Error>> + Send>>;
+
+/// One claim request on its way to the store. If the caller's future is dropped
+/// before the reply (a request timeout, a `select!`), the claim may still land
+/// on the store: the request is then finished in a spawned task and a claim it
+/// won is released, so a retry runs at once instead of after the lease.
+struct InFlight {
+    request: Option<ClaimFuture>,
+    store: Arc<dyn Store>,
+    key: Key,
+    sent: bool,
+}
+
+impl InFlight {
+    fn send(
+        store: &Arc<dyn Store>,
+        key: &Key,
+        fingerprint: Option<Digest>,
+        lease: Duration,
+    ) -> Self {
+        let (owned_store, owned_key) = (Arc::clone(store), key.clone());
+        InFlight {
+            request: Some(Box::pin(async move {
+                let request = ClaimRequest {
+                    key: owned_key.as_str(),
+                    fingerprint: fingerprint.as_ref(),
+                    lease,
+                };
+                owned_store.claim(request).await
+            })),
+            store: Arc::clone(store),
+            key: key.clone(),
+            sent: false,
+        }
+    }
+}
+
+impl Future for InFlight {
+    type Output = Result<Claim, Error>;
+
+    fn poll(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Self::Output> {
+        self.sent = true;
+        let request = self.request.as_mut().expect("polled after its reply");
+        let reply = std::task::ready!(request.as_mut().poll(cx));
+        self.request = None;
+        std::task::Poll::Ready(reply)
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        let Some(request) = self.request.take().filter(|_| self.sent) else {
+            return;
+        };
+        let (store, key) = (Arc::clone(&self.store), self.key.clone());
+        let finish = async move {
+            if let Ok(Claim::Acquired { token, .. }) = request.await {
+                match store.release(key.as_str(), token).await {
+                    Ok(()) => {
+                        tracing::debug!(token = token.0, "released a claim whose caller went away")
+                    }
+                    Err(err) => tracing::warn!(
+                        token = token.0, error = %err,
+                        "could not release a claim whose caller went away; it lapses with its lease"
+                    ),
+                }
+            }
+        };
+        match tokio::runtime::Handle::try_current() {
+            Ok(runtime) => drop(runtime.spawn(finish.in_current_span())),
+            Err(_) => tracing::warn!(
+                "a claim request was cancelled outside a Tokio runtime; if it landed, it lapses with its lease"
+            ),
         }
     }
 }
