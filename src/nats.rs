@@ -2,6 +2,7 @@
 //! same transaction as its idempotency record (`process_in_tx`). Run by the
 //! NATS tests in-process and, to be SIGKILLed mid-batch, in `idem-test-worker`.
 
+use std::ops::ControlFlow;
 use std::time::Duration;
 
 use async_nats::jetstream::consumer::{pull, AckPolicy, PullConsumer};
@@ -303,10 +304,9 @@ impl Effects {
                 let db = |e: sqlx::Error| ProcessError::Idempotency(Error::store(e));
                 let mut tx = self.store.pool().begin().await.map_err(db)?;
                 let dedup = self.consumer.deduplicator();
-                let begun = dedup.begin_in_tx(&self.store, &mut tx, id).await;
-                let claim = match begun.map_err(ProcessError::Idempotency)?.into_claim() {
-                    Ok(claim) => claim,
-                    Err(outcome) => return Ok(outcome),
+                let claim = match dedup.begin_in_tx(&self.store, &mut tx, id).await {
+                    ControlFlow::Continue(claim) => claim,
+                    ControlFlow::Break(done) => return done,
                 };
                 let result = async {
                     if delivered == 1 && n % 10 == 3 {

@@ -8,7 +8,7 @@ use std::io::{BufRead, BufReader};
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
-use idem_runtime::{Key, RecordState, Store};
+use idem_runtime::{Error, Key, RecordState, Store};
 use idem_tests::{unique, AppError, PgOrders, SqliteOrders};
 
 fn sqlite_url(name: &str) -> String {
@@ -294,4 +294,74 @@ async fn sqlite_sigkill_before_commit_leaves_nothing() {
     svc.place(&mut tx, &r).await.unwrap();
     tx.commit().await.unwrap();
     assert_eq!(svc.count(&r).await, 1, "exactly one order");
+}
+
+/// `engine::execute_in_tx`, the typed transaction step without the attribute:
+/// the body's write and the record commit together; a rolled-back call leaves
+/// nothing, so the next runs; a committed one replays without running.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn execute_in_tx_commits_the_write_and_the_record_together() {
+    use idem_runtime::codec::Codec;
+    use idem_runtime::engine::{execute_in_tx, Options};
+    use idem_runtime::key::KeyBuilder;
+    use sqlx::{AssertSqlSafe, Postgres, Transaction};
+
+    let svc = PgOrders::setup("orders_execute_in_tx").await;
+    let order_ref = unique("exec-tx");
+    let namespace = "execute-in-tx";
+    let options = Options::new();
+    let place = async |order_ref: &str, end: End| -> Result<i64, Error> {
+        let mut tx = svc.store.pool().begin().await.unwrap();
+        let key = KeyBuilder::new(namespace).part(order_ref).finish();
+        let out = execute_in_tx(
+            &svc.store,
+            &mut tx,
+            &options,
+            key,
+            None,
+            Codec::release_errors(),
+            async |tx: &mut Transaction<'_, Postgres>| {
+                let id: i64 = sqlx::query_scalar(AssertSqlSafe(format!(
+                    "INSERT INTO {} (order_ref, by_pid) VALUES ($1, 0) RETURNING id",
+                    svc.orders
+                )))
+                .bind(order_ref)
+                .fetch_one(&mut **tx)
+                .await
+                .map_err(Error::store)?;
+                Ok(id)
+            },
+        )
+        .await;
+        match end {
+            End::Commit => tx.commit().await.unwrap(),
+            End::Rollback => tx.rollback().await.unwrap(),
+        }
+        out
+    };
+
+    place(&order_ref, End::Rollback).await.unwrap();
+    assert_eq!(
+        svc.count(&order_ref).await,
+        0,
+        "the rollback took the write back"
+    );
+    assert_eq!(
+        record_state(&svc.store, namespace, &order_ref).await,
+        None,
+        "and the claim"
+    );
+
+    let first = place(&order_ref, End::Commit).await.unwrap();
+    assert_eq!(svc.count(&order_ref).await, 1);
+    assert_eq!(
+        record_state(&svc.store, namespace, &order_ref).await,
+        Some(RecordState::Completed)
+    );
+    assert_eq!(
+        place(&order_ref, End::Commit).await.unwrap(),
+        first,
+        "a replay"
+    );
+    assert_eq!(svc.count(&order_ref).await, 1, "the replay ran nothing");
 }

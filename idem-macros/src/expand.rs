@@ -369,13 +369,13 @@ fn rewrite(args: &Args, checked: &Checked, body: TokenStream) -> TokenStream {
             let outcome_var = local("__idem_outcome");
             quote! {
                 let #codec_var = #codec;
-                let #claim_var = match #private::claim_in_tx(
+                let #claim_var = match #private::begin_in_tx(
                     #store_var, &mut *#tx, &#options, #key_var, #fp_var, &#codec_var,
                 ).await {
                     #private::ControlFlow::Continue(claim) => claim,
                     #private::ControlFlow::Break(done) => return done,
                 };
-                let #outcome_var = #claim_var.scope(async { #body }).await;
+                let #outcome_var = #claim_var.run(async { #body }).await;
                 #private::finish_in_tx(
                     #store_var, &mut *#tx, &#options, #claim_var, &#codec_var, #outcome_var,
                 ).await

@@ -10,6 +10,7 @@
 //! skipped.
 
 use std::fmt;
+use std::ops::ControlFlow;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
@@ -119,10 +120,9 @@ impl Recorder {
                 let db = |e: sqlx::Error| ProcessError::Idempotency(Error::store(e));
                 let mut tx = self.store.pool().begin().await.map_err(db)?;
                 let dedup = self.consumer.deduplicator();
-                let begun = dedup.begin_in_tx(&self.store, &mut tx, id).await;
-                let claim = match begun.map_err(ProcessError::Idempotency)?.into_claim() {
-                    Ok(claim) => claim,
-                    Err(outcome) => return Ok(outcome),
+                let claim = match dedup.begin_in_tx(&self.store, &mut tx, id).await {
+                    ControlFlow::Continue(claim) => claim,
+                    ControlFlow::Break(done) => return done,
                 };
                 let result = async {
                     if let Some((failing, armed)) = &self.fail_once {

@@ -14,7 +14,7 @@ use super::body::{drain, read_limited, Read};
 use super::layer::{Config, Scope};
 use super::problem::{Problem, Withheld};
 use super::{stored, Body, ResponseFuture};
-use crate::engine::{begin, Begin, HeldClaim};
+use crate::engine::{claim, Claimed, Held};
 use crate::error::BoxError;
 use crate::key::{FingerprintBuilder, KeyBuilder};
 use crate::{ClientKey, Error};
@@ -232,7 +232,7 @@ where
 
     tracing::Span::current().record("digest", tracing::field::display(key.digest()));
 
-    let held = match begin(
+    let held = match claim(
         Arc::clone(&config.store),
         &config.options,
         key,
@@ -240,8 +240,8 @@ where
     )
     .await
     {
-        Ok(Begin::Run(held)) => held,
-        Ok(Begin::Replay(bytes)) => {
+        Ok(Claimed::Run(held)) => held,
+        Ok(Claimed::Replay(bytes)) => {
             return Ok(match stored::decode(&bytes) {
                 Ok(response) => response,
                 Err(err) => {
@@ -367,7 +367,7 @@ fn streamed(headers: &http::HeaderMap, size: &http_body::SizeHint) -> bool {
 
 /// Records the request as done without a replayable response (see
 /// [`Withheld`]): the work ran, so a retry must not run it again.
-async fn withhold(held: HeldClaim, config: &Config, status: http::StatusCode, why: Withheld) {
+async fn withhold(held: Held, config: &Config, status: http::StatusCode, why: Withheld) {
     tracing::warn!(
         limit = config.max_response_body,
         reason = why.as_str(),

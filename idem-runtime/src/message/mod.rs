@@ -44,8 +44,7 @@ use std::ops::ControlFlow;
 use std::sync::Arc;
 use std::time::Duration;
 
-use crate::codec::Codec;
-use crate::engine::{begin, claim_in_tx, Begin, InProgress, Options, TxClaim};
+use crate::engine::{claim, claim_in_tx, Claimed, HeldInTx, InProgress, Options};
 use crate::key::{Key, KeyBuilder};
 use crate::{Error, Store, TransactionalStore};
 
@@ -312,9 +311,9 @@ impl Deduplicator {
         Fut: Future<Output = Result<T, E>>,
     {
         let key = self.key(message_id).map_err(ProcessError::Idempotency)?;
-        let held = match begin(Arc::clone(&self.store), &self.options, key, None).await {
-            Ok(Begin::Run(held)) => held,
-            Ok(Begin::Replay(_)) => return Ok(Outcome::Duplicate),
+        let held = match claim(Arc::clone(&self.store), &self.options, key, None).await {
+            Ok(Claimed::Run(held)) => held,
+            Ok(Claimed::Replay(_)) => return Ok(Outcome::Duplicate),
             Err(err) => return claim_error(err),
         };
         match held.run(handler()).await {
@@ -354,40 +353,37 @@ impl Deduplicator {
         S: TransactionalStore<X> + ?Sized,
         X: Send + ?Sized,
     {
-        let claim = match self.begin_in_tx(store, tx, message_id).await {
-            Ok(Begun::Run(claim)) => claim,
-            Ok(Begun::Duplicate) => return Ok(Outcome::Duplicate),
-            Ok(Begun::InProgress { retry_after }) => {
-                return Ok(Outcome::InProgress { retry_after })
-            }
-            Err(err) => return Err(ProcessError::Idempotency(err)),
+        let held = match self.begin_in_tx(store, tx, message_id).await {
+            ControlFlow::Continue(held) => held,
+            ControlFlow::Break(done) => return done,
         };
-        let result = claim.scope(handler(tx)).await;
-        self.finish_in_tx(store, tx, claim, result).await
+        let result = held.run(handler(tx)).await;
+        self.finish_in_tx(store, tx, held, result).await
     }
 
     /// The first half of [`process_in_tx`](Self::process_in_tx): claims the
-    /// message inside `tx`. On [`Begun::Run`], do the handler's writes in `tx`,
-    /// then call [`finish_in_tx`](Self::finish_in_tx) with their result.
-    pub async fn begin_in_tx<S, X>(
+    /// message inside `tx`. On `Continue`, do the handler's writes in `tx`,
+    /// then call [`finish_in_tx`](Self::finish_in_tx) with their result;
+    /// `Break` carries the answer without running the handler (`Duplicate`,
+    /// `InProgress`, or the error).
+    pub async fn begin_in_tx<S, X, T, E>(
         &self,
         store: &S,
         tx: &mut X,
         message_id: impl Into<MessageId>,
-    ) -> Result<Begun, Error>
+    ) -> ControlFlow<Result<Outcome<T>, ProcessError<E>>, HeldInTx>
     where
         S: TransactionalStore<X> + ?Sized,
         X: Send + ?Sized,
     {
-        let codec = Codec::<(), Error>::release_errors();
-        let key = self.key(message_id);
-        match claim_in_tx(store, tx, &self.options, key, None, &codec).await {
-            ControlFlow::Continue(claim) => Ok(Begun::Run(claim)),
-            ControlFlow::Break(Ok(())) => Ok(Begun::Duplicate),
-            ControlFlow::Break(Err(Error::InProgress { retry_after })) => {
-                Ok(Begun::InProgress { retry_after })
-            }
-            ControlFlow::Break(Err(err)) => Err(err),
+        let key = match self.key(message_id) {
+            Ok(key) => key,
+            Err(err) => return ControlFlow::Break(Err(ProcessError::Idempotency(err))),
+        };
+        match claim_in_tx(store, tx, &self.options, key, None).await {
+            Ok(Claimed::Run(held)) => ControlFlow::Continue(held),
+            Ok(Claimed::Replay(_)) => ControlFlow::Break(Ok(Outcome::Duplicate)),
+            Err(err) => ControlFlow::Break(claim_error(err)),
         }
     }
 
@@ -398,58 +394,27 @@ impl Deduplicator {
         &self,
         store: &S,
         tx: &mut X,
-        claim: TxClaim,
+        held: HeldInTx,
         result: Result<T, E>,
     ) -> Result<Outcome<T>, ProcessError<E>>
     where
         S: TransactionalStore<X> + ?Sized,
         X: Send + ?Sized,
     {
-        let (key, token) = (claim.key().as_str(), claim.token());
         match result {
             Ok(value) => {
-                store
-                    .complete_in(tx, key, token, PROCESSED, self.options.bounded().ttl)
+                held.complete(store, tx, PROCESSED, self.options.ttl)
                     .await
                     .map_err(ProcessError::Idempotency)?;
                 Ok(Outcome::Processed(value))
             }
             Err(err) => {
-                if let Err(e) = store.release_in(tx, key, token).await {
-                    tracing::warn!(error = %e, "could not release the claim in the transaction");
-                }
+                held.release_because(store, tx, "released after a handler error")
+                    .await;
                 Err(ProcessError::Handler(err))
             }
         }
     }
-}
-
-impl Begun {
-    /// The claim to run the handler under, or the outcome to return without
-    /// running it (`Duplicate`, `InProgress`).
-    pub fn into_claim<T>(self) -> Result<TxClaim, Outcome<T>> {
-        match self {
-            Begun::Run(claim) => Ok(claim),
-            Begun::Duplicate => Err(Outcome::Duplicate),
-            Begun::InProgress { retry_after } => Err(Outcome::InProgress { retry_after }),
-        }
-    }
-}
-
-/// What [`Deduplicator::begin_in_tx`] decided.
-#[derive(Debug)]
-#[non_exhaustive]
-pub enum Begun {
-    /// Run the handler's writes in the transaction, then
-    /// [`finish_in_tx`](Deduplicator::finish_in_tx).
-    Run(TxClaim),
-    /// Processed before: commit nothing, acknowledge.
-    Duplicate,
-    /// Being processed by another delivery: redeliver later.
-    InProgress {
-        /// How long until the other claim's lease lapses, at most 1 s.
-        retry_after: Duration,
-    },
 }
 
 /// The delay before a message that failed its `attempt`-th delivery is read

@@ -1,0 +1,208 @@
+//! A claim held on the store's own connection: its lease renewed by a watchdog
+//! while the work runs, then completed or released — or released when dropped.
+
+use std::future::Future;
+use std::sync::{Arc, OnceLock};
+use std::time::Duration;
+
+use super::attempt::run_as;
+use super::lease::{self, Completion, Watchdog};
+use super::Settle;
+use crate::error::Error;
+use crate::key::Key;
+use crate::store::{cap_duration, FencingToken, Store};
+
+/// A claim this caller holds. Its lease is renewed by a watchdog task for as long
+/// as the claim is held, however rarely the caller polls. Dropping it without
+/// [`complete`](Self::complete) or [`release`](Self::release) (a cancelled future,
+/// a panic) releases the claim, so a retry runs at once instead of waiting for the
+/// lease to lapse.
+pub struct Held {
+    store: Arc<dyn Store>,
+    key: Key,
+    token: FencingToken,
+    lease: Duration,
+    /// Renews the lease until the claim is completed, released or dropped.
+    watchdog: OnceLock<Watchdog>,
+    armed: bool,
+}
+
+impl std::fmt::Debug for Held {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Held")
+            .field("key", &self.key)
+            .field("token", &self.token)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Held {
+    /// A claim just won: on a multi-threaded runtime the watchdog starts with
+    /// it, so even a body that blocks its thread before its first await keeps
+    /// its lease. On a current-thread runtime such a body would block the
+    /// watchdog too, so it starts when the body first waits: a body that
+    /// finishes at once costs no task.
+    pub(super) fn new(
+        store: Arc<dyn Store>,
+        key: Key,
+        token: FencingToken,
+        lease: Duration,
+    ) -> Self {
+        let watchdog = OnceLock::new();
+        if lease::multi_threaded() {
+            let _ = watchdog.set(Watchdog::start(
+                Arc::clone(&store),
+                key.clone(),
+                token,
+                lease,
+            ));
+        }
+        Held {
+            store,
+            key,
+            token,
+            lease,
+            watchdog,
+            armed: true,
+        }
+    }
+
+    /// The key held.
+    pub fn key(&self) -> &Key {
+        &self.key
+    }
+
+    /// The claim's fencing token.
+    pub fn token(&self) -> FencingToken {
+        self.token
+    }
+
+    /// Runs `work` as this attempt ([`current`](super::current) sees it). The lease is renewed
+    /// by the claim's watchdog meanwhile, whether or not `work` is polled.
+    pub async fn run<F: Future>(&self, work: F) -> F::Output {
+        let mut work = std::pin::pin!(run_as(&self.key, self.token, work));
+        if self.watchdog.get().is_some() {
+            return work.await;
+        }
+        std::future::poll_fn(|cx| {
+            let polled = work.as_mut().poll(cx);
+            if polled.is_pending() {
+                self.watchdog.get_or_init(|| self.start_watchdog());
+            }
+            polled
+        })
+        .await
+    }
+
+    fn start_watchdog(&self) -> Watchdog {
+        Watchdog::start(
+            Arc::clone(&self.store),
+            self.key.clone(),
+            self.token,
+            self.lease,
+        )
+    }
+
+    /// Records `outcome` for `ttl` (capped to 100 years).
+    ///
+    /// A transient store failure is retried twice in place (20 ms, 40 ms). If the
+    /// store still fails, `Ok` is returned and the completion goes on in the
+    /// background for up to [`COMPLETION_RETRY_LIMIT`](super::COMPLETION_RETRY_LIMIT), the lease renewed
+    /// meanwhile, so duplicates wait and then replay instead of running the work
+    /// again. A completion whose reply was lost but whose write landed is `Ok`.
+    /// [`Error::LeaseLost`] means another caller took the key over meanwhile and
+    /// nothing was written.
+    pub async fn complete(mut self, outcome: &[u8], ttl: Duration) -> Result<(), Error> {
+        self.armed = false;
+        let token = self.token;
+        let (store, key) = (Arc::clone(&self.store), self.key.clone());
+        let watchdog = match self.watchdog.take() {
+            Some(watchdog) => watchdog.into(),
+            None => lease::Lazy::Start(self.lease),
+        };
+        match lease::complete(store, key, token, watchdog, outcome, cap_duration(ttl)).await {
+            Completion::Recorded => {
+                tracing::debug!(token = token.0, "completed");
+                Ok(())
+            }
+            Completion::Deferred => Ok(()),
+            Completion::Lost => {
+                tracing::error!(
+                    token = token.0,
+                    "lease lost: another call took the key over while this one ran; \
+                     its outcome was not recorded"
+                );
+                Err(Error::LeaseLost)
+            }
+            Completion::Failed(err) => {
+                tracing::error!(token = token.0, error = %err, "could not record the outcome");
+                Err(err)
+            }
+        }
+    }
+
+    /// Deletes the claim so the next call runs at once. A failure is logged, not
+    /// returned: the claim then lapses with its lease.
+    pub async fn release(self) {
+        self.release_because("released").await
+    }
+
+    /// [`release`](Self::release), logged as `what` ("released after error", …).
+    pub(crate) async fn release_because(mut self, what: &'static str) {
+        self.armed = false;
+        drop(self.watchdog.take());
+        let token = self.token;
+        match self.store.release(self.key.as_str(), token).await {
+            Ok(()) => tracing::debug!(token = token.0, "{what}"),
+            Err(err) => tracing::warn!(
+                token = token.0, error = %err,
+                "could not release the claim; it lapses with its lease"
+            ),
+        }
+    }
+}
+
+impl Settle for Held {
+    async fn record(self, outcome: &[u8], ttl: Duration) -> Result<(), Error> {
+        self.complete(outcome, ttl).await
+    }
+
+    async fn release(self, why: &'static str) {
+        self.release_because(why).await
+    }
+}
+
+impl Drop for Held {
+    fn drop(&mut self) {
+        if !self.armed {
+            return;
+        }
+        drop(self.watchdog.take());
+        let token = self.token;
+        match self.store.release_now(self.key.as_str(), token) {
+            Some(Ok(())) => tracing::debug!(token = token.0, "released after cancellation"),
+            Some(Err(err)) => {
+                tracing::warn!(token = token.0, error = %err, "could not release after cancellation")
+            }
+            None => match tokio::runtime::Handle::try_current() {
+                Ok(runtime) => {
+                    let store = Arc::clone(&self.store);
+                    let key = self.key.clone();
+                    runtime.spawn(async move {
+                        match store.release(key.as_str(), token).await {
+                            Ok(()) => tracing::debug!(token = token.0, "released after cancellation"),
+                            Err(err) => tracing::warn!(
+                                token = token.0, error = %err,
+                                "could not release after cancellation; the claim lapses with its lease"
+                            ),
+                        }
+                    });
+                }
+                Err(_) => tracing::warn!(
+                    token = token.0,
+                    "cancelled outside a Tokio runtime; the claim lapses with its lease"
+                ),
+            },
+        }
+    }
+}
