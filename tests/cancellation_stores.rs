@@ -9,11 +9,11 @@
 
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
-use std::time::Duration;
 
 use idem_runtime::async_trait;
-use idem_runtime::store::{Claim, ClaimRequest, FencingToken, Record};
+use idem_runtime::store::{Claim, ClaimRequest};
 use idem_runtime::{idempotent, Error, MemoryStore, PostgresStore, RedisStore, SqliteStore, Store};
+use idem_tests::hooked::{ClaimHook, Hooked};
 use idem_tests::{postgres_url, redis_url, unique};
 use tokio::sync::Notify;
 
@@ -73,53 +73,28 @@ async fn body_cancelled_or_panicked<S: Store + 'static>(store: S) {
     }
 }
 
-/// A store whose first claim lands, then holds its reply until `reply` is told.
+/// A claim hook: the first claim lands, then its reply is held until `reply` is told.
 #[derive(Clone)]
 struct HeldReply {
-    inner: Arc<dyn Store>,
     landed: Arc<Notify>,
     reply: Arc<Notify>,
     hold: Arc<AtomicBool>,
 }
 
 #[async_trait]
-impl Store for HeldReply {
-    async fn claim(&self, request: ClaimRequest<'_>) -> Result<Claim, Error> {
-        let claimed = self.inner.claim(request).await;
+impl ClaimHook for HeldReply {
+    async fn claim(&self, inner: &dyn Store, request: ClaimRequest<'_>) -> Result<Claim, Error> {
+        let claimed = inner.claim(request).await;
         if self.hold.swap(false, Ordering::SeqCst) {
             self.landed.notify_one();
             self.reply.notified().await;
         }
         claimed
     }
-    async fn complete(
-        &self,
-        key: &str,
-        token: FencingToken,
-        outcome: &[u8],
-        ttl: Duration,
-    ) -> Result<(), Error> {
-        self.inner.complete(key, token, outcome, ttl).await
-    }
-    async fn release(&self, key: &str, token: FencingToken) -> Result<(), Error> {
-        self.inner.release(key, token).await
-    }
-    async fn renew(&self, key: &str, token: FencingToken, lease: Duration) -> Result<(), Error> {
-        self.inner.renew(key, token, lease).await
-    }
-    async fn get(&self, key: &str) -> Result<Option<Record>, Error> {
-        self.inner.get(key).await
-    }
-    async fn purge_expired(&self, batch: usize) -> Result<u64, Error> {
-        self.inner.purge_expired(batch).await
-    }
-    fn handle(&self) -> Arc<dyn Store> {
-        Arc::new(self.clone())
-    }
 }
 
 struct Counted {
-    store: HeldReply,
+    store: Hooked<HeldReply>,
     runs: AtomicUsize,
 }
 
@@ -132,13 +107,12 @@ impl Counted {
 
 async fn claim_cancelled_on_the_wire<S: Store + 'static>(store: S) {
     let held = HeldReply {
-        inner: store.handle(),
         landed: Arc::new(Notify::new()),
         reply: Arc::new(Notify::new()),
         hold: Arc::new(AtomicBool::new(true)),
     };
     let svc = Arc::new(Counted {
-        store: held.clone(),
+        store: Hooked::new(store.handle(), held.clone()),
         runs: AtomicUsize::new(0),
     });
     let id = unique("cancel-claim");

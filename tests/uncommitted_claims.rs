@@ -15,9 +15,10 @@ use std::time::{Duration, Instant};
 
 use idem_runtime::async_trait;
 use idem_runtime::{
-    idempotent, Claim, ClaimRequest, Digest, Error, FencingToken, Key, PostgresStore, Record,
-    SqliteStore, Store, TransactionalStore,
+    idempotent, Claim, ClaimRequest, Digest, Error, Key, PostgresStore, SqliteStore, Store,
+    TransactionalStore,
 };
+use idem_tests::hooked::{ClaimHook, Hooked};
 use idem_tests::{postgres_url, unique};
 
 const NAME: &str = "uncommitted";
@@ -76,47 +77,22 @@ async fn sqlite_tells_a_reused_key_from_a_duplicate_while_uncommitted() {
     assert!(matches!(next, Claim::Acquired { .. }), "{next:?}");
 }
 
-/// A PostgreSQL store that counts claims.
+/// A claim hook that counts claims.
 #[derive(Clone)]
 struct Counting {
-    inner: PostgresStore,
     claims: Arc<AtomicUsize>,
 }
 
 #[async_trait]
-impl Store for Counting {
-    async fn claim(&self, request: ClaimRequest<'_>) -> Result<Claim, Error> {
+impl ClaimHook for Counting {
+    async fn claim(&self, inner: &dyn Store, request: ClaimRequest<'_>) -> Result<Claim, Error> {
         self.claims.fetch_add(1, Ordering::SeqCst);
-        self.inner.claim(request).await
-    }
-    async fn complete(
-        &self,
-        key: &str,
-        token: FencingToken,
-        outcome: &[u8],
-        ttl: Duration,
-    ) -> Result<(), Error> {
-        self.inner.complete(key, token, outcome, ttl).await
-    }
-    async fn release(&self, key: &str, token: FencingToken) -> Result<(), Error> {
-        self.inner.release(key, token).await
-    }
-    async fn renew(&self, key: &str, token: FencingToken, lease: Duration) -> Result<(), Error> {
-        self.inner.renew(key, token, lease).await
-    }
-    async fn get(&self, key: &str) -> Result<Option<Record>, Error> {
-        self.inner.get(key).await
-    }
-    async fn purge_expired(&self, batch: usize) -> Result<u64, Error> {
-        self.inner.purge_expired(batch).await
-    }
-    fn handle(&self) -> Arc<dyn Store> {
-        Arc::new(self.clone())
+        inner.claim(request).await
     }
 }
 
 struct Waiters {
-    store: Counting,
+    store: Hooked<Counting>,
     runs: AtomicUsize,
 }
 
@@ -136,10 +112,12 @@ impl Waiters {
 async fn postgres_waiters_on_an_uncommitted_claim_back_off() {
     let inner = PostgresStore::connect(&postgres_url()).await.unwrap();
     let svc = Arc::new(Waiters {
-        store: Counting {
-            inner: inner.clone(),
-            claims: Arc::new(AtomicUsize::new(0)),
-        },
+        store: Hooked::new(
+            Arc::new(inner.clone()),
+            Counting {
+                claims: Arc::new(AtomicUsize::new(0)),
+            },
+        ),
         runs: AtomicUsize::new(0),
     });
     let id = unique("waiters");
@@ -162,7 +140,7 @@ async fn postgres_waiters_on_an_uncommitted_claim_back_off() {
 
     // 20 waiters for 1 s each: they back off (to 100 ms between claims), and
     // give up with InProgress while the claim stays uncommitted.
-    svc.store.claims.store(0, Ordering::SeqCst);
+    svc.store.hook.claims.store(0, Ordering::SeqCst);
     let started = Instant::now();
     let waiters: Vec<_> = (0..20)
         .map(|_| {
@@ -179,7 +157,7 @@ async fn postgres_waiters_on_an_uncommitted_claim_back_off() {
         );
     }
     let elapsed = started.elapsed();
-    let claims = svc.store.claims.load(Ordering::SeqCst);
+    let claims = svc.store.hook.claims.load(Ordering::SeqCst);
     // Backing off 2, 4, … 64 ms then 100 ms is about 17 claims in a second's
     // wait; polling every millisecond was hundreds per waiter.
     let most = 20 * (10 + (elapsed.as_millis() / 50) as usize);
