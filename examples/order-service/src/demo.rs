@@ -1,7 +1,6 @@
 //! The self-driving demo: the server starts in this process on a free port, and
 //! a real HTTP client drives every case a user meets through it.
 
-use std::fmt;
 use std::sync::Arc;
 
 use reqwest::StatusCode;
@@ -11,42 +10,8 @@ use crate::payments::{CARD_DECLINED, CARD_OK, CARD_PROCESSING_ERROR};
 use crate::server::{self, Running};
 use crate::{Db, OrderError, OrderService};
 
-/// One line of the demo's table.
-#[derive(Debug, Clone)]
-pub struct Row {
-    /// The request the client sent.
-    pub request: String,
-    /// The status (or statuses) it got.
-    pub status: String,
-    /// Whether the response was a replay (`Idempotent-Replayed: true`).
-    pub replayed: String,
-    /// Orders (of this run's users) in the database after the request.
-    pub orders: i64,
-    /// Charges (for this run's orders) in the database after the request.
-    pub charges: i64,
-    /// Whether the request got what idem promises, with the expected counts.
-    pub as_expected: bool,
-}
-
-/// Everything the demo did, printable as a table.
-#[derive(Debug, Clone, Default)]
-pub struct Report {
-    /// The database the demo ran on.
-    pub backend: &'static str,
-    /// Its URL.
-    pub url: String,
-    /// Where the server listened.
-    pub server: String,
-    /// The requests, in order.
-    pub rows: Vec<Row>,
-}
-
-impl Report {
-    /// Whether every request behaved as promised.
-    pub fn all_passed(&self) -> bool {
-        self.rows.iter().all(|r| r.as_expected)
-    }
-}
+mod report;
+pub use report::{Report, Row};
 
 /// Why the demo could not run.
 #[derive(Debug, thiserror::Error)]
@@ -451,74 +416,4 @@ async fn drive(
     .await?;
 
     Ok(d.report)
-}
-
-impl fmt::Display for Report {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let req_w = self
-            .rows
-            .iter()
-            .map(|r| r.request.chars().count())
-            .max()
-            .unwrap_or(7)
-            .max(7);
-        let st_w = self
-            .rows
-            .iter()
-            .map(|r| r.status.chars().count())
-            .max()
-            .unwrap_or(6)
-            .max(6);
-        let rep_w = self
-            .rows
-            .iter()
-            .map(|r| r.replayed.chars().count())
-            .max()
-            .unwrap_or(8)
-            .max(8);
-        writeln!(
-            f,
-            "idem order-service demo: server on {}, orders and idempotency records in {} ({})",
-            self.server, self.backend, self.url
-        )?;
-        writeln!(f)?;
-        writeln!(
-            f,
-            " # | {:req_w$} | {:st_w$} | {:rep_w$} | orders | charges | check",
-            "request", "status", "replayed"
-        )?;
-        writeln!(
-            f,
-            "---+-{}-+-{}-+-{}-+--------+---------+------",
-            "-".repeat(req_w),
-            "-".repeat(st_w),
-            "-".repeat(rep_w)
-        )?;
-        for (i, r) in self.rows.iter().enumerate() {
-            writeln!(
-                f,
-                "{:>2} | {:req_w$} | {:st_w$} | {:rep_w$} | {:>6} | {:>7} | {}",
-                i + 1,
-                r.request,
-                r.status,
-                r.replayed,
-                r.orders,
-                r.charges,
-                if r.as_expected { "ok" } else { "FAIL" }
-            )?;
-        }
-        writeln!(f)?;
-        let last = self.rows.last();
-        writeln!(
-            f,
-            "orders created: {}, charges: {} — {}",
-            last.map_or(0, |r| r.orders),
-            last.map_or(0, |r| r.charges),
-            if self.all_passed() {
-                "every duplicate was answered without running twice"
-            } else {
-                "SOMETHING RAN TWICE OR FAILED"
-            }
-        )
-    }
 }
