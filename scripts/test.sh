@@ -67,7 +67,7 @@ ensure_redis() {
 }
 
 ensure_nats() {
-    # The binary too, even when a server already runs: tests/nats_restart.rs
+    # The binary too, even when a server already runs: tests/message/restart.rs
     # starts (and kills) a server of its own.
     command -v nats-server >/dev/null || [ -x /usr/sbin/nats-server ] || apt_install nats-server
     if port_open 4222; then echo "nats: running"; return; fi

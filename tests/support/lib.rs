@@ -29,13 +29,16 @@ pub fn redis_url() -> String {
     std::env::var("IDEM_REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".into())
 }
 
-/// A name no other test run uses (for keys and tables).
+/// A name no other test, in this process or another, uses (for keys and
+/// tables): the process id, the time, and a count within the process.
 pub fn unique(prefix: &str) -> String {
+    static COUNT: AtomicUsize = AtomicUsize::new(0);
     let nanos = SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map(|d| d.as_nanos())
         .unwrap_or(0);
-    format!("{prefix}_{}_{nanos}", std::process::id())
+    let n = COUNT.fetch_add(1, Ordering::Relaxed);
+    format!("{prefix}_{}_{nanos}_{n}", std::process::id())
 }
 
 /// What the order services return.

@@ -1,11 +1,14 @@
-//! What a test reads back from the log: a global `tracing` subscriber (one
-//! per test binary — tracing caches per-callsite interest, which a scoped
-//! subscriber shares unreliably with tests on other threads) writing here.
+//! What a test reads back from the log: a global `tracing` subscriber (tracing
+//! caches per-callsite interest, which a scoped subscriber shares unreliably
+//! with tests on other threads) writing here. The tests that read logs share
+//! one test binary (`tests/logs`), and with it this one capture: each reads
+//! the lines of its own namespace, key or message.
 
 use std::io::Write;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 
-/// Everything logged at `DEBUG` and above since [`Captured::install`].
+/// Everything logged at `DEBUG` and above since [`Captured::global`] was
+/// first called in this process.
 #[derive(Clone, Default)]
 pub struct Captured(Arc<Mutex<Vec<u8>>>);
 
@@ -23,19 +26,24 @@ impl Write for Captured {
 }
 
 impl Captured {
-    /// Installs the global subscriber; call it once, first, in a test binary
-    /// of its own.
-    pub fn install() -> Captured {
-        let captured = Captured::default();
-        let writer = captured.clone();
-        let subscriber = tracing_subscriber::fmt()
-            .with_max_level(tracing::Level::DEBUG)
-            .with_ansi(false)
-            .with_writer(move || writer.clone())
-            .finish();
-        tracing::subscriber::set_global_default(subscriber)
-            .expect("one global subscriber per test binary");
-        captured
+    /// The process's capture, installed as the global subscriber by the
+    /// first call. Panics if another global subscriber is installed.
+    pub fn global() -> Captured {
+        static GLOBAL: OnceLock<Captured> = OnceLock::new();
+        GLOBAL
+            .get_or_init(|| {
+                let captured = Captured::default();
+                let writer = captured.clone();
+                let subscriber = tracing_subscriber::fmt()
+                    .with_max_level(tracing::Level::DEBUG)
+                    .with_ansi(false)
+                    .with_writer(move || writer.clone())
+                    .finish();
+                tracing::subscriber::set_global_default(subscriber)
+                    .expect("no other global subscriber in this test binary");
+                captured
+            })
+            .clone()
     }
 
     /// The whole log so far.

@@ -104,6 +104,18 @@ pub async fn fetch_one(consumer: &PullConsumer) -> Message {
         .expect("a delivery")
 }
 
+/// The message stream of `consumer` with heartbeats every 500 ms, so that a
+/// server that goes away shows as a stream error within a second.
+pub async fn watched_messages(consumer: &PullConsumer) -> pull::Stream {
+    consumer
+        .stream()
+        .heartbeat(Duration::from_millis(500))
+        .expires(Duration::from_secs(2))
+        .messages()
+        .await
+        .expect("a message stream")
+}
+
 /// A `nats-server` of a test's own, on a free port with its own store
 /// directory, to kill and restart (the shared server on 4222 is left alone).
 pub struct OwnServer {

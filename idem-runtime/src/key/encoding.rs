@@ -3,9 +3,10 @@
 //!
 //! **Changing a byte of this encoding is a breaking change**: every stored
 //! record's key would change, and retries that span an upgrade would run
-//! again. The golden vectors in `tests/golden` guard it; a change that must be
-//! made gets a new version tag (as sets did, with `S`) so that no old digest
-//! can be produced by new material.
+//! again. The golden vectors (`tests/encoding/golden.rs`, with
+//! `digests.json` beside it) guard it; a change that must be made gets a new
+//! version tag (as sets did, with `S`) so that no old digest can be produced
+//! by new material.
 
 use std::fmt;
 

@@ -1,0 +1,8 @@
+//! `IdempotencyLayer` end to end: an axum app on a real socket, a real HTTP
+//! client, and every answer of CONTRACT §6.
+
+mod answers;
+mod app;
+mod bodies;
+mod clients;
+mod withheld;

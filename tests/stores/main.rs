@@ -1,0 +1,18 @@
+//! The stores against real servers (PostgreSQL, Redis and a Redis Cluster,
+//! SQLite files): the conformance suite on each, then what a suite cannot say
+//! alone — `tx =` transactions, several OS processes, cancellation, lost
+//! replies and outages through a TCP proxy that cuts connections, Redis
+//! faults, the replay cache, and durations at their limits.
+
+mod cancellation;
+mod conformance;
+mod durations;
+mod lost_replies;
+mod multiprocess;
+mod proxy;
+mod redis_faults;
+mod replay_cache;
+mod sql;
+mod transactions;
+mod tx_refused_outcome;
+mod uncommitted_claims;
