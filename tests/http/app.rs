@@ -260,3 +260,12 @@ pub async fn problem(response: reqwest::Response, status: u16) -> String {
     assert!(body["detail"].as_str().is_some_and(|t| !t.is_empty()));
     body["type"].as_str().unwrap().to_owned()
 }
+
+/// Checks the 410 a retry gets for a response recorded without its body (too
+/// large to store, or streamed): the handler is not run again.
+pub async fn not_stored(response: reqwest::Response) {
+    assert_eq!(
+        problem(response, 410).await,
+        "urn:idem:problem:response-not-stored"
+    );
+}

@@ -11,7 +11,7 @@ use idem_runtime::MemoryStore;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tower::Layer as _;
 
-use crate::app::{problem, replayed, scoped, serve};
+use crate::app::{not_stored, problem, replayed, scoped, serve};
 
 #[tokio::test]
 async fn a_request_body_over_the_limit_gets_413_and_the_handler_does_not_run() {
@@ -89,10 +89,7 @@ async fn a_response_over_the_limit_is_passed_through_whole_and_a_retry_gets_410_
     for _ in 0..3 {
         let r = s.post("/big", Some("k"), "").await;
         assert!(replayed(&r));
-        assert_eq!(
-            problem(r, 410).await,
-            "urn:idem:problem:response-not-stored"
-        );
+        not_stored(r).await;
     }
     assert_eq!(
         s.runs(),
@@ -105,10 +102,7 @@ async fn a_response_over_the_limit_is_passed_through_whole_and_a_retry_gets_410_
     let r = s.post("/big", Some("k"), "").await;
     assert_eq!(r.bytes().await.unwrap(), expected);
     let again = s.post("/big", Some("k"), "").await;
-    assert_eq!(
-        problem(again, 410).await,
-        "urn:idem:problem:response-not-stored"
-    );
+    not_stored(again).await;
     assert_eq!(s.runs(), 1);
 }
 
@@ -130,10 +124,7 @@ async fn a_streamed_response_flows_at_once_and_a_retry_gets_410_not_a_rerun() {
     // A retry meanwhile, and after, gets the 410 problem; the stream's work is
     // not run twice.
     let during = s.post("/events", Some("sse"), "").await;
-    assert_eq!(
-        problem(during, 410).await,
-        "urn:idem:problem:response-not-stored"
-    );
+    not_stored(during).await;
     s.app.gate.add_permits(1);
     let mut rest = Vec::new();
     while let Some(chunk) = first.chunk().await.unwrap() {
@@ -142,10 +133,7 @@ async fn a_streamed_response_flows_at_once_and_a_retry_gets_410_not_a_rerun() {
     assert_eq!(rest, b"data: two\n\n");
     let after = s.post("/events", Some("sse"), "").await;
     assert!(replayed(&after));
-    assert_eq!(
-        problem(after, 410).await,
-        "urn:idem:problem:response-not-stored"
-    );
+    not_stored(after).await;
     assert_eq!(s.runs(), 1);
     // A streamed response whose status is not stored releases the key at once.
     let failing = s.post("/events?fail=1", Some("sse-5xx"), "").await;
@@ -171,10 +159,7 @@ async fn an_axum_sse_response_flows_at_once_and_runs_once() {
     s.app.gate.add_permits(1);
     while first.chunk().await.unwrap().is_some() {}
     let again = s.post("/sse", Some("sse"), "").await;
-    assert_eq!(
-        problem(again, 410).await,
-        "urn:idem:problem:response-not-stored"
-    );
+    not_stored(again).await;
     assert_eq!(s.runs(), 1);
 }
 
