@@ -37,7 +37,7 @@ measure() {
     for _ in $(seq 1 100); do (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null && break; sleep 0.1; done
     if [ "$script" = replay.lua ]; then
         curl -sf -o /dev/null -X POST "http://127.0.0.1:$port/orders" -H 'Content-Type: application/json' \
-            -H 'Idempotency-Key: replay-1' -d '{"user_id":424242,"product_id":1,"quantity":1}'
+            -H 'Idempotency-Key: replay-1' -d '{"user_id":"u-424242","product_id":"SKU-0001","quantity":1}'
     fi
     local out cpu0 cpu1
     cpu0=$(cpu_ticks "$pid")

@@ -5,7 +5,7 @@ local n = 0
 request = function()
   n = n + 1
   local user = run * 100000000 + n
-  local body = string.format('{"user_id":%d,"product_id":1,"quantity":1}', user)
+  local body = string.format('{"user_id":"u-%d","product_id":"SKU-0001","quantity":1}', user)
   return wrk.format("POST", "/orders", {
     ["Content-Type"] = "application/json",
     ["Idempotency-Key"] = string.format("fresh-%d-%d", run, n),

@@ -51,7 +51,8 @@ impl Reply {
 struct Req {
     method: reqwest::Method,
     path: String,
-    token: Option<String>,
+    /// The `Authorization` header.
+    authorization: Option<String>,
     key: Option<String>,
     body: Option<Vec<u8>>,
 }
@@ -61,7 +62,7 @@ impl Req {
         Req {
             method: reqwest::Method::GET,
             path: path.into(),
-            token: None,
+            authorization: None,
             key: None,
             body: None,
         }
@@ -75,8 +76,12 @@ impl Req {
         }
     }
 
-    fn by(mut self, token: &str) -> Self {
-        self.token = Some(token.to_owned());
+    fn by(self, token: &str) -> Self {
+        self.authorization(&format!("Bearer {token}"))
+    }
+
+    fn authorization(mut self, value: &str) -> Self {
+        self.authorization = Some(value.to_owned());
         self
     }
 
@@ -90,7 +95,7 @@ struct Driver {
     http: reqwest::Client,
     base: String,
     service: Arc<OrderService>,
-    users: [u64; 2],
+    users: [String; 2],
     run: u64,
     report: Report,
 }
@@ -100,8 +105,8 @@ impl Driver {
         let mut request = self
             .http
             .request(req.method.clone(), format!("{}{}", self.base, req.path));
-        if let Some(token) = &req.token {
-            request = request.bearer_auth(token);
+        if let Some(value) = &req.authorization {
+            request = request.header("Authorization", value);
         }
         if let Some(key) = &req.key {
             request = request.header("Idempotency-Key", key);
@@ -152,8 +157,9 @@ impl Driver {
         expected: (i64, i64),
         as_expected: bool,
     ) -> Result<(), DemoError> {
-        let orders = self.service.orders_of(&self.users).await?;
-        let charges = self.service.charges_of(&self.users).await?;
+        let users = [self.users[0].as_str(), self.users[1].as_str()];
+        let orders = self.service.orders_of(&users).await?;
+        let charges = self.service.charges_of(&users).await?;
         self.report.rows.push(Row {
             request: request.into(),
             status,
@@ -179,7 +185,7 @@ impl Driver {
     }
 }
 
-fn order_body(user_id: u64, product_id: u64, quantity: u32) -> Vec<u8> {
+fn order_body(user_id: &str, product_id: &str, quantity: u32) -> Vec<u8> {
     serde_json::to_vec(
         &json!({ "user_id": user_id, "product_id": product_id, "quantity": quantity }),
     )
@@ -207,15 +213,17 @@ async fn drive(
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_millis() as u64)
         .unwrap_or(0);
-    let (ann, bob) = (run * 10 + 7, run * 10 + 8);
-    let (widget, gadget) = (run * 100 + 42, run * 100 + 99);
+    // The users are the tokens' subjects; the products this run's own SKUs.
+    let (ann, bob) = (format!("ann-{run}"), format!("bob-{run}"));
+    let (widget, gadget) = (format!("SKU-W-{run}"), format!("SKU-G-{run}"));
+    let (ann, bob, widget, gadget) = (ann.as_str(), bob.as_str(), widget.as_str(), gadget.as_str());
     service.restock(widget, 100).await?;
     service.restock(gadget, 0).await?;
     let mut d = Driver {
         http: reqwest::Client::new(),
         base: running.url(),
         service: Arc::clone(&service),
-        users: [ann, bob],
+        users: [ann.to_owned(), bob.to_owned()],
         run,
         report: Report {
             backend: service.backend(),
@@ -224,10 +232,12 @@ async fn drive(
             rows: Vec::new(),
         },
     };
-    let (ann_t, bob_t) = (format!("ann-{run}"), format!("bob-{run}"));
+    let (ann_t, bob_t) = (ann.to_owned(), bob.to_owned());
     let created = (StatusCode::CREATED, false);
     let replayed = (StatusCode::CREATED, true);
-    let order = |user, product, quantity| Req::post("/orders", order_body(user, product, quantity));
+    let order = |user: &str, product: &str, quantity| {
+        Req::post("/orders", order_body(user, product, quantity))
+    };
 
     // Orders.
     let k1 = d.key("order-1");
@@ -257,7 +267,7 @@ async fn drive(
             tokio::spawn(async move {
                 let r = client
                     .post(format!("{base}{}", req.path))
-                    .bearer_auth(req.token.unwrap_or_default())
+                    .header("Authorization", req.authorization.unwrap_or_default())
                     .header("Idempotency-Key", req.key.unwrap_or_default())
                     .header("content-type", "application/json")
                     .body(req.body.unwrap_or_default())
@@ -339,6 +349,25 @@ async fn drive(
     )
     .await?;
 
+    let unknown = order(bob, &format!("SKU-NONE-{run}"), 1)
+        .by(&bob_t)
+        .key(&d.key("order-4"));
+    d.expect(
+        "POST /orders, unknown product",
+        &unknown,
+        (StatusCode::NOT_FOUND, false),
+        (4, 0),
+    )
+    .await?;
+    let zero = order(bob, widget, 0).by(&bob_t).key(&d.key("order-5"));
+    d.expect(
+        "POST /orders, quantity 0",
+        &zero,
+        (StatusCode::UNPROCESSABLE_ENTITY, false),
+        (4, 0),
+    )
+    .await?;
+
     let found = Req::get(format!("/orders/{order_id}")).by(&ann_t);
     d.expect("GET /orders/{id}", &found, (StatusCode::OK, false), (4, 0))
         .await?;
@@ -368,6 +397,14 @@ async fn drive(
     .await?;
     d.expect("the same payment retried", &charge, replayed, (4, 1))
         .await?;
+    let lowercase = charge.clone().authorization(&format!("bearer {ann_t}"));
+    d.expect(
+        "retried with `bearer` in lower case",
+        &lowercase,
+        replayed,
+        (4, 1),
+    )
+    .await?;
     let declined = pay(CARD_DECLINED, &d.key("pay-2"));
     let payment_required = StatusCode::PAYMENT_REQUIRED;
     d.expect(

@@ -11,33 +11,80 @@ use idem_runtime::{idempotent, PostgresStore, SqliteStore};
 use serde::{Deserialize, Serialize};
 use sqlx::{Postgres, Sqlite, Transaction};
 
+pub mod db;
 pub mod demo;
 pub mod payments;
+pub mod request;
 pub mod server;
 
-/// A request to order `quantity` of `product_id` for `user_id`.
+pub use db::Db;
+
+/// The longest user or product id accepted, in characters.
+pub const MAX_ID_CHARS: usize = 255;
+/// The most of one product one order may take.
+pub const MAX_QUANTITY: u32 = 1_000_000;
+/// The longest shipping address accepted, in characters.
+pub const MAX_SHIP_TO_CHARS: usize = 1_000;
+/// The products `serve` puts in stock (1,000 each) on first start.
+pub const CATALOGUE: [&str; 10] = [
+    "SKU-0001", "SKU-0002", "SKU-0003", "SKU-0004", "SKU-0005", "SKU-0006", "SKU-0007", "SKU-0008",
+    "SKU-0009", "SKU-0010",
+];
+
+/// A request to order `quantity` of `product_id` for `user_id`: the original
+/// service's `{"user_id": "...", "product_id": "...", "quantity": n}`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct CreateOrderRequest {
-    /// Who orders.
-    pub user_id: u64,
-    /// What is ordered.
-    pub product_id: u64,
-    /// How many.
+    /// Who orders: 1 to 255 characters.
+    pub user_id: String,
+    /// What is ordered, a SKU such as `SKU-0001`: 1 to 255 characters.
+    pub product_id: String,
+    /// How many: 1 to [`MAX_QUANTITY`].
     pub quantity: u32,
     /// Where it ships (not part of the key: it is the request's fingerprint).
     #[serde(default)]
     pub ship_to: String,
 }
 
+impl CreateOrderRequest {
+    /// Checks what JSON cannot: id lengths, a positive quantity, the address's
+    /// length. The message names the field and the rule, never the value.
+    pub fn validate(&self) -> Result<(), OrderError> {
+        let id = |name: &str, value: &str| {
+            let chars = value.chars().count();
+            if (1..=MAX_ID_CHARS).contains(&chars) {
+                Ok(())
+            } else {
+                Err(OrderError::Invalid(format!(
+                    "{name} must be 1 to {MAX_ID_CHARS} characters (got {chars})"
+                )))
+            }
+        };
+        id("user_id", &self.user_id)?;
+        id("product_id", &self.product_id)?;
+        if !(1..=MAX_QUANTITY).contains(&self.quantity) {
+            return Err(OrderError::Invalid(format!(
+                "quantity must be a whole number from 1 to {MAX_QUANTITY}"
+            )));
+        }
+        if self.ship_to.chars().count() > MAX_SHIP_TO_CHARS {
+            return Err(OrderError::Invalid(format!(
+                "ship_to must be at most {MAX_SHIP_TO_CHARS} characters"
+            )));
+        }
+        Ok(())
+    }
+}
+
 /// An order that was created.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Order {
-    /// The order number.
+    /// The order number: what `POST /payments` takes as `order_id`.
     pub id: i64,
     /// Who ordered.
-    pub user_id: u64,
+    pub user_id: String,
     /// What was ordered.
-    pub product_id: u64,
+    pub product_id: String,
     /// How many.
     pub quantity: u32,
     /// Where it ships.
@@ -55,88 +102,22 @@ pub enum OrderError {
     /// The database failed.
     #[error("database error: {0}")]
     Database(#[from] sqlx::Error),
-    /// The product has no stock left.
-    #[error("product {product_id} is out of stock")]
+    /// No such product.
+    #[error("product {product_id:?} does not exist")]
+    UnknownProduct {
+        /// The product asked for.
+        product_id: String,
+    },
+    /// The product has too little stock left.
+    #[error("product {product_id:?} is out of stock")]
     OutOfStock {
         /// The product asked for.
-        product_id: u64,
+        product_id: String,
     },
-    /// The quantity was zero.
-    #[error("quantity must be at least 1")]
-    InvalidQuantity,
-}
-
-/// Where orders and idempotency records live.
-#[derive(Debug, Clone)]
-pub enum Db {
-    /// An SQLite file (the default) or in-memory database.
-    Sqlite(SqliteStore),
-    /// A PostgreSQL database.
-    Postgres(PostgresStore),
-}
-
-impl Db {
-    /// Opens `url`: `sqlite://orders.db`, `sqlite::memory:` or `postgres://...`,
-    /// and creates the schema (records, orders, stock).
-    pub async fn open(url: &str) -> Result<Db, OrderError> {
-        let db = if url.starts_with("postgres://") || url.starts_with("postgresql://") {
-            Db::Postgres(PostgresStore::connect(url).await?)
-        } else {
-            Db::Sqlite(SqliteStore::connect(url).await?)
-        };
-        db.migrate().await?;
-        Ok(db)
-    }
-
-    async fn migrate(&self) -> Result<(), OrderError> {
-        match self {
-            Db::Sqlite(s) => {
-                sqlx::query(
-                    "CREATE TABLE IF NOT EXISTS orders (
-                        id INTEGER PRIMARY KEY AUTOINCREMENT, user_id INTEGER NOT NULL,
-                        product_id INTEGER NOT NULL, quantity INTEGER NOT NULL,
-                        ship_to TEXT NOT NULL, total_cents INTEGER NOT NULL)",
-                )
-                .execute(s.pool())
-                .await?;
-                sqlx::query(
-                    "CREATE TABLE IF NOT EXISTS stock (product_id INTEGER PRIMARY KEY, quantity INTEGER NOT NULL)",
-                )
-                .execute(s.pool())
-                .await?;
-                sqlx::query(
-                    "CREATE TABLE IF NOT EXISTS charges (
-                        id INTEGER PRIMARY KEY AUTOINCREMENT, provider_key TEXT NOT NULL UNIQUE,
-                        order_id INTEGER NOT NULL, amount_cents INTEGER NOT NULL)",
-                )
-                .execute(s.pool())
-                .await?;
-            }
-            Db::Postgres(s) => {
-                sqlx::query(
-                    "CREATE TABLE IF NOT EXISTS orders (
-                        id BIGSERIAL PRIMARY KEY, user_id BIGINT NOT NULL,
-                        product_id BIGINT NOT NULL, quantity INT NOT NULL,
-                        ship_to TEXT NOT NULL, total_cents BIGINT NOT NULL)",
-                )
-                .execute(s.pool())
-                .await?;
-                sqlx::query(
-                    "CREATE TABLE IF NOT EXISTS stock (product_id BIGINT PRIMARY KEY, quantity INT NOT NULL)",
-                )
-                .execute(s.pool())
-                .await?;
-                sqlx::query(
-                    "CREATE TABLE IF NOT EXISTS charges (
-                        id BIGSERIAL PRIMARY KEY, provider_key TEXT NOT NULL UNIQUE,
-                        order_id BIGINT NOT NULL, amount_cents BIGINT NOT NULL)",
-                )
-                .execute(s.pool())
-                .await?;
-            }
-        }
-        Ok(())
-    }
+    /// The request breaks a rule JSON cannot state (see
+    /// [`CreateOrderRequest::validate`]).
+    #[error("{0}")]
+    Invalid(String),
 }
 
 /// The order service.
@@ -158,9 +139,14 @@ impl OrderService {
         &self.db
     }
 
+    /// Which database this service uses, for display.
+    pub fn backend(&self) -> &'static str {
+        self.db.backend()
+    }
+
     /// The order numbered `id`, if it exists.
     pub async fn order(&self, id: i64) -> Result<Option<Order>, sqlx::Error> {
-        type Row = (i64, i64, i64, i64, String, i64);
+        type Row = (i64, String, String, i64, String, i64);
         let row: Option<Row> = match &self.db {
             Db::Sqlite(s) => {
                 sqlx::query_as("SELECT id, user_id, product_id, quantity, ship_to, total_cents FROM orders WHERE id = ?1")
@@ -178,8 +164,8 @@ impl OrderService {
         Ok(row.map(
             |(id, user_id, product_id, quantity, ship_to, total_cents)| Order {
                 id,
-                user_id: user_id as u64,
-                product_id: product_id as u64,
+                user_id,
+                product_id,
                 quantity: quantity as u32,
                 ship_to,
                 total_cents,
@@ -187,54 +173,55 @@ impl OrderService {
         ))
     }
 
-    /// Which database this service uses, for display.
-    pub fn backend(&self) -> &'static str {
-        match self.db {
-            Db::Sqlite(_) => "SQLite",
-            Db::Postgres(_) => "PostgreSQL",
+    /// Puts 1,000 of every [`CATALOGUE`] product in stock, unless the product
+    /// has a stock row already (so a restart keeps what was sold).
+    pub async fn seed_catalogue(&self) -> Result<(), OrderError> {
+        for sku in CATALOGUE {
+            self.stock_if_absent(sku, 1_000).await?;
         }
+        Ok(())
     }
 
-    /// Sets how many of `product_id` are in stock.
-    pub async fn restock(&self, product_id: u64, quantity: u32) -> Result<(), OrderError> {
+    /// Sets how many of `product_id` are in stock (creating the product).
+    pub async fn restock(&self, product_id: &str, quantity: u32) -> Result<(), OrderError> {
         self.put_stock(product_id, quantity, true).await
     }
 
     /// Puts `quantity` of `product_id` in stock unless the product has a stock row already.
-    pub async fn stock_if_absent(&self, product_id: u64, quantity: u32) -> Result<(), OrderError> {
+    pub async fn stock_if_absent(&self, product_id: &str, quantity: u32) -> Result<(), OrderError> {
         self.put_stock(product_id, quantity, false).await
     }
 
     async fn put_stock(
         &self,
-        product_id: u64,
+        product_id: &str,
         quantity: u32,
         overwrite: bool,
     ) -> Result<(), OrderError> {
+        let quantity = i64::from(quantity.min(i32::MAX as u32));
+        let on_conflict = if overwrite {
+            "DO UPDATE SET quantity = excluded.quantity"
+        } else {
+            "DO NOTHING"
+        };
         match &self.db {
             Db::Sqlite(s) => {
-                let sql = if overwrite {
-                    "INSERT INTO stock (product_id, quantity) VALUES (?1, ?2) ON CONFLICT (product_id) DO UPDATE SET quantity = excluded.quantity"
-                } else {
-                    "INSERT INTO stock (product_id, quantity) VALUES (?1, ?2) ON CONFLICT (product_id) DO NOTHING"
-                };
-                sqlx::query(sql)
-                    .bind(product_id as i64)
-                    .bind(quantity as i64)
-                    .execute(s.pool())
-                    .await?;
+                sqlx::query(sqlx::AssertSqlSafe(format!(
+                    "INSERT INTO stock (product_id, quantity) VALUES (?1, ?2) ON CONFLICT (product_id) {on_conflict}"
+                )))
+                .bind(product_id)
+                .bind(quantity)
+                .execute(s.pool())
+                .await?;
             }
             Db::Postgres(s) => {
-                let sql = if overwrite {
-                    "INSERT INTO stock (product_id, quantity) VALUES ($1, $2) ON CONFLICT (product_id) DO UPDATE SET quantity = EXCLUDED.quantity"
-                } else {
-                    "INSERT INTO stock (product_id, quantity) VALUES ($1, $2) ON CONFLICT (product_id) DO NOTHING"
-                };
-                sqlx::query(sql)
-                    .bind(product_id as i64)
-                    .bind(quantity as i32)
-                    .execute(s.pool())
-                    .await?;
+                sqlx::query(sqlx::AssertSqlSafe(format!(
+                    "INSERT INTO stock (product_id, quantity) VALUES ($1, $2::INT) ON CONFLICT (product_id) {on_conflict}"
+                )))
+                .bind(product_id)
+                .bind(quantity)
+                .execute(s.pool())
+                .await?;
             }
         }
         Ok(())
@@ -245,8 +232,10 @@ impl OrderService {
     ///
     /// A repeat of the same order replays the first result; one that arrives
     /// while the first is running waits for it (up to 10 s); the same key with
-    /// a different shipping address is refused as key reuse.
+    /// a different shipping address is refused as key reuse. An invalid
+    /// request is refused before anything is claimed.
     pub async fn create_order(&self, req: CreateOrderRequest) -> Result<Order, OrderError> {
+        req.validate()?;
         match &self.db {
             Db::Sqlite(store) => {
                 let mut tx = store.pool().begin().await?;
@@ -279,30 +268,30 @@ impl OrderService {
         tx: &mut Transaction<'_, Sqlite>,
         req: CreateOrderRequest,
     ) -> Result<Order, OrderError> {
-        if req.quantity == 0 {
-            return Err(OrderError::InvalidQuantity);
-        }
         let taken = sqlx::query(
             "UPDATE stock SET quantity = quantity - ?2 WHERE product_id = ?1 AND quantity >= ?2",
         )
-        .bind(req.product_id as i64)
-        .bind(req.quantity as i64)
+        .bind(&req.product_id)
+        .bind(i64::from(req.quantity))
         .execute(&mut **tx)
         .await?;
         if taken.rows_affected() == 0 {
-            return Err(OrderError::OutOfStock {
-                product_id: req.product_id,
-            });
+            let known: Option<i64> =
+                sqlx::query_scalar("SELECT 1 FROM stock WHERE product_id = ?1")
+                    .bind(&req.product_id)
+                    .fetch_optional(&mut **tx)
+                    .await?;
+            return Err(not_taken(known.is_some(), req.product_id));
         }
         let total_cents = PRICE_CENTS * i64::from(req.quantity);
         let id: i64 = sqlx::query_scalar(
             "INSERT INTO orders (user_id, product_id, quantity, ship_to, total_cents)
              VALUES (?1, ?2, ?3, ?4, ?5) RETURNING id",
         )
-        .bind(req.user_id as i64)
-        .bind(req.product_id as i64)
-        .bind(req.quantity as i64)
-        .bind(req.ship_to.clone())
+        .bind(&req.user_id)
+        .bind(&req.product_id)
+        .bind(i64::from(req.quantity))
+        .bind(&req.ship_to)
         .bind(total_cents)
         .fetch_one(&mut **tx)
         .await?;
@@ -325,30 +314,30 @@ impl OrderService {
         tx: &mut Transaction<'_, Postgres>,
         req: CreateOrderRequest,
     ) -> Result<Order, OrderError> {
-        if req.quantity == 0 {
-            return Err(OrderError::InvalidQuantity);
-        }
         let taken = sqlx::query(
-            "UPDATE stock SET quantity = quantity - $2 WHERE product_id = $1 AND quantity >= $2",
+            "UPDATE stock SET quantity = quantity - $2::INT WHERE product_id = $1 AND quantity >= $2::INT",
         )
-        .bind(req.product_id as i64)
-        .bind(req.quantity as i32)
+        .bind(&req.product_id)
+        .bind(i64::from(req.quantity))
         .execute(&mut **tx)
         .await?;
         if taken.rows_affected() == 0 {
-            return Err(OrderError::OutOfStock {
-                product_id: req.product_id,
-            });
+            let known: Option<i32> =
+                sqlx::query_scalar("SELECT 1 FROM stock WHERE product_id = $1")
+                    .bind(&req.product_id)
+                    .fetch_optional(&mut **tx)
+                    .await?;
+            return Err(not_taken(known.is_some(), req.product_id));
         }
         let total_cents = PRICE_CENTS * i64::from(req.quantity);
         let id: i64 = sqlx::query_scalar(
             "INSERT INTO orders (user_id, product_id, quantity, ship_to, total_cents)
-             VALUES ($1, $2, $3, $4, $5) RETURNING id",
+             VALUES ($1, $2, $3::INT, $4, $5) RETURNING id",
         )
-        .bind(req.user_id as i64)
-        .bind(req.product_id as i64)
-        .bind(req.quantity as i32)
-        .bind(req.ship_to.clone())
+        .bind(&req.user_id)
+        .bind(&req.product_id)
+        .bind(i64::from(req.quantity))
+        .bind(&req.ship_to)
         .bind(total_cents)
         .fetch_one(&mut **tx)
         .await?;
@@ -356,25 +345,34 @@ impl OrderService {
     }
 
     /// How many orders `user_ids` have.
-    pub async fn orders_of(&self, user_ids: &[u64]) -> Result<i64, OrderError> {
+    pub async fn orders_of(&self, user_ids: &[&str]) -> Result<i64, OrderError> {
         let mut total = 0;
         for user in user_ids {
             total += match &self.db {
                 Db::Sqlite(s) => {
                     sqlx::query_scalar::<_, i64>("SELECT count(*) FROM orders WHERE user_id = ?1")
-                        .bind(*user as i64)
+                        .bind(*user)
                         .fetch_one(s.pool())
                         .await?
                 }
                 Db::Postgres(s) => {
                     sqlx::query_scalar::<_, i64>("SELECT count(*) FROM orders WHERE user_id = $1")
-                        .bind(*user as i64)
+                        .bind(*user)
                         .fetch_one(s.pool())
                         .await?
                 }
             };
         }
         Ok(total)
+    }
+}
+
+/// Why no stock was taken: the product is unknown, or has too little left.
+fn not_taken(known: bool, product_id: String) -> OrderError {
+    if known {
+        OrderError::OutOfStock { product_id }
+    } else {
+        OrderError::UnknownProduct { product_id }
     }
 }
 

@@ -42,14 +42,22 @@ fn flag<'a>(flags: &[(&'a str, &'a str)], name: &str) -> Option<&'a str> {
 
 #[tokio::main]
 async fn main() -> ExitCode {
-    if std::env::var_os("RUST_LOG").is_some() {
-        tracing_subscriber::fmt()
-            .with_max_level(tracing::Level::DEBUG)
-            .with_writer(std::io::stderr)
-            .init();
-    }
     let args: Vec<String> = std::env::args().skip(1).collect();
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    // RUST_LOG as tracing-subscriber reads it (`RUST_LOG=off`, `=debug`,
+    // `=idem_runtime=debug`, ...). Unset: warnings from `serve`, errors only
+    // from the demo (whose refusals are on purpose).
+    let default = if args.first() == Some(&"demo") {
+        "error"
+    } else {
+        "warn"
+    };
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .init();
     let usage = || {
         eprintln!("{USAGE}");
         ExitCode::from(2)
@@ -103,10 +111,8 @@ async fn serve(
     key_store: Option<&str>,
 ) -> Result<(), Box<dyn std::error::Error>> {
     let service = OrderService::new(Db::open(url).await?);
-    // Products 1 to 10 start with 1,000 in stock, so a first curl succeeds.
-    for product in 1..=10 {
-        service.stock_if_absent(product, 1_000).await?;
-    }
+    // SKU-0001 to SKU-0010 start with 1,000 in stock, so a first curl succeeds.
+    service.seed_catalogue().await?;
     let keys = server::key_store(key_store, service.db()).await?;
     let running = server::start(addr, service, keys).await?;
     println!(
@@ -116,7 +122,7 @@ async fn serve(
     );
     println!(
         "try: curl -i -X POST {}/orders -H 'Authorization: Bearer ann' -H 'Idempotency-Key: k1' \
-         -H 'content-type: application/json' -d '{{\"user_id\":1,\"product_id\":1,\"quantity\":1}}'",
+         -H 'content-type: application/json' -d '{{\"user_id\":\"ann\",\"product_id\":\"SKU-0001\",\"quantity\":1}}'",
         running.url()
     );
     tokio::signal::ctrl_c().await?;

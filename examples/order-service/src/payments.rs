@@ -122,7 +122,7 @@ impl OrderService {
     }
 
     /// How many charges exist for orders of `user_ids`.
-    pub async fn charges_of(&self, user_ids: &[u64]) -> Result<i64, sqlx::Error> {
+    pub async fn charges_of(&self, user_ids: &[&str]) -> Result<i64, sqlx::Error> {
         let mut total = 0;
         for user in user_ids {
             total += match self.db() {
@@ -130,7 +130,7 @@ impl OrderService {
                     sqlx::query_scalar::<_, i64>(
                         "SELECT count(*) FROM charges c JOIN orders o ON o.id = c.order_id WHERE o.user_id = ?1",
                     )
-                        .bind(*user as i64)
+                        .bind(*user)
                         .fetch_one(s.pool())
                         .await?
                 }
@@ -138,7 +138,7 @@ impl OrderService {
                     sqlx::query_scalar::<_, i64>(
                         "SELECT count(*) FROM charges c JOIN orders o ON o.id = c.order_id WHERE o.user_id = $1",
                     )
-                        .bind(*user as i64)
+                        .bind(*user)
                         .fetch_one(s.pool())
                         .await?
                 }

@@ -2,9 +2,9 @@
 //!
 //! | route | what it does |
 //! |---|---|
-//! | `POST /orders` | `{"user_id","product_id","quantity"}` → 201 with the order |
+//! | `POST /orders` | `{"user_id": "...", "product_id": "...", "quantity": n}` → 201 with the order |
 //! | `GET /orders/{id}` | 200 with the order, or 404 |
-//! | `POST /payments` | `{"order_id","amount_cents","card"}` → 201 charged, 402 declined, 500 provider error |
+//! | `POST /payments` | `{"order_id": n, "amount_cents": n, "card": "..."}` → 201 charged, 402 declined, 500 provider error |
 //! | `GET /healthz` | 200 `ok` |
 //!
 //! Both `POST` routes require an `Idempotency-Key` header; keys are scoped by the
@@ -13,23 +13,33 @@
 //! protected twice: by the client's key at the HTTP layer, and by
 //! `create_order`'s own key on the order's business fields, written in the same
 //! transaction as the order.
+//!
+//! Every error is `application/problem+json` (RFC 9457), including unknown
+//! routes (404), wrong methods (405), bodies that are not JSON (400) or break a
+//! rule (422), and the service's own 503s, which carry `Retry-After`. Problem
+//! details never quote what the client sent.
 
-use std::net::SocketAddr;
 use std::sync::Arc;
 
+use axum::body::Bytes;
+use axum::extract::rejection::PathRejection;
 use axum::extract::{Path, State};
 use axum::http::{header, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use idem_runtime::http::IdempotencyLayer;
-use idem_runtime::{MemoryStore, PostgresStore, RedisStore, SqliteStore, Store};
-use tokio::net::TcpListener;
-use tokio::sync::oneshot;
-use tokio::task::JoinHandle;
+use idem_runtime::{MemoryStore, PostgresStore, Reaper, RedisStore, SqliteStore, Store};
 
-use crate::payments::{PaymentError, PaymentRequest};
-use crate::{CreateOrderRequest, Db, OrderError, OrderService};
+use crate::payments::PaymentError;
+use crate::request::{self, Refusal};
+use crate::{Db, OrderError, OrderService};
+
+mod serve;
+pub use serve::{start_with, Running, Settings};
+
+/// How many expired records a reaper purges at a time.
+const REAP_BATCH: usize = 1_000;
 
 /// Where the HTTP layer keeps its records, from `--key-store`: `memory`,
 /// `sqlite` (the `--db` file when that is SQLite, else `sqlite://idem-keys.db`),
@@ -67,11 +77,15 @@ pub async fn key_store(spec: Option<&str>, db: &Db) -> Result<Arc<dyn Store>, id
 /// JWT's `sub`), never the token itself, so a token refreshed between two
 /// retries keeps its scope. This demo's stand-in for that: the token names its
 /// user, `Bearer ann`, or `Bearer ann.<anything>` for another token of the same
-/// user. No token, no subject: the layer answers 401.
-fn subject(parts: &axum::http::request::Parts) -> Option<String> {
+/// user. The scheme is case-insensitive, as HTTP says (`bearer ann` and
+/// `BEARER ann` are ann too). No token, no subject: the layer answers 401.
+pub fn subject(parts: &axum::http::request::Parts) -> Option<String> {
     let value = parts.headers.get(header::AUTHORIZATION)?.to_str().ok()?;
-    let token = value.strip_prefix("Bearer ")?.trim();
-    let user = token.split('.').next().unwrap_or_default();
+    let (scheme, token) = value.trim().split_once([' ', '\t'])?;
+    if !scheme.eq_ignore_ascii_case("bearer") {
+        return None;
+    }
+    let user = token.trim().split('.').next().unwrap_or_default();
     (!user.is_empty()).then(|| user.to_owned())
 }
 
@@ -81,6 +95,14 @@ fn routes() -> Router<OrderService> {
         .route("/orders/{id}", get(get_order))
         .route("/payments", post(pay))
         .route("/healthz", get(|| async { "ok" }))
+        .fallback(|| async { problem(StatusCode::NOT_FOUND, "not-found", "no such route") })
+        .method_not_allowed_fallback(|| async {
+            problem(
+                StatusCode::METHOD_NOT_ALLOWED,
+                "method-not-allowed",
+                "this route does not take that method",
+            )
+        })
 }
 
 /// The service's routes, with `Idempotency-Key` required on both `POST` routes
@@ -102,7 +124,7 @@ pub fn router_without_layer(service: OrderService) -> Router {
 }
 
 /// An `application/problem+json` response (RFC 9457).
-fn problem(status: StatusCode, kind: &str, detail: impl std::fmt::Display) -> Response {
+pub fn problem(status: StatusCode, kind: &str, detail: impl std::fmt::Display) -> Response {
     let body = serde_json::json!({
         "type": format!("urn:order-service:{kind}"),
         "title": status.canonical_reason().unwrap_or(""),
@@ -110,25 +132,35 @@ fn problem(status: StatusCode, kind: &str, detail: impl std::fmt::Display) -> Re
         "detail": detail.to_string(),
     });
     let mut response = (status, Json(body)).into_response();
-    response.headers_mut().insert(
+    let headers = response.headers_mut();
+    headers.insert(
         header::CONTENT_TYPE,
         HeaderValue::from_static("application/problem+json"),
     );
+    if status == StatusCode::SERVICE_UNAVAILABLE {
+        headers.insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+    }
     response
 }
 
-async fn create_order(
-    State(service): State<OrderService>,
-    Json(req): Json<CreateOrderRequest>,
-) -> Response {
+fn refused(r: Refusal) -> Response {
+    problem(r.status, r.kind, r.detail)
+}
+
+async fn create_order(State(service): State<OrderService>, body: Bytes) -> Response {
     use idem_runtime::Error as Idem;
+    let req = match request::order(&body) {
+        Ok(req) => req,
+        Err(r) => return refused(r),
+    };
     match service.create_order(req).await {
         Ok(order) => (StatusCode::CREATED, Json(order)).into_response(),
-        Err(OrderError::InvalidQuantity) => problem(
-            StatusCode::BAD_REQUEST,
-            "invalid-quantity",
-            OrderError::InvalidQuantity,
-        ),
+        Err(e @ OrderError::Invalid(_)) => {
+            problem(StatusCode::UNPROCESSABLE_ENTITY, "invalid-field", e)
+        }
+        Err(e @ OrderError::UnknownProduct { .. }) => {
+            problem(StatusCode::NOT_FOUND, "product-not-found", e)
+        }
         // Not stored by the layer (409): a retry after a restock may succeed.
         Err(e @ OrderError::OutOfStock { .. }) => problem(StatusCode::CONFLICT, "out-of-stock", e),
         Err(OrderError::Idempotency(e @ Idem::KeyReused)) => {
@@ -137,14 +169,30 @@ async fn create_order(
         Err(OrderError::Idempotency(e @ Idem::InProgress { .. })) => {
             problem(StatusCode::CONFLICT, "order-in-progress", e)
         }
-        Err(OrderError::Idempotency(e @ Idem::Store(_))) => {
-            problem(StatusCode::SERVICE_UNAVAILABLE, "store-unavailable", e)
-        }
-        Err(e) => problem(StatusCode::INTERNAL_SERVER_ERROR, "internal", e),
+        Err(OrderError::Idempotency(Idem::Store(_))) | Err(OrderError::Database(_)) => problem(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "store-unavailable",
+            "the database is unavailable; the order was not created",
+        ),
+        Err(OrderError::Idempotency(_)) => problem(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "internal",
+            "the order could not be created",
+        ),
     }
 }
 
-async fn get_order(State(service): State<OrderService>, Path(id): Path<i64>) -> Response {
+async fn get_order(
+    State(service): State<OrderService>,
+    id: Result<Path<i64>, PathRejection>,
+) -> Response {
+    let Ok(Path(id)) = id else {
+        return problem(
+            StatusCode::NOT_FOUND,
+            "order-not-found",
+            "order ids are whole numbers",
+        );
+    };
     match service.order(id).await {
         Ok(Some(order)) => Json(order).into_response(),
         Ok(None) => problem(
@@ -152,11 +200,19 @@ async fn get_order(State(service): State<OrderService>, Path(id): Path<i64>) -> 
             "order-not-found",
             format!("order {id} does not exist"),
         ),
-        Err(e) => problem(StatusCode::INTERNAL_SERVER_ERROR, "internal", e),
+        Err(_) => problem(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "store-unavailable",
+            "the database is unavailable",
+        ),
     }
 }
 
-async fn pay(State(service): State<OrderService>, Json(req): Json<PaymentRequest>) -> Response {
+async fn pay(State(service): State<OrderService>, body: Bytes) -> Response {
+    let req = match request::payment(&body) {
+        Ok(req) => req,
+        Err(r) => return refused(r),
+    };
     // The provider gets a key derived from this request's idempotency key: the
     // same for every attempt, so a rerun after a crash cannot charge twice.
     let Some(attempt) = idem_runtime::current() else {
@@ -180,64 +236,48 @@ async fn pay(State(service): State<OrderService>, Json(req): Json<PaymentRequest
             problem(StatusCode::NOT_FOUND, "order-not-found", e)
         }
         Err(e @ PaymentError::InvalidAmount) => {
-            problem(StatusCode::BAD_REQUEST, "invalid-amount", e)
+            problem(StatusCode::UNPROCESSABLE_ENTITY, "invalid-field", e)
         }
-        Err(e @ PaymentError::Database(_)) => {
-            problem(StatusCode::INTERNAL_SERVER_ERROR, "internal", e)
-        }
+        Err(PaymentError::Database(_)) => problem(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "store-unavailable",
+            "the database is unavailable; the card was not charged",
+        ),
     }
 }
 
-/// A server running in this process.
-#[derive(Debug)]
-pub struct Running {
-    addr: SocketAddr,
-    shutdown: oneshot::Sender<()>,
-    task: JoinHandle<std::io::Result<()>>,
-}
-
-impl Running {
-    /// The address it listens on.
-    pub fn addr(&self) -> SocketAddr {
-        self.addr
-    }
-
-    /// Its base URL, `http://127.0.0.1:PORT`.
-    pub fn url(&self) -> String {
-        format!("http://{}", self.addr)
-    }
-
-    /// Stops accepting connections, lets requests in flight finish, and waits.
-    pub async fn stop(self) -> std::io::Result<()> {
-        let _ = self.shutdown.send(());
-        self.task.await.map_err(std::io::Error::other)?
-    }
-}
-
-/// Starts the service on `addr` (`127.0.0.1:0` picks a free port).
+/// Starts the service on `addr` (`127.0.0.1:0` picks a free port) with the
+/// default [`Settings`].
 pub async fn start(
     addr: &str,
     service: OrderService,
     keys: Arc<dyn Store>,
 ) -> std::io::Result<Running> {
-    start_router(addr, router(service, keys)).await
+    start_service(addr, service, keys, Settings::default()).await
 }
 
-/// Starts any router on `addr`, with graceful shutdown through [`Running::stop`].
+/// Starts the service on `addr` within `settings`, purging expired records
+/// from `keys` and from the orders' database every `settings.reap_every`
+/// while it runs.
+pub async fn start_service(
+    addr: &str,
+    service: OrderService,
+    keys: Arc<dyn Store>,
+    settings: Settings,
+) -> std::io::Result<Running> {
+    let orders = match service.db() {
+        Db::Sqlite(s) => s.handle(),
+        Db::Postgres(s) => s.handle(),
+    };
+    let running = start_with(addr, router(service, Arc::clone(&keys)), settings).await?;
+    let reaper = |store| Reaper::spawn(store, settings.reap_every, REAP_BATCH);
+    Ok(running
+        .with_reaper(reaper(keys))
+        .with_reaper(reaper(orders)))
+}
+
+/// Starts any router on `addr` with the default [`Settings`], with graceful
+/// shutdown through [`Running::stop`].
 pub async fn start_router(addr: &str, app: Router) -> std::io::Result<Running> {
-    let listener = TcpListener::bind(addr).await?;
-    let addr = listener.local_addr()?;
-    let (shutdown, stopped) = oneshot::channel::<()>();
-    let task = tokio::spawn(async move {
-        axum::serve(listener, app)
-            .with_graceful_shutdown(async {
-                let _ = stopped.await;
-            })
-            .await
-    });
-    Ok(Running {
-        addr,
-        shutdown,
-        task,
-    })
+    start_with(addr, app, Settings::default()).await
 }

@@ -6,7 +6,7 @@ async fn check(url: &str) {
     for _ in 0..2 {
         let report = order_service::demo::run(url).await.unwrap();
         assert!(report.all_passed(), "{report}");
-        assert_eq!(report.rows.len(), 20);
+        assert_eq!(report.rows.len(), 23);
         let last = report.rows.last().unwrap();
         assert_eq!((last.orders, last.charges), (4, 1));
     }

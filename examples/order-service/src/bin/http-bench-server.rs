@@ -71,7 +71,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
             let service = OrderService::new(Db::open(db).await?);
             // Every user id in the load is new, so each order is fresh; product 1
             // never runs out.
-            service.restock(1, u32::MAX / 2).await?;
+            service.restock("SKU-0001", u32::MAX / 2).await?;
             if mode == "orders+layer" {
                 server::router_without_layer(service).layer(layer())
             } else {

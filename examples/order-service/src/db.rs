@@ -1,0 +1,146 @@
+//! Where orders, stock, charges and idempotency records live: one SQLite file
+//! (the default) or one PostgreSQL database, and the schema in it.
+//!
+//! Ids are strings, as in the original service's API (`UserID string`,
+//! `ProductID string`). A database made by an earlier version of this example
+//! (numeric ids) is not rewritten: its three tables are renamed with a `_v1`
+//! suffix, kept for whoever wants them, and new tables are made beside them.
+
+use idem_runtime::{PostgresStore, SqliteStore};
+use sqlx::{Executor, Postgres, Sqlite, Transaction};
+
+use crate::OrderError;
+
+/// Where orders and idempotency records live.
+#[derive(Debug, Clone)]
+pub enum Db {
+    /// An SQLite file (the default) or in-memory database.
+    Sqlite(SqliteStore),
+    /// A PostgreSQL database.
+    Postgres(PostgresStore),
+}
+
+const SQLITE_SCHEMA: [&str; 3] = [
+    "CREATE TABLE IF NOT EXISTS orders (
+        id INTEGER PRIMARY KEY AUTOINCREMENT, user_id TEXT NOT NULL,
+        product_id TEXT NOT NULL, quantity INTEGER NOT NULL,
+        ship_to TEXT NOT NULL, total_cents INTEGER NOT NULL)",
+    "CREATE TABLE IF NOT EXISTS stock (product_id TEXT PRIMARY KEY, quantity INTEGER NOT NULL)",
+    "CREATE TABLE IF NOT EXISTS charges (
+        id INTEGER PRIMARY KEY AUTOINCREMENT, provider_key TEXT NOT NULL UNIQUE,
+        order_id INTEGER NOT NULL, amount_cents INTEGER NOT NULL)",
+];
+
+const POSTGRES_SCHEMA: [&str; 3] = [
+    "CREATE TABLE IF NOT EXISTS orders (
+        id BIGSERIAL PRIMARY KEY, user_id TEXT NOT NULL,
+        product_id TEXT NOT NULL, quantity INT NOT NULL,
+        ship_to TEXT NOT NULL, total_cents BIGINT NOT NULL)",
+    "CREATE TABLE IF NOT EXISTS stock (product_id TEXT PRIMARY KEY, quantity INT NOT NULL)",
+    "CREATE TABLE IF NOT EXISTS charges (
+        id BIGSERIAL PRIMARY KEY, provider_key TEXT NOT NULL UNIQUE,
+        order_id BIGINT NOT NULL, amount_cents BIGINT NOT NULL)",
+];
+
+/// The tables an earlier version made, renamed `<name>_v1` when found.
+const TABLES: [&str; 3] = ["orders", "stock", "charges"];
+
+impl Db {
+    /// Opens `url`: `sqlite://orders.db`, `sqlite::memory:` or `postgres://...`,
+    /// and creates the schema (records, orders, stock, charges).
+    pub async fn open(url: &str) -> Result<Db, OrderError> {
+        let db = if url.starts_with("postgres://") || url.starts_with("postgresql://") {
+            Db::Postgres(PostgresStore::connect(url).await?)
+        } else {
+            Db::Sqlite(SqliteStore::connect(url).await?)
+        };
+        db.migrate().await?;
+        Ok(db)
+    }
+
+    /// Which database this is, for display.
+    pub fn backend(&self) -> &'static str {
+        match self {
+            Db::Sqlite(_) => "SQLite",
+            Db::Postgres(_) => "PostgreSQL",
+        }
+    }
+
+    async fn migrate(&self) -> Result<(), OrderError> {
+        match self {
+            Db::Sqlite(s) => {
+                // One writer at a time: servers starting together on one file
+                // see the schema either before or after, never half-made.
+                let mut tx = s.pool().begin_with("BEGIN IMMEDIATE").await?;
+                let old: Option<String> = sqlx::query_scalar(
+                    "SELECT type FROM pragma_table_info('stock') WHERE name = 'product_id'",
+                )
+                .fetch_optional(&mut *tx)
+                .await?;
+                if old.is_some_and(|t| !t.eq_ignore_ascii_case("TEXT")) {
+                    rename_v1_sqlite(&mut tx).await?;
+                }
+                for ddl in SQLITE_SCHEMA {
+                    tx.execute(ddl).await?;
+                }
+                tx.commit().await?;
+            }
+            Db::Postgres(s) => {
+                let mut tx = s.pool().begin().await?;
+                // Servers starting together on one database take turns.
+                sqlx::query("SELECT pg_advisory_xact_lock(hashtext('order-service schema'))")
+                    .execute(&mut *tx)
+                    .await?;
+                let old: Option<String> = sqlx::query_scalar(
+                    "SELECT data_type::TEXT FROM information_schema.columns
+                     WHERE table_schema = current_schema() AND table_name = 'stock'
+                       AND column_name = 'product_id'",
+                )
+                .fetch_optional(&mut *tx)
+                .await?;
+                if old.is_some_and(|t| t != "text") {
+                    rename_v1_postgres(&mut tx).await?;
+                }
+                for ddl in POSTGRES_SCHEMA {
+                    tx.execute(ddl).await?;
+                }
+                tx.commit().await?;
+            }
+        }
+        Ok(())
+    }
+}
+
+async fn rename_v1_sqlite(tx: &mut Transaction<'_, Sqlite>) -> Result<(), sqlx::Error> {
+    for table in TABLES {
+        let exists: Option<i64> =
+            sqlx::query_scalar("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = ?1")
+                .bind(table)
+                .fetch_optional(&mut **tx)
+                .await?;
+        if exists.is_some() {
+            tracing::warn!(
+                table,
+                "numeric-id table of an earlier version kept as {table}_v1"
+            );
+            tx.execute(sqlx::AssertSqlSafe(format!(
+                "ALTER TABLE {table} RENAME TO {table}_v1"
+            )))
+            .await?;
+        }
+    }
+    Ok(())
+}
+
+async fn rename_v1_postgres(tx: &mut Transaction<'_, Postgres>) -> Result<(), sqlx::Error> {
+    tracing::warn!(
+        "numeric-id tables of an earlier version kept as orders_v1, stock_v1, charges_v1"
+    );
+    for table in TABLES {
+        tx.execute(sqlx::AssertSqlSafe(format!(
+            "ALTER TABLE IF EXISTS {table} RENAME TO {table}_v1"
+        )))
+        .await?;
+    }
+    Ok(())
+}

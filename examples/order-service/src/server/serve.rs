@@ -1,0 +1,218 @@
+//! Serving a router as a service people run would: request headers must
+//! arrive within a limit (which also closes idle keep-alive connections),
+//! bodies within another and up to a size, connections are capped, and
+//! shutdown lets the requests in flight finish.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::body::Body;
+use axum::extract::{Request, State};
+use axum::http::{header, HeaderValue, StatusCode};
+use axum::middleware::Next;
+use axum::response::Response;
+use axum::Router;
+use http_body_util::{BodyExt as _, LengthLimitError, Limited};
+use hyper_util::rt::{TokioIo, TokioTimer};
+use hyper_util::service::TowerToHyperService;
+use idem_runtime::Reaper;
+use tokio::net::TcpListener;
+use tokio::sync::{watch, Semaphore};
+use tokio::task::{JoinHandle, JoinSet};
+
+use super::problem;
+
+/// What one server accepts, and how often it purges expired records.
+#[derive(Debug, Clone, Copy)]
+pub struct Settings {
+    /// How long a client may take to send a request's headers, and how long
+    /// an idle keep-alive connection stays open.
+    pub header_read: Duration,
+    /// How long a client may take to send a request's body (408 after it).
+    pub body_read: Duration,
+    /// The largest request body (413 above it, before it is read when the
+    /// length is declared).
+    pub max_body: usize,
+    /// How many connections are served at once; more wait to be accepted.
+    pub max_connections: usize,
+    /// How often [`start`](super::start) purges expired records (1,000 at a time).
+    pub reap_every: Duration,
+}
+
+impl Default for Settings {
+    /// Headers in 10 s, bodies of up to 1 MiB in 10 s, 1,024 connections;
+    /// expired records purged every minute.
+    fn default() -> Self {
+        Settings {
+            header_read: Duration::from_secs(10),
+            body_read: Duration::from_secs(10),
+            max_body: 1 << 20,
+            max_connections: 1_024,
+            reap_every: Duration::from_secs(60),
+        }
+    }
+}
+
+/// A server running in this process.
+#[derive(Debug)]
+pub struct Running {
+    addr: SocketAddr,
+    stop: watch::Sender<bool>,
+    task: JoinHandle<std::io::Result<()>>,
+    reapers: Vec<Reaper>,
+}
+
+impl Running {
+    /// The address it listens on.
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// Its base URL, `http://127.0.0.1:PORT`.
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    /// Purges expired records in `reaper`'s store until the server stops.
+    pub fn with_reaper(mut self, reaper: Reaper) -> Self {
+        self.reapers.push(reaper);
+        self
+    }
+
+    /// Stops accepting connections, lets requests in flight finish, closes
+    /// idle connections, stops the reapers, and waits.
+    pub async fn stop(self) -> std::io::Result<()> {
+        let _ = self.stop.send(true);
+        let served = self.task.await.map_err(std::io::Error::other)?;
+        for reaper in self.reapers {
+            if let Err(e) = reaper.shutdown().await {
+                tracing::warn!(error = %e, "the record reaper failed");
+            }
+        }
+        served
+    }
+}
+
+/// Starts `app` on `addr` (`127.0.0.1:0` picks a free port) within `settings`.
+pub async fn start_with(addr: &str, app: Router, settings: Settings) -> std::io::Result<Running> {
+    let listener = TcpListener::bind(addr).await?;
+    let addr = listener.local_addr()?;
+    let app = app.layer(axum::middleware::from_fn_with_state(settings, read_body));
+    let (stop, stopped) = watch::channel(false);
+    let task = tokio::spawn(accept(listener, app, settings, stopped));
+    Ok(Running {
+        addr,
+        stop,
+        task,
+        reapers: Vec::new(),
+    })
+}
+
+async fn accept(
+    listener: TcpListener,
+    app: Router,
+    settings: Settings,
+    mut stopped: watch::Receiver<bool>,
+) -> std::io::Result<()> {
+    let permits = Arc::new(Semaphore::new(settings.max_connections.max(1)));
+    let mut connections = JoinSet::new();
+    loop {
+        let permit = tokio::select! {
+            permit = Arc::clone(&permits).acquire_owned() => permit.map_err(std::io::Error::other)?,
+            () = stop_requested(&mut stopped) => break,
+        };
+        let stream = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok((stream, _)) => stream,
+                // Out of file descriptors and the like: wait, then go on.
+                Err(e) => {
+                    tracing::warn!(error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+            () = stop_requested(&mut stopped) => break,
+        };
+        let service = TowerToHyperService::new(app.clone());
+        let mut stopped = stopped.clone();
+        connections.spawn(async move {
+            let _permit = permit;
+            let connection = hyper::server::conn::http1::Builder::new()
+                .timer(TokioTimer::new())
+                .header_read_timeout(settings.header_read)
+                .serve_connection(TokioIo::new(stream), service)
+                .with_upgrades();
+            tokio::pin!(connection);
+            tokio::select! {
+                _ = connection.as_mut() => {}
+                () = stop_requested(&mut stopped) => {
+                    connection.as_mut().graceful_shutdown();
+                    let _ = connection.await;
+                }
+            }
+        });
+        while connections.try_join_next().is_some() {}
+    }
+    drop(listener);
+    while connections.join_next().await.is_some() {}
+    Ok(())
+}
+
+/// Reads the whole body within the settings before the routes (and the
+/// idempotency layer) see the request: 413 for a body over the limit (before
+/// reading it, when its length is declared), 408 for one that does not arrive
+/// in time. Both close the connection.
+async fn read_body(State(settings): State<Settings>, request: Request, next: Next) -> Response {
+    let (parts, body) = request.into_parts();
+    let declared = parts
+        .headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok()?.parse::<u64>().ok());
+    let too_large = || {
+        closing(problem(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "body-too-large",
+            format!("request bodies are limited to {} bytes", settings.max_body),
+        ))
+    };
+    if declared.is_some_and(|n| n > settings.max_body as u64) {
+        return too_large();
+    }
+    let read = Limited::new(body, settings.max_body).collect();
+    let bytes = match tokio::time::timeout(settings.body_read, read).await {
+        Ok(Ok(collected)) => collected.to_bytes(),
+        Ok(Err(e)) if e.downcast_ref::<LengthLimitError>().is_some() => return too_large(),
+        Ok(Err(_)) => {
+            return closing(problem(
+                StatusCode::BAD_REQUEST,
+                "body-unreadable",
+                "the request body could not be read",
+            ))
+        }
+        Err(_) => {
+            return closing(problem(
+                StatusCode::REQUEST_TIMEOUT,
+                "body-timeout",
+                format!(
+                    "the request body did not arrive within {} s",
+                    settings.body_read.as_secs_f64()
+                ),
+            ))
+        }
+    };
+    next.run(Request::from_parts(parts, Body::from(bytes)))
+        .await
+}
+
+/// Returns once the server is asked to stop (or its handle is gone).
+async fn stop_requested(stopped: &mut watch::Receiver<bool>) {
+    let _ = stopped.wait_for(|stop| *stop).await;
+}
+
+fn closing(mut response: Response) -> Response {
+    response
+        .headers_mut()
+        .insert(header::CONNECTION, HeaderValue::from_static("close"));
+    response
+}

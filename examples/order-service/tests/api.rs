@@ -1,0 +1,439 @@
+//! The order API as the original service defines it (issue 13, part 2): string
+//! ids, problems for every refusal (never quoting the input), unknown products,
+//! the bearer scheme in any case, and a server that closes idle and stalled
+//! connections, purges expired records and honours `RUST_LOG`.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use idem_runtime::{Claim, ClaimRequest, RecordState, Store};
+use order_service::payments::CARD_OK;
+use order_service::server::{self, Running, Settings};
+use order_service::{Db, OrderService};
+use reqwest::StatusCode;
+use serde_json::{json, Value};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+fn unique() -> String {
+    static NEXT: AtomicU64 = AtomicU64::new(0);
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_nanos();
+    format!("{nanos}-{}", NEXT.fetch_add(1, Ordering::SeqCst))
+}
+
+fn sqlite_file() -> String {
+    let dir = std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!("api-{}", unique()));
+    std::fs::create_dir_all(&dir).unwrap();
+    format!("sqlite://{}/orders.db", dir.display())
+}
+
+async fn start_with(settings: Settings, key_store: Option<&str>) -> (Running, OrderService) {
+    let service = OrderService::new(Db::open(&sqlite_file()).await.unwrap());
+    service.seed_catalogue().await.unwrap();
+    let keys = server::key_store(key_store, service.db()).await.unwrap();
+    let running = server::start_service("127.0.0.1:0", service.clone(), keys, settings)
+        .await
+        .unwrap();
+    (running, service)
+}
+
+async fn start() -> (Running, OrderService) {
+    start_with(Settings::default(), None).await
+}
+
+async fn send(base: &str, path: &str, auth: &str, key: &str, body: Vec<u8>) -> (u16, bool, Value) {
+    let r = reqwest::Client::new()
+        .post(format!("{base}{path}"))
+        .header("Authorization", auth)
+        .header("Idempotency-Key", key)
+        .header("content-type", "application/json")
+        .body(body)
+        .send()
+        .await
+        .unwrap();
+    let status = r.status().as_u16();
+    let replayed = r.headers().contains_key("idempotent-replayed");
+    let problem = r
+        .headers()
+        .get("content-type")
+        .is_some_and(|v| v == "application/problem+json");
+    let bytes = r.bytes().await.unwrap();
+    let value = serde_json::from_slice(&bytes).unwrap_or(Value::Null);
+    if status >= 400 {
+        assert!(problem, "{status} is problem+json: {bytes:?}");
+        assert!(bytes.len() < 1024, "a short problem: {} bytes", bytes.len());
+    }
+    (status, replayed, value)
+}
+
+fn body(v: &Value) -> Vec<u8> {
+    serde_json::to_vec(v).unwrap()
+}
+
+#[tokio::test]
+async fn the_original_request_shape_runs_end_to_end() {
+    let (running, service) = start().await;
+    let base = running.url();
+    let user = format!("user-{}", unique());
+    let order = json!({ "user_id": user, "product_id": "SKU-0003", "quantity": 2 });
+    let (status, _, created) = send(&base, "/orders", "Bearer ann", "o-1", body(&order)).await;
+    assert_eq!(status, 201, "{created}");
+    assert_eq!(created["user_id"], user.as_str());
+    assert_eq!(created["product_id"], "SKU-0003");
+    assert_eq!(created["quantity"], 2);
+    // The id exactly as POST /orders returned it.
+    let payment = json!({ "order_id": created["id"], "amount_cents": 3998, "card": CARD_OK });
+    let (status, _, charge) = send(&base, "/payments", "Bearer ann", "p-1", body(&payment)).await;
+    assert_eq!(status, 201, "{charge}");
+    assert_eq!(charge["order_id"], created["id"]);
+    let got: Value = reqwest::get(format!("{base}/orders/{}", created["id"]))
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(got, created);
+    assert_eq!(service.orders_of(&[&user]).await.unwrap(), 1);
+    running.stop().await.unwrap();
+}
+
+#[tokio::test]
+async fn every_bad_body_is_a_problem_that_quotes_nothing_and_keeps_the_key_free() {
+    let (running, service) = start().await;
+    let base = running.url();
+    let huge = "Z".repeat(500_000);
+    let cases: Vec<(Vec<u8>, u16, &str)> = vec![
+        (b"{not json".to_vec(), 400, "JSON"),
+        (b"".to_vec(), 400, "JSON"),
+        (b"[]".to_vec(), 400, "object"),
+        (
+            body(&json!({ "user_id": 1, "product_id": "SKU-0001", "quantity": 1 })),
+            422,
+            "user_id",
+        ),
+        (
+            body(&json!({ "user_id": huge, "product_id": "SKU-0001", "quantity": 1 })),
+            422,
+            "user_id",
+        ),
+        (
+            body(&json!({ "user_id": "u", "product_id": huge, "quantity": 1 })),
+            422,
+            "product_id",
+        ),
+        (
+            body(&json!({ "user_id": "u", "quantity": 1 })),
+            422,
+            "product_id",
+        ),
+        (
+            body(&json!({ "user_id": "u", "product_id": "SKU-0001", "quantity": 0 })),
+            422,
+            "quantity",
+        ),
+        (
+            body(
+                &json!({ "user_id": "u", "product_id": "SKU-0001", "quantity": 3_000_000_000u64 }),
+            ),
+            422,
+            "quantity",
+        ),
+        (
+            br#"{"user_id":"u","product_id":"SKU-0001","quantity":1e400}"#.to_vec(),
+            400,
+            "JSON",
+        ),
+        (
+            body(&json!({ "user_id": "u", "product_id": "SKU-0001", "quantity": "1" })),
+            422,
+            "quantity",
+        ),
+        (
+            body(
+                &json!({ "user_id": "u", "product_id": "SKU-0001", "quantity": 1, "ship_to": huge }),
+            ),
+            422,
+            "ship_to",
+        ),
+    ];
+    for (n, (bad, status, field)) in cases.into_iter().enumerate() {
+        let key = format!("bad-{n}");
+        let (got, _, problem) = send(&base, "/orders", "Bearer ann", &key, bad).await;
+        assert_eq!(got, status, "case {n}: {problem}");
+        let detail = problem["detail"].as_str().unwrap();
+        assert!(detail.contains(field), "case {n}: {detail}");
+        assert!(!detail.contains("ZZZ"), "case {n} quotes the input");
+        // Refusals are not stored: the corrected request under the same key runs.
+        let good =
+            json!({ "user_id": format!("fixed-{n}"), "product_id": "SKU-0001", "quantity": 1 });
+        let (got, replayed, _) = send(&base, "/orders", "Bearer ann", &key, body(&good)).await;
+        assert_eq!(
+            (got, replayed),
+            (201, false),
+            "case {n}: the key stayed free"
+        );
+    }
+    let bad_pay = json!({ "order_id": "1", "amount_cents": 5, "card": CARD_OK });
+    let (got, _, problem) = send(&base, "/payments", "Bearer ann", "bad-pay", body(&bad_pay)).await;
+    assert_eq!(got, 422, "{problem}");
+    assert_eq!(service.orders_of(&["u"]).await.unwrap(), 0);
+    running.stop().await.unwrap();
+}
+
+#[tokio::test]
+async fn an_unknown_product_is_404_and_an_empty_one_409() {
+    let (running, service) = start().await;
+    let base = running.url();
+    let unknown = json!({ "user_id": "u", "product_id": "SKU-9999", "quantity": 1 });
+    let (status, _, problem) = send(&base, "/orders", "Bearer ann", "k-1", body(&unknown)).await;
+    assert_eq!(status, 404, "{problem}");
+    assert_eq!(problem["type"], "urn:order-service:product-not-found");
+    service.restock("SKU-EMPTY", 0).await.unwrap();
+    let empty = json!({ "user_id": "u", "product_id": "SKU-EMPTY", "quantity": 1 });
+    let (status, _, problem) = send(&base, "/orders", "Bearer ann", "k-2", body(&empty)).await;
+    assert_eq!(status, 409, "{problem}");
+    assert_eq!(problem["type"], "urn:order-service:out-of-stock");
+    // The product appears: the same key runs (a 404 is not stored).
+    service.restock("SKU-9999", 5).await.unwrap();
+    let (status, _, _) = send(&base, "/orders", "Bearer ann", "k-1", body(&unknown)).await;
+    assert_eq!(status, 201);
+    running.stop().await.unwrap();
+}
+
+/// One payment key sent with `Bearer`, `bearer` and `BEARER` is one payment:
+/// the card is charged once (before, three scopes and three charges).
+#[tokio::test]
+async fn the_bearer_scheme_is_case_insensitive_and_one_key_charges_once() {
+    let (running, service) = start().await;
+    let base = running.url();
+    let user = format!("user-{}", unique());
+    let order = json!({ "user_id": user, "product_id": "SKU-0001", "quantity": 1 });
+    let (_, _, created) = send(&base, "/orders", "Bearer ann", "o", body(&order)).await;
+    let payment = json!({ "order_id": created["id"], "amount_cents": 1999, "card": CARD_OK });
+    let mut first = None;
+    for auth in [
+        "Bearer ann",
+        "bearer ann",
+        "BEARER ann",
+        "bEaReR   ann.refreshed",
+    ] {
+        let (status, replayed, charge) =
+            send(&base, "/payments", auth, "pay", body(&payment)).await;
+        assert_eq!(status, 201, "{auth}: {charge}");
+        assert_eq!(replayed, first.is_some(), "{auth}");
+        assert_eq!(first.get_or_insert(charge.clone()), &charge);
+    }
+    assert_eq!(service.charges_of(&[&user]).await.unwrap(), 1);
+    for auth in ["", "Basic YW5uOng=", "Bearer", "Bearer   ", "Bearerann"] {
+        let (status, _, _) = send(&base, "/payments", auth, "pay", body(&payment)).await;
+        assert_eq!(status, 401, "{auth:?}");
+    }
+    running.stop().await.unwrap();
+}
+
+#[tokio::test]
+async fn unknown_routes_wrong_methods_and_a_lost_database_are_problems() {
+    let (running, service) = start_with(Settings::default(), Some("memory")).await;
+    let base = running.url();
+    let client = reqwest::Client::new();
+    for (method, path, status) in [
+        (reqwest::Method::GET, "/nowhere", 404),
+        (reqwest::Method::DELETE, "/orders", 405),
+        (reqwest::Method::GET, "/orders/not-a-number", 404),
+    ] {
+        let r = client
+            .request(method, format!("{base}{path}"))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status().as_u16(), status, "{path}");
+        assert_eq!(
+            r.headers()["content-type"],
+            "application/problem+json",
+            "{path}"
+        );
+    }
+    // The orders' database goes away; the key store (memory) stays.
+    let Db::Sqlite(store) = service.db() else {
+        unreachable!()
+    };
+    store.pool().close().await;
+    let order = json!({ "user_id": "u", "product_id": "SKU-0001", "quantity": 1 });
+    let r = client
+        .post(format!("{base}/orders"))
+        .header("Authorization", "Bearer ann")
+        .header("Idempotency-Key", "gone")
+        .json(&order)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(r.headers()["retry-after"], "1");
+    let text = r.text().await.unwrap();
+    assert!(!text.contains("pool"), "no internals: {text}");
+    running.stop().await.unwrap();
+}
+
+/// Reads until the server closes the connection; what it sent before.
+async fn until_closed(stream: &mut tokio::net::TcpStream) -> String {
+    let mut out = Vec::new();
+    tokio::time::timeout(Duration::from_secs(20), stream.read_to_end(&mut out))
+        .await
+        .expect("the server closed the connection")
+        .unwrap();
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+#[tokio::test]
+async fn idle_and_stalled_connections_are_closed() {
+    let settings = Settings {
+        header_read: Duration::from_millis(300),
+        body_read: Duration::from_millis(300),
+        ..Settings::default()
+    };
+    let (running, _) = start_with(settings, None).await;
+    let addr = running.addr();
+    // A connection that never sends anything.
+    let mut idle = tokio::net::TcpStream::connect(addr).await.unwrap();
+    assert_eq!(until_closed(&mut idle).await, "");
+    // Headers that never finish.
+    let mut slow = tokio::net::TcpStream::connect(addr).await.unwrap();
+    slow.write_all(b"POST /orders HTTP/1.1\r\nHost: x\r\n")
+        .await
+        .unwrap();
+    until_closed(&mut slow).await;
+    // A body that stalls: 408, and the connection is closed.
+    let mut stalled = tokio::net::TcpStream::connect(addr).await.unwrap();
+    stalled
+        .write_all(b"POST /orders HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer ann\r\nIdempotency-Key: s\r\nContent-Length: 100\r\n\r\n{\"user")
+        .await
+        .unwrap();
+    let answer = until_closed(&mut stalled).await;
+    assert!(answer.starts_with("HTTP/1.1 408"), "{answer}");
+    assert!(answer.contains("application/problem+json"), "{answer}");
+    // A keep-alive connection is closed once idle, after its answer.
+    let mut kept = tokio::net::TcpStream::connect(addr).await.unwrap();
+    kept.write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+        .await
+        .unwrap();
+    let answer = until_closed(&mut kept).await;
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    // A declared body over the limit is refused before it is sent.
+    let mut big = tokio::net::TcpStream::connect(addr).await.unwrap();
+    big.write_all(b"POST /orders HTTP/1.1\r\nHost: x\r\nContent-Length: 2000000\r\n\r\n")
+        .await
+        .unwrap();
+    let answer = until_closed(&mut big).await;
+    assert!(answer.starts_with("HTTP/1.1 413"), "{answer}");
+    running.stop().await.unwrap();
+}
+
+#[tokio::test]
+async fn expired_records_are_purged_while_the_server_runs() {
+    let settings = Settings {
+        reap_every: Duration::from_millis(20),
+        ..Settings::default()
+    };
+    let (running, service) = start_with(settings, None).await;
+    let Db::Sqlite(store) = service.db() else {
+        unreachable!()
+    };
+    let key = format!("expiring-{}", unique());
+    let Claim::Acquired { token, .. } = store
+        .claim(ClaimRequest {
+            key: &key,
+            fingerprint: None,
+            lease: Duration::from_secs(30),
+        })
+        .await
+        .unwrap()
+    else {
+        panic!("a fresh key")
+    };
+    store
+        .complete(&key, token, b"{\"ok\":1}", Duration::from_millis(1))
+        .await
+        .unwrap();
+    let count = |pool: sqlx::SqlitePool, key: String| async move {
+        sqlx::query_scalar::<_, i64>(sqlx::AssertSqlSafe(format!(
+            "SELECT count(*) FROM {} WHERE key = ?1",
+            "idem_records"
+        )))
+        .bind(key)
+        .fetch_one(&pool)
+        .await
+        .unwrap()
+    };
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    while count(store.pool().clone(), key.clone()).await > 0 {
+        assert!(tokio::time::Instant::now() < deadline, "never purged");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(store
+        .get(&key)
+        .await
+        .unwrap()
+        .is_none_or(|r| r.state != RecordState::Completed));
+    running.stop().await.unwrap();
+}
+
+/// `order-service serve` logs as `RUST_LOG` says: nothing with `off`, the
+/// layer's warnings with `warn`.
+#[tokio::test]
+async fn rust_log_is_honoured() {
+    for (filter, expect_lines) in [("off", false), ("warn", true)] {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let addr = format!("127.0.0.1:{port}");
+        let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_order-service"))
+            .args([
+                "serve",
+                "--addr",
+                &addr,
+                "--db",
+                &sqlite_file(),
+                "--key-store",
+                "memory",
+            ])
+            .env("RUST_LOG", filter)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::piped())
+            .kill_on_drop(true)
+            .spawn()
+            .unwrap();
+        let base = format!("http://{addr}");
+        let mut up = false;
+        for _ in 0..300 {
+            if reqwest::get(format!("{base}/healthz")).await.is_ok() {
+                up = true;
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        assert!(up, "order-service serve came up");
+        // The same key with another body: the layer warns "key reused".
+        let order = |q: u32| json!({ "user_id": "u", "product_id": "SKU-0001", "quantity": q });
+        send(&base, "/orders", "Bearer ann", "k", body(&order(1))).await;
+        let (status, _, _) = send(&base, "/orders", "Bearer ann", "k", body(&order(2))).await;
+        assert_eq!(status, 422);
+        child.start_kill().unwrap();
+        let mut stderr = String::new();
+        child
+            .stderr
+            .take()
+            .unwrap()
+            .read_to_string(&mut stderr)
+            .await
+            .unwrap();
+        assert_eq!(
+            !stderr.is_empty(),
+            expect_lines,
+            "RUST_LOG={filter}: {stderr}"
+        );
+    }
+}
