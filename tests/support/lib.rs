@@ -14,6 +14,7 @@ use idem_runtime::{
 };
 use sqlx::{AssertSqlSafe, Postgres, Sqlite, Transaction};
 
+pub mod effects;
 pub mod hooked;
 pub mod logs;
 pub mod nats;

@@ -2,7 +2,6 @@
 //! same transaction as its idempotency record (`process_in_tx`). Run by the
 //! NATS tests in-process and, to be SIGKILLed mid-batch, in `idem-test-worker`.
 
-use std::ops::ControlFlow;
 use std::time::Duration;
 
 use async_nats::jetstream::consumer::{pull, AckPolicy, PullConsumer};
@@ -11,7 +10,6 @@ use futures_util::StreamExt as _;
 use idem_runtime::message::nats::JetStream;
 use idem_runtime::message::{Deduplicator, MessageId, Outcome, ProcessError};
 use idem_runtime::{Error, PostgresStore};
-use sqlx::AssertSqlSafe;
 
 /// The NATS server the tests use: `IDEM_NATS_URL`, or the local one.
 pub fn nats_url() -> String {
@@ -250,35 +248,14 @@ pub struct Effects {
     /// The consumer side: deduplicator and acks.
     pub consumer: JetStream,
     /// What became of the deliveries this process handled.
-    pub tally: Tally,
-}
-
-/// Deliveries by outcome.
-#[derive(Debug, Default)]
-pub struct Tally {
-    /// Processed now.
-    pub processed: std::sync::atomic::AtomicUsize,
-    /// Acknowledged as duplicates.
-    pub duplicates: std::sync::atomic::AtomicUsize,
-    /// Nak'ed: another delivery was in progress.
-    pub in_progress: std::sync::atomic::AtomicUsize,
-    /// Nak'ed: the handler failed (or the store).
-    pub failed: std::sync::atomic::AtomicUsize,
+    pub tally: crate::effects::Tally,
 }
 
 impl Effects {
     /// Connects, creates `table`, and keys messages in the namespace `namespace`
     /// (every consumer of one test shares it, and no other test run does).
     pub async fn setup(table: &str, namespace: &str) -> Self {
-        let store = PostgresStore::connect(&crate::postgres_url())
-            .await
-            .expect("connect to PostgreSQL");
-        sqlx::query(AssertSqlSafe(format!(
-            "CREATE TABLE IF NOT EXISTS {table} (msg_id TEXT NOT NULL, pid BIGINT NOT NULL)"
-        )))
-        .execute(store.pool())
-        .await
-        .expect("create effects table");
+        let store = crate::effects::table(table).await;
         let dedup = Deduplicator::new(store.clone(), namespace).lease(Duration::from_secs(5));
         let consumer = JetStream::new(dedup)
             .progress_every(None)
@@ -287,20 +264,14 @@ impl Effects {
             store,
             table: table.to_owned(),
             consumer,
-            tally: Tally::default(),
+            tally: crate::effects::Tally::default(),
         }
     }
 
     /// Handles one delivery: the effect and the record commit together.
     pub async fn handle(&self, message: &Message) -> Result<Outcome<()>, ProcessError<Error>> {
         let out = self.handle_once(message).await;
-        let counter = match &out {
-            Ok(Outcome::Processed(())) => &self.tally.processed,
-            Ok(Outcome::Duplicate) => &self.tally.duplicates,
-            Ok(_) => &self.tally.in_progress,
-            Err(_) => &self.tally.failed,
-        };
-        counter.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        self.tally.record(&out);
         out
     }
 
@@ -309,42 +280,11 @@ impl Effects {
             .ok()
             .and_then(|p| p.parse().ok())
             .unwrap_or(0);
-        let delivered = message.info().map(|i| i.delivered).unwrap_or(1);
-        let table = &self.table;
+        let first = message.info().map(|i| i.delivered).unwrap_or(1) == 1;
+        let dedup = self.consumer.deduplicator();
         self.consumer
             .handle_with(message, async |id: &MessageId| {
-                let db = |e: sqlx::Error| ProcessError::Idempotency(Error::store(e));
-                let mut tx = self.store.pool().begin().await.map_err(db)?;
-                let dedup = self.consumer.deduplicator();
-                let claim = match dedup.begin_in_tx(&self.store, &mut tx, id).await {
-                    ControlFlow::Continue(claim) => claim,
-                    ControlFlow::Break(done) => return done,
-                };
-                let result = async {
-                    if delivered == 1 && n % 10 == 3 {
-                        return Err(Error::store("a flaky handler failed on purpose"));
-                    }
-                    if delivered == 1 && n % 50 == 7 {
-                        tokio::time::sleep(Duration::from_millis(1500)).await;
-                    }
-                    sqlx::query(AssertSqlSafe(format!(
-                        "INSERT INTO {table} (msg_id, pid) VALUES ($1, $2)"
-                    )))
-                    .bind(id.to_string())
-                    .bind(i64::from(std::process::id()))
-                    .execute(&mut *tx)
-                    .await
-                    .map_err(Error::store)?;
-                    Ok(())
-                }
-                .await;
-                let out = dedup
-                    .finish_in_tx(&self.store, &mut tx, claim, result)
-                    .await;
-                if let Ok(Outcome::Processed(())) = out {
-                    tx.commit().await.map_err(db)?;
-                }
-                out
+                crate::effects::apply(&self.store, &self.table, dedup, id, n, first).await
             })
             .await
     }
@@ -360,13 +300,6 @@ impl Effects {
 
     /// `(distinct messages with an effect, most effects of one message, effects)`.
     pub async fn counts(&self) -> (i64, i64, i64) {
-        sqlx::query_as(AssertSqlSafe(format!(
-            "SELECT count(DISTINCT msg_id), coalesce(max(c), 0), coalesce(sum(c), 0)::BIGINT
-             FROM (SELECT msg_id, count(*) AS c FROM {} GROUP BY msg_id) per",
-            self.table
-        )))
-        .fetch_one(self.store.pool())
-        .await
-        .expect("count effects")
+        crate::effects::counts(&self.store, &self.table).await
     }
 }
