@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Runs idem's whole test suite: formatting, lints, docs, and every test.
 #
-# Tests talk to real servers on 127.0.0.1 (PostgreSQL, Redis, NATS JetStream).
+# Tests talk to real servers on 127.0.0.1 (PostgreSQL, Redis, NATS JetStream,
+# a Kafka-protocol broker).
 # Each is checked first; one that is not running is installed from Debian's
 # packages if missing, then started. Run from anywhere: ./scripts/test.sh
 set -euo pipefail
@@ -80,10 +81,28 @@ ensure_nats() {
     echo "nats: started"
 }
 
+# A Kafka-protocol broker: tansu (crates.io), built once outside the workspace's
+# target dir (about 15 minutes on 2 cores), in-memory storage.
+TANSU_VERSION=0.6.0
+ensure_kafka() {
+    if port_open 9092; then echo "kafka (tansu): running"; return; fi
+    if ! command -v tansu >/dev/null; then
+        echo "kafka: building tansu $TANSU_VERSION (once)"
+        CARGO_TARGET_DIR=/var/tmp/tansu-build cargo install tansu --version "$TANSU_VERSION" \
+            --locked --features dynostore --quiet
+    fi
+    mkdir -p /var/log
+    nohup tansu broker --listener-url tcp://127.0.0.1:9092 --advertised-listener-url tcp://127.0.0.1:9092 \
+        --storage-engine memory://tansu/ >/var/log/tansu.log 2>&1 &
+    wait_for kafka port_open 9092
+    echo "kafka (tansu): started"
+}
+
 log "services"
 ensure_postgres
 ensure_redis
 ensure_nats
+ensure_kafka
 ./scripts/redis-cluster.sh start
 
 log "cargo fmt --check"

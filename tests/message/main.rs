@@ -3,6 +3,8 @@
 //! SIGKILLed consumer process; fallback ids across recreated streams; a
 //! server of the test's own restarted under a running consumer.
 
+mod kafka;
 mod nats;
+mod records;
 mod recreated;
 mod restart;

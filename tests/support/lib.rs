@@ -16,6 +16,7 @@ use sqlx::{AssertSqlSafe, Postgres, Sqlite, Transaction};
 
 pub mod effects;
 pub mod hooked;
+pub mod kafka;
 pub mod logs;
 pub mod nats;
 

@@ -7,7 +7,8 @@
 //! `cargo run -p consumer` runs [`demo`]: it publishes a batch of payment events
 //! to the local NATS server (some of them twice, on purpose, and one whose first
 //! delivery fails), consumes them, and prints what it processed and what it
-//! skipped.
+//! skipped. `-- --broker kafka://127.0.0.1:9092` runs the same on Kafka
+//! ([`kafka::demo`]).
 
 use std::fmt;
 use std::ops::ControlFlow;
@@ -22,6 +23,8 @@ use idem_runtime::message::{Deduplicator, MessageId, Outcome, ProcessError};
 use idem_runtime::{Error, SqliteStore};
 use order_service::Db;
 use serde::{Deserialize, Serialize};
+
+pub mod kafka;
 
 /// The stream the payment events are published to.
 pub const STREAM: &str = "PAYMENTS";
@@ -56,6 +59,9 @@ pub enum ConsumerError {
     /// Only SQLite databases are supported by this example.
     #[error("the consumer example records into SQLite (`sqlite://…`); got {0}")]
     NotSqlite(String),
+    /// Kafka failed.
+    #[error("kafka: {0}")]
+    Kafka(String),
     /// The events did not all arrive in time.
     #[error("timed out waiting for {0} events")]
     Timeout(usize),
@@ -112,45 +118,63 @@ impl Recorder {
             .await
     }
 
-    /// Handles one delivery: records it (in one transaction with its
-    /// idempotency record), or skips it as a duplicate, then acks or naks it.
+    /// Handles one JetStream delivery: records it (see [`record`](Self::record)),
+    /// then acks or naks it.
     pub async fn handle(&self, message: &Message) -> Result<Outcome<()>, ProcessError<String>> {
         self.consumer
             .handle_with(message, async |id: &MessageId| {
-                let db = |e: sqlx::Error| ProcessError::Idempotency(Error::store(e));
-                let mut tx = self.store.pool().begin().await.map_err(db)?;
-                let dedup = self.consumer.deduplicator();
-                let claim = match dedup.begin_in_tx(&self.store, &mut tx, id).await {
-                    ControlFlow::Continue(claim) => claim,
-                    ControlFlow::Break(done) => return done,
-                };
-                let result = async {
-                    if let Some((failing, armed)) = &self.fail_once {
-                        if id.given() == Some(failing.as_str()) && armed.swap(false, Ordering::SeqCst) {
-                            return Err("the ledger was briefly unavailable".to_owned());
-                        }
-                    }
-                    let event: PaymentEvent = serde_json::from_slice(&message.payload)
-                        .map_err(|e| format!("not a payment event: {e}"))?;
-                    sqlx::query(
-                        "INSERT INTO recorded_payments (payment_id, order_id, amount_cents) VALUES (?1, ?2, ?3)",
-                    )
-                    .bind(&event.payment_id)
-                    .bind(event.order_id)
-                    .bind(event.amount_cents)
-                    .execute(&mut *tx)
-                    .await
-                    .map_err(|e| format!("could not record the payment: {e}"))?;
-                    Ok(())
-                }
-                .await;
-                let out = dedup.finish_in_tx(&self.store, &mut tx, claim, result).await;
-                if let Ok(Outcome::Processed(())) = out {
-                    tx.commit().await.map_err(db)?;
-                }
-                out
+                self.record(id, &message.payload).await
             })
             .await
+    }
+
+    /// Records the payment event `payload` under the message id `id`, in one
+    /// transaction with its idempotency record, or skips it as a duplicate;
+    /// whatever the broker.
+    pub async fn record(
+        &self,
+        id: &MessageId,
+        payload: &[u8],
+    ) -> Result<Outcome<()>, ProcessError<String>> {
+        let db = |e: sqlx::Error| ProcessError::Idempotency(Error::store(e));
+        let mut tx = self.store.pool().begin().await.map_err(db)?;
+        let dedup = self.consumer.deduplicator();
+        let claim = match dedup.begin_in_tx(&self.store, &mut tx, id).await {
+            ControlFlow::Continue(claim) => claim,
+            ControlFlow::Break(done) => return done,
+        };
+        let result = async {
+            if let Some((failing, armed)) = &self.fail_once {
+                if id.given() == Some(failing.as_str()) && armed.swap(false, Ordering::SeqCst) {
+                    return Err("the ledger was briefly unavailable".to_owned());
+                }
+            }
+            let event: PaymentEvent = serde_json::from_slice(payload)
+                .map_err(|e| format!("not a payment event: {e}"))?;
+            sqlx::query(
+                "INSERT INTO recorded_payments (payment_id, order_id, amount_cents) VALUES (?1, ?2, ?3)",
+            )
+            .bind(&event.payment_id)
+            .bind(event.order_id)
+            .bind(event.amount_cents)
+            .execute(&mut *tx)
+            .await
+            .map_err(|e| format!("could not record the payment: {e}"))?;
+            Ok(())
+        }
+        .await;
+        let out = dedup
+            .finish_in_tx(&self.store, &mut tx, claim, result)
+            .await;
+        if let Ok(Outcome::Processed(())) = out {
+            tx.commit().await.map_err(db)?;
+        }
+        out
+    }
+
+    /// The deduplicator (namespace [`CONSUMER`]), for other brokers' adapters.
+    pub fn deduplicator(&self) -> &Deduplicator {
+        self.consumer.deduplicator()
     }
 }
 
@@ -220,23 +244,38 @@ impl Report {
     }
 }
 
-/// Publishes 8 payment events of this run, publishes 3 of them again (after
-/// JetStream's duplicate window, so they reach the consumer), makes the first
-/// delivery of one fail, and consumes until all 11 messages are done.
-pub async fn demo(nats_url: &str, db_url: &str) -> Result<Report, ConsumerError> {
-    let js = jetstream::new(async_nats::connect(nats_url).await.map_err(nats)?);
-    let consumer = setup(&js).await?;
+/// This run's id and its 8 payment events.
+pub fn events() -> (u128, Vec<PaymentEvent>) {
     let run = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_millis())
         .unwrap_or(0);
-    let events: Vec<PaymentEvent> = (1..=8)
+    let events = (1..=8)
         .map(|i| PaymentEvent {
             payment_id: format!("pay-{run}-{i}"),
             order_id: i,
             amount_cents: 1_999 * i,
         })
         .collect();
+    (run, events)
+}
+
+/// Runs the demo on the broker `url`: `nats://HOST:PORT` (or a bare
+/// `HOST:PORT`) or `kafka://HOST:PORT`.
+pub async fn demo_on(url: &str, db_url: &str) -> Result<Report, ConsumerError> {
+    match url.strip_prefix("kafka://") {
+        Some(bootstrap) => kafka::demo(bootstrap, db_url).await,
+        None => demo(url, db_url).await,
+    }
+}
+
+/// Publishes 8 payment events of this run, publishes 3 of them again (after
+/// JetStream's duplicate window, so they reach the consumer), makes the first
+/// delivery of one fail, and consumes until all 11 messages are done.
+pub async fn demo(nats_url: &str, db_url: &str) -> Result<Report, ConsumerError> {
+    let js = jetstream::new(async_nats::connect(nats_url).await.map_err(nats)?);
+    let consumer = setup(&js).await?;
+    let (run, events) = events();
     let recorder = Recorder::open(db_url)
         .await?
         .fail_first_delivery_of(&events[4].payment_id);

@@ -1,22 +1,29 @@
-//! `consumer`: publish a batch of payment events to the local NATS server (some
-//! twice on purpose), consume them effectively once into the order service's
-//! database, and print what was processed and what was skipped.
+//! `consumer`: publish a batch of payment events to the local NATS server (or,
+//! with `--broker kafka://…`, a Kafka broker), some twice on purpose, consume
+//! them effectively once into the order service's database, and print what
+//! was processed and what was skipped.
 
 use std::process::ExitCode;
 
-const USAGE: &str = "usage: consumer [--nats URL] [--db URL]
+const USAGE: &str = "usage: consumer [--broker URL] [--db URL]
 
-  --nats  the NATS server with JetStream (default 127.0.0.1:4222)
-  --db    the order service's database (default sqlite://orders.db)";
+  --broker  nats://HOST:PORT, a NATS server with JetStream (the default,
+            nats://127.0.0.1:4222), or kafka://HOST:PORT, a Kafka broker
+  --nats    the same as --broker nats://…
+  --db      the order service's database (default sqlite://orders.db)";
 
 #[tokio::main]
 async fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
-    let (mut nats, mut db) = ("127.0.0.1:4222".to_owned(), "sqlite://orders.db".to_owned());
+    let (mut broker, mut db) = (
+        "nats://127.0.0.1:4222".to_owned(),
+        "sqlite://orders.db".to_owned(),
+    );
     let mut it = args.into_iter();
     while let Some(flag) = it.next() {
         match (flag.as_str(), it.next()) {
-            ("--nats", Some(v)) => nats = v,
+            ("--broker", Some(v)) => broker = v,
+            ("--nats", Some(v)) => broker = v,
             ("--db", Some(v)) => db = v,
             _ => {
                 eprintln!("{USAGE}");
@@ -24,7 +31,7 @@ async fn main() -> ExitCode {
             }
         }
     }
-    match consumer::demo(&nats, &db).await {
+    match consumer::demo_on(&broker, &db).await {
         Ok(report) => {
             print!("{report}");
             if report.all_once() {

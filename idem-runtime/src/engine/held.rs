@@ -148,11 +148,16 @@ impl Held {
     }
 
     /// [`release`](Self::release), logged as `what` ("released after error", …).
+    ///
+    /// The claim stays armed while the release is on the wire: a caller that
+    /// gives up meanwhile (a timeout around the call) drops it, and the drop
+    /// releases it again, so the release is never lost with the caller.
     pub(crate) async fn release_because(mut self, what: &'static str) {
-        self.armed = false;
         drop(self.watchdog.take());
         let token = self.token;
-        match self.store.release(self.key.as_str(), token).await {
+        let released = self.store.release(self.key.as_str(), token).await;
+        self.armed = false;
+        match released {
             Ok(()) => tracing::debug!(token = token.0, "{what}"),
             Err(err) => tracing::warn!(
                 token = token.0, error = %err,

@@ -313,7 +313,7 @@ impl Deduplicator {
         let key = self.key(message_id).map_err(ProcessError::Idempotency)?;
         let held = match claim(Arc::clone(&self.store), &self.options, key, None).await {
             Ok(Claimed::Run(held)) => held,
-            Ok(Claimed::Replay(_)) => return Ok(Outcome::Duplicate),
+            Ok(Claimed::Replay(stored)) => return duplicate(&stored),
             Err(err) => return claim_error(err),
         };
         match held.run(handler()).await {
@@ -382,7 +382,7 @@ impl Deduplicator {
         };
         match claim_in_tx(store, tx, &self.options, key, None).await {
             Ok(Claimed::Run(held)) => ControlFlow::Continue(held),
-            Ok(Claimed::Replay(_)) => ControlFlow::Break(Ok(Outcome::Duplicate)),
+            Ok(Claimed::Replay(stored)) => ControlFlow::Break(duplicate(&stored)),
             Err(err) => ControlFlow::Break(claim_error(err)),
         }
     }
@@ -422,6 +422,23 @@ impl Deduplicator {
 pub fn backoff(attempt: i64, base: Duration, max: Duration) -> Duration {
     let doublings = attempt.saturating_sub(1).clamp(0, 30) as u32;
     base.saturating_mul(1 << doublings).min(max)
+}
+
+/// A message met its completed record: a duplicate, if the record is the
+/// processed mark. Any other record (corrupt, or written by something else
+/// under this consumer's keys) is `Error::Codec` (CONTRACT §3.3): the message
+/// is neither run again nor taken for done.
+fn duplicate<T, E>(stored: &[u8]) -> Result<Outcome<T>, ProcessError<E>> {
+    match crate::codec::decode_ok::<()>(stored) {
+        Ok(()) => {
+            tracing::debug!("duplicate");
+            Ok(Outcome::Duplicate)
+        }
+        Err(err) => {
+            tracing::error!(error = %err, "stored outcome could not be decoded");
+            Err(ProcessError::Idempotency(err))
+        }
+    }
 }
 
 fn claim_error<T, E>(err: Error) -> Result<Outcome<T>, ProcessError<E>> {

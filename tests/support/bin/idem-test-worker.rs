@@ -1,7 +1,8 @@
-//! A separate OS process for the SQL tests: `hold` places an order inside a
+//! A separate OS process for the tests: `hold` places an order inside a
 //! transaction and never commits (the test kills it with SIGKILL); `hammer`
 //! runs many concurrent duplicate callers against PostgreSQL and prints what
-//! each one got, one JSON line per call.
+//! each one got, one JSON line per call; `consume-nats` and `consume-kafka`
+//! consume messages into PostgreSQL until killed.
 
 use std::io::Write as _;
 use std::process::ExitCode;
@@ -30,6 +31,18 @@ async fn main() -> ExitCode {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => {
                     eprintln!("consume-nats: {e}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
+        ["consume-kafka", topic, group, table, namespace] => {
+            let effects = idem_tests::kafka::Effects::setup(table, namespace).await;
+            let consumer = idem_tests::kafka::consumer(group, topic);
+            ready(0);
+            match effects.consume(&consumer).await {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("consume-kafka: {e}");
                     ExitCode::FAILURE
                 }
             }
