@@ -58,7 +58,9 @@ async fn raw(consumer: &StreamConsumer, count: usize) -> f64 {
     let started = Instant::now();
     for _ in 1..count {
         let message = consumer.recv().await.unwrap();
-        consumer.commit_message(&message, CommitMode::Async).unwrap();
+        consumer
+            .commit_message(&message, CommitMode::Async)
+            .unwrap();
     }
     (count - 1) as f64 / started.elapsed().as_secs_f64()
 }
@@ -114,7 +116,10 @@ fn main() {
             .unwrap();
         let options = AdminOptions::new().operation_timeout(Some(Duration::from_secs(10)));
         for created in admin
-            .create_topics(&[NewTopic::new(&topic, 1, TopicReplication::Fixed(1))], &options)
+            .create_topics(
+                &[NewTopic::new(&topic, 1, TopicReplication::Fixed(1))],
+                &options,
+            )
             .await
             .unwrap()
         {
@@ -154,7 +159,10 @@ fn main() {
         let stores: Vec<(&str, Arc<dyn Store>)> = vec![
             ("memory", MemoryStore::new().handle()),
             ("redis", RedisStore::connect(&redis).await.unwrap().handle()),
-            ("postgres", PostgresStore::connect(&pg).await.unwrap().handle()),
+            (
+                "postgres",
+                PostgresStore::connect(&pg).await.unwrap().handle(),
+            ),
         ];
         let mut best_raw: f64 = 0.0;
         let mut best: Vec<f64> = vec![0.0; stores.len()];
@@ -180,7 +188,12 @@ fn main() {
         println!("{:<20} {:>10} {:>9}", "consumer", "msg/s", "vs raw");
         println!("{:<20} {:>10.0} {:>9.3}", "raw", best_raw, 1.0);
         for ((label, _), b) in stores.iter().zip(&best) {
-            println!("{:<20} {:>10.0} {:>9.3}", format!("dedup, {label}"), b, b / best_raw);
+            println!(
+                "{:<20} {:>10.0} {:>9.3}",
+                format!("dedup, {label}"),
+                b,
+                b / best_raw
+            );
         }
         let _ = admin.delete_topics(&[&topic], &options).await;
     });

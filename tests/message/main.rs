@@ -4,6 +4,7 @@
 //! server of the test's own restarted under a running consumer.
 
 mod kafka;
+mod kafka_mock;
 mod nats;
 mod records;
 mod recreated;

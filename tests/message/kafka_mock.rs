@@ -1,0 +1,129 @@
+//! What a real broker process cannot be made to do on cue, on librdkafka's
+//! in-process mock cluster: every offset commit fails for a while. Nothing is
+//! lost or done twice — the consumer that comes next re-reads from the last
+//! commit that landed and finds those messages done.
+
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use idem_runtime::message::kafka::Kafka;
+use idem_runtime::message::Deduplicator;
+use idem_runtime::MemoryStore;
+use rdkafka::consumer::{Consumer, StreamConsumer};
+use rdkafka::message::{BorrowedMessage, Header, Message as _, OwnedHeaders};
+use rdkafka::mocking::MockCluster;
+use rdkafka::producer::{FutureProducer, FutureRecord};
+use rdkafka::types::{RDKafkaApiKey, RDKafkaRespErr};
+use rdkafka::{ClientConfig, Offset, TopicPartitionList};
+
+fn consumer(bootstrap: &str) -> StreamConsumer {
+    let consumer = member(bootstrap);
+    consumer.subscribe(&["t"]).unwrap();
+    consumer
+}
+
+/// A client of the group that has not joined it (to read its commits).
+fn member(bootstrap: &str) -> StreamConsumer {
+    ClientConfig::new()
+        .set("bootstrap.servers", bootstrap)
+        .set("group.id", "mock-group")
+        .set("enable.auto.commit", "false")
+        .set("auto.offset.reset", "earliest")
+        .set("session.timeout.ms", "6000")
+        .set("heartbeat.interval.ms", "500")
+        .create()
+        .unwrap()
+}
+
+fn committed(consumer: &StreamConsumer) -> Option<i64> {
+    let mut list = TopicPartitionList::new();
+    list.add_partition("t", 0);
+    let offsets = consumer
+        .committed_offsets(list, Duration::from_secs(5))
+        .ok()?;
+    match offsets.elements()[0].offset() {
+        Offset::Offset(o) => Some(o),
+        _ => None,
+    }
+}
+
+/// Runs `side` on a new consumer until `done` holds.
+async fn consume_until(
+    side: &Kafka,
+    bootstrap: &str,
+    runs: &Mutex<Vec<String>>,
+    done: impl Fn(&StreamConsumer) -> bool,
+) {
+    let consumer = consumer(bootstrap);
+    let run = side.run(&consumer, async |m: &BorrowedMessage<'_>| {
+        let text = m.payload_view::<str>().and_then(Result::ok).unwrap_or("");
+        runs.lock().unwrap().push(text.to_owned());
+        Ok::<_, std::io::Error>(())
+    });
+    let watch = async {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+        while !done(&consumer) {
+            assert!(tokio::time::Instant::now() < deadline, "timed out");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    };
+    tokio::select! {
+        out = run => panic!("the consumer stopped: {out:?}"),
+        () = watch => {}
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn failed_commits_lose_nothing_and_rerun_nothing() {
+    let cluster = MockCluster::new(1).unwrap();
+    cluster.create_topic("t", 1, 1).unwrap();
+    let bootstrap = cluster.bootstrap_servers();
+    let producer: FutureProducer = ClientConfig::new()
+        .set("bootstrap.servers", &bootstrap)
+        .create()
+        .unwrap();
+    for n in 0..20 {
+        let id = format!("m-{n}");
+        let record =
+            FutureRecord::<str, str>::to("t")
+                .payload(&id)
+                .headers(OwnedHeaders::new().insert(Header {
+                    key: "idempotency-key",
+                    value: Some(id.as_str()),
+                }));
+        producer
+            .send(record, Duration::from_secs(10))
+            .await
+            .map_err(|(e, _)| e)
+            .unwrap();
+    }
+    // Every commit fails (the coordinator is "not available") until 10,000
+    // have been tried.
+    cluster.request_errors(
+        RDKafkaApiKey::OffsetCommit,
+        &[RDKafkaRespErr::RD_KAFKA_RESP_ERR_COORDINATOR_NOT_AVAILABLE; 10_000],
+    );
+    let side = Kafka::new(Deduplicator::new(MemoryStore::new(), "mock"));
+    let runs = Arc::new(Mutex::new(Vec::new()));
+    consume_until(&side, &bootstrap, &runs, |_| {
+        runs.lock().unwrap().len() == 20
+    })
+    .await;
+    assert_eq!(runs.lock().unwrap().len(), 20, "every message ran");
+    assert_ne!(
+        committed(&member(&bootstrap)),
+        Some(20),
+        "the commits failed"
+    );
+
+    // The commits come back; a new consumer of the group re-reads what was not
+    // committed, finds it done, and commits past it.
+    cluster.clear_request_errors(RDKafkaApiKey::OffsetCommit);
+    consume_until(&side, &bootstrap, &runs, |c| committed(c) == Some(20)).await;
+    let runs = runs.lock().unwrap().clone();
+    assert_eq!(runs.len(), 20, "nothing ran twice: {runs:?}");
+    let mut distinct = runs.clone();
+    distinct.sort();
+    distinct.dedup();
+    assert_eq!(distinct.len(), 20);
+}
