@@ -68,10 +68,11 @@ async fn commits_never_pass_unfinished(
 }
 
 /// 1,000 messages (and 100 published twice on purpose) through consumers of
-/// one group: one in its own OS process, SIGKILLed mid-batch, then two in
-/// this process. Every 10th message's handler fails on its first delivery,
-/// every 50th is slow. Each message's effect exists once; every commit read
-/// back from the broker is behind the first unfinished message.
+/// one group: one in its own OS process, SIGKILLed mid-batch, then that
+/// process restarted beside a consumer in this process. Every 10th message's
+/// handler fails on its first delivery (in each process), every 50th is slow.
+/// Each message's effect exists once; every commit read back from the broker
+/// is behind the first unfinished message.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_thousand_messages_take_effect_exactly_once_through_failures_and_a_kill() {
     // The consumers run as local tasks: `run_with`'s handler borrows.
@@ -89,28 +90,31 @@ async fn a_thousand_messages_take_effect_exactly_once_through_failures_and_a_kil
     let mut landed = publish(&topic, 0..1000).await;
     landed.extend(publish(&topic, (0..1000).step_by(10)).await);
 
-    let mut worker = tokio::process::Command::new(env!("CARGO_BIN_EXE_idem-test-worker"))
-        .args(["consume-kafka", &topic, &group, &table, &topic])
-        .stdout(std::process::Stdio::null())
-        .kill_on_drop(true)
-        .spawn()
-        .expect("spawn worker");
+    let worker = || {
+        tokio::process::Command::new(env!("CARGO_BIN_EXE_idem-test-worker"))
+            .args(["consume-kafka", &topic, &group, &table, &topic])
+            .stdout(std::process::Stdio::null())
+            .kill_on_drop(true)
+            .spawn()
+            .expect("spawn worker")
+    };
+    let mut first = worker();
     until(90, "the worker processed some", async || {
         effects.counts().await.0 >= 100
     })
     .await;
-    worker.start_kill().expect("SIGKILL the worker");
-    worker.wait().await.expect("reap the worker");
+    first.start_kill().expect("SIGKILL the worker");
+    first.wait().await.expect("reap the worker");
     commits_never_pass_unfinished(&effects, &group, &topic, &landed).await;
 
-    let consumers: Vec<_> = (0..2)
-        .map(|_| {
-            let (effects, topic, group) = (effects.clone(), topic.clone(), group.clone());
-            tokio::task::spawn_local(
-                async move { effects.consume(&consumer(&group, &topic)).await },
-            )
-        })
-        .collect();
+    // The consumer process restarted, beside one more consumer in this process.
+    let _restarted = worker();
+    let consumers = {
+        let (effects, topic, group) = (effects.clone(), topic.clone(), group.clone());
+        vec![tokio::task::spawn_local(async move {
+            effects.consume(&consumer(&group, &topic)).await
+        })]
+    };
     until(180, "every message took effect", async || {
         commits_never_pass_unfinished(&effects, &group, &topic, &landed).await;
         effects.counts().await.0 == 1000

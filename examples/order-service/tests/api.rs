@@ -320,13 +320,40 @@ async fn idle_and_stalled_connections_are_closed() {
         .unwrap();
     let answer = until_closed(&mut kept).await;
     assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
-    // A declared body over the limit is refused before it is sent.
-    let mut big = tokio::net::TcpStream::connect(addr).await.unwrap();
-    big.write_all(b"POST /orders HTTP/1.1\r\nHost: x\r\nContent-Length: 2000000\r\n\r\n")
-        .await
-        .unwrap();
-    let answer = until_closed(&mut big).await;
-    assert!(answer.starts_with("HTTP/1.1 413"), "{answer}");
+    // A declared body over the limit is refused before it is sent when the
+    // client waits for 100 Continue, or when it is too large to drain.
+    for head in [
+        "Content-Length: 2000000\r\nExpect: 100-continue",
+        "Content-Length: 100000000",
+    ] {
+        let mut big = tokio::net::TcpStream::connect(addr).await.unwrap();
+        big.write_all(format!("POST /orders HTTP/1.1\r\nHost: x\r\n{head}\r\n\r\n").as_bytes())
+            .await
+            .unwrap();
+        let answer = until_closed(&mut big).await;
+        assert!(answer.starts_with("HTTP/1.1 413"), "{head}: {answer}");
+    }
+    running.stop().await.unwrap();
+}
+
+/// A client that sends a body over the limit whole, without waiting for
+/// `100 Continue`, reads the 413 (the rest is read and discarded) instead of
+/// a broken pipe.
+#[tokio::test]
+async fn a_body_over_the_limit_sent_whole_gets_its_413() {
+    let (running, _) = start().await;
+    for size in [(1 << 20) + 1, 2 << 20, 6 << 20] {
+        let r = reqwest::Client::new()
+            .post(format!("{}/orders", running.url()))
+            .header("Authorization", "Bearer ann")
+            .header("Idempotency-Key", "big")
+            .body(vec![b' '; size])
+            .send()
+            .await
+            .expect("an answer, not a broken pipe");
+        assert_eq!(r.status(), StatusCode::PAYLOAD_TOO_LARGE, "{size} bytes");
+        assert_eq!(r.headers()["content-type"], "application/problem+json");
+    }
     running.stop().await.unwrap();
 }
 

@@ -13,7 +13,8 @@ use axum::http::{header, HeaderValue, StatusCode};
 use axum::middleware::Next;
 use axum::response::Response;
 use axum::Router;
-use http_body_util::{BodyExt as _, LengthLimitError, Limited};
+use bytes::{Bytes, BytesMut};
+use http_body_util::BodyExt as _;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::service::TowerToHyperService;
 use idem_runtime::Reaper;
@@ -159,16 +160,30 @@ async fn accept(
     Ok(())
 }
 
-/// Reads the whole body within the settings before the routes (and the
-/// idempotency layer) see the request: 413 for a body over the limit (before
-/// reading it, when its length is declared), 408 for one that does not arrive
-/// in time. Both close the connection.
+/// How much of a refused body is read and discarded, so that a client still
+/// sending it reads the 413 rather than a broken connection (as the
+/// idempotency layer does): `max(4 × limit, 8 MiB)`.
+fn drain_cap(settings: &Settings) -> u64 {
+    (settings.max_body as u64).saturating_mul(4).max(8 << 20)
+}
+
+/// Reads the whole body within the limits before the routes (and the
+/// idempotency layer) see the request. A body over the limit gets 413: at
+/// once when its declared length is beyond what is worth draining or the
+/// client waits for `100 Continue`; otherwise after reading and discarding the
+/// rest. A body that does not arrive within `body_read` gets 408. Both close
+/// the connection.
 async fn read_body(State(settings): State<Settings>, request: Request, next: Next) -> Response {
     let (parts, body) = request.into_parts();
     let declared = parts
         .headers
         .get(header::CONTENT_LENGTH)
         .and_then(|v| v.to_str().ok()?.parse::<u64>().ok());
+    let expects_continue = parts
+        .headers
+        .get(header::EXPECT)
+        .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"100-continue"));
+    let limit = settings.max_body as u64;
     let too_large = || {
         closing(problem(
             StatusCode::PAYLOAD_TOO_LARGE,
@@ -176,33 +191,66 @@ async fn read_body(State(settings): State<Settings>, request: Request, next: Nex
             format!("request bodies are limited to {} bytes", settings.max_body),
         ))
     };
-    if declared.is_some_and(|n| n > settings.max_body as u64) {
+    if declared.is_some_and(|n| n > limit && (expects_continue || n > drain_cap(&settings))) {
         return too_large();
     }
-    let read = Limited::new(body, settings.max_body).collect();
-    let bytes = match tokio::time::timeout(settings.body_read, read).await {
-        Ok(Ok(collected)) => collected.to_bytes(),
-        Ok(Err(e)) if e.downcast_ref::<LengthLimitError>().is_some() => return too_large(),
-        Ok(Err(_)) => {
-            return closing(problem(
-                StatusCode::BAD_REQUEST,
-                "body-unreadable",
-                "the request body could not be read",
-            ))
+    match tokio::time::timeout(settings.body_read, read(body, limit, drain_cap(&settings))).await {
+        Ok(Read::Whole(bytes)) => {
+            next.run(Request::from_parts(parts, Body::from(bytes)))
+                .await
         }
-        Err(_) => {
-            return closing(problem(
-                StatusCode::REQUEST_TIMEOUT,
-                "body-timeout",
-                format!(
-                    "the request body did not arrive within {} s",
-                    settings.body_read.as_secs_f64()
-                ),
-            ))
+        Ok(Read::TooLarge) => too_large(),
+        Ok(Read::Failed) => closing(problem(
+            StatusCode::BAD_REQUEST,
+            "body-unreadable",
+            "the request body could not be read",
+        )),
+        Err(_) => closing(problem(
+            StatusCode::REQUEST_TIMEOUT,
+            "body-timeout",
+            format!(
+                "the request body did not arrive within {} s",
+                settings.body_read.as_secs_f64()
+            ),
+        )),
+    }
+}
+
+/// What reading a request body came to.
+enum Read {
+    Whole(Bytes),
+    /// Over the limit (the rest read and discarded, up to the drain cap).
+    TooLarge,
+    Failed,
+}
+
+async fn read(mut body: Body, limit: u64, drain_cap: u64) -> Read {
+    let mut kept = BytesMut::new();
+    let mut seen: u64 = 0;
+    while let Some(frame) = body.frame().await {
+        let Ok(frame) = frame else {
+            return if seen > limit {
+                Read::TooLarge
+            } else {
+                Read::Failed
+            };
+        };
+        let Ok(data) = frame.into_data() else {
+            continue; // trailers
+        };
+        seen += data.len() as u64;
+        if seen > drain_cap {
+            return Read::TooLarge;
         }
-    };
-    next.run(Request::from_parts(parts, Body::from(bytes)))
-        .await
+        if seen <= limit {
+            kept.extend_from_slice(&data);
+        }
+    }
+    if seen > limit {
+        Read::TooLarge
+    } else {
+        Read::Whole(kept.freeze())
+    }
 }
 
 /// Returns once the server is asked to stop (or its handle is gone).
