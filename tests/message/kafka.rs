@@ -14,6 +14,7 @@ use idem_tests::kafka::{
     committed, consumer, create_topic, delete_topic, produce, producer, recreate_topic, Effects,
 };
 use idem_tests::unique;
+use rdkafka::consumer::{Consumer as _, StreamConsumer};
 use rdkafka::message::Message as _;
 
 /// Waits until `done` (checked every 100 ms), at most `secs` seconds.
@@ -279,5 +280,76 @@ async fn without_a_business_id_the_place_is_the_key_even_across_a_recreated_topi
         "{runs:?}"
     );
     assert_eq!(runs[10].0, 0, "offsets started again at 0");
+    delete_topic(&topic).await;
+}
+
+/// The premise of the rebalance test above, which counts effects: the broker
+/// really moves partitions when a third member joins and one leaves (with the
+/// same consumer settings). Written by the break-it review of issue 13.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tansu_moves_partitions_when_members_join_and_leave() {
+    let topic = unique("moves");
+    let group = format!("{topic}-group");
+    create_topic(&topic, 3).await;
+    let start = || {
+        let c = Arc::new(consumer(&group, &topic));
+        let polled = Arc::clone(&c);
+        let task = tokio::spawn(async move {
+            loop {
+                let _ = tokio::time::timeout(Duration::from_millis(200), polled.recv()).await;
+            }
+        });
+        (c, task)
+    };
+    let assigned = |c: &StreamConsumer| -> Vec<i32> {
+        let mut v: Vec<i32> = c
+            .assignment()
+            .map(|l| l.elements().iter().map(|e| e.partition()).collect())
+            .unwrap_or_default();
+        v.sort();
+        v
+    };
+    let (a, ta) = start();
+    let (b, tb) = start();
+    let deadline = |s| tokio::time::Instant::now() + Duration::from_secs(s);
+    let d = deadline(30);
+    while !(assigned(&a).len() + assigned(&b).len() == 3
+        && !assigned(&a).is_empty()
+        && !assigned(&b).is_empty())
+    {
+        assert!(
+            tokio::time::Instant::now() < d,
+            "two members: a {:?} b {:?}",
+            assigned(&a),
+            assigned(&b)
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let (c, tc) = start();
+    let d = deadline(30);
+    while !(assigned(&a).len() == 1 && assigned(&b).len() == 1 && assigned(&c).len() == 1) {
+        assert!(
+            tokio::time::Instant::now() < d,
+            "third joined: a {:?} b {:?} c {:?}",
+            assigned(&a),
+            assigned(&b),
+            assigned(&c)
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    ta.abort();
+    drop(a);
+    let d = deadline(30);
+    while assigned(&b).len() + assigned(&c).len() != 3 {
+        assert!(
+            tokio::time::Instant::now() < d,
+            "first left: b {:?} c {:?}",
+            assigned(&b),
+            assigned(&c)
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    tb.abort();
+    tc.abort();
     delete_topic(&topic).await;
 }

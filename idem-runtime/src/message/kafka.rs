@@ -233,8 +233,10 @@ impl Kafka {
 
     /// Receives messages from `consumer` (created with `enable.auto.commit=false`)
     /// and processes each through the deduplicator, committing offsets as
-    /// messages are done and re-reading those that are not. Runs until the
-    /// consumer fails.
+    /// messages are done and re-reading those that are not. Keeps going
+    /// through the errors librdkafka recovers from (brokers down for a while,
+    /// a handler slower than `max.poll.interval.ms`), logging them; ends on a
+    /// fatal one.
     pub async fn run<T, E, F>(
         &self,
         consumer: &StreamConsumer,
@@ -267,8 +269,30 @@ impl Kafka {
     {
         let mut tracker = OffsetTracker::new();
         let mut failures: HashMap<(String, i32, i64), u32> = HashMap::new();
+        let mut errors_in_a_row: i64 = 0;
         loop {
-            let message = consumer.recv().await?;
+            let message = match consumer.recv().await {
+                Ok(message) => {
+                    errors_in_a_row = 0;
+                    message
+                }
+                // librdkafka reports and then recovers from these itself: a
+                // broker gone or unreachable for a while, a handler slower
+                // than `max.poll.interval.ms` (the consumer rejoins on its next
+                // poll). Keep polling, with a growing pause.
+                Err(err @ KafkaError::MessageConsumption(_)) => {
+                    errors_in_a_row += 1;
+                    tracing::warn!(error = %err, "consumer error; still consuming");
+                    let pause = backoff(
+                        errors_in_a_row,
+                        Duration::from_millis(50),
+                        Duration::from_secs(5),
+                    );
+                    tokio::time::sleep(pause).await;
+                    continue;
+                }
+                Err(err) => return Err(err),
+            };
             let (topic, partition, offset) = (
                 message.topic().to_owned(),
                 message.partition(),
@@ -305,17 +329,22 @@ impl Kafka {
                     }
                     drop(message);
                     tokio::time::sleep(delay).await;
-                    tracker.rewind(&topic, partition, offset);
-                    if let Err(err) = consumer.seek(
+                    match consumer.seek(
                         &topic,
                         partition,
                         Offset::Offset(offset),
                         Duration::from_secs(10),
                     ) {
-                        // The partition went to another consumer of the group
-                        // meanwhile: it resumes from the committed offset,
-                        // which is never past this message.
-                        tracing::warn!(error = %err, partition, "could not seek back to a message not processed");
+                        Ok(()) => tracker.rewind(&topic, partition, offset),
+                        // The message stays unfinished, so no commit passes
+                        // it: whoever reads the partition next (this consumer
+                        // after a rebalance or a restart, or another) resumes
+                        // from the committed offset, which is never past it.
+                        Err(err) => tracing::warn!(
+                            error = %err, partition,
+                            "could not seek back to a message not processed; \
+                             commits of its partition wait for it"
+                        ),
                     }
                 }
             }
