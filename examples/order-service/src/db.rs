@@ -72,12 +72,18 @@ impl Db {
                 // One writer at a time: servers starting together on one file
                 // see the schema either before or after, never half-made.
                 let mut tx = s.pool().begin_with("BEGIN IMMEDIATE").await?;
-                let old: Option<String> = sqlx::query_scalar(
-                    "SELECT type FROM pragma_table_info('stock') WHERE name = 'product_id'",
+                // Either id column numeric: an earlier version's tables (all
+                // three, or the first few it made before it stopped).
+                let numeric: i64 = sqlx::query_scalar(
+                    "SELECT count(*) FROM (
+                        SELECT type FROM pragma_table_info('stock') WHERE name = 'product_id'
+                        UNION ALL
+                        SELECT type FROM pragma_table_info('orders') WHERE name = 'user_id'
+                     ) WHERE upper(type) <> 'TEXT'",
                 )
-                .fetch_optional(&mut *tx)
+                .fetch_one(&mut *tx)
                 .await?;
-                if old.is_some_and(|t| !t.eq_ignore_ascii_case("TEXT")) {
+                if numeric > 0 {
                     rename_v1_sqlite(&mut tx).await?;
                 }
                 for ddl in SQLITE_SCHEMA {
@@ -91,14 +97,15 @@ impl Db {
                 sqlx::query("SELECT pg_advisory_xact_lock(hashtext('order-service schema'))")
                     .execute(&mut *tx)
                     .await?;
-                let old: Option<String> = sqlx::query_scalar(
-                    "SELECT data_type::TEXT FROM information_schema.columns
-                     WHERE table_schema = current_schema() AND table_name = 'stock'
-                       AND column_name = 'product_id'",
+                let numeric: i64 = sqlx::query_scalar(
+                    "SELECT count(*) FROM information_schema.columns
+                     WHERE table_schema = current_schema() AND data_type <> 'text'
+                       AND ((table_name = 'stock' AND column_name = 'product_id')
+                         OR (table_name = 'orders' AND column_name = 'user_id'))",
                 )
-                .fetch_optional(&mut *tx)
+                .fetch_one(&mut *tx)
                 .await?;
-                if old.is_some_and(|t| t != "text") {
+                if numeric > 0 {
                     rename_v1_postgres(&mut tx).await?;
                 }
                 for ddl in POSTGRES_SCHEMA {

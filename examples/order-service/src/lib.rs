@@ -47,17 +47,22 @@ pub struct CreateOrderRequest {
 }
 
 impl CreateOrderRequest {
-    /// Checks what JSON cannot: id lengths, a positive quantity, the address's
-    /// length. The message names the field and the rule, never the value.
+    /// Checks what JSON cannot: ids of 1 to 255 characters and no control
+    /// characters, a positive quantity, the address's length (and no U+0000).
+    /// The message names the field and the rule, never the value.
     pub fn validate(&self) -> Result<(), OrderError> {
         let id = |name: &str, value: &str| {
             let chars = value.chars().count();
-            if (1..=MAX_ID_CHARS).contains(&chars) {
-                Ok(())
-            } else {
+            if !(1..=MAX_ID_CHARS).contains(&chars) {
                 Err(OrderError::Invalid(format!(
                     "{name} must be 1 to {MAX_ID_CHARS} characters (got {chars})"
                 )))
+            } else if value.chars().any(char::is_control) {
+                Err(OrderError::Invalid(format!(
+                    "{name} must not contain control characters"
+                )))
+            } else {
+                Ok(())
             }
         };
         id("user_id", &self.user_id)?;
@@ -71,6 +76,13 @@ impl CreateOrderRequest {
             return Err(OrderError::Invalid(format!(
                 "ship_to must be at most {MAX_SHIP_TO_CHARS} characters"
             )));
+        }
+        // PostgreSQL's TEXT cannot hold U+0000: refused here as input, not met
+        // later as a database error.
+        if self.ship_to.contains('\0') {
+            return Err(OrderError::Invalid(
+                "ship_to must not contain U+0000".to_owned(),
+            ));
         }
         Ok(())
     }
@@ -102,14 +114,15 @@ pub enum OrderError {
     /// The database failed.
     #[error("database error: {0}")]
     Database(#[from] sqlx::Error),
-    /// No such product.
-    #[error("product {product_id:?} does not exist")]
+    /// No such product. (The message does not quote the id: it is the
+    /// client's input.)
+    #[error("the product does not exist")]
     UnknownProduct {
         /// The product asked for.
         product_id: String,
     },
     /// The product has too little stock left.
-    #[error("product {product_id:?} is out of stock")]
+    #[error("the product has too little stock left")]
     OutOfStock {
         /// The product asked for.
         product_id: String,

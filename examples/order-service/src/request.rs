@@ -113,6 +113,13 @@ pub fn payment(body: &[u8]) -> Result<PaymentRequest, Refusal> {
         amount_cents: fields.integer("amount_cents", 1, 100_000_000)?,
         card: fields.string("card", 64)?,
     })
+    .and_then(|p| {
+        if p.card.chars().any(char::is_control) {
+            Err(invalid("card must not contain control characters".into()))
+        } else {
+            Ok(p)
+        }
+    })
 }
 
 #[cfg(test)]

@@ -143,6 +143,32 @@ pub fn problem(status: StatusCode, kind: &str, detail: impl std::fmt::Display) -
     response
 }
 
+/// 503 with `Retry-After`: the database (or the key store) cannot be reached.
+fn unavailable(what: &str) -> Response {
+    problem(
+        StatusCode::SERVICE_UNAVAILABLE,
+        "store-unavailable",
+        format!("the database is unavailable; {what}"),
+    )
+}
+
+/// A database error: unreachable (pool, I/O, TLS) is 503 and worth a retry;
+/// an error the database reported about the statement is 500, since a retry
+/// would meet it again. Neither quotes the database.
+fn database(e: &sqlx::Error, what: &str) -> Response {
+    match e {
+        sqlx::Error::Database(_) | sqlx::Error::ColumnDecode { .. } | sqlx::Error::Decode(_) => {
+            tracing::error!(error = %e, "database error");
+            problem(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "internal",
+                format!("the database refused the request; {what}"),
+            )
+        }
+        _ => unavailable(what),
+    }
+}
+
 fn refused(r: Refusal) -> Response {
     problem(r.status, r.kind, r.detail)
 }
@@ -169,11 +195,8 @@ async fn create_order(State(service): State<OrderService>, body: Bytes) -> Respo
         Err(OrderError::Idempotency(e @ Idem::InProgress { .. })) => {
             problem(StatusCode::CONFLICT, "order-in-progress", e)
         }
-        Err(OrderError::Idempotency(Idem::Store(_))) | Err(OrderError::Database(_)) => problem(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "store-unavailable",
-            "the database is unavailable; the order was not created",
-        ),
+        Err(OrderError::Idempotency(Idem::Store(_))) => unavailable("the order was not created"),
+        Err(OrderError::Database(e)) => database(&e, "the order was not created"),
         Err(OrderError::Idempotency(_)) => problem(
             StatusCode::INTERNAL_SERVER_ERROR,
             "internal",
@@ -200,11 +223,7 @@ async fn get_order(
             "order-not-found",
             format!("order {id} does not exist"),
         ),
-        Err(_) => problem(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "store-unavailable",
-            "the database is unavailable",
-        ),
+        Err(e) => database(&e, "the order could not be read"),
     }
 }
 
@@ -238,11 +257,7 @@ async fn pay(State(service): State<OrderService>, body: Bytes) -> Response {
         Err(e @ PaymentError::InvalidAmount) => {
             problem(StatusCode::UNPROCESSABLE_ENTITY, "invalid-field", e)
         }
-        Err(PaymentError::Database(_)) => problem(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "store-unavailable",
-            "the database is unavailable; the card was not charged",
-        ),
+        Err(PaymentError::Database(e)) => database(&e, "the card was not charged"),
     }
 }
 

@@ -464,3 +464,168 @@ async fn rust_log_is_honoured() {
         );
     }
 }
+
+// Found by the break-it review of issue 13.
+
+/// Problems about a product name no product: the id is the client's input.
+#[tokio::test]
+async fn unknown_and_empty_product_problems_do_not_quote_the_product_id() {
+    let (running, service) = start().await;
+    let base = running.url();
+    let product = format!("<script>{}", "Z".repeat(240));
+    let order = json!({ "user_id": "u", "product_id": product, "quantity": 1 });
+    let (status, _, problem) = send(&base, "/orders", "Bearer ann", "unknown", body(&order)).await;
+    assert_eq!(status, 404);
+    assert!(!problem.to_string().contains("ZZZ"), "{problem}");
+    service.restock(&product, 0).await.unwrap();
+    let (status, _, problem) = send(&base, "/orders", "Bearer ann", "empty", body(&order)).await;
+    assert_eq!(status, 409);
+    assert!(!problem.to_string().contains("ZZZ"), "{problem}");
+    running.stop().await.unwrap();
+}
+
+fn postgres_url() -> String {
+    std::env::var("IDEM_POSTGRES_URL")
+        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".into())
+}
+
+/// U+0000 passes JSON but not PostgreSQL's TEXT: it is refused as input (422),
+/// never answered as an outage (503, "retry later").
+#[tokio::test]
+async fn a_nul_in_a_field_is_refused_as_input_not_as_an_outage_on_postgres() {
+    let service = OrderService::new(Db::open(&postgres_url()).await.unwrap());
+    service.seed_catalogue().await.unwrap();
+    let keys = server::key_store(None, service.db()).await.unwrap();
+    let running = server::start("127.0.0.1:0", service, keys).await.unwrap();
+    let base = running.url();
+    for (n, order) in [
+        json!({ "user_id": "ann\u{0}", "product_id": "SKU-0001", "quantity": 1 }),
+        json!({ "user_id": "ann", "product_id": "SKU-0001\u{0}", "quantity": 1 }),
+        json!({ "user_id": "ann", "product_id": "SKU-0001", "quantity": 1, "ship_to": "a\u{0}b" }),
+    ]
+    .iter()
+    .enumerate()
+    {
+        let key = format!("nul-{n}-{}", unique());
+        let (status, _, problem) = send(&base, "/orders", "Bearer ann", &key, body(order)).await;
+        assert_eq!(status, 422, "case {n}: {problem}");
+    }
+    running.stop().await.unwrap();
+}
+
+/// A database of its own on the local PostgreSQL, dropped when done.
+struct OwnDatabase(String);
+
+impl OwnDatabase {
+    async fn create() -> OwnDatabase {
+        let admin = sqlx::PgPool::connect(&postgres_url()).await.unwrap();
+        let name = format!("order_service_{}", unique().replace('-', "_"));
+        sqlx::query(sqlx::AssertSqlSafe(format!("CREATE DATABASE {name}")))
+            .execute(&admin)
+            .await
+            .unwrap();
+        OwnDatabase(name)
+    }
+
+    fn url(&self) -> String {
+        let base = postgres_url();
+        let server = base.rsplit_once('/').map_or(base.as_str(), |(s, _)| s);
+        format!("{server}/{}", self.0)
+    }
+
+    async fn drop(self) {
+        let admin = sqlx::PgPool::connect(&postgres_url()).await.unwrap();
+        sqlx::query(sqlx::AssertSqlSafe(format!(
+            "DROP DATABASE IF EXISTS {} WITH (FORCE)",
+            self.0
+        )))
+        .execute(&admin)
+        .await
+        .unwrap();
+    }
+}
+
+/// An earlier version stopped after making only its numeric `orders` table:
+/// the migration still sees an old database, keeps the table as `orders_v1`,
+/// and orders work.
+#[tokio::test]
+async fn a_partially_made_v1_postgres_database_still_takes_orders() {
+    let db = OwnDatabase::create().await;
+    let pool = sqlx::PgPool::connect(&db.url()).await.unwrap();
+    sqlx::query(
+        "CREATE TABLE orders (
+            id BIGSERIAL PRIMARY KEY, user_id BIGINT NOT NULL,
+            product_id BIGINT NOT NULL, quantity INT NOT NULL,
+            ship_to TEXT NOT NULL, total_cents BIGINT NOT NULL)",
+    )
+    .execute(&pool)
+    .await
+    .unwrap();
+    pool.close().await;
+    let service = OrderService::new(Db::open(&db.url()).await.unwrap());
+    service.seed_catalogue().await.unwrap();
+    let keys = server::key_store(None, service.db()).await.unwrap();
+    let running = server::start("127.0.0.1:0", service.clone(), keys)
+        .await
+        .unwrap();
+    let order = json!({ "user_id": "ann", "product_id": "SKU-0001", "quantity": 1 });
+    let (status, _, created) = send(
+        &running.url(),
+        "/orders",
+        "Bearer ann",
+        "partial",
+        body(&order),
+    )
+    .await;
+    assert_eq!(status, 201, "{created}");
+    running.stop().await.unwrap();
+    let Db::Postgres(store) = service.db() else {
+        unreachable!()
+    };
+    store.pool().close().await;
+    db.drop().await;
+}
+
+/// A client that pipelines requests and never reads the answers loses its
+/// connection once a write has waited `write_stall`, so it cannot hold its
+/// place under the connection cap (here: one) forever.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_never_reads_does_not_hold_its_connection_forever() {
+    let settings = Settings {
+        header_read: Duration::from_secs(5),
+        body_read: Duration::from_secs(5),
+        write_stall: Duration::from_millis(300),
+        max_connections: 1,
+        ..Settings::default()
+    };
+    let (running, _) = start_with(settings, None).await;
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.set_recv_buffer_size(4096).unwrap();
+    let mut stalled = socket.connect(running.addr()).await.unwrap();
+    let writer = tokio::spawn(async move {
+        let requests = b"GET /nowhere HTTP/1.1\r\nHost: x\r\n\r\n".repeat(1000);
+        for _ in 0..40 {
+            if stalled.write_all(&requests).await.is_err() {
+                break;
+            }
+        }
+        stalled
+    });
+    let client = reqwest::Client::builder()
+        .timeout(Duration::from_secs(2))
+        .build()
+        .unwrap();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let other = client
+            .get(format!("{}/healthz", running.url()))
+            .send()
+            .await;
+        if other.is_ok_and(|r| r.status() == StatusCode::OK) {
+            break;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "still locked out");
+    }
+    writer.abort();
+    running.stop().await.unwrap();
+}

@@ -1,10 +1,14 @@
 //! Serving a router as a service people run would: request headers must
 //! arrive within a limit (which also closes idle keep-alive connections),
-//! bodies within another and up to a size, connections are capped, and
-//! shutdown lets the requests in flight finish.
+//! bodies within another and up to a size, answers must be read within a
+//! third, connections are capped, and shutdown lets the requests in flight
+//! finish.
 
+use std::future::Future as _;
 use std::net::SocketAddr;
+use std::pin::Pin;
 use std::sync::Arc;
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use axum::body::Body;
@@ -18,6 +22,7 @@ use http_body_util::BodyExt as _;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::service::TowerToHyperService;
 use idem_runtime::Reaper;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpListener;
 use tokio::sync::{watch, Semaphore};
 use tokio::task::{JoinHandle, JoinSet};
@@ -32,6 +37,10 @@ pub struct Settings {
     pub header_read: Duration,
     /// How long a client may take to send a request's body (408 after it).
     pub body_read: Duration,
+    /// How long a write of the answer may wait for the client to read (the
+    /// connection is closed after it): a client that sends and never reads
+    /// does not keep its connection, and its place under the cap, forever.
+    pub write_stall: Duration,
     /// The largest request body (413 above it, before it is read when the
     /// length is declared).
     pub max_body: usize,
@@ -42,12 +51,14 @@ pub struct Settings {
 }
 
 impl Default for Settings {
-    /// Headers in 10 s, bodies of up to 1 MiB in 10 s, 1,024 connections;
+    /// Headers in 10 s, bodies of up to 1 MiB in 10 s, answers read within
+    /// 10 s, 1,024 connections;
     /// expired records purged every minute.
     fn default() -> Self {
         Settings {
             header_read: Duration::from_secs(10),
             body_read: Duration::from_secs(10),
+            write_stall: Duration::from_secs(10),
             max_body: 1 << 20,
             max_connections: 1_024,
             reap_every: Duration::from_secs(60),
@@ -142,7 +153,10 @@ async fn accept(
             let connection = hyper::server::conn::http1::Builder::new()
                 .timer(TokioTimer::new())
                 .header_read_timeout(settings.header_read)
-                .serve_connection(TokioIo::new(stream), service)
+                .serve_connection(
+                    TokioIo::new(WriteDeadline::new(stream, settings.write_stall)),
+                    service,
+                )
                 .with_upgrades();
             tokio::pin!(connection);
             tokio::select! {
@@ -263,4 +277,96 @@ fn closing(mut response: Response) -> Response {
         .headers_mut()
         .insert(header::CONNECTION, HeaderValue::from_static("close"));
     response
+}
+
+/// A connection whose writes must make progress within `limit`: a write that
+/// stays blocked that long (the client stopped reading) fails, and the
+/// connection is closed.
+struct WriteDeadline<T> {
+    io: T,
+    limit: Duration,
+    stalled: Option<Pin<Box<tokio::time::Sleep>>>,
+}
+
+impl<T> WriteDeadline<T> {
+    fn new(io: T, limit: Duration) -> Self {
+        WriteDeadline {
+            io,
+            limit,
+            stalled: None,
+        }
+    }
+
+    /// After the inner write returned `Pending`: still waiting, or the error
+    /// once the wait has lasted `limit`.
+    fn wait<R>(&mut self, cx: &mut Context<'_>) -> Poll<std::io::Result<R>> {
+        let limit = self.limit;
+        let sleep = self
+            .stalled
+            .get_or_insert_with(|| Box::pin(tokio::time::sleep(limit)));
+        match sleep.as_mut().poll(cx) {
+            Poll::Ready(()) => Poll::Ready(Err(std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                "the client did not read its answer in time",
+            ))),
+            Poll::Pending => Poll::Pending,
+        }
+    }
+
+    fn progressed<R>(&mut self, ready: std::io::Result<R>) -> Poll<std::io::Result<R>> {
+        self.stalled = None;
+        Poll::Ready(ready)
+    }
+}
+
+impl<T: AsyncRead + Unpin> AsyncRead for WriteDeadline<T> {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.get_mut().io).poll_read(cx, buf)
+    }
+}
+
+impl<T: AsyncWrite + Unpin> AsyncWrite for WriteDeadline<T> {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        let this = self.get_mut();
+        match Pin::new(&mut this.io).poll_write(cx, buf) {
+            Poll::Ready(ready) => this.progressed(ready),
+            Poll::Pending => this.wait(cx),
+        }
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        let this = self.get_mut();
+        match Pin::new(&mut this.io).poll_write_vectored(cx, bufs) {
+            Poll::Ready(ready) => this.progressed(ready),
+            Poll::Pending => this.wait(cx),
+        }
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.io.is_write_vectored()
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        let this = self.get_mut();
+        match Pin::new(&mut this.io).poll_flush(cx) {
+            Poll::Ready(ready) => this.progressed(ready),
+            Poll::Pending => this.wait(cx),
+        }
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.get_mut().io).poll_shutdown(cx)
+    }
 }
