@@ -80,25 +80,7 @@ async fn failed_commits_lose_nothing_and_rerun_nothing() {
     let cluster = MockCluster::new(1).unwrap();
     cluster.create_topic("t", 1, 1).unwrap();
     let bootstrap = cluster.bootstrap_servers();
-    let producer: FutureProducer = ClientConfig::new()
-        .set("bootstrap.servers", &bootstrap)
-        .create()
-        .unwrap();
-    for n in 0..20 {
-        let id = format!("m-{n}");
-        let record =
-            FutureRecord::<str, str>::to("t")
-                .payload(&id)
-                .headers(OwnedHeaders::new().insert(Header {
-                    key: "idempotency-key",
-                    value: Some(id.as_str()),
-                }));
-        producer
-            .send(record, Duration::from_secs(10))
-            .await
-            .map_err(|(e, _)| e)
-            .unwrap();
-    }
+    produce_range(&bootstrap, 0..20).await;
     // Every commit fails (the coordinator is "not available") until 10,000
     // have been tried.
     cluster.request_errors(
@@ -152,6 +134,7 @@ async fn produce_range(bootstrap: &str, range: std::ops::Range<u32>) {
     }
 }
 
+/// A consumer of the topic in the group `mock-outage`, with `extra` settings.
 fn consumer_with(bootstrap: &str, extra: &[(&str, &str)]) -> StreamConsumer {
     let mut config = ClientConfig::new();
     config
