@@ -291,65 +291,35 @@ async fn tansu_moves_partitions_when_members_join_and_leave() {
     let topic = unique("moves");
     let group = format!("{topic}-group");
     create_topic(&topic, 3).await;
-    let start = || {
-        let c = Arc::new(consumer(&group, &topic));
-        let polled = Arc::clone(&c);
-        let task = tokio::spawn(async move {
-            loop {
-                let _ = tokio::time::timeout(Duration::from_millis(200), polled.recv()).await;
+    let assigned =
+        |c: &StreamConsumer| -> usize { c.assignment().map(|l| l.count()).unwrap_or_default() };
+    // Polls each member in turn, on this task, until `done`: each takes part
+    // in the group's rebalances, and none is dropped while another thread polls it.
+    async fn settle(members: &[&StreamConsumer], what: &str, done: impl Fn() -> bool) {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+        while !done() {
+            assert!(tokio::time::Instant::now() < deadline, "timed out: {what}");
+            for member in members {
+                let _ = tokio::time::timeout(Duration::from_millis(50), member.recv()).await;
             }
-        });
-        (c, task)
-    };
-    let assigned = |c: &StreamConsumer| -> Vec<i32> {
-        let mut v: Vec<i32> = c
-            .assignment()
-            .map(|l| l.elements().iter().map(|e| e.partition()).collect())
-            .unwrap_or_default();
-        v.sort();
-        v
-    };
-    let (a, ta) = start();
-    let (b, tb) = start();
-    let deadline = |s| tokio::time::Instant::now() + Duration::from_secs(s);
-    let d = deadline(30);
-    while !(assigned(&a).len() + assigned(&b).len() == 3
-        && !assigned(&a).is_empty()
-        && !assigned(&b).is_empty())
-    {
-        assert!(
-            tokio::time::Instant::now() < d,
-            "two members: a {:?} b {:?}",
-            assigned(&a),
-            assigned(&b)
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
+        }
     }
-    let (c, tc) = start();
-    let d = deadline(30);
-    while !(assigned(&a).len() == 1 && assigned(&b).len() == 1 && assigned(&c).len() == 1) {
-        assert!(
-            tokio::time::Instant::now() < d,
-            "third joined: a {:?} b {:?} c {:?}",
-            assigned(&a),
-            assigned(&b),
-            assigned(&c)
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    ta.abort();
+    let a = consumer(&group, &topic);
+    let b = consumer(&group, &topic);
+    settle(&[&a, &b], "two members share three partitions", || {
+        assigned(&a) + assigned(&b) == 3 && assigned(&a) > 0 && assigned(&b) > 0
+    })
+    .await;
+    let c = consumer(&group, &topic);
+    settle(&[&a, &b, &c], "a third member gets one", || {
+        (assigned(&a), assigned(&b), assigned(&c)) == (1, 1, 1)
+    })
+    .await;
     drop(a);
-    let d = deadline(30);
-    while assigned(&b).len() + assigned(&c).len() != 3 {
-        assert!(
-            tokio::time::Instant::now() < d,
-            "first left: b {:?} c {:?}",
-            assigned(&b),
-            assigned(&c)
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    tb.abort();
-    tc.abort();
+    settle(&[&b, &c], "the first one's partition moves", || {
+        assigned(&b) + assigned(&c) == 3
+    })
+    .await;
+    drop((b, c));
     delete_topic(&topic).await;
 }
