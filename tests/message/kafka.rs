@@ -150,7 +150,6 @@ async fn a_thousand_messages_take_effect_exactly_once_through_failures_and_a_kil
         load(&effects.tally.duplicates) > 0,
         "duplicates were skipped"
     );
-    delete_topic(&topic).await;
 }
 
 /// Two consumers of one group while messages flow; a third joins, then one
@@ -212,7 +211,6 @@ async fn rebalances_while_messages_flow_keep_every_effect_once_body() {
         (600, 1, 600),
         "each message took effect once"
     );
-    delete_topic(&topic).await;
 }
 
 /// Without a business id a message is keyed by its place: topic, partition and
@@ -261,8 +259,13 @@ async fn without_a_business_id_the_place_is_the_key_even_across_a_recreated_topi
         "a second group finds them done"
     );
 
+    // No client of the topic is alive while it is deleted: librdkafka 2.12's
+    // metadata cache has crashed (SIGSEGV in rd_kafka_metadata_cache_find) when
+    // a live client's refresh met the deleted topic.
+    drop(producer);
     delete_topic(&topic).await;
     recreate_topic(&topic, 1).await;
+    let producer = producer();
     for n in 10..15 {
         produce(&producer, &topic, None, &n.to_string()).await;
     }
@@ -280,7 +283,6 @@ async fn without_a_business_id_the_place_is_the_key_even_across_a_recreated_topi
         "{runs:?}"
     );
     assert_eq!(runs[10].0, 0, "offsets started again at 0");
-    delete_topic(&topic).await;
 }
 
 /// The premise of the rebalance test above, which counts effects: the broker
@@ -321,5 +323,4 @@ async fn tansu_moves_partitions_when_members_join_and_leave() {
     })
     .await;
     drop((b, c));
-    delete_topic(&topic).await;
 }
