@@ -265,7 +265,7 @@ async fn without_a_business_id_the_place_is_the_key_even_across_a_recreated_topi
     drop(producer);
     delete_topic(&topic).await;
     recreate_topic(&topic, 1).await;
-    let producer = producer();
+    let producer = idem_tests::kafka::producer();
     for n in 10..15 {
         produce(&producer, &topic, None, &n.to_string()).await;
     }
