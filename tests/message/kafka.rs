@@ -76,6 +76,7 @@ async fn commits_never_pass_unfinished(
 /// is behind the first unfinished message.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_thousand_messages_take_effect_exactly_once_through_failures_and_a_kill() {
+    let _turn = crate::KAFKA.lock().await;
     // The consumers run as local tasks: `run_with`'s handler borrows.
     tokio::task::LocalSet::new()
         .run_until(a_thousand_messages_take_effect_exactly_once_through_failures_and_a_kill_body())
@@ -157,6 +158,7 @@ async fn a_thousand_messages_take_effect_exactly_once_through_failures_and_a_kil
 /// broker ever passes a message without its effect.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn rebalances_while_messages_flow_keep_every_effect_once() {
+    let _turn = crate::KAFKA.lock().await;
     // The consumers run as local tasks: `run_with`'s handler borrows.
     tokio::task::LocalSet::new()
         .run_until(rebalances_while_messages_flow_keep_every_effect_once_body())
@@ -219,6 +221,7 @@ async fn rebalances_while_messages_flow_keep_every_effect_once_body() {
 /// under the same name starts its offsets again, and its messages run.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn without_a_business_id_the_place_is_the_key_even_across_a_recreated_topic() {
+    let _turn = crate::KAFKA.lock().await;
     let topic = unique("fallback");
     create_topic(&topic, 1).await;
     let producer = producer();
@@ -290,6 +293,7 @@ async fn without_a_business_id_the_place_is_the_key_even_across_a_recreated_topi
 /// same consumer settings). Written by the break-it review of issue 13.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tansu_moves_partitions_when_members_join_and_leave() {
+    let _turn = crate::KAFKA.lock().await;
     let topic = unique("moves");
     let group = format!("{topic}-group");
     create_topic(&topic, 3).await;

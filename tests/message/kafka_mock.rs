@@ -77,6 +77,7 @@ async fn consume_until(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn failed_commits_lose_nothing_and_rerun_nothing() {
+    let _turn = crate::KAFKA.lock().await;
     let cluster = MockCluster::new(1).unwrap();
     cluster.create_topic("t", 1, 1).unwrap();
     let bootstrap = cluster.bootstrap_servers();
@@ -164,6 +165,7 @@ async fn until_true(secs: u64, what: &str, done: impl Fn() -> bool) {
 /// idem-runtime/src/message/kafka.rs:271), so the consumer stops for good.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn run_keeps_consuming_through_a_broker_outage() {
+    let _turn = crate::KAFKA.lock().await;
     let cluster = MockCluster::new(1).unwrap();
     cluster.create_topic("t", 1, 1).unwrap();
     let bootstrap = cluster.bootstrap_servers();
@@ -195,6 +197,7 @@ async fn run_keeps_consuming_through_a_broker_outage() {
 /// `MaxPollExceeded` on the way; `run` returns on it instead of going on.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn run_keeps_consuming_after_a_handler_slower_than_max_poll_interval() {
+    let _turn = crate::KAFKA.lock().await;
     let cluster = MockCluster::new(1).unwrap();
     cluster.create_topic("t", 1, 1).unwrap();
     let bootstrap = cluster.bootstrap_servers();

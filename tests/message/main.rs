@@ -9,3 +9,8 @@ mod nats;
 mod records;
 mod recreated;
 mod restart;
+
+/// The Kafka tests take turns. librdkafka 2.12 crashed once (SIGSEGV in its
+/// metadata cache) with several tests' clients alive in this process while a
+/// topic was deleted; one test's clients at a time keeps that out of the way.
+static KAFKA: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
