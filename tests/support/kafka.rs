@@ -31,56 +31,64 @@ fn config() -> ClientConfig {
     config
 }
 
-/// Creates `topic` with `partitions` partitions (waiting until it is there).
-pub async fn create_topic(topic: &str, partitions: i32) {
-    let admin: AdminClient<DefaultClientContext> = config().create().expect("admin client");
-    let results = admin
+fn admin() -> AdminClient<DefaultClientContext> {
+    config().create().expect("admin client")
+}
+
+fn options() -> AdminOptions {
+    AdminOptions::new().operation_timeout(Some(Duration::from_secs(10)))
+}
+
+/// Asks the broker to create `topic`; what it answered.
+async fn try_create(
+    admin: &AdminClient<DefaultClientContext>,
+    topic: &str,
+    partitions: i32,
+) -> rdkafka::admin::TopicResult {
+    admin
         .create_topics(
             &[NewTopic::new(topic, partitions, TopicReplication::Fixed(1))],
-            &AdminOptions::new().operation_timeout(Some(Duration::from_secs(10))),
+            &options(),
         )
         .await
-        .expect("create topic");
-    for result in results {
-        result.expect("topic created");
-    }
+        .expect("create topic")
+        .into_iter()
+        .next()
+        .expect("one result for one topic")
+}
+
+/// Creates `topic` with `partitions` partitions (waiting until it is there).
+pub async fn create_topic(topic: &str, partitions: i32) {
+    try_create(&admin(), topic, partitions)
+        .await
+        .expect("topic created");
 }
 
 /// Creates `topic` again once its deletion is done (the broker deletes
 /// asynchronously), trying for up to 30 s.
 pub async fn recreate_topic(topic: &str, partitions: i32) {
-    let admin: AdminClient<DefaultClientContext> = config().create().expect("admin client");
+    let admin = admin();
     let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
     loop {
-        let created = admin
-            .create_topics(
-                &[NewTopic::new(topic, partitions, TopicReplication::Fixed(1))],
-                &AdminOptions::new().operation_timeout(Some(Duration::from_secs(10))),
-            )
-            .await
-            .expect("create topic");
-        match created.into_iter().next() {
-            Some(Ok(_)) => return,
-            other => assert!(
-                tokio::time::Instant::now() < deadline,
-                "could not recreate {topic}: {other:?}"
-            ),
+        let created = try_create(&admin, topic, partitions).await;
+        if created.is_ok() {
+            return;
         }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "could not recreate {topic}: {created:?}"
+        );
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
 }
 
 /// Deletes `topic`.
 pub async fn delete_topic(topic: &str) {
-    let admin: AdminClient<DefaultClientContext> = config().create().expect("admin client");
-    let results = admin
-        .delete_topics(
-            &[topic],
-            &AdminOptions::new().operation_timeout(Some(Duration::from_secs(10))),
-        )
+    for result in admin()
+        .delete_topics(&[topic], &options())
         .await
-        .expect("delete topic");
-    for result in results {
+        .expect("delete topic")
+    {
         result.expect("topic deleted");
     }
 }

@@ -6,7 +6,9 @@
 //! (numeric ids) is not rewritten: its three tables are renamed with a `_v1`
 //! suffix, kept for whoever wants them, and new tables are made beside them.
 
-use idem_runtime::{PostgresStore, SqliteStore};
+use std::sync::Arc;
+
+use idem_runtime::{PostgresStore, SqliteStore, Store};
 use sqlx::{Executor, Postgres, Sqlite, Transaction};
 
 use crate::OrderError;
@@ -56,6 +58,14 @@ impl Db {
         };
         db.migrate().await?;
         Ok(db)
+    }
+
+    /// The database's idempotency store, as a shared handle.
+    pub fn store(&self) -> Arc<dyn Store> {
+        match self {
+            Db::Sqlite(s) => s.handle(),
+            Db::Postgres(s) => s.handle(),
+        }
     }
 
     /// Which database this is, for display.

@@ -46,12 +46,8 @@ const REAP_BATCH: usize = 1_000;
 /// an `sqlite://` path, a `postgres://` URL or a `redis://` URL. `None` uses
 /// the orders' own database.
 pub async fn key_store(spec: Option<&str>, db: &Db) -> Result<Arc<dyn Store>, idem_runtime::Error> {
-    let same_db = || match db {
-        Db::Sqlite(s) => s.handle(),
-        Db::Postgres(s) => s.handle(),
-    };
     Ok(match spec {
-        None => same_db(),
+        None => db.store(),
         Some("memory") => MemoryStore::new().handle(),
         Some("sqlite") => match db {
             Db::Sqlite(s) => s.handle(),
@@ -280,10 +276,7 @@ pub async fn start_service(
     keys: Arc<dyn Store>,
     settings: Settings,
 ) -> std::io::Result<Running> {
-    let orders = match service.db() {
-        Db::Sqlite(s) => s.handle(),
-        Db::Postgres(s) => s.handle(),
-    };
+    let orders = service.db().store();
     let running = start_with(addr, router(service, Arc::clone(&keys)), settings).await?;
     let reaper = |store| Reaper::spawn(store, settings.reap_every, REAP_BATCH);
     Ok(running

@@ -122,7 +122,9 @@ pub fn action<T, E>(outcome: &Result<Outcome<T>, ProcessError<E>>, backoff: Dura
 /// finish out of order).
 #[derive(Debug, Default)]
 pub struct OffsetTracker {
-    partitions: HashMap<(String, i32), Partition>,
+    /// By topic, then partition (looked up by `&str`: no key is allocated
+    /// per message).
+    partitions: HashMap<String, HashMap<i32, Partition>>,
 }
 
 #[derive(Debug, Default)]
@@ -148,9 +150,14 @@ impl OffsetTracker {
     /// another consumer of the group and came back, or the broker's offsets
     /// were reset): what the tracker knew of it is stale and is forgotten.
     pub fn received(&mut self, topic: &str, partition: i32, offset: i64) {
+        if !self.partitions.contains_key(topic) {
+            self.partitions.insert(topic.to_owned(), HashMap::new());
+        }
         let p = self
             .partitions
-            .entry((topic.to_owned(), partition))
+            .get_mut(topic)
+            .expect("inserted above")
+            .entry(partition)
             .or_default();
         if p.committed.is_some_and(|c| offset < c) {
             *p = Partition::default();
@@ -161,7 +168,7 @@ impl OffsetTracker {
     /// Notes that `offset` is finished; returns the new position to commit
     /// (the next offset to read) if it advanced.
     pub fn finished(&mut self, topic: &str, partition: i32, offset: i64) -> Option<i64> {
-        let p = self.partitions.get_mut(&(topic.to_owned(), partition))?;
+        let p = self.partitions.get_mut(topic)?.get_mut(&partition)?;
         if !p.pending.remove(&offset) {
             return None;
         }
@@ -183,7 +190,11 @@ impl OffsetTracker {
     /// Notes that the partition is re-read from `offset` (a failed message):
     /// it and everything received after it are unfinished and will arrive again.
     pub fn rewind(&mut self, topic: &str, partition: i32, offset: i64) {
-        if let Some(p) = self.partitions.get_mut(&(topic.to_owned(), partition)) {
+        if let Some(p) = self
+            .partitions
+            .get_mut(topic)
+            .and_then(|t| t.get_mut(&partition))
+        {
             p.pending.retain(|&o| o < offset);
             p.finished.retain(|&o| o < offset);
         }
@@ -268,7 +279,8 @@ impl Kafka {
         E: std::fmt::Display,
     {
         let mut tracker = OffsetTracker::new();
-        let mut failures: HashMap<(String, i32, i64), u32> = HashMap::new();
+        // Consecutive failures of a message, by topic, then (partition, offset).
+        let mut failures: HashMap<String, HashMap<(i32, i64), u32>> = HashMap::new();
         let mut errors_in_a_row: i64 = 0;
         loop {
             let message = match consumer.recv().await {
@@ -293,28 +305,31 @@ impl Kafka {
                 }
                 Err(err) => return Err(err),
             };
-            let (topic, partition, offset) = (
-                message.topic().to_owned(),
-                message.partition(),
-                message.offset(),
-            );
+            let (partition, offset) = (message.partition(), message.offset());
             let id = id_of(&message, &self.id_header);
-            tracker.received(&topic, partition, offset);
+            tracker.received(message.topic(), partition, offset);
             let outcome = process(&message, &id).await;
-            let failures_here = failures
-                .entry((topic.clone(), partition, offset))
-                .or_default();
+            let failed_before = failures
+                .get(message.topic())
+                .and_then(|f| f.get(&(partition, offset)))
+                .copied()
+                .unwrap_or(0);
             let backoff = backoff(
-                i64::from(*failures_here) + 1,
+                i64::from(failed_before) + 1,
                 self.backoff_base,
                 self.backoff_max,
             );
             match action(&outcome, backoff) {
                 Action::Done => {
-                    failures.remove(&(topic.clone(), partition, offset));
-                    if let Some(next) = tracker.finished(&topic, partition, offset) {
+                    let topic = message.topic();
+                    if failed_before > 0 {
+                        if let Some(f) = failures.get_mut(topic) {
+                            f.remove(&(partition, offset));
+                        }
+                    }
+                    if let Some(next) = tracker.finished(topic, partition, offset) {
                         let mut list = TopicPartitionList::new();
-                        list.add_partition_offset(&topic, partition, Offset::Offset(next))?;
+                        list.add_partition_offset(topic, partition, Offset::Offset(next))?;
                         if let Err(err) = consumer.commit(&list, CommitMode::Async) {
                             // The next commit covers this one; until then a
                             // restart re-reads (and skips) what is done.
@@ -323,7 +338,12 @@ impl Kafka {
                     }
                 }
                 Action::Redeliver(delay) => {
-                    *failures_here += 1;
+                    let topic = message.topic().to_owned();
+                    *failures
+                        .entry(topic.clone())
+                        .or_default()
+                        .entry((partition, offset))
+                        .or_default() += 1;
                     if let Err(err) = &outcome {
                         tracing::warn!(digest = %self.dedup.log_digest(&id), error = %err, "message not processed; re-reading it");
                     }
