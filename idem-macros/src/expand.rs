@@ -292,13 +292,24 @@ fn rewrite(args: &Args, checked: &Checked, body: TokenStream) -> TokenStream {
     // Without `tx`, an owned handle (the engine renews the lease while the body
     // runs and releases the claim if the caller goes away); with `tx`, a borrow
     // checked to be a store that can write inside that transaction.
+    // The borrow is bound by a `let` of its own, so a store expression that
+    // is a value rather than a place (`self.store()`, a method returning
+    // `&PostgresStore`) lives to the end of the function instead of the end
+    // of the statement.
+    let store_ref = local("__idem_store_ref");
     let store = match &args.tx {
         None => quote_spanned!(store_expr.span()=> #private::store_handle(&(#store_expr))),
         Some(tx) => {
             let tx_ty = tx_ty.as_ref().map_or(quote!(_), |t| quote!(#t));
-            quote_spanned!(tx.span()=> #private::tx_store::<_, #tx_ty>(&(#store_expr), &*#tx))
+            quote_spanned!(tx.span()=> {
+                #private::tx_store::<_, #tx_ty>(#store_ref, &*#tx)
+            })
         }
     };
+    let bind_ref = args
+        .tx
+        .as_ref()
+        .map(|_| quote_spanned!(store_expr.span()=> let #store_ref = &(#store_expr);));
 
     // The key: every part borrowed, then hashed.
     let parts = args
@@ -389,6 +400,7 @@ fn rewrite(args: &Args, checked: &Checked, body: TokenStream) -> TokenStream {
             .ttl(#private::Duration::from_millis(#ttl))
             .lease(#private::Duration::from_millis(#lease))
             .in_progress(#in_progress);
+        #bind_ref
         let #store_var = #store;
         let #key_var = #keyer(#namespace_var) #(#parts)* #window .finish();
         let #fp_var = #fingerprint;

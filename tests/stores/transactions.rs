@@ -365,3 +365,60 @@ async fn execute_in_tx_commits_the_write_and_the_record_together() {
     );
     assert_eq!(svc.count(&order_ref).await, 1, "the replay ran nothing");
 }
+
+/// A store named by a method call (`store = self.store()`, a value, not a
+/// place) lives as long as the call with `tx =` too; it used to be a borrow of
+/// a temporary dropped at the end of the generated `let` (E0716), found by
+/// the chaos harness's service.
+mod store_from_a_method {
+    use idem_runtime::{idempotent, SqliteStore};
+    use idem_tests::AppError;
+    use sqlx::{Sqlite, Transaction};
+
+    struct Service {
+        stores: Vec<SqliteStore>,
+    }
+
+    impl Service {
+        fn store(&self) -> &SqliteStore {
+            &self.stores[0]
+        }
+
+        #[idempotent(key = id, name = "store-from-a-method", store = self.store(), tx = tx)]
+        async fn place(
+            &self,
+            tx: &mut Transaction<'_, Sqlite>,
+            id: &str,
+        ) -> Result<String, AppError> {
+            sqlx::query("INSERT INTO placed (id) VALUES (?1)")
+                .bind(id)
+                .execute(&mut **tx)
+                .await?;
+            Ok(format!("placed {id}"))
+        }
+    }
+
+    #[tokio::test]
+    async fn runs_once_and_replays() {
+        let store = SqliteStore::connect(&super::sqlite_url("store_from_a_method"))
+            .await
+            .unwrap();
+        sqlx::query("CREATE TABLE placed (id TEXT NOT NULL)")
+            .execute(store.pool())
+            .await
+            .unwrap();
+        let svc = Service {
+            stores: vec![store.clone()],
+        };
+        for _ in 0..2 {
+            let mut tx = store.pool().begin().await.unwrap();
+            assert_eq!(svc.place(&mut tx, "o-1").await.unwrap(), "placed o-1");
+            tx.commit().await.unwrap();
+        }
+        let rows: i64 = sqlx::query_scalar("SELECT count(*) FROM placed")
+            .fetch_one(store.pool())
+            .await
+            .unwrap();
+        assert_eq!(rows, 1);
+    }
+}

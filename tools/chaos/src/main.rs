@@ -1,0 +1,273 @@
+//! `idem-chaos`: faults in, history out, a checker on top.
+//!
+//! A workload of retried operations runs through service processes that call
+//! `#[idempotent]` functions against a real store, while a nemesis kills,
+//! pauses and cuts them off on a seeded schedule. Every request and answer is
+//! recorded; once the faults heal, a checker reads the history and counts the
+//! effects. See RELIABILITY.md for the figures, the pictures and the limits.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+mod check;
+mod client;
+mod history;
+mod nemesis;
+mod plot;
+mod proxy;
+mod rng;
+mod run;
+mod service;
+mod stores;
+mod suite;
+
+const USAGE: &str = "usage:
+  idem-chaos suite [--short | --long] [--seed N] [--out DIR] [--service-bin PATH]
+  idem-chaos run --store STORE --mode MODE --fault FAULT [--seed N] [--services N]
+                 [--clients N] [--ops N] [--concurrency N] [--duration-s N] [--work-ms N]
+                 [--out DIR] [--service-bin PATH] [--expect VIOLATION]
+
+  STORE  memory | sqlite | postgres | redis | cluster
+  MODE   plain (an effect outside every store), derived (a downstream that
+         deduplicates by current().derive_key), tx (the effect commits with the record)
+  FAULT  none | kill | pause | net | restart | mix
+  --service-bin  the binary the services run (a build with fencing disabled, to
+                 show the checker catching it); default: this one
+  --expect       the run must show this violation (for such a build), e.g.
+                 'response differs'
+
+  (internal) idem-chaos serve ..., idem-chaos client ...";
+
+/// `--flag value` pairs, or `None` on an unknown flag or a missing value.
+fn flags<'a>(
+    rest: &'a [String],
+    known: &[&str],
+    switches: &[&str],
+) -> Option<Vec<(&'a str, &'a str)>> {
+    let mut out = Vec::new();
+    let mut it = rest.iter();
+    while let Some(flag) = it.next() {
+        if switches.contains(&flag.as_str()) {
+            out.push((flag.as_str(), ""));
+        } else if known.contains(&flag.as_str()) {
+            out.push((flag.as_str(), it.next()?.as_str()));
+        } else {
+            return None;
+        }
+    }
+    Some(out)
+}
+
+fn get<'a>(flags: &[(&'a str, &'a str)], name: &str) -> Option<&'a str> {
+    flags
+        .iter()
+        .rev()
+        .find(|(f, _)| *f == name)
+        .map(|(_, v)| *v)
+}
+
+fn num<T: std::str::FromStr>(flags: &[(&str, &str)], name: &str, default: T) -> Result<T, String> {
+    match get(flags, name) {
+        None => Ok(default),
+        Some(v) => v.parse().map_err(|_| format!("{name}: not a number: {v}")),
+    }
+}
+
+type Res = Result<ExitCode, Box<dyn std::error::Error + Send + Sync>>;
+
+fn main() -> ExitCode {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("a Tokio runtime");
+    let result = runtime.block_on(async {
+        match args.first().map(String::as_str) {
+            Some("serve") => serve(&args[1..]).await,
+            Some("client") => client(&args[1..]).await,
+            Some("run") => run(&args[1..]).await,
+            Some("suite") => suite(&args[1..]).await,
+            Some("-h" | "--help" | "help") => {
+                println!("{USAGE}");
+                Ok(ExitCode::SUCCESS)
+            }
+            _ => Err(USAGE.into()),
+        }
+    });
+    match result {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("idem-chaos: {e}");
+            ExitCode::from(2)
+        }
+    }
+}
+
+async fn serve(args: &[String]) -> Res {
+    let f = flags(
+        args,
+        &[
+            "--addr",
+            "--store",
+            "--mode",
+            "--downstream",
+            "--executions",
+            "--work-ms",
+        ],
+        &[],
+    )
+    .ok_or(USAGE)?;
+    let settings = service::Settings {
+        addr: get(&f, "--addr").unwrap_or("127.0.0.1:0").into(),
+        store: stores::Spec::parse(get(&f, "--store").ok_or("--store is required")?)
+            .ok_or("--store: unknown store")?,
+        mode: service::Mode::parse(get(&f, "--mode").unwrap_or("plain"))
+            .ok_or("--mode: unknown mode")?,
+        downstream: get(&f, "--downstream").map(str::to_owned),
+        executions: get(&f, "--executions")
+            .ok_or("--executions is required")?
+            .into(),
+        work: Duration::from_millis(num(&f, "--work-ms", 40)?),
+    };
+    service::serve(settings).await.map_err(|e| e.to_string())?;
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn client(args: &[String]) -> Res {
+    let f = flags(
+        args,
+        &[
+            "--id",
+            "--prefix",
+            "--ops",
+            "--concurrency",
+            "--services",
+            "--out",
+            "--seed",
+            "--deadline-us",
+            "--spread-ms",
+            "--timeout-ms",
+        ],
+        &[],
+    )
+    .ok_or(USAGE)?;
+    let prefix = get(&f, "--prefix").ok_or("--prefix is required")?;
+    let ops: usize = num(&f, "--ops", 10)?;
+    client::run(client::Settings {
+        id: num(&f, "--id", 0)?,
+        services: get(&f, "--services")
+            .ok_or("--services is required")?
+            .split(',')
+            .map(str::to_owned)
+            .collect(),
+        ops: (0..ops).map(|i| format!("{prefix}{i}")).collect(),
+        concurrency: num(&f, "--concurrency", 4)?,
+        out: get(&f, "--out").ok_or("--out is required")?.into(),
+        seed: num(&f, "--seed", 1)?,
+        deadline_us: num(&f, "--deadline-us", u64::MAX)?,
+        timeout: Duration::from_millis(num(&f, "--timeout-ms", 1500)?),
+        phase: history::Phase::Work,
+        spread: Duration::from_millis(num(&f, "--spread-ms", 0)?),
+    })
+    .await?;
+    Ok(ExitCode::SUCCESS)
+}
+
+fn service_bin(f: &[(&str, &str)]) -> Result<PathBuf, std::io::Error> {
+    match get(f, "--service-bin") {
+        Some(p) => Ok(PathBuf::from(p)),
+        None => std::env::current_exe(),
+    }
+}
+
+async fn run(args: &[String]) -> Res {
+    let f = flags(
+        args,
+        &[
+            "--store",
+            "--mode",
+            "--fault",
+            "--seed",
+            "--services",
+            "--clients",
+            "--ops",
+            "--concurrency",
+            "--duration-s",
+            "--work-ms",
+            "--out",
+            "--service-bin",
+            "--expect",
+        ],
+        &[],
+    )
+    .ok_or(USAGE)?;
+    let store = run::StoreKind::parse(get(&f, "--store").ok_or("--store is required")?)
+        .ok_or("--store: unknown store")?;
+    let mode = service::Mode::parse(get(&f, "--mode").unwrap_or("derived"))
+        .ok_or("--mode: unknown mode")?;
+    let fault = nemesis::Kind::parse(get(&f, "--fault").unwrap_or("mix"))
+        .ok_or("--fault: unknown fault")?;
+    let root = PathBuf::from(get(&f, "--out").unwrap_or("target/chaos"));
+    let config = run::Config {
+        store,
+        mode,
+        fault,
+        seed: num(&f, "--seed", 1)?,
+        services: num(&f, "--services", 2)?,
+        clients: num(&f, "--clients", 3)?,
+        ops: num(&f, "--ops", 40)?,
+        concurrency: num(&f, "--concurrency", 4)?,
+        duration: Duration::from_secs(num(&f, "--duration-s", 12)?),
+        work: Duration::from_millis(num(&f, "--work-ms", 40)?),
+        out: run::run_dir(&root, store, mode, fault),
+        service_bin: service_bin(&f)?,
+        expect: get(&f, "--expect").map(str::to_owned),
+    };
+    let outcome = run::run(config).await?;
+    print!("{}", suite::header());
+    println!("{}", suite::row(&outcome));
+    for v in outcome.report.violations.iter().take(5) {
+        println!("  {}: {} — {}", v.kind, v.op, v.detail);
+    }
+    println!(
+        "history, report and picture: {}",
+        outcome.config.out.display()
+    );
+    Ok(if outcome.unexpected == 0 {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    })
+}
+
+async fn suite(args: &[String]) -> Res {
+    let f = flags(
+        args,
+        &["--seed", "--out", "--service-bin"],
+        &["--short", "--long"],
+    )
+    .ok_or(USAGE)?;
+    let size = if get(&f, "--long").is_some() {
+        suite::Size::Long
+    } else {
+        suite::Size::Short
+    };
+    let settings = suite::Settings {
+        size,
+        seed: num(&f, "--seed", 1)?,
+        out: PathBuf::from(get(&f, "--out").unwrap_or("target/chaos")),
+        service_bin: service_bin(&f)?,
+    };
+    let outcomes = suite::run(&settings).await?;
+    let table = suite::table(&settings.out, &outcomes)?;
+    println!("{table}");
+    let failed = outcomes.iter().filter(|o| o.unexpected > 0).count();
+    Ok(if failed == 0 {
+        ExitCode::SUCCESS
+    } else {
+        eprintln!("idem-chaos: {failed} run(s) broke a promise they should keep");
+        ExitCode::FAILURE
+    })
+}

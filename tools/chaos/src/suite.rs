@@ -1,0 +1,168 @@
+//! `idem-chaos suite`: a matrix of runs and the table of their figures.
+
+use std::fmt::Write as _;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use crate::check::KINDS;
+use crate::nemesis::Kind;
+use crate::run::{self, Config, Outcome, StoreKind};
+use crate::service::Mode;
+
+/// Which matrix.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Size {
+    /// A few minutes: every store once, the limits and their mitigations, CI's run.
+    Short,
+    /// Every store × every fault it allows × every mode it allows, longer runs.
+    Long,
+}
+
+/// The runs of a suite: (store, mode, fault).
+pub fn matrix(size: Size) -> Vec<(StoreKind, Mode, Kind)> {
+    use Kind::*;
+    use Mode::*;
+    use StoreKind::*;
+    match size {
+        Size::Short => vec![
+            (Memory, Derived, Pause),
+            (Sqlite, Tx, Kill),
+            (Postgres, Plain, Pause),
+            (Postgres, Derived, Pause),
+            (Postgres, Tx, Mix),
+            (Redis, Derived, Mix),
+            (Cluster, Derived, Kill),
+        ],
+        Size::Long => {
+            let mut out = Vec::new();
+            for store in [Memory, Sqlite, Postgres, Redis, Cluster] {
+                let modes: &[Mode] = if matches!(store, Sqlite | Postgres) {
+                    &[Plain, Derived, Tx]
+                } else {
+                    &[Plain, Derived]
+                };
+                for &mode in modes {
+                    for &fault in store.faults().iter().chain(&[Mix]) {
+                        out.push((store, mode, fault));
+                    }
+                }
+            }
+            out
+        }
+    }
+}
+
+/// A suite's settings.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    /// Which matrix.
+    pub size: Size,
+    /// The base seed (each run's seed is derived from it).
+    pub seed: u64,
+    /// Where the runs write.
+    pub out: PathBuf,
+    /// The binary the services run.
+    pub service_bin: PathBuf,
+}
+
+/// Runs the suite; returns the outcomes in matrix order.
+pub async fn run(
+    settings: &Settings,
+) -> Result<Vec<Outcome>, Box<dyn std::error::Error + Send + Sync>> {
+    let (duration, ops, clients) = match settings.size {
+        Size::Short => (Duration::from_secs(12), 40, 3),
+        Size::Long => (Duration::from_secs(60), 300, 4),
+    };
+    let mut outcomes = Vec::new();
+    for (i, (store, mode, fault)) in matrix(settings.size).into_iter().enumerate() {
+        let config = Config {
+            store,
+            mode,
+            fault,
+            seed: settings.seed.wrapping_add(i as u64),
+            services: 2,
+            clients,
+            ops,
+            concurrency: 4,
+            duration,
+            work: Duration::from_millis(40),
+            out: run::run_dir(&settings.out, store, mode, fault),
+            service_bin: settings.service_bin.clone(),
+            expect: None,
+        };
+        eprintln!(
+            "idem-chaos: {} · {} · {} (seed {})",
+            store.name(),
+            mode.name(),
+            fault.name(),
+            config.seed
+        );
+        let outcome = run::run(config).await?;
+        eprintln!("{}", row(&outcome));
+        outcomes.push(outcome);
+    }
+    Ok(outcomes)
+}
+
+/// The table's header.
+pub fn header() -> String {
+    let mut s = String::from(
+        "| store | effect | faults | ops | acked | faults injected | requests | retries | executions |",
+    );
+    for k in KINDS {
+        let _ = write!(s, " {k} |");
+    }
+    s.push_str(" p99 ms | recovery ms | verdict |\n|---|---|---|");
+    for _ in 0..(6 + KINDS.len() + 3) {
+        s.push_str("---:|");
+    }
+    s.push('\n');
+    s
+}
+
+/// One run's row.
+pub fn row(o: &Outcome) -> String {
+    let r = &o.report;
+    let mut s = format!(
+        "| {} | {} | {} | {} | {} | {} | {} | {} | {} |",
+        o.config.store.name(),
+        o.config.mode.name(),
+        o.config.fault.name(),
+        r.ops,
+        r.acked,
+        r.faults,
+        r.requests,
+        r.retries,
+        r.executions
+    );
+    for k in KINDS {
+        let n = r.count(k);
+        let limit = o.limits.iter().any(|l| l.kind == k);
+        let _ = write!(
+            s,
+            " {}{} |",
+            n,
+            if n > 0 && limit { " (limit)" } else { "" }
+        );
+    }
+    let verdict = match (&o.config.expect, o.unexpected) {
+        (Some(k), 0) => format!("caught: {k}"),
+        (Some(k), _) => format!("FAILED: no {k}"),
+        (None, 0) => "ok".into(),
+        (None, n) => format!("FAILED: {n} unexpected"),
+    };
+    let _ = write!(s, " {:.0} | {:.0} | {verdict} |", r.p99_ms, r.recovery_ms);
+    s
+}
+
+/// The table of `outcomes`, written to `dir/table.md` too.
+pub fn table(dir: &Path, outcomes: &[Outcome]) -> std::io::Result<String> {
+    let mut s = header();
+    for o in outcomes {
+        s.push_str(&row(o));
+        s.push('\n');
+    }
+    std::fs::create_dir_all(dir)?;
+    std::fs::write(dir.join("table.md"), &s)?;
+    Ok(s)
+}
