@@ -117,6 +117,13 @@ RUSTDOCFLAGS="-D warnings" cargo doc --workspace --no-deps --all-features -q
 log "order-service demo"
 cargo run -q -p order-service -- demo
 
+log "chaos: the short seeded suite under faults, and a build with fencing disabled it must catch"
+# RELIABILITY.md explains the table this prints; `idem-chaos suite --long` is the long run.
+cargo build -q -p idem-chaos -p order-service
+RUSTFLAGS="--cfg idem_unfenced" CARGO_TARGET_DIR=target/unfenced cargo build -q -p idem-chaos
+./target/debug/idem-chaos suite --short --seed 1 --out target/chaos \
+    --unfenced-bin target/unfenced/debug/idem-chaos
+
 log "cargo test (workspace, all features)"
 mkdir -p target
 cargo test --workspace --all-features 2>&1 | tee target/test-output.log

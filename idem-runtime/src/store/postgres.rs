@@ -68,6 +68,18 @@ struct Statements {
     purge: Arc<str>,
 }
 
+/// The completion's fence: the caller's token is the record's, and the record
+/// is still processing.
+#[cfg(not(idem_unfenced))]
+const FENCE: &str = "token = $2 AND state = 'processing'";
+/// A deliberately broken build (`RUSTFLAGS="--cfg idem_unfenced"`), never to
+/// be used: completions land whatever the token and state, so a paused holder
+/// that wakes after a takeover overwrites the record. The chaos harness runs
+/// services built so to show that its checker catches the double completion
+/// (RELIABILITY.md, "The checker has teeth").
+#[cfg(idem_unfenced)]
+const FENCE: &str = "$2::bigint IS NOT NULL";
+
 impl Statements {
     fn new(t: &str) -> Result<Self, Error> {
         sql::validate_table(t)?;
@@ -133,7 +145,7 @@ SELECT false, false, state, token, fingerprint, outcome,
                 "UPDATE {t} SET state = 'completed', outcome = $3,
                         expires_at = clock_timestamp() + $4 * interval '1 millisecond',
                         updated_at = clock_timestamp()
-                  WHERE key = $1 AND token = $2 AND state = 'processing'"
+                  WHERE key = $1 AND {FENCE}"
             )
             .into(),
             renew: format!(

@@ -126,11 +126,17 @@ pub fn check(
                 let body = first.body.as_deref().unwrap_or_default();
                 for r in rs.iter().filter(|r| r.body.is_some()) {
                     if r.body.as_deref() != Some(body) {
-                        let kind = if first.phase == Phase::Work && r.phase == Phase::Verify {
-                            "lost"
-                        } else {
-                            "response differs"
-                        };
+                        // A later answer from an older claim is a stale
+                        // completion that landed over the first (fencing
+                        // failed); from a newer claim after the run, the
+                        // record was lost and the body ran again.
+                        let stale = token(r.body.as_deref().unwrap_or_default()) < token(body);
+                        let kind =
+                            if !stale && first.phase == Phase::Work && r.phase == Phase::Verify {
+                                "lost"
+                            } else {
+                                "response differs"
+                            };
                         report.violations.push(Violation {
                             kind: kind.into(),
                             op: op.clone(),
@@ -195,6 +201,14 @@ pub fn check(
     report
 }
 
+/// The fencing token an answer names (0 if it names none).
+fn token(body: &str) -> u64 {
+    serde_json::from_str::<serde_json::Value>(body)
+        .ok()
+        .and_then(|v| v.get("token")?.as_u64())
+        .unwrap_or(0)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -245,7 +259,7 @@ mod tests {
 
     #[test]
     fn each_broken_promise_is_reported() {
-        let ops: Vec<String> = ["dup", "differs", "lost", "never", "missing"]
+        let ops: Vec<String> = ["dup", "differs", "lost", "stale", "never", "missing"]
             .map(str::to_owned)
             .into();
         let requests = [
@@ -254,8 +268,10 @@ mod tests {
             req("differs", Phase::Work, 100, Some("x")),
             req("differs", Phase::Work, 150, Some("y")),
             req("differs", Phase::Verify, 300, Some("x")),
-            req("lost", Phase::Work, 100, Some("x")),
-            req("lost", Phase::Verify, 300, Some("z")),
+            req("lost", Phase::Work, 100, Some(r#"{"token":2}"#)),
+            req("lost", Phase::Verify, 300, Some(r#"{"token":3}"#)),
+            req("stale", Phase::Work, 100, Some(r#"{"token":2}"#)),
+            req("stale", Phase::Verify, 300, Some(r#"{"token":1}"#)),
             req("never", Phase::Work, 100, None),
             req("missing", Phase::Work, 100, Some("x")),
             req("missing", Phase::Verify, 300, Some("x")),
@@ -264,6 +280,7 @@ mod tests {
             ("dup".to_owned(), 2),
             ("differs".to_owned(), 1),
             ("lost".to_owned(), 1),
+            ("stale".to_owned(), 1),
         ]);
         let r = check(&ops, &requests, &[], &effects, true, &[]);
         let kinds: Vec<(&str, &str)> = r
@@ -277,6 +294,7 @@ mod tests {
                 ("dup", "duplicate effect"),
                 ("differs", "response differs"),
                 ("lost", "lost"),
+                ("stale", "response differs"),
                 ("never", "not done"),
                 ("missing", "missing effect"),
             ]

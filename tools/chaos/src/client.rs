@@ -37,6 +37,82 @@ pub struct Settings {
     /// Operations start spread evenly over this time (from the client's start),
     /// so the workload spans the nemesis's schedule.
     pub spread: std::time::Duration,
+    /// What an operation is.
+    pub workload: Workload,
+}
+
+/// What one logical operation sends.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Workload {
+    /// `POST /op/{id}` to `idem-chaos serve`.
+    Direct,
+    /// An order through `order-service` (`POST /orders`, `Idempotency-Key: {id}`),
+    /// then its payment (`POST /payments`, `Idempotency-Key: {id}-pay`), each
+    /// a logical operation of its own in the history.
+    Orders,
+}
+
+impl Workload {
+    /// The logical operations (history ids) of operation `op`.
+    pub fn ops(self, op: &str) -> Vec<String> {
+        match self {
+            Workload::Direct => vec![op.to_owned()],
+            Workload::Orders => vec![op.to_owned(), format!("{op}-pay")],
+        }
+    }
+}
+
+/// One request of a logical operation: where, with which key and body.
+struct Call {
+    path: &'static str,
+    key: String,
+    body: Option<String>,
+}
+
+/// Call number `step` of operation `op`, built from the answer to the one
+/// before (the payment names the order's id and total); `None` after the last.
+fn call(
+    workload: Workload,
+    op: &str,
+    step: usize,
+    previous: Option<&str>,
+    product: usize,
+) -> Option<Call> {
+    match (workload, step, previous) {
+        (Workload::Direct, 0, _) => Some(Call {
+            path: "op",
+            key: op.to_owned(),
+            body: None,
+        }),
+        (Workload::Orders, 0, _) => Some(Call {
+            path: "orders",
+            key: op.to_owned(),
+            body: Some(
+                serde_json::json!({
+                    "user_id": op,
+                    "product_id": format!("SKU-{:04}", product % 10 + 1),
+                    "quantity": 1,
+                })
+                .to_string(),
+            ),
+        }),
+        (Workload::Orders, 1, Some(order)) => {
+            let order: serde_json::Value = serde_json::from_str(order).ok()?;
+            Some(Call {
+                path: "payments",
+                key: format!("{op}-pay"),
+                body: Some(
+                    serde_json::json!({
+                        "order_id": order.get("id")?,
+                        "amount_cents": order.get("total_cents")?,
+                        "card": "4242424242424242",
+                    })
+                    .to_string(),
+                ),
+            })
+        }
+        _ => None,
+    }
 }
 
 /// An HTTP client that opens a fresh connection per request: a connection
@@ -52,8 +128,17 @@ pub fn http(timeout: Duration) -> reqwest::Client {
 }
 
 /// Sends one request; status 0 and no body when no answer came.
-pub async fn send(http: &reqwest::Client, url: &str) -> (u16, Option<String>) {
-    match http.post(url).send().await {
+async fn send(http: &reqwest::Client, base: &str, call: &Call) -> (u16, Option<String>) {
+    let request = match &call.body {
+        None => http.post(format!("{base}/{}/{}", call.path, call.key)),
+        Some(body) => http
+            .post(format!("{base}/{}", call.path))
+            .header("idempotency-key", &call.key)
+            .header("authorization", "Bearer chaos")
+            .header("content-type", "application/json")
+            .body(body.clone()),
+    };
+    match request.send().await {
         Ok(resp) => {
             let status = resp.status().as_u16();
             match resp.text().await {
@@ -83,33 +168,39 @@ pub async fn run(settings: Settings) -> std::io::Result<()> {
         let mut rng = Rng::new(settings.seed ^ (i as u64).wrapping_mul(0x2545_f491_4f6c_dd1d));
         tasks.spawn(async move {
             let _permit = permit;
-            let mut attempt = 0u32;
-            while now_us() < settings.deadline_us {
-                attempt += 1;
-                let service = rng.below(settings.services.len());
-                let url = format!("{}/op/{op}", settings.services[service]);
-                let start_us = now_us();
-                let (status, body) = send(&http, &url).await;
-                let done = (200..300).contains(&status);
-                let event = Request {
-                    op: op.clone(),
-                    attempt,
-                    client: settings.id,
-                    service,
-                    start_us,
-                    end_us: now_us(),
-                    status,
-                    body,
-                    phase: settings.phase,
+            let mut previous: Option<String> = None;
+            let mut step = 0;
+            while let Some(call) = call(settings.workload, &op, step, previous.as_deref(), i) {
+                step += 1;
+                let mut attempt = 0u32;
+                previous = loop {
+                    if now_us() >= settings.deadline_us {
+                        return;
+                    }
+                    attempt += 1;
+                    let service = rng.below(settings.services.len());
+                    let start_us = now_us();
+                    let (status, body) = send(&http, &settings.services[service], &call).await;
+                    let event = Request {
+                        op: call.key.clone(),
+                        attempt,
+                        client: settings.id,
+                        service,
+                        start_us,
+                        end_us: now_us(),
+                        status,
+                        body,
+                        phase: settings.phase,
+                    };
+                    history::append(&mut file.lock().unwrap(), &event)
+                        .expect("the history file is writable");
+                    if let Some(body) = event.body {
+                        break Some(body);
+                    }
+                    // Exponential backoff with full jitter, 20 ms to 1 s.
+                    let cap = (20u64 << attempt.min(6)).min(1000);
+                    tokio::time::sleep(Duration::from_millis(rng.range(cap / 2, cap))).await;
                 };
-                history::append(&mut file.lock().unwrap(), &event)
-                    .expect("the history file is writable");
-                if done {
-                    return;
-                }
-                // Exponential backoff with full jitter, 20 ms to 1 s.
-                let cap = (20u64 << attempt.min(6)).min(1000);
-                tokio::time::sleep(Duration::from_millis(rng.range(cap / 2, cap))).await;
             }
         });
     }

@@ -24,18 +24,23 @@ mod suite;
 
 const USAGE: &str = "usage:
   idem-chaos suite [--short | --long] [--seed N] [--out DIR] [--service-bin PATH]
+                   [--unfenced-bin PATH]
   idem-chaos run --store STORE --mode MODE --fault FAULT [--seed N] [--services N]
                  [--clients N] [--ops N] [--concurrency N] [--duration-s N] [--work-ms N]
                  [--out DIR] [--service-bin PATH] [--expect VIOLATION]
 
   STORE  memory | sqlite | postgres | redis | cluster
   MODE   plain (an effect outside every store), derived (a downstream that
-         deduplicates by current().derive_key), tx (the effect commits with the record)
+         deduplicates by current().derive_key), tx (the effect commits with the record),
+         orders (order-service over HTTP: orders in tx, payments by a derived provider key;
+         sqlite or postgres)
   FAULT  none | kill | pause | net | restart | mix
   --service-bin  the binary the services run (a build with fencing disabled, to
                  show the checker catching it); default: this one
   --expect       the run must show this violation (for such a build), e.g.
                  'response differs'
+  --unfenced-bin a build with fencing disabled (RUSTFLAGS='--cfg idem_unfenced'):
+                 the suite adds a run that passes only if the checker catches it
 
   (internal) idem-chaos serve ..., idem-chaos client ...";
 
@@ -149,6 +154,7 @@ async fn client(args: &[String]) -> Res {
             "--deadline-us",
             "--spread-ms",
             "--timeout-ms",
+            "--workload",
         ],
         &[],
     )
@@ -170,6 +176,11 @@ async fn client(args: &[String]) -> Res {
         timeout: Duration::from_millis(num(&f, "--timeout-ms", 1500)?),
         phase: history::Phase::Work,
         spread: Duration::from_millis(num(&f, "--spread-ms", 0)?),
+        workload: match get(&f, "--workload").unwrap_or("direct") {
+            "direct" => client::Workload::Direct,
+            "orders" => client::Workload::Orders,
+            other => return Err(format!("--workload: unknown workload {other}").into()),
+        },
     })
     .await?;
     Ok(ExitCode::SUCCESS)
@@ -245,7 +256,7 @@ async fn run(args: &[String]) -> Res {
 async fn suite(args: &[String]) -> Res {
     let f = flags(
         args,
-        &["--seed", "--out", "--service-bin"],
+        &["--seed", "--out", "--service-bin", "--unfenced-bin"],
         &["--short", "--long"],
     )
     .ok_or(USAGE)?;
@@ -259,6 +270,7 @@ async fn suite(args: &[String]) -> Res {
         seed: num(&f, "--seed", 1)?,
         out: PathBuf::from(get(&f, "--out").unwrap_or("target/chaos")),
         service_bin: service_bin(&f)?,
+        unfenced_bin: get(&f, "--unfenced-bin").map(PathBuf::from),
     };
     let outcomes = suite::run(&settings).await?;
     let table = suite::table(&settings.out, &outcomes)?;

@@ -16,7 +16,7 @@ use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::process::{Child, Command};
 
 use crate::check::{self, Report};
-use crate::client;
+use crate::client::{self, Workload};
 use crate::history::{self, now_us, Execution, Fault, Phase, Request};
 use crate::nemesis::{self, Action, Kind};
 use crate::proxy::{Faults, Proxy};
@@ -165,18 +165,21 @@ pub struct Outcome {
 
 struct Services {
     bin: PathBuf,
+    /// Each service's command line (subcommand first).
     args: Vec<Vec<String>>,
     children: Vec<Option<Child>>,
     urls: Vec<String>,
+    /// Where their stderr goes (`service-N.log`).
+    logs: PathBuf,
 }
 
 impl Services {
     async fn start(&mut self, i: usize) -> Result<(), BoxError> {
+        let log = history::open_append(&self.logs.join(format!("service-{i}.log")))?;
         let mut child = Command::new(&self.bin)
-            .arg("serve")
             .args(&self.args[i])
             .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
+            .stderr(log)
             .kill_on_drop(true)
             .spawn()?;
         let stdout = child.stdout.take().expect("piped");
@@ -184,7 +187,7 @@ impl Services {
         let line = tokio::time::timeout(Duration::from_secs(20), lines.next_line())
             .await
             .map_err(|_| format!("service {i} did not start within 20 s"))??;
-        if !line.is_some_and(|l| l.starts_with("listening on")) {
+        if !line.is_some_and(|l| l.contains("listening on")) {
             return Err(format!("service {i} failed to start").into());
         }
         // Keep draining its stdout so it never blocks on a full pipe.
@@ -216,10 +219,33 @@ fn free_port() -> std::io::Result<u16> {
         .port())
 }
 
-/// The PostgreSQL the runs use: `IDEM_POSTGRES_URL`, or the local server.
-pub fn postgres_url() -> String {
+/// The PostgreSQL server the runs use: `IDEM_POSTGRES_URL`, or the local one.
+fn postgres_server_url() -> String {
     std::env::var("IDEM_POSTGRES_URL")
         .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".into())
+}
+
+/// The database of the runs, `idem_chaos` on that server (created if
+/// missing), so a run's tables never meet the tests'.
+async fn postgres_url() -> Result<String, BoxError> {
+    let server = postgres_server_url();
+    let base = server.rsplit_once('/').map_or(server.as_str(), |(b, _)| b);
+    let url = format!("{base}/idem_chaos");
+    let admin = sqlx::postgres::PgPoolOptions::new()
+        .max_connections(1)
+        .connect(&server)
+        .await?;
+    let exists: Option<i32> =
+        sqlx::query_scalar("SELECT 1 FROM pg_database WHERE datname = 'idem_chaos'")
+            .fetch_optional(&admin)
+            .await?;
+    if exists.is_none() {
+        sqlx::query("CREATE DATABASE idem_chaos")
+            .execute(&admin)
+            .await?;
+    }
+    admin.close().await;
+    Ok(url)
 }
 
 fn postgres_addr() -> String {
@@ -239,8 +265,8 @@ fn cluster_nodes() -> Vec<String> {
 }
 
 const PG_SCHEMA: [&str; 4] = [
-    "DROP TABLE IF EXISTS idem_chaos, chaos_effects, chaos_downstream",
-    "DROP SEQUENCE IF EXISTS idem_chaos_token_seq",
+    "DROP TABLE IF EXISTS idem_chaos, chaos_effects, chaos_downstream, orders, stock, charges, idem_records",
+    "DROP SEQUENCE IF EXISTS idem_chaos_token_seq, idem_records_token_seq",
     "CREATE TABLE chaos_effects (op TEXT NOT NULL, token BIGINT NOT NULL, exec TEXT NOT NULL)",
     "CREATE TABLE chaos_downstream (dkey TEXT PRIMARY KEY, op TEXT NOT NULL, exec TEXT NOT NULL)",
 ];
@@ -250,6 +276,9 @@ const SQLITE_SCHEMA: [&str; 2] = [
 ];
 const COUNT_EFFECTS: &str = "SELECT op, count(*) FROM chaos_effects GROUP BY op";
 const COUNT_DOWNSTREAM: &str = "SELECT op, count(*) FROM chaos_downstream GROUP BY op";
+const COUNT_ORDERS: &str = "SELECT user_id, count(*) FROM orders GROUP BY user_id";
+const COUNT_CHARGES: &str = "SELECT o.user_id || '-pay', count(*) FROM charges c \
+                             JOIN orders o ON o.id = c.order_id GROUP BY o.user_id";
 
 /// A Redis server of the run's own, restartable, keeping its data in an
 /// append-only file synced on every write (so a restart loses nothing).
@@ -327,6 +356,11 @@ async fn restart_postgres(hold: Duration) -> Result<(), BoxError> {
     Ok(())
 }
 
+/// `order-service`, beside this binary (cargo builds both into one directory).
+fn order_service_bin(service_bin: &Path) -> PathBuf {
+    service_bin.with_file_name("order-service")
+}
+
 /// Runs one configuration and checks it.
 pub async fn run(config: Config) -> Result<Outcome, BoxError> {
     let began = std::time::Instant::now();
@@ -341,7 +375,7 @@ pub async fn run(config: Config) -> Result<Outcome, BoxError> {
     // The store, the proxy in front of it, and where effects are counted.
     let mut own_redis = None;
     let mut proxy = None;
-    let pg_url = postgres_url();
+    let pg_url = postgres_url().await?;
     let (spec, downstream) = match config.store {
         StoreKind::Memory => (Spec::Memory, pg_url.clone()),
         StoreKind::Sqlite => (
@@ -390,9 +424,16 @@ pub async fn run(config: Config) -> Result<Outcome, BoxError> {
     } else {
         config.services
     };
-    if config.mode == Mode::Tx && !matches!(config.store, StoreKind::Sqlite | StoreKind::Postgres) {
-        return Err("tx mode needs a SQL store (sqlite or postgres)".into());
+    if matches!(config.mode, Mode::Tx | Mode::Orders)
+        && !matches!(config.store, StoreKind::Sqlite | StoreKind::Postgres)
+    {
+        return Err("tx and orders need a SQL store (sqlite or postgres)".into());
     }
+    let workload = if config.mode == Mode::Orders {
+        Workload::Orders
+    } else {
+        Workload::Direct
+    };
     let pg = sqlx::postgres::PgPoolOptions::new()
         .max_connections(4)
         .connect(&pg_url)
@@ -401,6 +442,10 @@ pub async fn run(config: Config) -> Result<Outcome, BoxError> {
         sqlx::query(sql).execute(&pg).await?;
     }
     let sqlite = match &spec {
+        Spec::Sqlite(url) if config.mode == Mode::Orders => {
+            let db = stores::sqlite_pool(&url.replace("store.db", "orders.db")).await?;
+            Some((db.clone(), db))
+        }
         Spec::Sqlite(url) => {
             // The store's tables first, then the effects beside them.
             let _ = stores::sqlite(url).await.map_err(|e| e.to_string())?;
@@ -414,7 +459,7 @@ pub async fn run(config: Config) -> Result<Outcome, BoxError> {
         }
         _ => None,
     };
-    if let Spec::Postgres(_) = spec {
+    if let (Spec::Postgres(_), false) = (&spec, config.mode == Mode::Orders) {
         idem_runtime::PostgresStore::with_table(pg.clone(), stores::TABLE)?
             .migrate()
             .await?;
@@ -422,16 +467,38 @@ pub async fn run(config: Config) -> Result<Outcome, BoxError> {
 
     // Services.
     let mut services = Services {
-        bin: config.service_bin.clone(),
+        bin: if config.mode == Mode::Orders {
+            order_service_bin(&config.service_bin)
+        } else {
+            config.service_bin.clone()
+        },
         args: Vec::new(),
         children: Vec::new(),
         urls: Vec::new(),
+        logs: out.clone(),
     };
     for i in 0..service_count {
         let port = free_port()?;
-        let mut args = vec![
-            "--addr".to_owned(),
-            format!("127.0.0.1:{port}"),
+        let mut args = match (&spec, config.mode) {
+            (Spec::Sqlite(url), Mode::Orders) => {
+                vec![
+                    "serve".to_owned(),
+                    "--db".into(),
+                    url.replace("store.db", "orders.db"),
+                ]
+            }
+            (spec, Mode::Orders) => vec!["serve".to_owned(), "--db".into(), spec.to_arg()],
+            _ => vec!["serve".to_owned()],
+        };
+        args.extend(["--addr".to_owned(), format!("127.0.0.1:{port}")]);
+        if config.mode == Mode::Orders {
+            services.args.push(args);
+            services.children.push(None);
+            services.urls.push(format!("http://127.0.0.1:{port}"));
+            services.start(i).await?;
+            continue;
+        }
+        args.extend([
             "--store".into(),
             spec.to_arg(),
             "--mode".into(),
@@ -442,7 +509,7 @@ pub async fn run(config: Config) -> Result<Outcome, BoxError> {
                 .to_string(),
             "--work-ms".into(),
             config.work.as_millis().to_string(),
-        ];
+        ]);
         if config.mode == Mode::Derived {
             args.extend(["--downstream".to_owned(), downstream.clone()]);
         }
@@ -460,7 +527,7 @@ pub async fn run(config: Config) -> Result<Outcome, BoxError> {
     let mut ops = Vec::new();
     for k in 0..config.clients {
         let prefix = format!("{run_id}-c{k}-");
-        ops.extend((0..config.ops).map(|i| format!("{prefix}{i}")));
+        ops.extend((0..config.ops).flat_map(|i| workload.ops(&format!("{prefix}{i}"))));
         clients.push(
             Command::new(std::env::current_exe()?)
                 .arg("client")
@@ -473,6 +540,14 @@ pub async fn run(config: Config) -> Result<Outcome, BoxError> {
                 .args(["--seed", &(config.seed ^ (k as u64 + 1)).to_string()])
                 .args(["--deadline-us", &deadline_us.to_string()])
                 .args(["--spread-ms", &spread.as_millis().to_string()])
+                .args([
+                    "--workload",
+                    if workload == Workload::Orders {
+                        "orders"
+                    } else {
+                        "direct"
+                    },
+                ])
                 .kill_on_drop(true)
                 .spawn()?,
         );
@@ -547,10 +622,15 @@ pub async fn run(config: Config) -> Result<Outcome, BoxError> {
 
     // Every operation once more, against the healed system.
     let verify_path = out.join("verify.jsonl");
+    let first_ops: Vec<String> = ops
+        .iter()
+        .filter(|o| !o.ends_with("-pay"))
+        .cloned()
+        .collect();
     client::run(client::Settings {
         id: u32::MAX,
         services: services.urls.clone(),
-        ops: ops.clone(),
+        ops: first_ops,
         concurrency: 16,
         out: verify_path.clone(),
         seed: config.seed,
@@ -558,6 +638,7 @@ pub async fn run(config: Config) -> Result<Outcome, BoxError> {
         timeout: Duration::from_secs(10),
         phase: Phase::Verify,
         spread: Duration::ZERO,
+        workload,
     })
     .await?;
     for i in 0..service_count {
@@ -600,6 +681,26 @@ pub async fn run(config: Config) -> Result<Outcome, BoxError> {
             sqlx::query_as(COUNT_EFFECTS).fetch_all(&pg).await?,
             &mut effects,
         ),
+        (Mode::Orders, Some((db, _))) => {
+            count(
+                sqlx::query_as(COUNT_ORDERS).fetch_all(db).await?,
+                &mut effects,
+            );
+            count(
+                sqlx::query_as(COUNT_CHARGES).fetch_all(db).await?,
+                &mut effects,
+            );
+        }
+        (Mode::Orders, None) => {
+            count(
+                sqlx::query_as(COUNT_ORDERS).fetch_all(&pg).await?,
+                &mut effects,
+            );
+            count(
+                sqlx::query_as(COUNT_CHARGES).fetch_all(&pg).await?,
+                &mut effects,
+            );
+        }
     }
     if let Some(r) = &mut own_redis {
         r.stop().await;

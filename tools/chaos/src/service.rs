@@ -42,6 +42,9 @@ pub enum Mode {
     Derived,
     /// In the caller's transaction, with the record (`tx =`).
     Tx,
+    /// Not this service: `order-service`'s orders (in the caller's transaction)
+    /// and payments (a provider key derived from the call), over its HTTP layer.
+    Orders,
 }
 
 impl Mode {
@@ -51,6 +54,7 @@ impl Mode {
             "plain" => Some(Mode::Plain),
             "derived" => Some(Mode::Derived),
             "tx" => Some(Mode::Tx),
+            "orders" => Some(Mode::Orders),
             _ => None,
         }
     }
@@ -61,6 +65,7 @@ impl Mode {
             Mode::Plain => "plain",
             Mode::Derived => "derived",
             Mode::Tx => "tx",
+            Mode::Orders => "orders",
         }
     }
 }
@@ -275,6 +280,7 @@ impl Service {
                 Ok(done)
             }
             (Backend::Any, Mode::Tx) => Err(Fail::Effect("tx mode needs a SQL store".into())),
+            (_, Mode::Orders) => Err(Fail::Effect("orders are served by order-service".into())),
             _ => self.run(op).await,
         }
     }

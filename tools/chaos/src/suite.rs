@@ -30,6 +30,7 @@ pub fn matrix(size: Size) -> Vec<(StoreKind, Mode, Kind)> {
             (Postgres, Plain, Pause),
             (Postgres, Derived, Pause),
             (Postgres, Tx, Mix),
+            (Postgres, Orders, Mix),
             (Redis, Derived, Mix),
             (Cluster, Derived, Kill),
         ],
@@ -37,7 +38,7 @@ pub fn matrix(size: Size) -> Vec<(StoreKind, Mode, Kind)> {
             let mut out = Vec::new();
             for store in [Memory, Sqlite, Postgres, Redis, Cluster] {
                 let modes: &[Mode] = if matches!(store, Sqlite | Postgres) {
-                    &[Plain, Derived, Tx]
+                    &[Plain, Derived, Tx, Orders]
                 } else {
                     &[Plain, Derived]
                 };
@@ -63,6 +64,9 @@ pub struct Settings {
     pub out: PathBuf,
     /// The binary the services run.
     pub service_bin: PathBuf,
+    /// A build with fencing disabled (`--cfg idem_unfenced`): one more run,
+    /// which passes only if the checker catches it.
+    pub unfenced_bin: Option<PathBuf>,
 }
 
 /// Runs the suite; returns the outcomes in matrix order.
@@ -70,12 +74,19 @@ pub async fn run(
     settings: &Settings,
 ) -> Result<Vec<Outcome>, Box<dyn std::error::Error + Send + Sync>> {
     let (duration, ops, clients) = match settings.size {
-        Size::Short => (Duration::from_secs(12), 40, 3),
+        Size::Short => (Duration::from_secs(10), 100, 3),
         Size::Long => (Duration::from_secs(60), 300, 4),
     };
     let mut outcomes = Vec::new();
-    for (i, (store, mode, fault)) in matrix(settings.size).into_iter().enumerate() {
-        let config = Config {
+    let mut runs: Vec<(StoreKind, Mode, Kind, Option<&PathBuf>)> = matrix(settings.size)
+        .into_iter()
+        .map(|(s, m, f)| (s, m, f, None))
+        .collect();
+    if let Some(bin) = &settings.unfenced_bin {
+        runs.push((StoreKind::Postgres, Mode::Derived, Kind::Pause, Some(bin)));
+    }
+    for (i, (store, mode, fault, unfenced)) in runs.into_iter().enumerate() {
+        let mut config = Config {
             store,
             mode,
             fault,
@@ -90,6 +101,17 @@ pub async fn run(
             service_bin: settings.service_bin.clone(),
             expect: None,
         };
+        if let Some(bin) = unfenced {
+            // More calls in their bodies when a pause lands, so the stale
+            // completions the broken build lets through are many.
+            config.service_bin = bin.clone();
+            config.expect = Some("response differs".into());
+            config.ops = ops * 2;
+            config.work = Duration::from_millis(200);
+            config.concurrency = 8;
+            config.duration = duration + Duration::from_secs(6);
+            config.out = settings.out.join("postgres-derived-pause-unfenced");
+        }
         eprintln!(
             "idem-chaos: {} · {} · {} (seed {})",
             store.name(),
