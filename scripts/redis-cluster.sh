@@ -4,15 +4,22 @@
 # that is already up and healthy is left as it is.
 #   ./scripts/redis-cluster.sh start   # prints the node URLs
 #   ./scripts/redis-cluster.sh stop
+# IDEM_CLUSTER_PORTS names other ports; IDEM_CLUSTER_REPLICAS=1 gives every
+# master a replica (six ports for three masters), as the chaos harness's
+# failovers need:
+#   IDEM_CLUSTER_PORTS="7201 7202 7203 7204 7205 7206" IDEM_CLUSTER_REPLICAS=1 ./scripts/redis-cluster.sh start
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 PORTS=(${IDEM_CLUSTER_PORTS:-7101 7102 7103})
+REPLICAS=${IDEM_CLUSTER_REPLICAS:-0}
 DIR="$(pwd)/target/redis-cluster"
 
 healthy() {
     [ "$(redis-cli -p "${PORTS[0]}" cluster info 2>/dev/null | tr -d '\r' | grep -c '^cluster_state:ok')" = 1 ] &&
-        [ "$(redis-cli -p "${PORTS[0]}" cluster info 2>/dev/null | tr -d '\r' | grep '^cluster_known_nodes:' | cut -d: -f2)" = "${#PORTS[@]}" ]
+        [ "$(redis-cli -p "${PORTS[0]}" cluster info 2>/dev/null | tr -d '\r' | grep '^cluster_known_nodes:' | cut -d: -f2)" = "${#PORTS[@]}" ] &&
+        # Every replica has joined its master.
+        [ "$(redis-cli -p "${PORTS[0]}" cluster nodes 2>/dev/null | grep -c ' slave ')" = "$(( ${#PORTS[@]} * REPLICAS / (REPLICAS + 1) ))" ]
 }
 
 start() {
@@ -37,7 +44,7 @@ start() {
     done
     local nodes=()
     for port in "${PORTS[@]}"; do nodes+=("127.0.0.1:$port"); done
-    redis-cli --cluster create "${nodes[@]}" --cluster-replicas 0 --cluster-yes >"$DIR/create.log" 2>&1
+    redis-cli --cluster create "${nodes[@]}" --cluster-replicas "$REPLICAS" --cluster-yes >"$DIR/create.log" 2>&1
     for _ in $(seq 1 100); do
         if healthy; then
             echo "redis cluster: started on ports ${PORTS[*]}"

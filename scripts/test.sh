@@ -104,6 +104,11 @@ ensure_redis
 ensure_nats
 ensure_kafka
 ./scripts/redis-cluster.sh start
+# The chaos harness's cluster: a replica per master, for its failovers.
+IDEM_CLUSTER_PORTS="7201 7202 7203 7204 7205 7206" IDEM_CLUSTER_REPLICAS=1 ./scripts/redis-cluster.sh start
+# The chaos harness skews service clocks with libfaketime.
+[ -e /usr/lib/x86_64-linux-gnu/faketime/libfaketimeMT.so.1 ] || [ -e /usr/lib/faketime/libfaketimeMT.so.1 ] ||
+    apt_install faketime
 
 log "cargo fmt --check"
 cargo fmt --all -- --check

@@ -13,6 +13,9 @@ use tokio::sync::Semaphore;
 use crate::history::{self, now_us, Phase, Request};
 use crate::rng::Rng;
 
+/// The chance that an attempt is sent to two services at once.
+const HEDGED: f64 = 0.2;
+
 /// Settings of one client process.
 #[derive(Debug, Clone)]
 pub struct Settings {
@@ -179,23 +182,47 @@ pub async fn run(settings: Settings) -> std::io::Result<()> {
                     }
                     attempt += 1;
                     let service = rng.below(settings.services.len());
-                    let start_us = now_us();
-                    let (status, body) = send(&http, &settings.services[service], &call).await;
-                    let event = Request {
-                        op: call.key.clone(),
-                        attempt,
-                        client: settings.id,
-                        service,
-                        start_us,
-                        end_us: now_us(),
-                        status,
-                        body,
-                        phase: settings.phase,
+                    // Now and then the same request goes to two services at
+                    // once (a hedged request, or a retry sent before the first
+                    // answer came): duplicates that meet a live claim.
+                    let hedge = settings.phase == Phase::Work
+                        && settings.services.len() > 1
+                        && rng.chance(HEDGED);
+                    let other = (service + 1 + rng.below(settings.services.len() - 1))
+                        % settings.services.len();
+                    let one = |service: usize| {
+                        let (http, settings, call) = (&http, &settings, &call);
+                        async move {
+                            let start_us = now_us();
+                            let (status, body) =
+                                send(http, &settings.services[service], call).await;
+                            Request {
+                                op: call.key.clone(),
+                                attempt,
+                                client: settings.id,
+                                service,
+                                start_us,
+                                end_us: now_us(),
+                                status,
+                                body,
+                                phase: settings.phase,
+                            }
+                        }
                     };
-                    history::append(&mut file.lock().unwrap(), &event)
-                        .expect("the history file is writable");
-                    if let Some(body) = event.body {
-                        break Some(body);
+                    let events = if hedge {
+                        let (a, b) = tokio::join!(one(service), one(other));
+                        vec![a, b]
+                    } else {
+                        vec![one(service).await]
+                    };
+                    let mut answer = None;
+                    for event in events {
+                        history::append(&mut file.lock().unwrap(), &event)
+                            .expect("the history file is writable");
+                        answer = answer.or(event.body);
+                    }
+                    if answer.is_some() {
+                        break answer;
                     }
                     // Exponential backoff with full jitter, 20 ms to 1 s.
                     let cap = (20u64 << attempt.min(6)).min(1000);

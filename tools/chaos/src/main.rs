@@ -12,6 +12,7 @@ use std::time::Duration;
 
 mod check;
 mod client;
+mod cluster;
 mod history;
 mod nemesis;
 mod plot;
@@ -34,7 +35,8 @@ const USAGE: &str = "usage:
          deduplicates by current().derive_key), tx (the effect commits with the record),
          orders (order-service over HTTP: orders in tx, payments by a derived provider key;
          sqlite or postgres)
-  FAULT  none | kill | pause | net | restart | mix
+  FAULT  none | kill | pause | net | restart | failover | lossy-failover | skew | mix
+         (failovers: cluster only; skew: the services' clocks off, with pauses)
   --service-bin  the binary the services run (a build with fencing disabled, to
                  show the checker catching it); default: this one
   --expect       the run must show this violation (for such a build), e.g.

@@ -23,6 +23,14 @@ pub enum Kind {
     Net,
     /// Restart the store's server.
     Restart,
+    /// Fail a Redis Cluster master over to its replica (`CLUSTER FAILOVER`).
+    Failover,
+    /// Kill a Redis Cluster master whose replica lags, and let the replica
+    /// take over without what it never received.
+    LossyFailover,
+    /// Every service's wall clock off by 30 s to 10 min (`faketime`), and
+    /// pauses past the lease: leases must be judged by the store's clock.
+    Skew,
     /// Any of the above that the store allows, chosen at random each time.
     Mix,
 }
@@ -36,6 +44,9 @@ impl Kind {
             "pause" => Kind::Pause,
             "net" => Kind::Net,
             "restart" => Kind::Restart,
+            "failover" => Kind::Failover,
+            "lossy-failover" => Kind::LossyFailover,
+            "skew" => Kind::Skew,
             "mix" => Kind::Mix,
             _ => return None,
         })
@@ -49,6 +60,9 @@ impl Kind {
             Kind::Pause => "pause",
             Kind::Net => "net",
             Kind::Restart => "restart",
+            Kind::Failover => "failover",
+            Kind::LossyFailover => "lossy-failover",
+            Kind::Skew => "skew",
             Kind::Mix => "mix",
         }
     }
@@ -67,6 +81,13 @@ pub enum Action {
     Reset,
     /// Stop the store's server; start it again after the hold.
     Restart,
+    /// Fail a master over (lossy or not), the one `pick` chooses.
+    Failover {
+        /// Which replica takes over.
+        pick: usize,
+        /// Whether the replica lags and the master dies.
+        lossy: bool,
+    },
 }
 
 /// The next fault of a run: the quiet time before it, the fault, how long it is held.
@@ -88,7 +109,7 @@ pub fn next(
         Kind::Kill => (Action::Kill(rng.below(services)), rng.range(100, 800)),
         // Longer than the lease: another process takes the claim over while
         // the paused one still believes it holds it.
-        Kind::Pause => (
+        Kind::Pause | Kind::Skew => (
             Action::Pause(rng.below(services)),
             rng.range(lease_ms + 500, lease_ms + 1500),
         ),
@@ -137,6 +158,21 @@ pub fn next(
             ),
         },
         Kind::Restart => (Action::Restart, rng.range(200, 1000)),
+        Kind::Failover => (
+            Action::Failover {
+                pick: rng.below(64),
+                lossy: false,
+            },
+            0,
+        ),
+        // How long the master acknowledges writes its replica never sees.
+        Kind::LossyFailover => (
+            Action::Failover {
+                pick: rng.below(64),
+                lossy: true,
+            },
+            rng.range(500, 1500),
+        ),
         Kind::None | Kind::Mix => (Action::Reset, 0),
     };
     (quiet, action, Duration::from_millis(hold))

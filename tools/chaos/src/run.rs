@@ -41,7 +41,8 @@ pub enum StoreKind {
     Postgres,
     /// A Redis server of the run's own (append-only file, fsync always), through the proxy.
     Redis,
-    /// The local Redis Cluster (`scripts/redis-cluster.sh`).
+    /// A local Redis Cluster with a replica per master (`scripts/redis-cluster.sh`,
+    /// ports 7201–7206).
     Cluster,
 }
 
@@ -72,9 +73,8 @@ impl StoreKind {
     /// The faults that make sense against this store.
     pub fn faults(self) -> &'static [Kind] {
         match self {
-            StoreKind::Memory | StoreKind::Sqlite | StoreKind::Cluster => {
-                &[Kind::Kill, Kind::Pause]
-            }
+            StoreKind::Memory | StoreKind::Sqlite => &[Kind::Kill, Kind::Pause],
+            StoreKind::Cluster => &[Kind::Kill, Kind::Pause, Kind::Failover],
             StoreKind::Postgres | StoreKind::Redis => {
                 &[Kind::Kill, Kind::Pause, Kind::Net, Kind::Restart]
             }
@@ -135,6 +135,28 @@ pub fn limits(config: &Config) -> Vec<Limit> {
             });
         }
     }
+    if config.fault == Kind::Skew && config.store == StoreKind::Sqlite {
+        let why = "SQLite is embedded: each process judges leases by its own clock, so a \
+                   process whose clock runs ahead takes over live claims (processes on one \
+                   host share one clock, so this needs a clock set wrong)";
+        for kind in ["duplicate effect", "response differs"] {
+            out.push(Limit {
+                kind: kind.into(),
+                why: why.into(),
+            });
+        }
+    }
+    if config.fault == Kind::LossyFailover {
+        let why = "Redis replicates asynchronously: a completion the master acknowledged \
+                   but never sent to its replica is gone once the replica takes over, and the \
+                   call runs again (wait for replica acknowledgement before answering)";
+        for kind in ["response differs", "lost"] {
+            out.push(Limit {
+                kind: kind.into(),
+                why: why.into(),
+            });
+        }
+    }
     if config.mode == Mode::Plain && faulty {
         out.push(Limit {
             kind: "duplicate effect".into(),
@@ -171,12 +193,24 @@ struct Services {
     urls: Vec<String>,
     /// Where their stderr goes (`service-N.log`).
     logs: PathBuf,
+    /// Each service's clock offset (a `faketime` offset such as `+90`), if skewed.
+    skew: Vec<Option<String>>,
 }
 
 impl Services {
     async fn start(&mut self, i: usize) -> Result<(), BoxError> {
         let log = history::open_append(&self.logs.join(format!("service-{i}.log")))?;
-        let mut child = Command::new(&self.bin)
+        let mut command = Command::new(&self.bin);
+        if let Some(offset) = &self.skew[i] {
+            // libfaketime preloaded into the service itself (the `faketime`
+            // command would fork, and a pause would stop only the parent).
+            // The wall clock moves; the monotonic one (Tokio's timers) does not.
+            command
+                .env("LD_PRELOAD", faketime_lib().ok_or("libfaketime not found")?)
+                .env("FAKETIME", offset)
+                .env("FAKETIME_DONT_FAKE_MONOTONIC", "1");
+        }
+        let mut child = command
             .args(&self.args[i])
             .stdout(Stdio::piped())
             .stderr(log)
@@ -211,6 +245,23 @@ fn signal(pid: u32, sig: &str) {
     let _ = std::process::Command::new("kill")
         .args([sig, &pid.to_string()])
         .status();
+}
+
+/// libfaketime's multi-threaded library: `IDEM_FAKETIME_LIB`, or where
+/// Debian's `faketime` package puts it.
+fn faketime_lib() -> Option<PathBuf> {
+    std::env::var_os("IDEM_FAKETIME_LIB")
+        .map(PathBuf::from)
+        .into_iter()
+        .chain(
+            [
+                "/usr/lib/x86_64-linux-gnu/faketime/libfaketimeMT.so.1",
+                "/usr/lib/aarch64-linux-gnu/faketime/libfaketimeMT.so.1",
+                "/usr/lib/faketime/libfaketimeMT.so.1",
+            ]
+            .map(PathBuf::from),
+        )
+        .find(|p| p.is_file())
 }
 
 fn free_port() -> std::io::Result<u16> {
@@ -257,7 +308,10 @@ fn postgres_addr() -> String {
 fn cluster_nodes() -> Vec<String> {
     std::env::var("IDEM_CHAOS_CLUSTER")
         .unwrap_or_else(|_| {
-            "redis://127.0.0.1:7101,redis://127.0.0.1:7102,redis://127.0.0.1:7103".into()
+            (7201..=7206)
+                .map(|p| format!("redis://127.0.0.1:{p}"))
+                .collect::<Vec<_>>()
+                .join(",")
         })
         .split(',')
         .map(str::to_owned)
@@ -410,8 +464,9 @@ pub async fn run(config: Config) -> Result<Outcome, BoxError> {
             let first = nodes[0].trim_start_matches("redis://").to_owned();
             if tokio::net::TcpStream::connect(&first).await.is_err() {
                 return Err(format!(
-                    "the Redis Cluster at {first} is not running: start it with scripts/redis-cluster.sh start \
-                     (or name its nodes in IDEM_CHAOS_CLUSTER)"
+                    "the Redis Cluster at {first} is not running: start it with \
+                     IDEM_CLUSTER_PORTS=\"7201 7202 7203 7204 7205 7206\" IDEM_CLUSTER_REPLICAS=1 \
+                     scripts/redis-cluster.sh start (or name its nodes in IDEM_CHAOS_CLUSTER)"
                 )
                 .into());
             }
@@ -476,7 +531,24 @@ pub async fn run(config: Config) -> Result<Outcome, BoxError> {
         children: Vec::new(),
         urls: Vec::new(),
         logs: out.clone(),
+        skew: Vec::new(),
     };
+    // Clock skew: every service's wall clock off by up to ten minutes, either way.
+    let mut skew_rng = Rng::new(config.seed ^ 0x5eed);
+    let mut skews = Vec::new();
+    for _ in 0..service_count {
+        let offset = if config.fault == Kind::Skew {
+            let s = skew_rng.range(30, 600) as i64;
+            Some(if skew_rng.chance(0.5) { s } else { -s })
+        } else {
+            None
+        };
+        skews.push(offset);
+        services.skew.push(offset.map(|s| format!("{s:+}")));
+    }
+    if config.fault == Kind::Skew && faketime_lib().is_none() {
+        return Err("clock skew needs libfaketime (apt-get install faketime)".into());
+    }
     for i in 0..service_count {
         let port = free_port()?;
         let mut args = match (&spec, config.mode) {
@@ -557,6 +629,17 @@ pub async fn run(config: Config) -> Result<Outcome, BoxError> {
     let mut faults_file = history::open_append(&out.join("faults.jsonl"))?;
     let mut rng = Rng::new(config.seed);
     let nemesis_end = tokio::time::Instant::now() + spread;
+    if config.fault == Kind::Skew {
+        let what = skews
+            .iter()
+            .enumerate()
+            .map(|(i, s)| format!("service {i} {:+} s", s.unwrap_or(0)))
+            .collect::<Vec<_>>()
+            .join(", ");
+        let mut fault = nemesis::window(format!("clock skew: {what}"));
+        fault.end_us = fault.start_us;
+        history::append(&mut faults_file, &fault)?;
+    }
     if config.fault != Kind::None {
         loop {
             let (quiet, action, hold) = nemesis::next(
@@ -576,6 +659,9 @@ pub async fn run(config: Config) -> Result<Outcome, BoxError> {
                 Action::Net(_, what) => nemesis::window((*what).into()),
                 Action::Reset => nemesis::window("reset connections".into()),
                 Action::Restart => nemesis::window(format!("restart {}", config.store.name())),
+                Action::Failover { lossy, .. } => {
+                    nemesis::window(if *lossy { "lossy failover" } else { "failover" }.into())
+                }
             };
             match action {
                 Action::Kill(i) => {
@@ -611,6 +697,16 @@ pub async fn run(config: Config) -> Result<Outcome, BoxError> {
                     (None, StoreKind::Postgres) => restart_postgres(hold).await?,
                     _ => {}
                 },
+                Action::Failover { pick, lossy } => {
+                    if let Spec::Cluster(nodes) = &spec {
+                        // A failover Redis refuses or does not finish in time
+                        // (a replica still syncing) is recorded as such; the
+                        // run goes on.
+                        fault.what = crate::cluster::failover(nodes, pick, lossy, hold)
+                            .await
+                            .unwrap_or_else(|e| format!("failover not done: {e}"));
+                    }
+                }
             }
             fault.end_us = now_us();
             history::append(&mut faults_file, &fault)?;

@@ -32,7 +32,8 @@ pub fn matrix(size: Size) -> Vec<(StoreKind, Mode, Kind)> {
             (Postgres, Tx, Mix),
             (Postgres, Orders, Mix),
             (Redis, Derived, Mix),
-            (Cluster, Derived, Kill),
+            (Redis, Derived, Skew),
+            (Cluster, Derived, Mix),
         ],
         Size::Long => {
             let mut out = Vec::new();
@@ -45,6 +46,12 @@ pub fn matrix(size: Size) -> Vec<(StoreKind, Mode, Kind)> {
                 for &mode in modes {
                     for &fault in store.faults().iter().chain(&[Mix]) {
                         out.push((store, mode, fault));
+                    }
+                    if store == Cluster {
+                        out.push((store, mode, LossyFailover));
+                    }
+                    if store != Memory {
+                        out.push((store, mode, Skew));
                     }
                 }
             }

@@ -1,0 +1,240 @@
+//! Failing over a Redis Cluster master to its replica, two ways:
+//!
+//! - **graceful** (`CLUSTER FAILOVER` on the replica): the master stops
+//!   taking writes, the replica catches up, then they swap. Nothing is lost.
+//! - **lossy**: the replica falls behind (it is stopped, and a burst of
+//!   writes fills its link), the master keeps acknowledging writes, then the
+//!   master dies and the replica takes over (`CLUSTER FAILOVER TAKEOVER`)
+//!   without what it never received: Redis replication is asynchronous, so
+//!   an acknowledged completion can vanish. The old master is started again
+//!   and rejoins as the new master's replica.
+
+use std::time::Duration;
+
+use redis::aio::MultiplexedConnection;
+
+type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+/// One node, as `CLUSTER NODES` lists it.
+#[derive(Debug, Clone)]
+struct Node {
+    addr: String,
+    id: String,
+    master: bool,
+    master_id: String,
+}
+
+async fn connect(addr: &str) -> Result<MultiplexedConnection, BoxError> {
+    let client = redis::Client::open(format!("redis://{addr}"))?;
+    Ok(tokio::time::timeout(
+        Duration::from_secs(2),
+        client.get_multiplexed_async_connection(),
+    )
+    .await
+    .map_err(|_| format!("{addr}: no answer"))??)
+}
+
+async fn nodes(seeds: &[String]) -> Result<Vec<Node>, BoxError> {
+    for seed in seeds {
+        let Ok(mut con) = connect(seed.trim_start_matches("redis://")).await else {
+            continue;
+        };
+        let Ok(text) = redis::cmd("CLUSTER")
+            .arg("NODES")
+            .query_async::<String>(&mut con)
+            .await
+        else {
+            continue;
+        };
+        return Ok(text
+            .lines()
+            .filter_map(|line| {
+                let f: Vec<&str> = line.split_whitespace().collect();
+                let flags = *f.get(2)?;
+                if flags.contains("fail") || flags.contains("handshake") {
+                    return None;
+                }
+                Some(Node {
+                    id: f[0].to_owned(),
+                    addr: f[1].split('@').next()?.to_owned(),
+                    master: flags.contains("master"),
+                    master_id: f.get(3)?.to_string(),
+                })
+            })
+            .collect());
+    }
+    Err("no cluster node answered".into())
+}
+
+async fn info_field(addr: &str, section: &str, field: &str) -> Result<String, BoxError> {
+    let mut con = connect(addr).await?;
+    let text: String = redis::cmd("INFO")
+        .arg(section)
+        .query_async(&mut con)
+        .await?;
+    text.lines()
+        .find_map(|l| l.strip_prefix(&format!("{field}:")))
+        .map(|v| v.trim().to_owned())
+        .ok_or_else(|| format!("{addr}: no {field} in INFO {section}").into())
+}
+
+async fn config(addr: &str, name: &str) -> Result<String, BoxError> {
+    let mut con = connect(addr).await?;
+    let pair: Vec<String> = redis::cmd("CONFIG")
+        .arg("GET")
+        .arg(name)
+        .query_async(&mut con)
+        .await?;
+    pair.get(1)
+        .cloned()
+        .ok_or_else(|| format!("{addr}: no {name} in CONFIG GET").into())
+}
+
+/// Waits until `addr` reports `role` (`master`, `slave`) and the cluster is ok.
+async fn wait_role(addr: &str, role: &str) -> Result<(), BoxError> {
+    for _ in 0..200 {
+        if info_field(addr, "replication", "role")
+            .await
+            .ok()
+            .as_deref()
+            == Some(role)
+            && info_field(addr, "cluster", "cluster_enabled").await.is_ok()
+        {
+            let mut con = connect(addr).await?;
+            let info: String = redis::cmd("CLUSTER")
+                .arg("INFO")
+                .query_async(&mut con)
+                .await?;
+            if info.contains("cluster_state:ok") {
+                return Ok(());
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    Err(format!("{addr} did not become {role}").into())
+}
+
+/// Waits until the replica at `addr` has finished its sync with its master.
+async fn wait_synced(addr: &str) -> Result<(), BoxError> {
+    for _ in 0..200 {
+        let up = info_field(addr, "replication", "master_link_status").await;
+        let syncing = info_field(addr, "replication", "master_sync_in_progress").await;
+        if up.ok().as_deref() == Some("up") && syncing.ok().as_deref() == Some("0") {
+            return Ok(());
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    Err(format!("{addr} did not finish its sync").into())
+}
+
+fn signal(pid: &str, sig: &str) {
+    let _ = std::process::Command::new("kill").args([sig, pid]).status();
+}
+
+/// Fails over a master, chosen by `pick`, to its replica; returns what was done.
+pub async fn failover(
+    seeds: &[String],
+    pick: usize,
+    lossy: bool,
+    hold: Duration,
+) -> Result<String, BoxError> {
+    let all = nodes(seeds).await?;
+    let replicas: Vec<&Node> = all
+        .iter()
+        .filter(|n| !n.master && n.master_id != "-")
+        .collect();
+    if replicas.is_empty() {
+        return Err("the cluster has no replicas: start it with IDEM_CLUSTER_REPLICAS=1".into());
+    }
+    let replica = replicas[pick % replicas.len()];
+    let master = all
+        .iter()
+        .find(|n| n.id == replica.master_id)
+        .ok_or("the replica's master is not in the cluster")?;
+    if !lossy {
+        let mut con = connect(&replica.addr).await?;
+        redis::cmd("CLUSTER")
+            .arg("FAILOVER")
+            .query_async::<()>(&mut con)
+            .await?;
+        wait_role(&replica.addr, "master").await?;
+        // The old master turns replica and syncs; until it has, another
+        // failover to it would be refused. Best effort: the run goes on.
+        if wait_role(&master.addr, "slave").await.is_ok() {
+            let _ = wait_synced(&master.addr).await;
+        }
+        return Ok(format!("failover {} → {}", master.addr, replica.addr));
+    }
+    // What it takes to start the master again.
+    let port = master
+        .addr
+        .rsplit(':')
+        .next()
+        .unwrap_or_default()
+        .to_owned();
+    let dir = config(&master.addr, "dir").await?;
+    let nodes_file = config(&master.addr, "cluster-config-file").await?;
+    let timeout = config(&master.addr, "cluster-node-timeout").await?;
+    let logfile = config(&master.addr, "logfile").await?;
+    let master_pid = info_field(&master.addr, "server", "process_id").await?;
+    let replica_pid = info_field(&replica.addr, "server", "process_id").await?;
+
+    // The replica stops reading; a burst fills the link, so what the master
+    // acknowledges from now on stays in the master's output buffer.
+    signal(&replica_pid, "-STOP");
+    let mut con = connect(&master.addr).await?;
+    let filler = vec![b'x'; 4 << 20];
+    for i in 0..8 {
+        // A key of the master's own slots: try names until one is not MOVED.
+        for n in 0..2000 {
+            let key = format!("chaos-filler-{i}-{n}");
+            if redis::cmd("SET")
+                .arg(&key)
+                .arg(&filler)
+                .arg("PX")
+                .arg(60_000)
+                .query_async::<()>(&mut con)
+                .await
+                .is_ok()
+            {
+                break;
+            }
+        }
+    }
+    tokio::time::sleep(hold).await;
+    signal(&master_pid, "-KILL");
+    signal(&replica_pid, "-CONT");
+    let mut con = connect(&replica.addr).await?;
+    redis::cmd("CLUSTER")
+        .arg("FAILOVER")
+        .arg("TAKEOVER")
+        .query_async::<()>(&mut con)
+        .await?;
+    wait_role(&replica.addr, "master").await?;
+    // The old master comes back empty and rejoins as a replica.
+    let status = tokio::process::Command::new("redis-server")
+        .args([
+            "--port",
+            &port,
+            "--bind",
+            "127.0.0.1",
+            "--cluster-enabled",
+            "yes",
+        ])
+        .args([
+            "--cluster-config-file",
+            &nodes_file,
+            "--cluster-node-timeout",
+            &timeout,
+        ])
+        .args(["--save", "", "--appendonly", "no", "--daemonize", "yes"])
+        .args(["--dir", &dir, "--logfile", &logfile])
+        .status()
+        .await?;
+    if !status.success() {
+        return Err(format!("could not restart {}", master.addr).into());
+    }
+    wait_role(&master.addr, "slave").await?;
+    wait_synced(&master.addr).await?;
+    Ok(format!("lossy failover {} → {}", master.addr, replica.addr))
+}
