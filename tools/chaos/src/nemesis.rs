@@ -107,11 +107,12 @@ pub fn next(
     let lease_ms = lease.as_millis() as u64;
     let (action, hold) = match kind {
         Kind::Kill => (Action::Kill(rng.below(services)), rng.range(100, 800)),
-        // Longer than the lease: another process takes the claim over while
-        // the paused one still believes it holds it.
+        // Longer than the lease, by enough that another process takes the
+        // claim over and finishes while the paused one still believes it
+        // holds it (and then wakes up and completes, or tries to).
         Kind::Pause | Kind::Skew => (
             Action::Pause(rng.below(services)),
-            rng.range(lease_ms + 500, lease_ms + 1500),
+            rng.range(lease_ms + 1000, lease_ms + 3000),
         ),
         Kind::Net => match rng.below(5) {
             0 => (
