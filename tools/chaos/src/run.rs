@@ -276,22 +276,26 @@ fn postgres_server_url() -> String {
         .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".into())
 }
 
-/// The database of the runs, `idem_chaos` on that server (created if
-/// missing), so a run's tables never meet the tests'.
+/// The database of the runs, `IDEM_CHAOS_DB` (default `idem_chaos`) on that
+/// server, created if missing, so a run's tables never meet the tests'.
 async fn postgres_url() -> Result<String, BoxError> {
     let server = postgres_server_url();
     let base = server.rsplit_once('/').map_or(server.as_str(), |(b, _)| b);
-    let url = format!("{base}/idem_chaos");
+    let db = std::env::var("IDEM_CHAOS_DB").unwrap_or_else(|_| "idem_chaos".into());
+    if db.is_empty() || !db.chars().all(|c| c.is_ascii_alphanumeric() || c == '_') {
+        return Err(format!("IDEM_CHAOS_DB: {db:?} is not a plain database name").into());
+    }
+    let url = format!("{base}/{db}");
     let admin = sqlx::postgres::PgPoolOptions::new()
         .max_connections(1)
         .connect(&server)
         .await?;
-    let exists: Option<i32> =
-        sqlx::query_scalar("SELECT 1 FROM pg_database WHERE datname = 'idem_chaos'")
-            .fetch_optional(&admin)
-            .await?;
+    let exists: Option<i32> = sqlx::query_scalar("SELECT 1 FROM pg_database WHERE datname = $1")
+        .bind(&db)
+        .fetch_optional(&admin)
+        .await?;
     if exists.is_none() {
-        sqlx::query("CREATE DATABASE idem_chaos")
+        sqlx::query(sqlx::AssertSqlSafe(format!("CREATE DATABASE {db}")))
             .execute(&admin)
             .await?;
     }
