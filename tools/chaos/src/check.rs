@@ -26,8 +26,9 @@ pub struct Violation {
     pub op: String,
     /// What was seen.
     pub detail: String,
-    /// When it showed (µs since the epoch): the answer that differed, or the
-    /// second execution.
+    /// When it showed (µs since the epoch): the answer that differed under
+    /// faults, the first answer of one whose replay differed, or the second
+    /// execution.
     pub at_us: u64,
 }
 
@@ -144,7 +145,15 @@ pub fn check(
                                 "first answer {body}, then {}",
                                 r.body.as_deref().unwrap_or_default()
                             ),
-                            at_us: r.end_us,
+                            // Drawn where it can be seen: the answer that
+                            // differed under faults, or, when only the replay
+                            // after the run shows it, the first answer (the
+                            // one that did not hold).
+                            at_us: if r.phase == Phase::Work {
+                                r.end_us
+                            } else {
+                                first.end_us
+                            },
                         });
                         break;
                     }
