@@ -19,13 +19,14 @@
 
 use std::collections::{HashMap, VecDeque};
 use std::hash::BuildHasher;
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
 use foldhash::fast::RandomState;
 use tokio::time::Instant;
 
+use super::sync::{Mutex, MutexGuard, ShardHasher};
 use super::{Claim, ClaimRequest, FencingToken, Record, Store};
 use crate::error::Error;
 use crate::key::Digest;
@@ -57,7 +58,7 @@ impl<S> std::fmt::Debug for ReplayCache<S> {
 struct Cache {
     shards: Box<[Mutex<Shard>]>,
     per_shard: usize,
-    hasher: RandomState,
+    hasher: ShardHasher,
 }
 
 /// One shard: the entries, and their insertion order for eviction.
@@ -90,7 +91,7 @@ impl<S> ReplayCache<S> {
             cache: Arc::new(Cache {
                 shards: (0..SHARDS).map(|_| Mutex::default()).collect(),
                 per_shard,
-                hasher: RandomState::default(),
+                hasher: ShardHasher::default(),
             }),
         }
     }
@@ -126,8 +127,11 @@ impl Cache {
 
     /// The claim decision for a cached, unexpired record, if there is one.
     fn lookup(&self, request: &ClaimRequest<'_>) -> Option<Claim> {
-        let now = Instant::now();
         let mut shard = self.shard(request.key);
+        // Read under the lock, so an entry inserted while this lookup waited
+        // is judged by a time no older than the entry (CONTRACT §3.2: an
+        // expired record is never replayed).
+        let now = Instant::now();
         let entry = shard.entries.get(request.key)?;
         if entry.expires_at <= now {
             shard.entries.remove(request.key);
@@ -247,6 +251,31 @@ impl<S: Store + Clone + 'static> Store for ReplayCache<S> {
 }
 
 #[cfg(test)]
+impl Cache {
+    /// Panics unless every shard is within its capacity and each entry has
+    /// exactly one live slot in the eviction queue.
+    fn assert_consistent(&self) {
+        for shard in self.shards.iter() {
+            let shard = lock(shard);
+            assert!(shard.entries.len() <= self.per_shard, "over capacity");
+            let live = shard
+                .order
+                .iter()
+                .filter(|(k, seq)| shard.entries.get(k).is_some_and(|e| e.seq == *seq))
+                .count();
+            assert_eq!(
+                live,
+                shard.entries.len(),
+                "each entry has exactly one live slot"
+            );
+        }
+    }
+}
+
+#[cfg(all(test, idem_loom))]
+mod loom_tests;
+
+#[cfg(test)]
 mod tests {
     use super::*;
 
@@ -281,19 +310,7 @@ mod tests {
             assert!(queued(cache) <= bound, "queue grew to {}", queued(cache));
         }
         assert!(store.len() <= cache.per_shard * SHARDS);
-        for shard in cache.shards.iter() {
-            let shard = lock(shard);
-            let live = shard
-                .order
-                .iter()
-                .filter(|(k, seq)| shard.entries.get(k).is_some_and(|e| e.seq == *seq))
-                .count();
-            assert_eq!(
-                live,
-                shard.entries.len(),
-                "each entry has exactly one live slot"
-            );
-        }
+        cache.assert_consistent();
     }
 
     /// A key inserted again after expiring is evicted by its own age, not by
