@@ -774,10 +774,11 @@ fn shortest_discovery(model: Protocol, property: &'static str) -> Path<State, Ac
             .join();
         if let Some(path) = checker.discovery(property) {
             println!(
-                "{label}: {property:?} found in {:.2?} ({} unique states at depth {})\n{}",
+                "{label}: {property:?}: a shortest path, {} steps, found in {:.2?} \
+                 ({} unique states explored to that depth)\n{}",
+                path.clone().into_actions().len(),
                 started.elapsed(),
                 checker.unique_state_count(),
-                depth - 1,
                 narrate(path.clone())
             );
             return path;
@@ -934,7 +935,11 @@ fn a_completion_retried_after_its_ttl_reads_as_lease_lost() {
         Action::CompleteReplyLost(0),
     ];
     let landed = play(&model, &actions);
-    assert_eq!(landed.ghost.landed, Some(1), "client 0's outcome is recorded");
+    assert_eq!(
+        landed.ghost.landed,
+        Some(1),
+        "client 0's outcome is recorded"
+    );
     actions.extend([Action::Tick; TTL as usize]);
     actions.extend([Action::Claim(1), Action::Complete(0)]);
     let end = play(&model, &actions);
