@@ -132,6 +132,13 @@ RUSTFLAGS="--cfg idem_unfenced" CARGO_TARGET_DIR=target/unfenced cargo build -q 
 log "cargo test (workspace, all features)"
 mkdir -p target
 cargo test --workspace --all-features 2>&1 | tee target/test-output.log
+
+# Every interleaving of MemoryStore's and ReplayCache's shard locks and token
+# counter (idem-runtime/src/store/sync.rs). `--cfg idem_loom` swaps std's locks
+# for loom's, so it builds in a target dir of its own (about 2 minutes cold).
+log "loom (in-process store internals, release)"
+RUSTFLAGS="--cfg idem_loom" CARGO_TARGET_DIR=target/loom \
+    cargo test -p idem-runtime --release --lib loom 2>&1 | tee -a target/test-output.log
 # One closing line for the whole run (cargo prints one per test binary, and the
 # last binary may be a crate with no doc tests).
 awk '/^test result:/ { for (i = 1; i <= NF; i++) { if ($(i+1) ~ /^passed/) p += $i; if ($(i+1) ~ /^failed/) f += $i } }

@@ -3,7 +3,8 @@
 //! A completed record never changes until it expires, so a process that has
 //! seen one can replay it again without asking the store. The cache keeps the
 //! outcome, the fingerprint and the record's own expiry (the store's remaining
-//! ttl when it was read, counted on this process's monotonic clock), and holds
+//! ttl, counted on this process's monotonic clock from when the claim was
+//! sent, so a slow reply never makes the cache outlive the record), and holds
 //! at most `capacity` records, evicting the oldest first.
 //!
 //! Trade-offs, to choose it knowingly:
@@ -18,13 +19,14 @@
 
 use std::collections::{HashMap, VecDeque};
 use std::hash::BuildHasher;
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
 use foldhash::fast::RandomState;
 use tokio::time::Instant;
 
+use super::sync::{Mutex, MutexGuard, ShardHasher};
 use super::{Claim, ClaimRequest, FencingToken, Record, Store};
 use crate::error::Error;
 use crate::key::Digest;
@@ -56,7 +58,7 @@ impl<S> std::fmt::Debug for ReplayCache<S> {
 struct Cache {
     shards: Box<[Mutex<Shard>]>,
     per_shard: usize,
-    hasher: RandomState,
+    hasher: ShardHasher,
 }
 
 /// One shard: the entries, and their insertion order for eviction.
@@ -89,7 +91,7 @@ impl<S> ReplayCache<S> {
             cache: Arc::new(Cache {
                 shards: (0..SHARDS).map(|_| Mutex::default()).collect(),
                 per_shard,
-                hasher: RandomState::default(),
+                hasher: ShardHasher::default(),
             }),
         }
     }
@@ -125,8 +127,11 @@ impl Cache {
 
     /// The claim decision for a cached, unexpired record, if there is one.
     fn lookup(&self, request: &ClaimRequest<'_>) -> Option<Claim> {
-        let now = Instant::now();
         let mut shard = self.shard(request.key);
+        // Read under the lock, so an entry inserted while this lookup waited
+        // is judged by a time no older than the entry (CONTRACT §3.2: an
+        // expired record is never replayed).
+        let now = Instant::now();
         let entry = shard.entries.get(request.key)?;
         if entry.expires_at <= now {
             shard.entries.remove(request.key);
@@ -189,6 +194,7 @@ impl<S: Store + Clone + 'static> Store for ReplayCache<S> {
         if let Some(hit) = self.cache.lookup(&request) {
             return Ok(hit);
         }
+        let asked = Instant::now();
         let claim = self.inner.claim(request).await?;
         if let Claim::Completed {
             outcome,
@@ -196,8 +202,11 @@ impl<S: Store + Clone + 'static> Store for ReplayCache<S> {
             expires_in,
         } = &claim
         {
-            self.cache
-                .insert(request.key, outcome, *fingerprint, *expires_in);
+            // The store counted `expires_in` at some point after `asked`;
+            // counting it from `asked` never outlives the record, however long
+            // the reply took.
+            let left = expires_in.saturating_sub(asked.elapsed());
+            self.cache.insert(request.key, outcome, *fingerprint, left);
         }
         Ok(claim)
     }
@@ -242,6 +251,31 @@ impl<S: Store + Clone + 'static> Store for ReplayCache<S> {
 }
 
 #[cfg(test)]
+impl Cache {
+    /// Panics unless every shard is within its capacity and each entry has
+    /// exactly one live slot in the eviction queue.
+    fn assert_consistent(&self) {
+        for shard in self.shards.iter() {
+            let shard = lock(shard);
+            assert!(shard.entries.len() <= self.per_shard, "over capacity");
+            let live = shard
+                .order
+                .iter()
+                .filter(|(k, seq)| shard.entries.get(k).is_some_and(|e| e.seq == *seq))
+                .count();
+            assert_eq!(
+                live,
+                shard.entries.len(),
+                "each entry has exactly one live slot"
+            );
+        }
+    }
+}
+
+#[cfg(all(test, idem_loom))]
+mod loom_tests;
+
+#[cfg(test)]
 mod tests {
     use super::*;
 
@@ -276,19 +310,7 @@ mod tests {
             assert!(queued(cache) <= bound, "queue grew to {}", queued(cache));
         }
         assert!(store.len() <= cache.per_shard * SHARDS);
-        for shard in cache.shards.iter() {
-            let shard = lock(shard);
-            let live = shard
-                .order
-                .iter()
-                .filter(|(k, seq)| shard.entries.get(k).is_some_and(|e| e.seq == *seq))
-                .count();
-            assert_eq!(
-                live,
-                shard.entries.len(),
-                "each entry has exactly one live slot"
-            );
-        }
+        cache.assert_consistent();
     }
 
     /// A key inserted again after expiring is evicted by its own age, not by
@@ -317,5 +339,97 @@ mod tests {
             "capacity 1: the older key went"
         );
         assert!(cache.lookup(&request(&b)).is_some());
+    }
+}
+
+/// How the cache counts a record's expiry when the store's reply is slow.
+#[cfg(test)]
+mod slow_replies {
+    use super::*;
+    use crate::store::memory::MemoryStore;
+
+    /// A store whose claim replies arrive `delay` after the store decided them
+    /// (a slow network, a busy executor).
+    #[derive(Clone)]
+    struct SlowReplies {
+        inner: MemoryStore,
+        delay: Duration,
+    }
+
+    #[async_trait]
+    impl Store for SlowReplies {
+        async fn claim(&self, request: ClaimRequest<'_>) -> Result<Claim, Error> {
+            let claim = self.inner.claim(request).await;
+            tokio::time::sleep(self.delay).await;
+            claim
+        }
+        async fn complete(
+            &self,
+            key: &str,
+            token: FencingToken,
+            outcome: &[u8],
+            ttl: Duration,
+        ) -> Result<(), Error> {
+            self.inner.complete(key, token, outcome, ttl).await
+        }
+        async fn release(&self, key: &str, token: FencingToken) -> Result<(), Error> {
+            self.inner.release(key, token).await
+        }
+        async fn renew(
+            &self,
+            key: &str,
+            token: FencingToken,
+            lease: Duration,
+        ) -> Result<(), Error> {
+            self.inner.renew(key, token, lease).await
+        }
+        async fn get(&self, key: &str) -> Result<Option<Record>, Error> {
+            self.inner.get(key).await
+        }
+        async fn purge_expired(&self, batch: usize) -> Result<u64, Error> {
+            self.inner.purge_expired(batch).await
+        }
+        fn handle(&self) -> Arc<dyn Store> {
+            Arc::new(self.clone())
+        }
+    }
+
+    /// The store says "3 s left" and the reply takes 2 s to arrive: the cache
+    /// must stop replaying when the store's record expires (1 s after the
+    /// reply), not 3 s after the reply, when the key may have run again.
+    #[tokio::test(start_paused = true)]
+    async fn a_slow_reply_does_not_stretch_the_ttl() {
+        let request = ClaimRequest {
+            key: "ns:k",
+            fingerprint: None,
+            lease: Duration::from_secs(1),
+        };
+        let store = ReplayCache::new(
+            SlowReplies {
+                inner: MemoryStore::new(),
+                delay: Duration::from_secs(2),
+            },
+            16,
+        );
+        let Claim::Acquired { token, .. } = store.inner.inner.claim(request).await.unwrap() else {
+            panic!("a free key");
+        };
+        let ttl = Duration::from_secs(3);
+        store.complete("ns:k", token, b"first", ttl).await.unwrap();
+        // Answered "completed, 3 s left" at t = 0; the reply lands at t = 2.
+        assert!(matches!(
+            store.claim(request).await.unwrap(),
+            Claim::Completed { .. }
+        ));
+        tokio::time::advance(Duration::from_millis(1500)).await;
+        // t = 3.5: the store's record expired at t = 3, so the key is free.
+        assert!(
+            store.cache.lookup(&request).is_none(),
+            "replayed from the cache after the record expired in the store"
+        );
+        assert!(matches!(
+            store.claim(request).await.unwrap(),
+            Claim::Acquired { .. }
+        ));
     }
 }

@@ -2,14 +2,14 @@
 
 use std::collections::HashMap;
 use std::hash::BuildHasher;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard, Weak};
+use std::sync::{Arc, Weak};
 use std::time::Duration;
 
 use async_trait::async_trait;
 use foldhash::fast::RandomState;
 use tokio::time::Instant;
 
+use super::sync::{AtomicU64, Mutex, MutexGuard, Ordering, ShardHasher};
 use super::{Claim, ClaimRequest, FencingToken, Record, RecordState, Store};
 use crate::error::Error;
 use crate::key::Digest;
@@ -37,7 +37,7 @@ pub struct MemoryStore {
 
 struct Inner {
     shards: Box<[Mutex<Shard>]>,
-    hasher: RandomState,
+    hasher: ShardHasher,
     next_token: AtomicU64,
     me: Weak<Inner>,
 }
@@ -103,7 +103,7 @@ impl MemoryStore {
         MemoryStore {
             inner: Arc::new_cyclic(|me| Inner {
                 shards,
-                hasher: RandomState::default(),
+                hasher: ShardHasher::default(),
                 next_token: AtomicU64::new(1),
                 me: me.clone(),
             }),
@@ -159,8 +159,10 @@ impl Inner {
     }
 
     fn claim_now(&self, request: ClaimRequest<'_>) -> Claim {
-        let now = Instant::now();
         let mut shard = self.shard(request.key);
+        // The clock is read under the lock: a record written while this claim
+        // waited for the lock is judged by a time no older than the record.
+        let now = Instant::now();
         shard.maybe_sweep(now);
         let took_over = match shard.records.get(request.key) {
             Some(entry) if entry.is_live(now) => {
@@ -304,8 +306,8 @@ impl Store for Inner {
     }
 
     async fn get(&self, key: &str) -> Result<Option<Record>, Error> {
-        let now = Instant::now();
         let shard = self.shard(key);
+        let now = Instant::now();
         Ok(shard.records.get(key).and_then(|entry| {
             let (state, outcome, until) = match &entry.state {
                 State::Processing { lease_until } => (RecordState::Processing, None, *lease_until),
@@ -388,3 +390,6 @@ impl Store for MemoryStore {
         Some(self.inner.release_sync(key, token))
     }
 }
+
+#[cfg(all(test, idem_loom))]
+mod loom_tests;

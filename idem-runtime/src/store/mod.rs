@@ -42,6 +42,7 @@ pub mod redis;
 pub mod sql;
 #[cfg(feature = "sqlite")]
 pub mod sqlite;
+mod sync;
 
 /// A claim's fencing token: never reused for a key, increasing where the backend allows.
 ///
