@@ -49,8 +49,9 @@ pub struct Report {
     pub faults: usize,
     /// 99th percentile latency of the workload's requests, ms.
     pub p99_ms: f64,
-    /// The longest time from the last fault's end to an operation's
-    /// completion, ms (0 when every operation completed before it).
+    /// The longest time from the last fault's end to the completion of an
+    /// operation that was under way before it, ms (0 when all of them
+    /// completed before it).
     pub recovery_ms: f64,
     /// Every broken promise.
     pub violations: Vec<Violation>,
@@ -120,7 +121,10 @@ pub fn check(
                 at_us: rs.last().map_or(0, |r| r.end_us),
             }),
             Some(first) => {
-                if first.end_us > healed_us && healed_us > 0 {
+                // Only operations already under way when the faults stopped:
+                // one started later has nothing to recover from.
+                let started_us = rs.iter().map(|r| r.start_us).min().unwrap_or(u64::MAX);
+                if first.end_us > healed_us && started_us < healed_us && healed_us > 0 {
                     let ms = (first.end_us - healed_us) as f64 / 1000.0;
                     report.recovery_ms = report.recovery_ms.max(ms);
                 }
