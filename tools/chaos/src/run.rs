@@ -802,6 +802,8 @@ pub async fn run(config: Config) -> Result<Outcome, BoxError> {
             );
         }
     }
+    // Kept beside the history, so the run can be checked again later.
+    std::fs::write(out.join("effects.json"), serde_json::to_vec(&effects)?)?;
     if let Some(r) = &mut own_redis {
         r.stop().await;
     }
