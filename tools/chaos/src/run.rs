@@ -768,9 +768,17 @@ pub async fn run(config: Config) -> Result<Outcome, BoxError> {
     // Count the effects where they were made.
     let mut executions: Vec<Execution> = Vec::new();
     for i in 0..service_count {
-        executions.extend(history::read::<Execution>(
-            &out.join(format!("executions-{i}.jsonl")),
-        )?);
+        // A skewed service stamps its executions by its own (faked) clock:
+        // back to the machine's, so they line up with the requests.
+        let offset_us = skews[i].unwrap_or(0) * 1_000_000;
+        executions.extend(
+            history::read::<Execution>(&out.join(format!("executions-{i}.jsonl")))?
+                .into_iter()
+                .map(|mut e| {
+                    e.at_us = e.at_us.saturating_add_signed(-offset_us);
+                    e
+                }),
+        );
     }
     executions.sort_by_key(|e| e.at_us);
     let mut effects: BTreeMap<String, usize> = BTreeMap::new();
