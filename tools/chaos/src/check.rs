@@ -75,14 +75,14 @@ pub const KINDS: [&str; 5] = [
 
 /// Checks a run. `effects` counts each operation's effects where they are
 /// made (rows of a downstream or of the transaction; for `plain`, the
-/// executions themselves); `exactly_once` says whether an acknowledged
-/// operation must have exactly one.
+/// executions themselves). An answered operation must have at least one in
+/// every mode: an answer no body produced for that operation is a broken
+/// promise whatever the effect's kind.
 pub fn check(
     ops: &[String],
     requests: &[Request],
     executions: &[Execution],
     effects: &BTreeMap<String, usize>,
-    exactly_once: bool,
     faults: &[Fault],
 ) -> Report {
     let mut report = Report {
@@ -129,15 +129,26 @@ pub fn check(
                     report.recovery_ms = report.recovery_ms.max(ms);
                 }
                 let body = first.body.as_deref().unwrap_or_default();
+                if let Some(other) = named_op(body).filter(|o| o != op) {
+                    report.violations.push(Violation {
+                        kind: "response differs".into(),
+                        op: op.clone(),
+                        detail: format!("answered with operation {other}'s answer {body}"),
+                        at_us: first.end_us,
+                    });
+                }
                 for r in rs.iter().filter(|r| r.body.is_some()) {
                     if r.body.as_deref() != Some(body) {
                         // A later answer from an older claim is a stale
                         // completion that landed over the first (fencing
                         // failed); from a newer claim after the run, the
                         // record was lost and the body ran again.
-                        let stale = token(r.body.as_deref().unwrap_or_default()) < token(body);
+                        // Without tokens (order-service's answers) neither
+                        // can be told: the plain kind.
+                        let later = token(r.body.as_deref().unwrap_or_default());
+                        let newer = matches!((later, token(body)), (Some(l), Some(f)) if l > f);
                         let kind =
-                            if !stale && first.phase == Phase::Work && r.phase == Phase::Verify {
+                            if newer && first.phase == Phase::Work && r.phase == Phase::Verify {
                                 "lost"
                             } else {
                                 "response differs"
@@ -197,7 +208,7 @@ pub fn check(
                 at_us: second,
             });
         }
-        if exactly_once && n == 0 && first.is_some() {
+        if n == 0 && first.is_some() {
             report.violations.push(Violation {
                 kind: "missing effect".into(),
                 op: op.clone(),
@@ -214,12 +225,18 @@ pub fn check(
     report
 }
 
-/// The fencing token an answer names (0 if it names none).
-fn token(body: &str) -> u64 {
+/// The fencing token an answer names, if it names one.
+fn token(body: &str) -> Option<u64> {
     serde_json::from_str::<serde_json::Value>(body)
         .ok()
         .and_then(|v| v.get("token")?.as_u64())
-        .unwrap_or(0)
+}
+
+/// The operation an answer names (`idem-chaos serve`'s `op`), if it names one.
+fn named_op(body: &str) -> Option<String> {
+    serde_json::from_str::<serde_json::Value>(body)
+        .ok()
+        .and_then(|v| Some(v.get("op")?.as_str()?.to_owned()))
 }
 
 #[cfg(test)]
@@ -258,14 +275,7 @@ mod tests {
             req("a", Phase::Verify, 300, Some("x")),
         ];
         let effects = BTreeMap::from([("a".to_owned(), 1)]);
-        let r = check(
-            &ops,
-            &requests,
-            &[exec("a", "1-0", 150)],
-            &effects,
-            true,
-            &[],
-        );
+        let r = check(&ops, &requests, &[exec("a", "1-0", 150)], &effects, &[]);
         assert!(r.violations.is_empty(), "{:?}", r.violations);
         assert_eq!((r.acked, r.requests, r.retries), (1, 2, 1));
     }
@@ -295,7 +305,7 @@ mod tests {
             ("lost".to_owned(), 1),
             ("stale".to_owned(), 1),
         ]);
-        let r = check(&ops, &requests, &[], &effects, true, &[]);
+        let r = check(&ops, &requests, &[], &effects, &[]);
         let kinds: Vec<(&str, &str)> = r
             .violations
             .iter()
@@ -312,5 +322,86 @@ mod tests {
                 ("missing", "missing effect"),
             ]
         );
+    }
+
+    #[test]
+    fn a_plain_answer_no_execution_made_is_a_missing_effect() {
+        // plain mode: effects are the executions; "a" was acknowledged (and
+        // replayed) although no body ever ran for it.
+        let ops = vec!["a".to_owned()];
+        let body = r#"{"op":"a","exec":"9-9","token":1}"#;
+        let requests = [
+            req("a", Phase::Work, 100, Some(body)),
+            req("a", Phase::Verify, 300, Some(body)),
+        ];
+        let r = check(&ops, &requests, &[], &BTreeMap::new(), &[]);
+        assert_eq!(r.count("missing effect"), 1, "{:?}", r.violations);
+    }
+
+    #[test]
+    fn an_answer_naming_another_operation_differs() {
+        // "a" ran once (its effect exists), but every answer it got is "b"'s.
+        let ops = vec!["a".to_owned(), "b".to_owned()];
+        let b = r#"{"op":"b","exec":"1-1","token":1}"#;
+        let requests = [
+            req("a", Phase::Work, 100, Some(b)),
+            req("a", Phase::Verify, 300, Some(b)),
+            req("b", Phase::Work, 90, Some(b)),
+            req("b", Phase::Verify, 310, Some(b)),
+        ];
+        let effects = BTreeMap::from([("a".to_owned(), 1), ("b".to_owned(), 1)]);
+        let r = check(
+            &ops,
+            &requests,
+            &[exec("a", "1-0", 50), exec("b", "1-1", 60)],
+            &effects,
+            &[],
+        );
+        assert_eq!(r.violations.len(), 1, "{:?}", r.violations);
+    }
+
+    #[test]
+    fn a_difference_between_tokenless_answers_is_not_called_lost() {
+        // order-service answers name no token: a work answer then a
+        // different replay cannot be told apart, yet it is called "lost".
+        let ops = vec!["o".to_owned()];
+        let requests = [
+            req("o", Phase::Work, 100, Some(r#"{"id":"new"}"#)),
+            req("o", Phase::Verify, 300, Some(r#"{"id":"old"}"#)),
+        ];
+        let effects = BTreeMap::from([("o".to_owned(), 1)]);
+        let r = check(&ops, &requests, &[], &effects, &[]);
+        assert_eq!(r.count("response differs"), 1, "{:?}", r.violations);
+    }
+
+    #[test]
+    fn two_hedged_answers_that_differ_are_reported() {
+        let ops = vec!["h".to_owned()];
+        let requests = [
+            req("h", Phase::Work, 100, Some(r#"{"token":2,"exec":"a"}"#)),
+            req("h", Phase::Work, 101, Some(r#"{"token":1,"exec":"b"}"#)),
+            req("h", Phase::Verify, 300, Some(r#"{"token":2,"exec":"a"}"#)),
+        ];
+        let effects = BTreeMap::from([("h".to_owned(), 1)]);
+        let r = check(&ops, &requests, &[], &effects, &[]);
+        assert_eq!(r.count("response differs"), 1, "{:?}", r.violations);
+    }
+
+    #[test]
+    fn recovery_does_not_count_operations_sent_after_healing() {
+        let ops = vec!["late".to_owned()];
+        let requests = [
+            req("late", Phase::Work, 5_000_010, Some("x")),
+            req("late", Phase::Verify, 9_000_000, Some("x")),
+        ];
+        let effects = BTreeMap::from([("late".to_owned(), 1)]);
+        let fault = Fault {
+            what: "pause service 0".into(),
+            start_us: 500,
+            end_us: 1_000,
+        };
+        let r = check(&ops, &requests, &[], &effects, &[fault]);
+        // The op was sent 5 s after the fault healed and took 10 µs.
+        assert!(r.recovery_ms < 1.0, "recovery_ms = {}", r.recovery_ms);
     }
 }

@@ -71,7 +71,9 @@ pub struct Execution {
     pub token: u64,
     /// This execution's id (`pid-n`), also in the answer it produces.
     pub exec: String,
-    /// When the body reached its effect.
+    /// When the body reached its effect, by the service's clock (under `skew`
+    /// the file is off by the service's offset; the controller corrects it
+    /// before checking).
     pub at_us: u64,
 }
 

@@ -94,8 +94,8 @@ fn main() -> ExitCode {
         match args.first().map(String::as_str) {
             Some("serve") => serve(&args[1..]).await,
             Some("client") => client(&args[1..]).await,
-            Some("run") => run(&args[1..]).await,
-            Some("suite") => suite(&args[1..]).await,
+            Some("run") => interruptible(run(&args[1..])).await,
+            Some("suite") => interruptible(suite(&args[1..])).await,
             Some("-h" | "--help" | "help") => {
                 println!("{USAGE}");
                 Ok(ExitCode::SUCCESS)
@@ -109,6 +109,23 @@ fn main() -> ExitCode {
             eprintln!("idem-chaos: {e}");
             ExitCode::from(2)
         }
+    }
+}
+
+/// Runs `f` until it ends or the controller is told to stop (SIGINT, SIGTERM,
+/// SIGHUP: a Ctrl-C, a CI job's timeout, a closed terminal). Stopping drops
+/// the run, so its service, client and Redis processes are killed (they are
+/// spawned `kill_on_drop`, a paused service too) instead of outliving it.
+async fn interruptible(f: impl std::future::Future<Output = Res>) -> Res {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = signal(SignalKind::terminate())?;
+    let mut int = signal(SignalKind::interrupt())?;
+    let mut hup = signal(SignalKind::hangup())?;
+    tokio::select! {
+        r = f => r,
+        _ = term.recv() => Err("stopped by SIGTERM".into()),
+        _ = int.recv() => Err("stopped by SIGINT".into()),
+        _ = hup.recv() => Err("stopped by SIGHUP".into()),
     }
 }
 
