@@ -149,10 +149,22 @@ impl Cache {
         })
     }
 
+    /// Caches a record for `expires_in` from now (the tests' entry point).
+    #[cfg(test)]
     fn insert(&self, key: &str, outcome: &[u8], fingerprint: Option<Digest>, expires_in: Duration) {
-        let Some(expires_at) = Instant::now().checked_add(expires_in) else {
-            return;
-        };
+        if let Some(expires_at) = Instant::now().checked_add(expires_in) {
+            self.insert_until(key, outcome, fingerprint, expires_at);
+        }
+    }
+
+    /// Caches a record until `expires_at`, unless the key is cached already.
+    fn insert_until(
+        &self,
+        key: &str,
+        outcome: &[u8],
+        fingerprint: Option<Digest>,
+        expires_at: Instant,
+    ) {
         let mut shard = self.shard(key);
         if shard.entries.contains_key(key) {
             return;
@@ -204,9 +216,17 @@ impl<S: Store + Clone + 'static> Store for ReplayCache<S> {
         {
             // The store counted `expires_in` at some point after `asked`;
             // counting it from `asked` never outlives the record, however long
-            // the reply took.
-            let left = expires_in.saturating_sub(asked.elapsed());
-            self.cache.insert(request.key, outcome, *fingerprint, left);
+            // the reply took. A deadline, not a remaining time: a remainder
+            // read off the clock and added to a later reading of it would
+            // stretch the entry by whatever ran (or was preempted) between
+            // the two readings. A reply slower than the ttl is not cached: it
+            // would only evict a live entry.
+            if let Some(expires_at) = asked.checked_add(*expires_in) {
+                if expires_at > Instant::now() {
+                    self.cache
+                        .insert_until(request.key, outcome, *fingerprint, expires_at);
+                }
+            }
         }
         Ok(claim)
     }
