@@ -459,7 +459,7 @@ fn replay_cache_never_outlives_the_store(max_delay_us: u64, capacity: usize) -> 
                 ));
             }
         }
-        assert!(store.len() <= capacity.div_ceil(16).max(1) * 16);
+        assert!(store.len() <= capacity);
         assert!(
             late.is_empty(),
             "{} of {} replays: {:#?}",
@@ -490,4 +490,97 @@ fn replay_cache_with_slow_replies_and_room_for_all() {
     let (landed, replays) = replay_cache_never_outlives_the_store(3000, 1024);
     println!("{landed} completions, {replays} replays");
     assert!(replays > 100);
+}
+
+/// A third-party store that answers every claim "completed, `expires_in` left".
+#[derive(Clone)]
+struct FixedReply {
+    expires_in: Duration,
+}
+
+#[async_trait]
+impl Store for FixedReply {
+    async fn claim(&self, _: ClaimRequest<'_>) -> Result<Claim, Error> {
+        Ok(Claim::Completed {
+            outcome: b"1".to_vec(),
+            fingerprint: None,
+            expires_in: self.expires_in,
+        })
+    }
+    async fn complete(&self, _: &str, _: FencingToken, _: &[u8], _: Duration) -> Result<(), Error> {
+        Err(Error::LeaseLost)
+    }
+    async fn release(&self, _: &str, _: FencingToken) -> Result<(), Error> {
+        Err(Error::LeaseLost)
+    }
+    async fn renew(&self, _: &str, _: FencingToken, _: Duration) -> Result<(), Error> {
+        Err(Error::LeaseLost)
+    }
+    async fn get(&self, _: &str) -> Result<Option<Record>, Error> {
+        Ok(None)
+    }
+    async fn purge_expired(&self, _: usize) -> Result<u64, Error> {
+        Ok(0)
+    }
+    fn handle(&self) -> Arc<dyn Store> {
+        Arc::new(self.clone())
+    }
+}
+
+/// Extreme ttls in a store's answer neither panic nor overflow the cache's
+/// arithmetic, on the real clock and on a paused one that auto-advances;
+/// a zero ttl is not cached.
+#[tokio::test(start_paused = true)]
+async fn extreme_ttls_in_replies() {
+    for expires_in in [
+        Duration::ZERO,
+        Duration::from_nanos(1),
+        idem_runtime::store::MAX_DURATION,
+        Duration::from_secs(u64::MAX / 2),
+        Duration::MAX,
+    ] {
+        let cache = ReplayCache::new(FixedReply { expires_in }, 16);
+        for _ in 0..3 {
+            let claim = cache.claim(req("ns:k", HOUR)).await.unwrap();
+            assert!(matches!(claim, Claim::Completed { .. }), "{claim:?}");
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+        if expires_in.is_zero() {
+            assert!(cache.is_empty(), "a record with no ttl left was cached");
+        }
+        assert!(cache.len() <= 1);
+        cache.purge_expired(10).await.unwrap();
+    }
+}
+
+/// The cache through the conformance suite (feature `testing`).
+#[cfg(feature = "testing")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn replay_cache_passes_conformance() {
+    idem_runtime::testing::conformance(&ReplayCache::new(MemoryStore::new(), 64)).await;
+    idem_runtime::testing::conformance(&ReplayCache::new(MemoryStore::with_shards(1), 1)).await;
+    idem_runtime::testing::conformance(&MemoryStore::with_shards(1)).await;
+}
+
+/// Documented: "holds at most `capacity` records".
+#[tokio::test]
+async fn capacity_is_an_upper_bound() {
+    for capacity in [1usize, 2, 8, 17, 100, 1000] {
+        let store = MemoryStore::new();
+        let cache = ReplayCache::new(store.clone(), capacity);
+        for i in 0..1000 {
+            let key = format!("ns:{i}");
+            let Claim::Acquired { token, .. } = store.claim(req(&key, HOUR)).await.unwrap() else {
+                panic!("a free key");
+            };
+            store.complete(&key, token, b"1", HOUR).await.unwrap();
+            cache.claim(req(&key, HOUR)).await.unwrap();
+        }
+        println!("capacity {capacity}: holds {}", cache.len());
+        assert!(
+            cache.len() <= capacity,
+            "capacity {capacity}: holds {}",
+            cache.len()
+        );
+    }
 }

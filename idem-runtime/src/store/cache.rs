@@ -49,7 +49,10 @@ pub struct ReplayCache<S> {
 impl<S> std::fmt::Debug for ReplayCache<S> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("ReplayCache")
-            .field("capacity", &(self.cache.per_shard * SHARDS))
+            .field(
+                "capacity",
+                &(self.cache.per_shard * self.cache.shards.len()),
+            )
             .field("len", &self.len())
             .finish_non_exhaustive()
     }
@@ -85,11 +88,15 @@ struct Entry {
 impl<S> ReplayCache<S> {
     /// Wraps `inner`, caching up to `capacity` completed records.
     pub fn new(inner: S, capacity: usize) -> Self {
-        let per_shard = capacity.div_ceil(SHARDS).max(1);
+        // Fewer shards for a small cache, and each shard's share rounded
+        // down, so that the cache never holds more than `capacity` (at least
+        // one record).
+        let shards = capacity.clamp(1, SHARDS);
+        let per_shard = (capacity / shards).max(1);
         ReplayCache {
             inner,
             cache: Arc::new(Cache {
-                shards: (0..SHARDS).map(|_| Mutex::default()).collect(),
+                shards: (0..shards).map(|_| Mutex::default()).collect(),
                 per_shard,
                 hasher: ShardHasher::default(),
             }),
@@ -317,7 +324,7 @@ mod tests {
     fn churn_keeps_the_eviction_queue_bounded() {
         let store = ReplayCache::new((), 64);
         let cache = &store.cache;
-        let bound = 2 * cache.per_shard * SHARDS + SHARDS;
+        let bound = 2 * cache.per_shard * cache.shards.len() + cache.shards.len();
         for round in 0..20_000u32 {
             // The same few keys, each found expired and cached again (so the
             // key is in the cache again when the queue is compacted).
@@ -329,7 +336,7 @@ mod tests {
             cache.insert(&live, b"2", None, Duration::from_secs(60));
             assert!(queued(cache) <= bound, "queue grew to {}", queued(cache));
         }
-        assert!(store.len() <= cache.per_shard * SHARDS);
+        assert!(store.len() <= cache.per_shard * cache.shards.len());
         cache.assert_consistent();
     }
 
@@ -341,7 +348,7 @@ mod tests {
         let cache = &store.cache;
         assert_eq!(cache.per_shard, 1);
         // Find two keys in the same shard.
-        let shard_of = |k: &str| (cache.hasher.hash_one(k) >> 32) as usize % SHARDS;
+        let shard_of = |k: &str| (cache.hasher.hash_one(k) >> 32) as usize % cache.shards.len();
         let a = "ns:a".to_owned();
         let b = (0..)
             .map(|i| format!("ns:b{i}"))
