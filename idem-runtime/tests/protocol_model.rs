@@ -44,6 +44,7 @@
 //! |---|---|---|
 //! | [`ONE_COMPLETION`] | completions with two different tokens never both land on one claim, and a completed record holds the outcome of its own token's run | `Unfenced` |
 //! | [`KEPT_UNTIL_TTL`] | the first completed record stays, unchanged, until its ttl runs out: nothing overwrites, releases or purges it | `Unfenced` |
+//! | [`LIVE_CLAIM_KEPT`] | while a claim's lease is live, nobody else acquires the key: only its holder's release or completion (or the lease lapsing) frees it | `ReleaseUnfenced` |
 //! | [`TOKENS_INCREASE`] | every claim's token is above every token handed out before, also after a release, a purge or an expiry | `TokensPerRecord` |
 //! | [`FREE_KEY_CLAIMABLE`] | wherever the key is released, lapsed or expired (by the contract's reading, not the store's), a claim acquires it | `NoTakeover` |
 //! | [`ABANDONED_CLAIM_LAPSES`] | a claim no running client renews (crashed, paused, or whose claim reply was lost) can be claimed by someone else once its lease runs out: the clock alone gets there | `NoTakeover` |
@@ -130,6 +131,10 @@ enum Mutation {
     /// A lapsed lease is never judged: a processing record answers
     /// `InProgress` until someone releases it.
     NoTakeover,
+    /// `release` ignores the token: it deletes whatever processing record is
+    /// there (a `DELETE … WHERE key = $1 AND state = 'processing'` without
+    /// `AND token = $2`), so a stale holder frees the key under a live claim.
+    ReleaseUnfenced,
 }
 
 /// The protocol: the store, the clients, and the bounds.
@@ -234,8 +239,17 @@ impl Store {
     }
 
     /// `Store::release`: deletes the record if `token` holds it.
-    fn release(&mut self, token: Token) -> bool {
-        let held = self.held(token).is_some();
+    fn release(&mut self, token: Token, mutation: Mutation) -> bool {
+        let held = match mutation {
+            Mutation::ReleaseUnfenced => matches!(
+                self.record,
+                Some(Record {
+                    state: RecordState::Processing { .. },
+                    ..
+                })
+            ),
+            _ => self.held(token).is_some(),
+        };
         if held {
             self.record = None;
         }
@@ -330,6 +344,11 @@ struct Ghost {
     released: Option<Token>,
     /// How many times a body ran (the external effect).
     effects: u8,
+    /// The claim the store last granted or renewed, and its lease's end, until
+    /// that claim's own release or completion ends it.
+    lease: Option<(Token, Tick)>,
+    /// Whether a claim acquired the key while another claim's lease was live.
+    stolen: bool,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
@@ -429,6 +448,9 @@ impl Protocol {
         if let Reply::Acquired { token } = reply {
             let ghost = &mut state.ghost;
             ghost.token_reused |= token <= ghost.last_token;
+            let now = state.store.now;
+            ghost.stolen |= ghost.lease.is_some_and(|(_, until)| until > now);
+            ghost.lease = Some((token, now + LEASE));
             ghost.last_token = ghost.last_token.max(token);
             ghost.landed = None;
         }
@@ -455,6 +477,9 @@ impl Protocol {
             let ghost = &mut state.ghost;
             ghost.two_landed |= ghost.landed.is_some_and(|t| t != token);
             ghost.landed = Some(token);
+            if ghost.lease.is_some_and(|(t, _)| t == token) {
+                ghost.lease = None;
+            }
             if ghost.settled.is_none() {
                 ghost.settled = state.store.record;
             }
@@ -537,6 +562,8 @@ impl Model for Protocol {
                 settled: None,
                 released: None,
                 effects: 0,
+                lease: None,
+                stolen: false,
             },
         }]
     }
@@ -613,6 +640,15 @@ impl Model for Protocol {
             Action::Renew(i) => {
                 let (token, _) = state.clients[i].active()?;
                 state.store.renew(token);
+                if let Some(Record {
+                    token: t,
+                    state: RecordState::Processing { lease_until },
+                }) = state.store.record
+                {
+                    if t == token {
+                        state.ghost.lease = Some((token, lease_until));
+                    }
+                }
             }
             Action::Complete(i) => {
                 let (token, _) = state.clients[i].active()?;
@@ -629,8 +665,11 @@ impl Model for Protocol {
                 else {
                     return None;
                 };
-                if state.store.release(token) {
+                if state.store.release(token, self.mutation) {
                     state.ghost.released = Some(token);
+                    if state.ghost.lease.is_some_and(|(t, _)| t == token) {
+                        state.ghost.lease = None;
+                    }
                 }
                 state.clients[i] = Client::retry(attempts);
             }
@@ -667,6 +706,7 @@ impl Model for Protocol {
                     .settled
                     .is_none_or(|settled| s.store.record == Some(settled))
             }),
+            Property::always(LIVE_CLAIM_KEPT, |_, s: &State| !s.ghost.stolen),
             Property::always(TOKENS_INCREASE, |_, s: &State| !s.ghost.token_reused),
             Property::always(FREE_KEY_CLAIMABLE, |m: &Self, s: &State| {
                 !s.key_is_free()
@@ -722,6 +762,7 @@ impl Model for Protocol {
 // The properties, by name.
 const ONE_COMPLETION: &str = "at most one completion lands per claim";
 const KEPT_UNTIL_TTL: &str = "a completed record is kept until its ttl";
+const LIVE_CLAIM_KEPT: &str = "nobody acquires the key under a live claim";
 const TOKENS_INCREASE: &str = "tokens strictly increase";
 const FREE_KEY_CLAIMABLE: &str = "a released, lapsed or expired key can be claimed";
 const ABANDONED_CLAIM_LAPSES: &str = "a claim nobody renews can be taken once its lease runs out";
@@ -964,4 +1005,38 @@ fn leases_that_never_lapse_are_caught() {
         checker.discovery(TAKEN_OVER).is_none(),
         "no claim is ever taken over"
     );
+}
+
+/// A release that ignores its token lets a stale holder (paused past its
+/// lease, taken over, resumed) delete the claim that took over while that
+/// claim's lease is live; a third caller then runs beside it. No other
+/// property sees it: each completion still lands at most once.
+#[test]
+fn a_release_without_its_token_is_caught() {
+    let model = Protocol::new(&[ATTEMPTS; 2], depth(), Mutation::ReleaseUnfenced);
+    let steps = shortest_discovery(model.clone(), LIVE_CLAIM_KEPT).into_vec();
+    // Somewhere on the path, a release by a client whose token was not the record's landed.
+    let stale_release = steps.windows(2).any(|pair| {
+        let ((before, action), (after, _)) = (&pair[0], &pair[1]);
+        let Some(Action::Release(i)) = action else {
+            return false;
+        };
+        let Client::Holding { token, .. } = before.clients[*i] else {
+            return false;
+        };
+        before.store.record.is_some_and(|r| r.token != token) && after.store.record.is_none()
+    });
+    assert!(stale_release, "the counterexample has no stale release");
+    let checker = check(model);
+    for property in [
+        ONE_COMPLETION,
+        KEPT_UNTIL_TTL,
+        TOKENS_INCREASE,
+        FREE_KEY_CLAIMABLE,
+    ] {
+        assert!(
+            checker.discovery(property).is_none(),
+            "only {LIVE_CLAIM_KEPT:?} catches it, not {property:?}"
+        );
+    }
 }

@@ -49,7 +49,10 @@ pub struct ReplayCache<S> {
 impl<S> std::fmt::Debug for ReplayCache<S> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("ReplayCache")
-            .field("capacity", &(self.cache.per_shard * SHARDS))
+            .field(
+                "capacity",
+                &(self.cache.per_shard * self.cache.shards.len()),
+            )
             .field("len", &self.len())
             .finish_non_exhaustive()
     }
@@ -85,11 +88,15 @@ struct Entry {
 impl<S> ReplayCache<S> {
     /// Wraps `inner`, caching up to `capacity` completed records.
     pub fn new(inner: S, capacity: usize) -> Self {
-        let per_shard = capacity.div_ceil(SHARDS).max(1);
+        // Fewer shards for a small cache, and each shard's share rounded
+        // down, so that the cache never holds more than `capacity` (at least
+        // one record).
+        let shards = capacity.clamp(1, SHARDS);
+        let per_shard = (capacity / shards).max(1);
         ReplayCache {
             inner,
             cache: Arc::new(Cache {
-                shards: (0..SHARDS).map(|_| Mutex::default()).collect(),
+                shards: (0..shards).map(|_| Mutex::default()).collect(),
                 per_shard,
                 hasher: ShardHasher::default(),
             }),
@@ -149,10 +156,22 @@ impl Cache {
         })
     }
 
+    /// Caches a record for `expires_in` from now (the tests' entry point).
+    #[cfg(test)]
     fn insert(&self, key: &str, outcome: &[u8], fingerprint: Option<Digest>, expires_in: Duration) {
-        let Some(expires_at) = Instant::now().checked_add(expires_in) else {
-            return;
-        };
+        if let Some(expires_at) = Instant::now().checked_add(expires_in) {
+            self.insert_until(key, outcome, fingerprint, expires_at);
+        }
+    }
+
+    /// Caches a record until `expires_at`, unless the key is cached already.
+    fn insert_until(
+        &self,
+        key: &str,
+        outcome: &[u8],
+        fingerprint: Option<Digest>,
+        expires_at: Instant,
+    ) {
         let mut shard = self.shard(key);
         if shard.entries.contains_key(key) {
             return;
@@ -204,9 +223,17 @@ impl<S: Store + Clone + 'static> Store for ReplayCache<S> {
         {
             // The store counted `expires_in` at some point after `asked`;
             // counting it from `asked` never outlives the record, however long
-            // the reply took.
-            let left = expires_in.saturating_sub(asked.elapsed());
-            self.cache.insert(request.key, outcome, *fingerprint, left);
+            // the reply took. A deadline, not a remaining time: a remainder
+            // read off the clock and added to a later reading of it would
+            // stretch the entry by whatever ran (or was preempted) between
+            // the two readings. A reply slower than the ttl is not cached: it
+            // would only evict a live entry.
+            if let Some(expires_at) = asked.checked_add(*expires_in) {
+                if expires_at > Instant::now() {
+                    self.cache
+                        .insert_until(request.key, outcome, *fingerprint, expires_at);
+                }
+            }
         }
         Ok(claim)
     }
@@ -297,7 +324,7 @@ mod tests {
     fn churn_keeps_the_eviction_queue_bounded() {
         let store = ReplayCache::new((), 64);
         let cache = &store.cache;
-        let bound = 2 * cache.per_shard * SHARDS + SHARDS;
+        let bound = 2 * cache.per_shard * cache.shards.len() + cache.shards.len();
         for round in 0..20_000u32 {
             // The same few keys, each found expired and cached again (so the
             // key is in the cache again when the queue is compacted).
@@ -309,7 +336,7 @@ mod tests {
             cache.insert(&live, b"2", None, Duration::from_secs(60));
             assert!(queued(cache) <= bound, "queue grew to {}", queued(cache));
         }
-        assert!(store.len() <= cache.per_shard * SHARDS);
+        assert!(store.len() <= cache.per_shard * cache.shards.len());
         cache.assert_consistent();
     }
 
@@ -321,7 +348,7 @@ mod tests {
         let cache = &store.cache;
         assert_eq!(cache.per_shard, 1);
         // Find two keys in the same shard.
-        let shard_of = |k: &str| (cache.hasher.hash_one(k) >> 32) as usize % SHARDS;
+        let shard_of = |k: &str| (cache.hasher.hash_one(k) >> 32) as usize % cache.shards.len();
         let a = "ns:a".to_owned();
         let b = (0..)
             .map(|i| format!("ns:b{i}"))
