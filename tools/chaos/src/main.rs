@@ -44,6 +44,9 @@ const USAGE: &str = "usage:
   --unfenced-bin a build with fencing disabled (RUSTFLAGS='--cfg idem_unfenced'):
                  the suite adds a run that passes only if the checker catches it
 
+  idem-chaos check DIR...   check recorded runs again with this build's checker (a run's
+                            directory, or a suite's: every run in it, and its table.md)
+
   (internal) idem-chaos serve ..., idem-chaos client ...";
 
 /// `--flag value` pairs, or `None` on an unknown flag or a missing value.
@@ -96,6 +99,7 @@ fn main() -> ExitCode {
             Some("client") => client(&args[1..]).await,
             Some("run") => interruptible(run(&args[1..])).await,
             Some("suite") => interruptible(suite(&args[1..])).await,
+            Some("check") => recheck(&args[1..]),
             Some("-h" | "--help" | "help") => {
                 println!("{USAGE}");
                 Ok(ExitCode::SUCCESS)
@@ -266,6 +270,42 @@ async fn run(args: &[String]) -> Res {
         outcome.config.out.display()
     );
     Ok(if outcome.unexpected == 0 {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    })
+}
+
+fn recheck(args: &[String]) -> Res {
+    if args.is_empty() {
+        return Err(USAGE.into());
+    }
+    let mut failed = 0;
+    for dir in args.iter().map(PathBuf::from) {
+        if dir.join("report.json").is_file() {
+            let outcome = run::recheck(&dir)?;
+            print!("{}", suite::header());
+            println!("{}", suite::row(&outcome));
+            failed += usize::from(outcome.unexpected > 0);
+            continue;
+        }
+        // A suite's directory: its runs in the order they ran.
+        let mut runs: Vec<(std::time::SystemTime, PathBuf)> = std::fs::read_dir(&dir)?
+            .filter_map(|e| {
+                let path = e.ok()?.path();
+                let modified = path.join("report.json").metadata().ok()?.modified().ok()?;
+                Some((modified, path))
+            })
+            .collect();
+        runs.sort();
+        let mut outcomes = Vec::new();
+        for (_, path) in runs {
+            outcomes.push(run::recheck(&path)?);
+        }
+        failed += outcomes.iter().filter(|o| o.unexpected > 0).count();
+        println!("{}", suite::table(&dir, &outcomes)?);
+    }
+    Ok(if failed == 0 {
         ExitCode::SUCCESS
     } else {
         ExitCode::FAILURE

@@ -557,19 +557,8 @@ pub async fn run(config: Config) -> Result<Outcome, BoxError> {
         logs: out.clone(),
         skew: Vec::new(),
     };
-    // Clock skew: every service's wall clock off by up to ten minutes, either way.
-    let mut skew_rng = Rng::new(config.seed ^ 0x5eed);
-    let mut skews = Vec::new();
-    for _ in 0..service_count {
-        let offset = if config.fault == Kind::Skew {
-            let s = skew_rng.range(30, 600) as i64;
-            Some(if skew_rng.chance(0.5) { s } else { -s })
-        } else {
-            None
-        };
-        skews.push(offset);
-        services.skew.push(offset.map(|s| format!("{s:+}")));
-    }
+    let skews = skews(&config, service_count);
+    services.skew = skews.iter().map(|o| o.map(|s| format!("{s:+}"))).collect();
     if config.fault == Kind::Skew && faketime_lib().is_none() {
         return Err("clock skew needs libfaketime (apt-get install faketime)".into());
     }
@@ -766,21 +755,7 @@ pub async fn run(config: Config) -> Result<Outcome, BoxError> {
     }
 
     // Count the effects where they were made.
-    let mut executions: Vec<Execution> = Vec::new();
-    for i in 0..service_count {
-        // A skewed service stamps its executions by its own (faked) clock:
-        // back to the machine's, so they line up with the requests.
-        let offset_us = skews[i].unwrap_or(0) * 1_000_000;
-        executions.extend(
-            history::read::<Execution>(&out.join(format!("executions-{i}.jsonl")))?
-                .into_iter()
-                .map(|mut e| {
-                    e.at_us = e.at_us.saturating_add_signed(-offset_us);
-                    e
-                }),
-        );
-    }
-    executions.sort_by_key(|e| e.at_us);
+    let executions = read_executions(&out, &skews)?;
     let mut effects: BTreeMap<String, usize> = BTreeMap::new();
     let count = |rows: Vec<(String, i64)>, effects: &mut BTreeMap<String, usize>| {
         for (op, n) in rows {
@@ -837,15 +812,73 @@ pub async fn run(config: Config) -> Result<Outcome, BoxError> {
     }
     drop(proxy);
 
+    std::fs::write(out.join("ops.json"), serde_json::to_vec(&ops)?)?;
+    judge(
+        config,
+        &out,
+        &ops,
+        &executions,
+        &effects,
+        began.elapsed().as_secs_f64(),
+    )
+}
+
+/// Each service's clock offset in seconds under `skew` (30 s to 10 min,
+/// either way, drawn from the seed), `None` otherwise.
+fn skews(config: &Config, services: usize) -> Vec<Option<i64>> {
+    let mut rng = Rng::new(config.seed ^ 0x5eed);
+    (0..services)
+        .map(|_| {
+            (config.fault == Kind::Skew).then(|| {
+                let s = rng.range(30, 600) as i64;
+                if rng.chance(0.5) {
+                    s
+                } else {
+                    -s
+                }
+            })
+        })
+        .collect()
+}
+
+/// Every execution the services recorded, on the machine's clock: a skewed
+/// service stamps its executions by its own (faked) clock, so they are put
+/// back to line up with the requests.
+fn read_executions(out: &Path, skews: &[Option<i64>]) -> std::io::Result<Vec<Execution>> {
+    let mut executions: Vec<Execution> = Vec::new();
+    for (i, skew) in skews.iter().enumerate() {
+        let offset_us = skew.unwrap_or(0) * 1_000_000;
+        executions.extend(
+            history::read::<Execution>(&out.join(format!("executions-{i}.jsonl")))?
+                .into_iter()
+                .map(|mut e| {
+                    e.at_us = e.at_us.saturating_add_signed(-offset_us);
+                    e
+                }),
+        );
+    }
+    executions.sort_by_key(|e| e.at_us);
+    Ok(executions)
+}
+
+/// Checks a finished run's history and writes its report and picture.
+fn judge(
+    config: Config,
+    out: &Path,
+    ops: &[String],
+    executions: &[Execution],
+    effects: &BTreeMap<String, usize>,
+    seconds: f64,
+) -> Result<Outcome, BoxError> {
     let mut requests: Vec<Request> = Vec::new();
     for k in 0..config.clients {
         requests.extend(history::read::<Request>(
             &out.join(format!("client-{k}.jsonl")),
         )?);
     }
-    requests.extend(history::read::<Request>(&verify_path)?);
+    requests.extend(history::read::<Request>(&out.join("verify.jsonl"))?);
     let faults: Vec<Fault> = history::read(&out.join("faults.jsonl"))?;
-    let report = check::check(&ops, &requests, &executions, &effects, &faults);
+    let report = check::check(ops, &requests, executions, effects, &faults);
     let limits = limits(&config);
     let unexpected = match &config.expect {
         Some(kind) => usize::from(report.count(kind) == 0),
@@ -871,13 +904,60 @@ pub async fn run(config: Config) -> Result<Outcome, BoxError> {
         report,
         limits,
         unexpected,
-        seconds: began.elapsed().as_secs_f64(),
+        seconds,
     };
     std::fs::write(
         out.join("report.json"),
         serde_json::to_vec_pretty(&outcome)?,
     )?;
     Ok(outcome)
+}
+
+/// Checks a recorded run again, with this build's checker: its settings from
+/// `report.json`, its histories, its effect counts (`effects.json`) and its
+/// operations (`ops.json`; for a run recorded before that file existed,
+/// every operation its histories name). Rewrites `report.json` and
+/// `latency.svg`.
+pub fn recheck(out: &Path) -> Result<Outcome, BoxError> {
+    let recorded: Outcome = serde_json::from_slice(&std::fs::read(out.join("report.json"))?)?;
+    let config = recorded.config;
+    let effects: BTreeMap<String, usize> =
+        serde_json::from_slice(&std::fs::read(out.join("effects.json")).map_err(|e| {
+            format!(
+                "{}: no effects.json, so it cannot be checked again: {e}",
+                out.display()
+            )
+        })?)?;
+    let ops: Vec<String> = match std::fs::read(out.join("ops.json")) {
+        Ok(bytes) => serde_json::from_slice(&bytes)?,
+        Err(_) => {
+            let mut ops = std::collections::BTreeSet::new();
+            for k in 0..config.clients {
+                for r in history::read::<Request>(&out.join(format!("client-{k}.jsonl")))? {
+                    ops.insert(r.op);
+                }
+            }
+            for r in history::read::<Request>(&out.join("verify.jsonl"))? {
+                ops.insert(r.op);
+            }
+            if config.mode == Mode::Orders {
+                let orders: Vec<String> = ops
+                    .iter()
+                    .filter(|o| !o.ends_with("-pay"))
+                    .cloned()
+                    .collect();
+                ops.extend(orders.into_iter().map(|o| format!("{o}-pay")));
+            }
+            ops.into_iter().collect()
+        }
+    };
+    let services = if config.store == StoreKind::Memory {
+        1
+    } else {
+        config.services
+    };
+    let executions = read_executions(out, &skews(&config, services))?;
+    judge(config, out, &ops, &executions, &effects, recorded.seconds)
 }
 
 /// The directory a run of `config` writes to under `root`.
