@@ -66,16 +66,23 @@ async fn nodes(seeds: &[String]) -> Result<Vec<Node>, BoxError> {
     Err("no cluster node answered".into())
 }
 
-async fn info_field(addr: &str, section: &str, field: &str) -> Result<String, BoxError> {
-    let mut con = connect(addr).await?;
-    let text: String = redis::cmd("INFO")
-        .arg(section)
-        .query_async(&mut con)
-        .await?;
-    text.lines()
-        .find_map(|l| l.strip_prefix(&format!("{field}:")))
-        .map(|v| v.trim().to_owned())
-        .ok_or_else(|| format!("{addr}: no {field} in INFO {section}").into())
+/// One section of `INFO`, as text.
+async fn info(con: &mut MultiplexedConnection, section: &str) -> Result<String, BoxError> {
+    Ok(redis::cmd("INFO").arg(section).query_async(con).await?)
+}
+
+/// A `field:value` line's value in `INFO` text.
+fn field<'a>(info: &'a str, name: &str) -> Option<&'a str> {
+    info.lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(':'))
+        .map(str::trim)
+}
+
+async fn info_field(addr: &str, section: &str, name: &str) -> Result<String, BoxError> {
+    let text = info(&mut connect(addr).await?, section).await?;
+    field(&text, name)
+        .map(str::to_owned)
+        .ok_or_else(|| format!("{addr}: no {name} in INFO {section}").into())
 }
 
 async fn config(addr: &str, name: &str) -> Result<String, BoxError> {
@@ -90,23 +97,21 @@ async fn config(addr: &str, name: &str) -> Result<String, BoxError> {
         .ok_or_else(|| format!("{addr}: no {name} in CONFIG GET").into())
 }
 
-/// Waits until `addr` reports `role` (`master`, `slave`) and the cluster is ok.
+/// Waits until `addr` reports `role` (`master`, `slave`) and the cluster is ok:
+/// one connection and two reads a poll (the node may be down at first).
 async fn wait_role(addr: &str, role: &str) -> Result<(), BoxError> {
     for _ in 0..200 {
-        if info_field(addr, "replication", "role")
-            .await
-            .ok()
-            .as_deref()
-            == Some(role)
-            && info_field(addr, "cluster", "cluster_enabled").await.is_ok()
-        {
-            let mut con = connect(addr).await?;
-            let info: String = redis::cmd("CLUSTER")
-                .arg("INFO")
-                .query_async(&mut con)
-                .await?;
-            if info.contains("cluster_state:ok") {
-                return Ok(());
+        if let Ok(mut con) = connect(addr).await {
+            let replication = info(&mut con, "replication").await.unwrap_or_default();
+            if field(&replication, "role") == Some(role) {
+                let cluster: String = redis::cmd("CLUSTER")
+                    .arg("INFO")
+                    .query_async(&mut con)
+                    .await
+                    .unwrap_or_default();
+                if cluster.contains("cluster_state:ok") {
+                    return Ok(());
+                }
             }
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
@@ -114,13 +119,17 @@ async fn wait_role(addr: &str, role: &str) -> Result<(), BoxError> {
     Err(format!("{addr} did not become {role}").into())
 }
 
-/// Waits until the replica at `addr` has finished its sync with its master.
+/// Waits until the replica at `addr` has finished its sync with its master
+/// (both fields from one read of `INFO replication`).
 async fn wait_synced(addr: &str) -> Result<(), BoxError> {
     for _ in 0..200 {
-        let up = info_field(addr, "replication", "master_link_status").await;
-        let syncing = info_field(addr, "replication", "master_sync_in_progress").await;
-        if up.ok().as_deref() == Some("up") && syncing.ok().as_deref() == Some("0") {
-            return Ok(());
+        if let Ok(mut con) = connect(addr).await {
+            let replication = info(&mut con, "replication").await.unwrap_or_default();
+            if field(&replication, "master_link_status") == Some("up")
+                && field(&replication, "master_sync_in_progress") == Some("0")
+            {
+                return Ok(());
+            }
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }

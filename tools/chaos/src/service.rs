@@ -159,6 +159,26 @@ struct Service {
     rng: Mutex<Rng>,
 }
 
+/// The `tx` entry point for one SQL database: the body of `run`, with the
+/// effect a row in the caller's transaction.
+macro_rules! tx_run {
+    ($name:ident, $db:ty, $store:ident, $insert:expr) => {
+        #[idempotent(key = op, name = "chaos-op", store = self.$store(), tx = tx, lease = "2s")]
+        async fn $name(&self, tx: &mut Transaction<'_, $db>, op: &str) -> Result<Done, Fail> {
+            self.pause().await;
+            let done = self.execute(op)?;
+            sqlx::query($insert)
+                .bind(&done.op)
+                .bind(done.token as i64)
+                .bind(&done.exec)
+                .execute(&mut **tx)
+                .await?;
+            self.pause().await;
+            Ok(done)
+        }
+    };
+}
+
 impl Service {
     #[idempotent(key = op, name = "chaos-op", store = self.store, lease = "2s")]
     async fn run(&self, op: &str) -> Result<Done, Fail> {
@@ -171,33 +191,8 @@ impl Service {
         Ok(done)
     }
 
-    #[idempotent(key = op, name = "chaos-op", store = self.pg_store(), tx = tx, lease = "2s")]
-    async fn run_pg(&self, tx: &mut Transaction<'_, Postgres>, op: &str) -> Result<Done, Fail> {
-        self.pause().await;
-        let done = self.execute(op)?;
-        sqlx::query(EFFECT_INSERT)
-            .bind(&done.op)
-            .bind(done.token as i64)
-            .bind(&done.exec)
-            .execute(&mut **tx)
-            .await?;
-        self.pause().await;
-        Ok(done)
-    }
-
-    #[idempotent(key = op, name = "chaos-op", store = self.sqlite_store(), tx = tx, lease = "2s")]
-    async fn run_sqlite(&self, tx: &mut Transaction<'_, Sqlite>, op: &str) -> Result<Done, Fail> {
-        self.pause().await;
-        let done = self.execute(op)?;
-        sqlx::query(EFFECT_INSERT_SQLITE)
-            .bind(&done.op)
-            .bind(done.token as i64)
-            .bind(&done.exec)
-            .execute(&mut **tx)
-            .await?;
-        self.pause().await;
-        Ok(done)
-    }
+    tx_run!(run_pg, Postgres, pg_store, EFFECT_INSERT);
+    tx_run!(run_sqlite, Sqlite, sqlite_store, EFFECT_INSERT_SQLITE);
 
     fn pg_store(&self) -> &PostgresStore {
         match &self.backend {
