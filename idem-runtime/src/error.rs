@@ -73,6 +73,23 @@ pub enum Error {
     #[error("the idempotency store failed: {0}")]
     Store(#[source] BoxError),
 
+    /// A [`RedisStore`](crate::RedisStore) told to wait for replicas
+    /// ([`with_replica_ack`](crate::RedisStore::with_replica_ack)) holds this
+    /// key's outcome on its master, but fewer replicas than required
+    /// acknowledged it in time: a failover now could lose it, so it is not
+    /// answered yet. The work is not run again; a retry with the same key gets
+    /// the outcome once the replicas have it.
+    #[error(
+        "the outcome is recorded, but only {acknowledged} of the {required} replicas required \
+         acknowledged it in time; it is not answered until they do: retry with the same key later"
+    )]
+    NotReplicated {
+        /// How many replicas acknowledged it within the timeout.
+        acknowledged: u32,
+        /// How many the store requires.
+        required: u32,
+    },
+
     /// A stored outcome (or an outcome to be stored) could not be encoded or decoded.
     #[error("the stored outcome could not be encoded or decoded: {0}")]
     Codec(#[source] BoxError),
@@ -89,9 +106,13 @@ impl Error {
         Error::Codec(err.into())
     }
 
-    /// Whether a retry of the same call may succeed later (in progress, or a store failure).
+    /// Whether a retry of the same call may succeed later (in progress, a store
+    /// failure, an outcome not yet replicated).
     pub fn is_retryable(&self) -> bool {
-        matches!(self, Error::InProgress { .. } | Error::Store(_))
+        matches!(
+            self,
+            Error::InProgress { .. } | Error::Store(_) | Error::NotReplicated { .. }
+        )
     }
 }
 

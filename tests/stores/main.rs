@@ -12,6 +12,7 @@ mod multiprocess;
 mod proxy;
 mod redis_faults;
 mod replay_cache;
+mod replica_ack;
 mod sql;
 mod transactions;
 mod tx_refused_outcome;

@@ -13,15 +13,31 @@ use idem_runtime::{idempotent, Error, RedisStore, Store};
 use idem_tests::{redis_url, unique};
 
 /// A private redis-server with an append-only file (fsync on every write), as
-/// a payment service should run it.
-struct Server {
+/// a payment service should run it; or a replica of another.
+pub(crate) struct Server {
     port: u16,
     dir: PathBuf,
     child: Option<Child>,
+    replica_of: Option<u16>,
 }
 
 impl Server {
-    fn start() -> Server {
+    pub(crate) fn start() -> Server {
+        Server::new(None)
+    }
+
+    /// A replica of `master`, linked and synced when this returns.
+    pub(crate) fn replica_of(master: &Server) -> Server {
+        let server = Server::new(Some(master.port));
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while !server.info("replication").contains("master_link_status:up") {
+            assert!(Instant::now() < deadline, "the replica did not sync");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        server
+    }
+
+    fn new(replica_of: Option<u16>) -> Server {
         let port = TcpListener::bind("127.0.0.1:0")
             .unwrap()
             .local_addr()
@@ -33,12 +49,13 @@ impl Server {
             port,
             dir,
             child: None,
+            replica_of,
         };
         server.up();
         server
     }
 
-    fn url(&self) -> String {
+    pub(crate) fn url(&self) -> String {
         format!("redis://127.0.0.1:{}", self.port)
     }
 
@@ -54,6 +71,13 @@ impl Server {
                 "",
             ])
             .args(["--maxmemory-policy", "noeviction"])
+            .args(self.replica_of.iter().flat_map(|master| {
+                [
+                    "--replicaof".to_owned(),
+                    "127.0.0.1".to_owned(),
+                    master.to_string(),
+                ]
+            }))
             .arg("--dir")
             .arg(&self.dir)
             .stdout(Stdio::null())
@@ -67,8 +91,33 @@ impl Server {
         }
     }
 
+    /// A section of `INFO`, through `redis-cli`.
+    pub(crate) fn info(&self, section: &str) -> String {
+        self.cli(&["INFO", section])
+    }
+
+    /// Runs `redis-cli` against this server; returns its output.
+    pub(crate) fn cli(&self, args: &[&str]) -> String {
+        let out = Command::new("redis-cli")
+            .args(["-p", &self.port.to_string()])
+            .args(args)
+            .output()
+            .expect("redis-cli");
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    /// Sends `signal` (`-STOP`, `-CONT`) to the server process.
+    pub(crate) fn signal(&self, signal: &str) {
+        let pid = self.child.as_ref().expect("running").id().to_string();
+        assert!(Command::new("kill")
+            .args([signal, &pid])
+            .status()
+            .unwrap()
+            .success());
+    }
+
     /// SIGKILL: no shutdown, no final save; only the append-only file remains.
-    fn kill(&mut self) {
+    pub(crate) fn kill(&mut self) {
         if let Some(mut child) = self.child.take() {
             child.kill().unwrap();
             child.wait().unwrap();

@@ -106,7 +106,9 @@ impl Held {
     /// Records `outcome` for `ttl` (capped to 100 years).
     ///
     /// A transient store failure is retried twice in place (20 ms, 40 ms). If the
-    /// store still fails, `Ok` is returned and the completion goes on in the
+    /// store still fails, `Ok` is returned (the store's error instead, for a store
+    /// that does not [answer before recording](Store::answers_before_recorded))
+    /// and the completion goes on in the
     /// background for up to [`COMPLETION_RETRY_LIMIT`](super::COMPLETION_RETRY_LIMIT), the lease renewed
     /// meanwhile, so duplicates wait and then replay instead of running the work
     /// again. A completion whose reply was lost but whose write landed is `Ok`.
@@ -120,12 +122,14 @@ impl Held {
             Some(watchdog) => watchdog.into(),
             None => lease::Lazy::Start(self.lease),
         };
+        let answer_early = store.answers_before_recorded();
         match lease::complete(store, key, token, watchdog, outcome, cap_duration(ttl)).await {
             Completion::Recorded => {
                 tracing::debug!(token = token.0, "completed");
                 Ok(())
             }
-            Completion::Deferred => Ok(()),
+            Completion::Deferred(_) if answer_early => Ok(()),
+            Completion::Deferred(err) => Err(err),
             Completion::Lost => {
                 tracing::error!(
                     token = token.0,

@@ -150,8 +150,9 @@ pub(crate) enum Completion {
     Recorded,
     /// Another caller took the key over (or the record vanished): nothing was written.
     Lost,
-    /// The store kept failing; a background task holds the claim and keeps trying.
-    Deferred,
+    /// The store kept failing (the last error); a background task holds the
+    /// claim and keeps trying.
+    Deferred(Error),
     /// The store refused the outcome for another reason (a codec error, say).
     Failed(Error),
 }
@@ -193,14 +194,14 @@ pub(crate) async fn complete(
         pending.settled = true;
         return done;
     }
-    let err = last.map(|e| e.to_string()).unwrap_or_default();
+    let err = last.unwrap_or_else(|| Error::store("the completion kept failing"));
     tracing::warn!(
         token = token.0, error = %err,
         "the store keeps failing; the outcome is kept and recorded in the background \
          (the claim stays held, so duplicates wait instead of running again)"
     );
     pending.defer(BACKGROUND_FIRST_PAUSE);
-    Completion::Deferred
+    Completion::Deferred(err)
 }
 
 /// The background task's first pause after the in-place tries failed; it
@@ -258,6 +259,10 @@ impl Pending<'_> {
                     match attempt(&*store, &key, token, &outcome, ttl).await {
                         Attempted::Done(Ok(())) => {
                             tracing::info!(token = token.0, "completed in the background");
+                            return;
+                        }
+                        Attempted::Done(Err(err @ Error::NotReplicated { .. })) => {
+                            tracing::warn!(token = token.0, error = %err, "completed in the background; the next call with the key waits for the replicas");
                             return;
                         }
                         Attempted::Done(Err(err)) => {

@@ -25,6 +25,9 @@ pub(crate) enum Problem {
     },
     RequestUnreadable,
     StoreUnavailable,
+    /// The request ran (now or earlier); its response is stored but not yet on
+    /// as many replicas as the store requires.
+    NotReplicated,
     StoredResponseCorrupt,
     HandlerBodyFailed,
     /// The request ran; its response (status `status`) was not stored.
@@ -75,6 +78,7 @@ impl Problem {
             },
             Error::KeyReused => Problem::KeyReused,
             Error::Store(_) => Problem::StoreUnavailable,
+            Error::NotReplicated { .. } => Problem::NotReplicated,
             Error::Codec(_) => Problem::StoredResponseCorrupt,
             _ => Problem::Internal,
         }
@@ -122,6 +126,11 @@ impl Problem {
                 "store-unavailable",
                 "The idempotency store is unavailable; the request was not processed",
             ),
+            Problem::NotReplicated => (
+                StatusCode::SERVICE_UNAVAILABLE,
+                "not-replicated",
+                "The request with this Idempotency-Key was processed, but its response is not yet safely stored",
+            ),
             Problem::StoredResponseCorrupt => (
                 StatusCode::INTERNAL_SERVER_ERROR,
                 "stored-response-corrupt",
@@ -165,7 +174,7 @@ impl Problem {
         );
         let retry = match self {
             Problem::InProgress { retry_after } => Some(retry_after),
-            Problem::StoreUnavailable => Some(Duration::from_secs(1)),
+            Problem::StoreUnavailable | Problem::NotReplicated => Some(Duration::from_secs(1)),
             _ => None,
         };
         if let Some(retry) = retry {
@@ -213,6 +222,10 @@ impl Problem {
                     Withheld::Failed => "cut off by an error while it was produced",
                 }
             ),
+            Problem::NotReplicated => "the request with this key was processed and its \
+                 response stored, but not yet acknowledged by the store's replicas; it is not \
+                 run again: retry with the same key to get the response"
+                .into(),
             Problem::StoredResponseCorrupt => "the response stored for this key could not be \
                  read; the request was not run again"
                 .into(),

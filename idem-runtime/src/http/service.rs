@@ -307,8 +307,17 @@ where
             match stored::encode(head.status, &head.headers, &data, trailers.as_ref()) {
                 Ok(bytes) => {
                     // A failure is logged by `complete`; the client still gets the
-                    // response the handler produced.
-                    let _ = held.complete(&bytes, config.options.ttl).await;
+                    // response the handler produced, unless the store answers only
+                    // once the response is safely stored (replicas): then the
+                    // client retries to get it.
+                    match held.complete(&bytes, config.options.ttl).await {
+                        Err(err @ (Error::NotReplicated { .. } | Error::Store(_))) => {
+                            tracing::warn!(error = %err, "the response is not safely stored yet; answering 503");
+                            let problem = Problem::NotReplicated;
+                            return Ok(problem.response(&problem.default_detail()));
+                        }
+                        _ => {}
+                    }
                 }
                 Err(err) => {
                     tracing::error!(error = %err, "the response could not be encoded; releasing");

@@ -275,6 +275,10 @@ impl<S: Store + Clone + 'static> Store for ReplayCache<S> {
     fn release_now(&self, key: &str, token: FencingToken) -> Option<Result<(), Error>> {
         self.inner.release_now(key, token)
     }
+
+    fn answers_before_recorded(&self) -> bool {
+        self.inner.answers_before_recorded()
+    }
 }
 
 #[cfg(test)]

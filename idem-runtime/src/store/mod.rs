@@ -219,6 +219,16 @@ pub trait Store: Send + Sync {
         let _ = (key, token);
         None
     }
+
+    /// Whether a caller may get its result while its completion is still being
+    /// recorded (the default, `true`): when the store keeps failing, the engine
+    /// answers with the result and records it in the background, the claim held
+    /// meanwhile. A store that promises more before it answers (a
+    /// [`RedisStore`](crate::RedisStore) waiting for replicas) returns `false`:
+    /// the background recording goes on, but the call fails with the store's error.
+    fn answers_before_recorded(&self) -> bool {
+        true
+    }
 }
 
 /// A store that can write its records inside the caller's open transaction `X`
@@ -301,6 +311,9 @@ macro_rules! forward_store {
             }
             fn release_now(&self, key: &str, token: FencingToken) -> Option<Result<(), Error>> {
                 (**self).release_now(key, token)
+            }
+            fn answers_before_recorded(&self) -> bool {
+                (**self).answers_before_recorded()
             }
         }
     )*};

@@ -16,6 +16,15 @@
 //! Fencing tokens are `max(previous + 1, Redis TIME in µs)`: increasing per key,
 //! and still increasing after a record has expired away entirely unless the
 //! server's clock steps back.
+//!
+//! With [`RedisStore::with_replica_ack`], a completion also sets `w`
+//! ("written, not yet acknowledged") and is sent in one pipeline with `WAIT`
+//! on the same connection, so the `WAIT` covers it. Once enough replicas
+//! acknowledge, `w` is deleted. A claim or read that finds `w` does not replay
+//! the outcome: it writes to the record (`HINCRBY w`) and waits for *that*
+//! write in the same way; the replication stream is ordered, so a replica that
+//! has the later write has the completion too. Only then is the outcome
+//! answered, else [`Error::NotReplicated`].
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -31,6 +40,16 @@ use crate::key::Digest;
 
 /// How long a processing or released record outlives its deadline.
 const DEFAULT_GRACE: Duration = Duration::from_secs(60);
+
+/// The longest a `WAIT` blocks: below the connections' 5 s response timeout.
+const MAX_ACK_TIMEOUT: Duration = Duration::from_secs(4);
+
+/// How many replicas must acknowledge a completion, and for how long to wait.
+#[derive(Debug, Clone, Copy)]
+struct ReplicaAck {
+    replicas: u32,
+    timeout: Duration,
+}
 
 const NOW: &str = r#"
 local t = redis.call('TIME')
@@ -56,15 +75,22 @@ local function invalid(r)
 end
 "#;
 
+/// `ack`: `0` replays any completed record; `1` answers `2` instead of `0`
+/// for one not yet acknowledged by replicas (`w` set); `2` does so and writes
+/// to it, for a `WAIT` in the same pipeline to cover.
 const CLAIM: &str = r#"
-local key, fp, lease, grace = KEYS[1], ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3])
-local r = redis.pcall('HMGET', key, 's', 't', 'f', 'o', 'e')
+local key, fp, lease, grace, ack = KEYS[1], ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3]), ARGV[4]
+local r = redis.pcall('HMGET', key, 's', 't', 'f', 'o', 'e', 'w')
 local bad = invalid(r)
 if bad then return {-1, bad} end
 local s = r[1]
 if s and s ~= 'r' then
   local e = tonumber(r[5])
   if e > now then
+    if s == 'c' and r[6] and ack ~= '0' then
+      if ack == '2' then redis.call('HINCRBY', key, 'w', 1) end
+      return {2, s, r[2], r[3], r[4], e - now, 0}
+    end
     return {0, s, r[2], r[3], r[4], e - now, 0}
   end
 end
@@ -84,10 +110,23 @@ local r = redis.pcall('HMGET', KEYS[1], 's', 't')
 if r.err or r[1] ~= 'p' or r[2] ~= ARGV[1] then return 0 end
 "#;
 
+/// `ARGV[4]` = `1`: mark the completion as not yet acknowledged by replicas.
 const COMPLETE: &str = r#"
 local ttl = tonumber(ARGV[3])
-redis.call('HSET', KEYS[1], 's', 'c', 'o', ARGV[2], 'e', now + ttl)
+if ARGV[4] == '1' then
+  redis.call('HSET', KEYS[1], 's', 'c', 'o', ARGV[2], 'e', now + ttl, 'w', 1)
+else
+  redis.call('HSET', KEYS[1], 's', 'c', 'o', ARGV[2], 'e', now + ttl)
+end
 redis.call('PEXPIRE', KEYS[1], ttl)
+return 1
+"#;
+
+/// Replicas acknowledged the completion with token `ARGV[1]`: clear `w`.
+const CONFIRM: &str = r#"
+local r = redis.pcall('HMGET', KEYS[1], 's', 't')
+if r.err or r[1] ~= 'c' or r[2] ~= ARGV[1] then return 0 end
+redis.call('HDEL', KEYS[1], 'w')
 return 1
 "#;
 
@@ -105,15 +144,22 @@ redis.call('PEXPIRE', KEYS[1], tonumber(ARGV[2]))
 return 1
 "#;
 
+/// `ARGV[1]` as `ack` in [`CLAIM`]; the sixth field is `1` for a completed
+/// record not yet acknowledged by replicas.
 const GET: &str = r#"
-local r = redis.pcall('HMGET', KEYS[1], 's', 't', 'f', 'o', 'e')
+local r = redis.pcall('HMGET', KEYS[1], 's', 't', 'f', 'o', 'e', 'w')
 local bad = invalid(r)
 if bad then return {-1, bad} end
 if not r[1] or r[1] == 'r' then return false end
 local e = tonumber(r[5])
 local rem = e - now
 if r[1] == 'c' and rem <= 0 then return false end
-return {r[1], r[2], r[3], r[4], math.max(rem, 0)}
+local w = 0
+if r[1] == 'c' and r[6] and ARGV[1] ~= '0' then
+  w = 1
+  if ARGV[1] == '2' then redis.call('HINCRBY', KEYS[1], 'w', 1) end
+end
+return {r[1], r[2], r[3], r[4], math.max(rem, 0), w}
 "#;
 
 struct Scripts {
@@ -122,6 +168,7 @@ struct Scripts {
     renew: Script,
     release: Script,
     get: Script,
+    confirm: Script,
 }
 
 impl Scripts {
@@ -132,6 +179,7 @@ impl Scripts {
             renew: Script::new(&format!("{HELD}{NOW}{RENEW}")),
             release: Script::new(&format!("{HELD}{NOW}{RELEASE}")),
             get: Script::new(&format!("{VALID}{NOW}{GET}")),
+            confirm: Script::new(CONFIRM),
         }
     }
 }
@@ -191,6 +239,7 @@ pub struct RedisStore {
     conn: Conn,
     prefix: Arc<str>,
     grace: Duration,
+    ack: Option<ReplicaAck>,
     scripts: Arc<Scripts>,
 }
 
@@ -199,6 +248,7 @@ impl std::fmt::Debug for RedisStore {
         f.debug_struct("RedisStore")
             .field("cluster", &matches!(self.conn, Conn::Cluster(_)))
             .field("prefix", &self.prefix)
+            .field("replica_ack", &self.ack)
             .finish_non_exhaustive()
     }
 }
@@ -241,6 +291,7 @@ impl RedisStore {
             conn,
             prefix: "idem:".into(),
             grace: DEFAULT_GRACE,
+            ack: None,
             scripts: Arc::new(Scripts::new()),
         }
     }
@@ -255,6 +306,34 @@ impl RedisStore {
     /// its token sequence and reporting takeovers (default 60 s).
     pub fn with_grace(mut self, grace: Duration) -> Self {
         self.grace = grace;
+        self
+    }
+
+    /// Makes completions survive a failover: each completion waits until
+    /// `replicas` replicas of the key's master acknowledge it (`WAIT`), for at
+    /// most `timeout` (capped at 4 s, below the connection's response timeout),
+    /// before the call returns.
+    ///
+    /// If fewer acknowledge in time, the call fails with
+    /// [`Error::NotReplicated`]: its outcome stays on the master, marked as not
+    /// yet acknowledged, and is not run again. A duplicate that meets such an
+    /// outcome waits for the replicas in the same way (through a write of its own
+    /// to the record, which the replication stream orders after the outcome)
+    /// and replays it only once they have it, else fails with
+    /// [`Error::NotReplicated`] too. So every answered outcome is on `replicas`
+    /// replicas; a failover that promotes one of them keeps it. Redis elects the
+    /// replica with the most data, so with `replicas` equal to the replicas per
+    /// master, any promoted replica has it. A store that keeps failing fails the
+    /// call instead of answering early ([`Store::answers_before_recorded`]).
+    ///
+    /// `replicas` = 0 turns the wait off (the default). Costs a replica round
+    /// trip per completion, and two more round trips for a duplicate that meets
+    /// an outcome not yet acknowledged. See `docs/REDIS.md`.
+    pub fn with_replica_ack(mut self, replicas: u32, timeout: Duration) -> Self {
+        self.ack = (replicas > 0).then(|| ReplicaAck {
+            replicas,
+            timeout: timeout.clamp(Duration::from_millis(1), MAX_ACK_TIMEOUT),
+        });
         self
     }
 
@@ -286,6 +365,87 @@ impl RedisStore {
             Ok(())
         } else {
             Err(Error::LeaseLost)
+        }
+    }
+
+    /// Runs `script` on `key`, then `WAIT`, in one pipeline: both go to the
+    /// key's master on one connection, so the `WAIT` covers the script's
+    /// writes. Returns the script's reply and how many replicas acknowledged.
+    async fn then_wait(
+        &self,
+        script: &Script,
+        key: &str,
+        args: &[&[u8]],
+        ack: ReplicaAck,
+    ) -> Result<(Value, u32), Error> {
+        let mut pipe = redis::pipe();
+        pipe.cmd("EVALSHA")
+            .arg(script.get_hash())
+            .arg(1)
+            .arg(self.redis_key(key));
+        for arg in args {
+            pipe.arg(*arg);
+        }
+        pipe.cmd("WAIT")
+            .arg(ack.replicas)
+            .arg(ack.timeout.as_millis() as u64);
+        let mut conn = self.conn.clone();
+        let mut loaded = false;
+        loop {
+            let replies = pipe
+                .query_async::<Vec<Value>>(&mut conn)
+                .await
+                .and_then(|replies| match <[Value; 2]>::try_from(replies) {
+                    Ok([reply, acked]) => Ok((reply.extract_error()?, acked.extract_error()?)),
+                    Err(_) => Err((redis::ErrorKind::UnexpectedReturnType, "two replies").into()),
+                });
+            match replies {
+                Ok((reply, acked)) => {
+                    let acked = u32::try_from(int(&acked)?).unwrap_or(0);
+                    return Ok((reply, acked));
+                }
+                Err(err)
+                    if !loaded
+                        && err.kind()
+                            == redis::ErrorKind::Server(redis::ServerErrorKind::NoScript) =>
+                {
+                    script.load_async(&mut conn).await.map_err(store_error)?;
+                    loaded = true;
+                }
+                Err(err) => return Err(store_error(err)),
+            }
+        }
+    }
+
+    /// Clears `w` on `key`'s completion with `token` once replicas have it;
+    /// best effort: if it fails, the next reader waits for the replicas again.
+    async fn confirm(&self, key: &str, token: FencingToken) {
+        let cleared: Result<i64, _> = self
+            .scripts
+            .confirm
+            .key(self.redis_key(key))
+            .arg(token.0.to_string())
+            .invoke_async(&mut self.conn.clone())
+            .await;
+        if let Err(err) = cleared {
+            tracing::debug!(error = %err, "could not mark a replicated completion; readers wait for the replicas again");
+        }
+    }
+
+    /// The answer when only `acked` replicas acknowledged.
+    fn not_replicated(ack: ReplicaAck, acked: u32) -> Error {
+        Error::NotReplicated {
+            acknowledged: acked,
+            required: ack.replicas,
+        }
+    }
+
+    /// The `ack` argument of the claim and get scripts.
+    fn ack_arg(&self, touch: bool) -> &'static str {
+        match (self.ack, touch) {
+            (None, _) => "0",
+            (Some(_), false) => "1",
+            (Some(_), true) => "2",
         }
     }
 }
@@ -353,47 +513,128 @@ fn remaining(ms: i64) -> Duration {
     Duration::from_millis(ms.max(0) as u64)
 }
 
+/// A claim script's answer.
+enum Decided {
+    /// The claim, as any store answers it.
+    Claim(Claim),
+    /// A completed outcome that replicas have not acknowledged yet (only with
+    /// [`RedisStore::with_replica_ack`]): answer it only once they have.
+    Unacknowledged { token: FencingToken, claim: Claim },
+}
+
+/// Reads a claim script's reply, checking the fingerprint `given`.
+fn decide(reply: &[Value], given: Option<&Digest>) -> Result<Decided, Error> {
+    let [acquired, st, token, stored_fp, outcome, rem, took_over] = reply else {
+        return Err(corrupt_reply(reply, "a claim reply of 7 fields"));
+    };
+    let token = FencingToken(int(token)? as u64);
+    let status = int(acquired)?;
+    if status == 1 {
+        return Ok(Decided::Claim(Claim::Acquired {
+            token,
+            took_over: int(took_over)? == 1,
+        }));
+    }
+    let stored_fp = fingerprint(stored_fp)?;
+    if let (Some(stored), Some(given)) = (stored_fp, given) {
+        if stored != *given {
+            return Ok(Decided::Claim(Claim::FingerprintMismatch));
+        }
+    }
+    let claim = match state(st)? {
+        RecordState::Completed => Claim::Completed {
+            outcome: bytes(outcome)
+                .ok_or_else(|| corrupt("an outcome on a completed record"))?
+                .to_vec(),
+            fingerprint: stored_fp,
+            expires_in: remaining(int(rem)?),
+        },
+        _ => Claim::InProgress {
+            lease_remaining: remaining(int(rem)?),
+        },
+    };
+    Ok(if status == 2 {
+        Decided::Unacknowledged { token, claim }
+    } else {
+        Decided::Claim(claim)
+    })
+}
+
+/// Reads a get script's reply: the record, and whether it is a completion
+/// replicas have not acknowledged yet.
+fn read_record(key: &str, reply: Option<Vec<Value>>) -> Result<Option<(Record, bool)>, Error> {
+    let Some(reply) = reply else {
+        return Ok(None);
+    };
+    let [st, token, fp, outcome, rem, unacked] = reply.as_slice() else {
+        return Err(corrupt_reply(&reply, "a record of 6 fields"));
+    };
+    let state = state(st)?;
+    let outcome = bytes(outcome).map(<[u8]>::to_vec);
+    if state == RecordState::Completed && outcome.is_none() {
+        return Err(corrupt("an outcome on a completed record"));
+    }
+    let record = Record::new(
+        key.to_owned(),
+        state,
+        FencingToken(int(token)? as u64),
+        fingerprint(fp)?,
+        outcome,
+        remaining(int(rem)?),
+    );
+    Ok(Some((record, int(unacked)? == 1)))
+}
+
+/// A script reply that is an array (or nil), as [`Script::invoke_async`] reads it.
+fn array(reply: Value) -> Result<Option<Vec<Value>>, Error> {
+    match reply {
+        Value::Nil => Ok(None),
+        Value::Array(items) => Ok(Some(items)),
+        _ => Err(corrupt("an array reply")),
+    }
+}
+
 #[async_trait]
 impl Store for RedisStore {
     async fn claim(&self, request: ClaimRequest<'_>) -> Result<Claim, Error> {
         let fp: &[u8] = request.fingerprint.map_or(&[], |d| d.as_bytes());
+        let (lease, grace) = (ms(request.lease), ms(self.grace));
         let reply: Vec<Value> = self
             .scripts
             .claim
             .key(self.redis_key(request.key))
             .arg(fp)
-            .arg(ms(request.lease))
-            .arg(ms(self.grace))
+            .arg(&lease)
+            .arg(&grace)
+            .arg(self.ack_arg(false))
             .invoke_async(&mut self.conn.clone())
             .await
             .map_err(store_error)?;
-        let [acquired, st, token, stored_fp, outcome, rem, took_over] = reply.as_slice() else {
-            return Err(corrupt_reply(&reply, "a claim reply of 7 fields"));
-        };
-        let token = FencingToken(int(token)? as u64);
-        if int(acquired)? == 1 {
-            return Ok(Claim::Acquired {
-                token,
-                took_over: int(took_over)? == 1,
+        let decided = decide(&reply, request.fingerprint)?;
+        let (Decided::Unacknowledged { .. }, Some(ack)) = (&decided, self.ack) else {
+            return Ok(match decided {
+                Decided::Claim(claim) | Decided::Unacknowledged { claim, .. } => claim,
             });
-        }
-        let stored_fp = fingerprint(stored_fp)?;
-        if let (Some(stored), Some(given)) = (stored_fp, request.fingerprint) {
-            if stored != *given {
-                return Ok(Claim::FingerprintMismatch);
+        };
+        // Wait for the replicas to have the outcome before answering it.
+        let args = [
+            fp,
+            lease.as_bytes(),
+            grace.as_bytes(),
+            self.ack_arg(true).as_bytes(),
+        ];
+        let (reply, acked) = self
+            .then_wait(&self.scripts.claim, request.key, &args, ack)
+            .await?;
+        let reply = array(reply)?.unwrap_or_default();
+        match decide(&reply, request.fingerprint)? {
+            // Acknowledged, expired or taken meanwhile: the script's answer stands.
+            Decided::Claim(claim) => Ok(claim),
+            Decided::Unacknowledged { token, claim } if acked >= ack.replicas => {
+                self.confirm(request.key, token).await;
+                Ok(claim)
             }
-        }
-        match state(st)? {
-            RecordState::Completed => Ok(Claim::Completed {
-                outcome: bytes(outcome)
-                    .ok_or_else(|| corrupt("an outcome on a completed record"))?
-                    .to_vec(),
-                fingerprint: stored_fp,
-                expires_in: remaining(int(rem)?),
-            }),
-            _ => Ok(Claim::InProgress {
-                lease_remaining: remaining(int(rem)?),
-            }),
+            Decided::Unacknowledged { .. } => Err(Self::not_replicated(ack, acked)),
         }
     }
 
@@ -405,13 +646,29 @@ impl Store for RedisStore {
         ttl: Duration,
     ) -> Result<(), Error> {
         let ttl = ms(ttl);
-        self.fenced(
-            &self.scripts.complete,
-            key,
-            token,
-            &[outcome, ttl.as_bytes()],
-        )
-        .await
+        let Some(ack) = self.ack else {
+            return self
+                .fenced(
+                    &self.scripts.complete,
+                    key,
+                    token,
+                    &[outcome, ttl.as_bytes(), b"0"],
+                )
+                .await;
+        };
+        let token_arg = token.0.to_string();
+        let args = [token_arg.as_bytes(), outcome, ttl.as_bytes(), b"1"];
+        let (done, acked) = self
+            .then_wait(&self.scripts.complete, key, &args, ack)
+            .await?;
+        if int(&done)? != 1 {
+            return Err(Error::LeaseLost);
+        }
+        if acked < ack.replicas {
+            return Err(Self::not_replicated(ack, acked));
+        }
+        self.confirm(key, token).await;
+        Ok(())
     }
 
     async fn release(&self, key: &str, token: FencingToken) -> Result<(), Error> {
@@ -436,28 +693,30 @@ impl Store for RedisStore {
             .scripts
             .get
             .key(self.redis_key(key))
+            .arg(self.ack_arg(false))
             .invoke_async(&mut self.conn.clone())
             .await
             .map_err(store_error)?;
-        let Some(reply) = reply else {
-            return Ok(None);
+        let read = read_record(key, reply)?;
+        let (Some((_, true)), Some(ack)) = (&read, self.ack) else {
+            return Ok(read.map(|(record, _)| record));
         };
-        let [st, token, fp, outcome, rem] = reply.as_slice() else {
-            return Err(corrupt_reply(&reply, "a record of 5 fields"));
-        };
-        let state = state(st)?;
-        let outcome = bytes(outcome).map(<[u8]>::to_vec);
-        if state == RecordState::Completed && outcome.is_none() {
-            return Err(corrupt("an outcome on a completed record"));
+        let (reply, acked) = self
+            .then_wait(
+                &self.scripts.get,
+                key,
+                &[self.ack_arg(true).as_bytes()],
+                ack,
+            )
+            .await?;
+        match read_record(key, array(reply)?)? {
+            Some((record, true)) if acked >= ack.replicas => {
+                self.confirm(key, record.token).await;
+                Ok(Some(record))
+            }
+            Some((_, true)) => Err(Self::not_replicated(ack, acked)),
+            read => Ok(read.map(|(record, _)| record)),
         }
-        Ok(Some(Record::new(
-            key.to_owned(),
-            state,
-            FencingToken(int(token)? as u64),
-            fingerprint(fp)?,
-            outcome,
-            remaining(int(rem)?),
-        )))
     }
 
     /// Redis expires records by itself (`PX`); there is nothing to purge.
@@ -467,5 +726,9 @@ impl Store for RedisStore {
 
     fn handle(&self) -> Arc<dyn Store> {
         Arc::new(self.clone())
+    }
+
+    fn answers_before_recorded(&self) -> bool {
+        self.ack.is_none()
     }
 }

@@ -106,7 +106,9 @@ impl IntoResponse for Fail {
     fn into_response(self) -> Response {
         let status = match &self {
             Fail::Idem(Error::InProgress { .. }) => StatusCode::CONFLICT,
-            Fail::Idem(Error::Store(_)) => StatusCode::SERVICE_UNAVAILABLE,
+            Fail::Idem(Error::Store(_) | Error::NotReplicated { .. }) => {
+                StatusCode::SERVICE_UNAVAILABLE
+            }
             Fail::Idem(Error::LeaseLost) => StatusCode::GONE,
             _ => StatusCode::INTERNAL_SERVER_ERROR,
         };
