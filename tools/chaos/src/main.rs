@@ -28,7 +28,7 @@ const USAGE: &str = "usage:
                    [--unfenced-bin PATH]
   idem-chaos run --store STORE --mode MODE --fault FAULT [--seed N] [--services N]
                  [--clients N] [--ops N] [--concurrency N] [--duration-s N] [--work-ms N]
-                 [--out DIR] [--service-bin PATH] [--expect VIOLATION]
+                 [--out DIR] [--service-bin PATH] [--expect VIOLATION] [--replica-ack N]
 
   STORE  memory | sqlite | postgres | redis | cluster
   MODE   plain (an effect outside every store), derived (a downstream that
@@ -39,6 +39,8 @@ const USAGE: &str = "usage:
          (failovers: cluster only; skew: the services' clocks off, with pauses)
   --service-bin  the binary the services run (a build with fencing disabled, to
                  show the checker catching it); default: this one
+  --replica-ack  redis and cluster: completions wait for N replicas to acknowledge
+                 them (RedisStore::with_replica_ack, 1 s timeout)
   --expect       the run must show this violation (for such a build), e.g.
                  'response differs'
   --unfenced-bin a build with fencing disabled (RUSTFLAGS='--cfg idem_unfenced'):
@@ -143,6 +145,7 @@ async fn serve(args: &[String]) -> Res {
             "--downstream",
             "--executions",
             "--work-ms",
+            "--replica-ack",
         ],
         &[],
     )
@@ -158,6 +161,7 @@ async fn serve(args: &[String]) -> Res {
             .ok_or("--executions is required")?
             .into(),
         work: Duration::from_millis(num(&f, "--work-ms", 40)?),
+        replica_ack: num(&f, "--replica-ack", 0)?,
     };
     service::serve(settings).await.map_err(|e| e.to_string())?;
     Ok(ExitCode::SUCCESS)
@@ -233,6 +237,7 @@ async fn run(args: &[String]) -> Res {
             "--out",
             "--service-bin",
             "--expect",
+            "--replica-ack",
         ],
         &[],
     )
@@ -244,6 +249,7 @@ async fn run(args: &[String]) -> Res {
     let fault = nemesis::Kind::parse(get(&f, "--fault").unwrap_or("mix"))
         .ok_or("--fault: unknown fault")?;
     let root = PathBuf::from(get(&f, "--out").unwrap_or("target/chaos"));
+    let replica_ack = num(&f, "--replica-ack", 0)?;
     let config = run::Config {
         store,
         mode,
@@ -255,9 +261,10 @@ async fn run(args: &[String]) -> Res {
         concurrency: num(&f, "--concurrency", 4)?,
         duration: Duration::from_secs(num(&f, "--duration-s", 12)?),
         work: Duration::from_millis(num(&f, "--work-ms", 40)?),
-        out: run::run_dir(&root, store, mode, fault),
+        out: run::run_dir(&root, store, mode, fault, replica_ack),
         service_bin: service_bin(&f)?,
         expect: get(&f, "--expect").map(str::to_owned),
+        replica_ack,
     };
     let outcome = run::run(config).await?;
     print!("{}", suite::header());

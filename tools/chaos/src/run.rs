@@ -111,6 +111,9 @@ pub struct Config {
     pub service_bin: PathBuf,
     /// The one violation kind this run must show (a mutation run), if any.
     pub expect: Option<String>,
+    /// Redis: replicas that must acknowledge each completion (0: none).
+    #[serde(default)]
+    pub replica_ack: u32,
 }
 
 /// A violation the run may show because the setting cannot prevent it.
@@ -146,7 +149,7 @@ pub fn limits(config: &Config) -> Vec<Limit> {
             });
         }
     }
-    if config.fault == Kind::LossyFailover {
+    if config.fault == Kind::LossyFailover && config.replica_ack == 0 {
         let why = "Redis replicates asynchronously: a completion the master acknowledged \
                    but never sent to its replica is gone once the replica takes over, and the \
                    call runs again (wait for replica acknowledgement before answering)";
@@ -594,6 +597,8 @@ pub async fn run(config: Config) -> Result<Outcome, BoxError> {
                 .to_string(),
             "--work-ms".into(),
             config.work.as_millis().to_string(),
+            "--replica-ack".into(),
+            config.replica_ack.to_string(),
         ]);
         if config.mode == Mode::Derived {
             args.extend(["--downstream".to_owned(), downstream.clone()]);
@@ -961,6 +966,21 @@ pub fn recheck(out: &Path) -> Result<Outcome, BoxError> {
 }
 
 /// The directory a run of `config` writes to under `root`.
-pub fn run_dir(root: &Path, store: StoreKind, mode: Mode, fault: Kind) -> PathBuf {
-    root.join(format!("{}-{}-{}", store.name(), mode.name(), fault.name()))
+pub fn run_dir(
+    root: &Path,
+    store: StoreKind,
+    mode: Mode,
+    fault: Kind,
+    replica_ack: u32,
+) -> PathBuf {
+    let ack = match replica_ack {
+        0 => String::new(),
+        n => format!("-ack{n}"),
+    };
+    root.join(format!(
+        "{}-{}-{}{ack}",
+        store.name(),
+        mode.name(),
+        fault.name()
+    ))
 }

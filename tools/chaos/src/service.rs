@@ -135,6 +135,8 @@ pub struct Settings {
     pub executions: PathBuf,
     /// The body's work before and after the effect, at most this long each.
     pub work: Duration,
+    /// Redis: replicas that must acknowledge a completion (0: none).
+    pub replica_ack: u32,
 }
 
 enum Backend {
@@ -312,7 +314,7 @@ pub async fn serve(settings: Settings) -> Result<(), Box<dyn std::error::Error>>
             (Backend::Sqlite(s.clone()), s.handle())
         }
         (spec, _) => {
-            let s = stores::open(spec).await?;
+            let s = stores::open(spec, settings.replica_ack).await?;
             (Backend::Any, s)
         }
     };

@@ -88,16 +88,28 @@ pub async fn postgres(url: &str) -> Result<PostgresStore, Box<dyn std::error::Er
     Ok(PostgresStore::with_table(pool, TABLE)?)
 }
 
-/// Opens the store `spec` names.
-pub async fn open(spec: &Spec) -> Result<Arc<dyn Store>, Box<dyn std::error::Error>> {
+/// How long a completion waits for replicas with `--replica-ack`.
+pub const ACK_TIMEOUT: Duration = Duration::from_secs(1);
+
+/// Opens the store `spec` names; a Redis store waits for `replica_ack`
+/// replicas to acknowledge each completion.
+pub async fn open(
+    spec: &Spec,
+    replica_ack: u32,
+) -> Result<Arc<dyn Store>, Box<dyn std::error::Error>> {
     Ok(match spec {
         Spec::Memory => MemoryStore::new().handle(),
         Spec::Sqlite(url) => sqlite(url).await?.handle(),
         Spec::Postgres(url) => postgres(url).await?.handle(),
-        Spec::Redis(url) => RedisStore::connect(url).await?.with_prefix(PREFIX).handle(),
+        Spec::Redis(url) => RedisStore::connect(url)
+            .await?
+            .with_prefix(PREFIX)
+            .with_replica_ack(replica_ack, ACK_TIMEOUT)
+            .handle(),
         Spec::Cluster(nodes) => RedisStore::connect_cluster(nodes)
             .await?
             .with_prefix(PREFIX)
+            .with_replica_ack(replica_ack, ACK_TIMEOUT)
             .handle(),
     })
 }

@@ -18,22 +18,24 @@ pub enum Size {
     Long,
 }
 
-/// The runs of a suite: (store, mode, fault).
-pub fn matrix(size: Size) -> Vec<(StoreKind, Mode, Kind)> {
+/// The runs of a suite: (store, mode, fault, replicas that must acknowledge
+/// each completion).
+pub fn matrix(size: Size) -> Vec<(StoreKind, Mode, Kind, u32)> {
     use Kind::*;
     use Mode::*;
     use StoreKind::*;
     match size {
         Size::Short => vec![
-            (Memory, Derived, Pause),
-            (Sqlite, Tx, Kill),
-            (Postgres, Plain, Pause),
-            (Postgres, Derived, Pause),
-            (Postgres, Tx, Mix),
-            (Postgres, Orders, Mix),
-            (Redis, Derived, Mix),
-            (Redis, Derived, Skew),
-            (Cluster, Derived, Mix),
+            (Memory, Derived, Pause, 0),
+            (Sqlite, Tx, Kill, 0),
+            (Postgres, Plain, Pause, 0),
+            (Postgres, Derived, Pause, 0),
+            (Postgres, Tx, Mix, 0),
+            (Postgres, Orders, Mix, 0),
+            (Redis, Derived, Mix, 0),
+            (Redis, Derived, Skew, 0),
+            (Cluster, Derived, Mix, 0),
+            (Cluster, Derived, LossyFailover, 1),
         ],
         Size::Long => {
             let mut out = Vec::new();
@@ -45,13 +47,14 @@ pub fn matrix(size: Size) -> Vec<(StoreKind, Mode, Kind)> {
                 };
                 for &mode in modes {
                     for &fault in store.faults().iter().chain(&[Mix]) {
-                        out.push((store, mode, fault));
+                        out.push((store, mode, fault, 0));
                     }
                     if store == Cluster {
-                        out.push((store, mode, LossyFailover));
+                        out.push((store, mode, LossyFailover, 0));
+                        out.push((store, mode, LossyFailover, 1));
                     }
                     if store != Memory {
-                        out.push((store, mode, Skew));
+                        out.push((store, mode, Skew, 0));
                     }
                 }
             }
@@ -85,14 +88,20 @@ pub async fn run(
         Size::Long => (Duration::from_secs(30), 200, 4),
     };
     let mut outcomes = Vec::new();
-    let mut runs: Vec<(StoreKind, Mode, Kind, Option<&PathBuf>)> = matrix(settings.size)
+    let mut runs: Vec<(StoreKind, Mode, Kind, u32, Option<&PathBuf>)> = matrix(settings.size)
         .into_iter()
-        .map(|(s, m, f)| (s, m, f, None))
+        .map(|(s, m, f, ack)| (s, m, f, ack, None))
         .collect();
     if let Some(bin) = &settings.unfenced_bin {
-        runs.push((StoreKind::Postgres, Mode::Derived, Kind::Pause, Some(bin)));
+        runs.push((
+            StoreKind::Postgres,
+            Mode::Derived,
+            Kind::Pause,
+            0,
+            Some(bin),
+        ));
     }
-    for (i, (store, mode, fault, unfenced)) in runs.into_iter().enumerate() {
+    for (i, (store, mode, fault, replica_ack, unfenced)) in runs.into_iter().enumerate() {
         let mut config = Config {
             store,
             mode,
@@ -104,9 +113,10 @@ pub async fn run(
             concurrency: 4,
             duration,
             work: Duration::from_millis(40),
-            out: run::run_dir(&settings.out, store, mode, fault),
+            out: run::run_dir(&settings.out, store, mode, fault, replica_ack),
             service_bin: settings.service_bin.clone(),
             expect: None,
+            replica_ack,
         };
         if let Some(bin) = unfenced {
             // More calls in their bodies when a pause lands, so the stale
@@ -121,7 +131,7 @@ pub async fn run(
         }
         eprintln!(
             "idem-chaos: {} · {} · {} (seed {})",
-            store.name(),
+            store_name(&config),
             mode.name(),
             fault.name(),
             config.seed
@@ -149,6 +159,14 @@ pub async fn run(
     Ok(outcomes)
 }
 
+/// The store column: its name, and the replicas each completion waits for.
+fn store_name(config: &Config) -> String {
+    match config.replica_ack {
+        0 => config.store.name().to_owned(),
+        n => format!("{} (replica ack {n})", config.store.name()),
+    }
+}
+
 /// The table's header.
 pub fn header() -> String {
     let mut s = String::from(
@@ -170,7 +188,7 @@ pub fn row(o: &Outcome) -> String {
     let r = &o.report;
     let mut s = format!(
         "| {} | {} | {} | {} | {} | {} | {} | {} | {} |",
-        o.config.store.name(),
+        store_name(&o.config),
         o.config.mode.name(),
         o.config.fault.name(),
         r.ops,
