@@ -24,7 +24,7 @@
 //! | `Ok(Duplicate)` | acknowledge: it was processed before |
 //! | `Ok(InProgress { retry_after })` | redeliver later (another consumer is on it; it may still fail) |
 //! | `Err(Handler(e))` | the key was released: redeliver, the retry runs |
-//! | `Err(Idempotency(e))` | the store failed and the handler did not run: redeliver later |
+//! | `Err(Idempotency(e))` | the store failed and the handler did not run (or, for [`Error::NotReplicated`], it ran and its mark awaits the store's replicas): redeliver later; it does not run again |
 //!
 //! A handler's side effects and the record can commit together:
 //! [`Deduplicator::process_in_tx`] writes the claim and the completed record in
@@ -318,11 +318,18 @@ impl Deduplicator {
         };
         match held.run(handler()).await {
             Ok(value) => {
-                // The handler's effects happened: acknowledge whatever the store says.
-                // A failed completion is logged by `complete`; the record then
-                // lapses with its lease, and a redelivery after that would rerun.
-                let _ = held.complete(PROCESSED, self.options.ttl).await;
-                Ok(Outcome::Processed(value))
+                // The handler's effects happened: acknowledge whatever the store
+                // says. A failed completion is logged by `complete`; the record
+                // then lapses with its lease, and a redelivery after that would
+                // rerun. A store that answers only once the mark is safely stored
+                // (replicas) says so with an error: then the message is not
+                // acknowledged, and its redelivery finds the mark, not the handler.
+                match held.complete(PROCESSED, self.options.ttl).await {
+                    Err(err @ (Error::NotReplicated { .. } | Error::Store(_))) => {
+                        Err(ProcessError::Idempotency(err))
+                    }
+                    _ => Ok(Outcome::Processed(value)),
+                }
             }
             Err(err) => {
                 held.release_because("released after a handler error").await;
