@@ -13,6 +13,7 @@ mod proxy;
 mod redis_faults;
 mod replay_cache;
 mod replica_ack;
+mod replica_ack_review;
 mod sql;
 mod transactions;
 mod tx_refused_outcome;

@@ -17,14 +17,17 @@
 //! and still increasing after a record has expired away entirely unless the
 //! server's clock steps back.
 //!
-//! With [`RedisStore::with_replica_ack`], a completion also sets `w`
-//! ("written, not yet acknowledged") and is sent in one pipeline with `WAIT`
-//! on the same connection, so the `WAIT` covers it. Once enough replicas
-//! acknowledge, `w` is deleted. A claim or read that finds `w` does not replay
-//! the outcome: it writes to the record (`HINCRBY w`) and waits for *that*
+//! With [`RedisStore::with_replica_ack`], a completion is sent in one
+//! pipeline with `WAIT` on a connection of its own (a blocked `WAIT` would hold
+//! up every request behind it on a shared one, renewals included), so the
+//! `WAIT` covers it. Once enough replicas acknowledge, the record gets `a`
+//! ("acknowledged"). A claim or read with the option that meets a completed
+//! record without `a` — whoever wrote it, with the option or without — does
+//! not replay it: it writes to the record (`h`, the time) and waits for *that*
 //! write in the same way; the replication stream is ordered, so a replica that
 //! has the later write has the completion too. Only then is the outcome
-//! answered, else [`Error::NotReplicated`].
+//! answered (and `a` set), else [`Error::NotReplicated`]. A store without the
+//! option ignores `a` and `h`.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -76,19 +79,19 @@ end
 "#;
 
 /// `ack`: `0` replays any completed record; `1` answers `2` instead of `0`
-/// for one not yet acknowledged by replicas (`w` set); `2` does so and writes
+/// for one not known to be on the replicas (no `a`); `2` does so and writes
 /// to it, for a `WAIT` in the same pipeline to cover.
 const CLAIM: &str = r#"
 local key, fp, lease, grace, ack = KEYS[1], ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3]), ARGV[4]
-local r = redis.pcall('HMGET', key, 's', 't', 'f', 'o', 'e', 'w')
+local r = redis.pcall('HMGET', key, 's', 't', 'f', 'o', 'e', 'a')
 local bad = invalid(r)
 if bad then return {-1, bad} end
 local s = r[1]
 if s and s ~= 'r' then
   local e = tonumber(r[5])
   if e > now then
-    if s == 'c' and r[6] and ack ~= '0' then
-      if ack == '2' then redis.call('HINCRBY', key, 'w', 1) end
+    if s == 'c' and not r[6] and ack ~= '0' then
+      if ack == '2' then redis.call('HSET', key, 'h', now_us) end
       return {2, s, r[2], r[3], r[4], e - now, 0}
     end
     return {0, s, r[2], r[3], r[4], e - now, 0}
@@ -110,23 +113,19 @@ local r = redis.pcall('HMGET', KEYS[1], 's', 't')
 if r.err or r[1] ~= 'p' or r[2] ~= ARGV[1] then return 0 end
 "#;
 
-/// `ARGV[4]` = `1`: mark the completion as not yet acknowledged by replicas.
 const COMPLETE: &str = r#"
 local ttl = tonumber(ARGV[3])
-if ARGV[4] == '1' then
-  redis.call('HSET', KEYS[1], 's', 'c', 'o', ARGV[2], 'e', now + ttl, 'w', 1)
-else
-  redis.call('HSET', KEYS[1], 's', 'c', 'o', ARGV[2], 'e', now + ttl)
-end
+redis.call('HSET', KEYS[1], 's', 'c', 'o', ARGV[2], 'e', now + ttl)
 redis.call('PEXPIRE', KEYS[1], ttl)
 return 1
 "#;
 
-/// Replicas acknowledged the completion with token `ARGV[1]`: clear `w`.
+/// Replicas acknowledged the completion with token `ARGV[1]`: mark it `a`.
 const CONFIRM: &str = r#"
 local r = redis.pcall('HMGET', KEYS[1], 's', 't')
 if r.err or r[1] ~= 'c' or r[2] ~= ARGV[1] then return 0 end
-redis.call('HDEL', KEYS[1], 'w')
+redis.call('HSET', KEYS[1], 'a', 1)
+redis.call('HDEL', KEYS[1], 'h')
 return 1
 "#;
 
@@ -145,9 +144,9 @@ return 1
 "#;
 
 /// `ARGV[1]` as `ack` in [`CLAIM`]; the sixth field is `1` for a completed
-/// record not yet acknowledged by replicas.
+/// record not known to be on the replicas.
 const GET: &str = r#"
-local r = redis.pcall('HMGET', KEYS[1], 's', 't', 'f', 'o', 'e', 'w')
+local r = redis.pcall('HMGET', KEYS[1], 's', 't', 'f', 'o', 'e', 'a')
 local bad = invalid(r)
 if bad then return {-1, bad} end
 if not r[1] or r[1] == 'r' then return false end
@@ -155,9 +154,9 @@ local e = tonumber(r[5])
 local rem = e - now
 if r[1] == 'c' and rem <= 0 then return false end
 local w = 0
-if r[1] == 'c' and r[6] and ARGV[1] ~= '0' then
+if r[1] == 'c' and not r[6] and ARGV[1] ~= '0' then
   w = 1
-  if ARGV[1] == '2' then redis.call('HINCRBY', KEYS[1], 'w', 1) end
+  if ARGV[1] == '2' then redis.call('HSET', KEYS[1], 'h', now_us) end
 end
 return {r[1], r[2], r[3], r[4], math.max(rem, 0), w}
 "#;
@@ -219,6 +218,65 @@ impl ConnectionLike for Conn {
     }
 }
 
+/// How to open another connection like the store's own.
+#[derive(Clone)]
+enum Opener {
+    Single(redis::Client),
+    Cluster(redis::cluster::ClusterClient),
+}
+
+impl Opener {
+    async fn open(&self) -> Result<Conn, Error> {
+        Ok(match self {
+            Opener::Single(client) => Conn::Single(
+                ConnectionManager::new_with_config(client.clone(), manager_config())
+                    .await
+                    .map_err(store_error)?,
+            ),
+            Opener::Cluster(client) => {
+                Conn::Cluster(client.get_async_connection().await.map_err(store_error)?)
+            }
+        })
+    }
+}
+
+/// Connections for `WAIT`s, each used by one pipeline at a time: a `WAIT`
+/// blocks its connection until the replicas answer, and on the store's shared
+/// connection it would hold up every request behind it (renewals too, so
+/// leases could lapse under a slow replica).
+struct WaitPool {
+    opener: Opener,
+    idle: std::sync::Mutex<Vec<Conn>>,
+}
+
+/// Idle `WAIT` connections kept for reuse; more are opened when needed.
+const IDLE_WAIT_CONNECTIONS: usize = 8;
+
+impl WaitPool {
+    async fn take(&self) -> Result<Conn, Error> {
+        let idle = self.idle.lock().unwrap_or_else(|e| e.into_inner()).pop();
+        match idle {
+            Some(conn) => Ok(conn),
+            None => self.opener.open().await,
+        }
+    }
+
+    fn put(&self, conn: Conn) {
+        let mut idle = self.idle.lock().unwrap_or_else(|e| e.into_inner());
+        if idle.len() < IDLE_WAIT_CONNECTIONS {
+            idle.push(conn);
+        }
+    }
+}
+
+fn manager_config() -> ConnectionManagerConfig {
+    ConnectionManagerConfig::new()
+        .set_connection_timeout(Some(Duration::from_secs(2)))
+        .set_response_timeout(Some(Duration::from_secs(5)))
+        .set_number_of_retries(2)
+        .set_max_delay(Duration::from_millis(500))
+}
+
 /// Idempotency records in Redis or Redis Cluster.
 ///
 /// ```no_run
@@ -240,6 +298,7 @@ pub struct RedisStore {
     prefix: Arc<str>,
     grace: Duration,
     ack: Option<ReplicaAck>,
+    waits: Arc<WaitPool>,
     scripts: Arc<Scripts>,
 }
 
@@ -262,16 +321,9 @@ impl RedisStore {
     /// after the server goes away. A call made while it is unreachable fails
     /// with [`Error::Store`] within a few seconds instead of hanging.
     pub async fn connect(url: &str) -> Result<Self, Error> {
-        let client = redis::Client::open(url).map_err(store_error)?;
-        let config = ConnectionManagerConfig::new()
-            .set_connection_timeout(Some(Duration::from_secs(2)))
-            .set_response_timeout(Some(Duration::from_secs(5)))
-            .set_number_of_retries(2)
-            .set_max_delay(Duration::from_millis(500));
-        let manager = ConnectionManager::new_with_config(client, config)
-            .await
-            .map_err(store_error)?;
-        Ok(Self::with_conn(Conn::Single(manager)))
+        let opener = Opener::Single(redis::Client::open(url).map_err(store_error)?);
+        let conn = opener.open().await?;
+        Ok(Self::with_conn(conn, opener))
     }
 
     /// Connects to a Redis Cluster through any of its nodes.
@@ -282,16 +334,21 @@ impl RedisStore {
             .response_timeout(Duration::from_secs(5))
             .build()
             .map_err(store_error)?;
-        let conn = client.get_async_connection().await.map_err(store_error)?;
-        Ok(Self::with_conn(Conn::Cluster(conn)))
+        let opener = Opener::Cluster(client);
+        let conn = opener.open().await?;
+        Ok(Self::with_conn(conn, opener))
     }
 
-    fn with_conn(conn: Conn) -> Self {
+    fn with_conn(conn: Conn, opener: Opener) -> Self {
         RedisStore {
             conn,
             prefix: "idem:".into(),
             grace: DEFAULT_GRACE,
             ack: None,
+            waits: Arc::new(WaitPool {
+                opener,
+                idle: std::sync::Mutex::new(Vec::new()),
+            }),
             scripts: Arc::new(Scripts::new()),
         }
     }
@@ -315,20 +372,24 @@ impl RedisStore {
     /// before the call returns.
     ///
     /// If fewer acknowledge in time, the call fails with
-    /// [`Error::NotReplicated`]: its outcome stays on the master, marked as not
-    /// yet acknowledged, and is not run again. A duplicate that meets such an
-    /// outcome waits for the replicas in the same way (through a write of its own
-    /// to the record, which the replication stream orders after the outcome)
-    /// and replays it only once they have it, else fails with
-    /// [`Error::NotReplicated`] too. So every answered outcome is on `replicas`
+    /// [`Error::NotReplicated`]: its outcome stays on the master, not marked
+    /// as acknowledged, and is not run again. A duplicate that meets an outcome
+    /// not marked as acknowledged (written with or without this option) waits
+    /// for the replicas in the same way (through a write of its own to the
+    /// record, which the replication stream orders after the outcome) and
+    /// replays it only once they have it, else fails with
+    /// [`Error::NotReplicated`] too. `WAIT`s go out on connections of their
+    /// own, so a slow replica never holds up claims or lease renewals. So every answered outcome is on `replicas`
     /// replicas; a failover that promotes one of them keeps it. Redis elects the
     /// replica with the most data, so with `replicas` equal to the replicas per
     /// master, any promoted replica has it. A store that keeps failing fails the
     /// call instead of answering early ([`Store::answers_before_recorded`]).
     ///
-    /// `replicas` = 0 turns the wait off (the default). Costs a replica round
-    /// trip per completion, and two more round trips for a duplicate that meets
-    /// an outcome not yet acknowledged. See `docs/REDIS.md`.
+    /// `replicas` = 0 turns the wait off (the default); more than the master
+    /// has makes every completion fail with [`Error::NotReplicated`]. Costs a
+    /// replica round trip and a script per completion, and two more round trips
+    /// for a duplicate that meets an outcome not marked as acknowledged. See
+    /// `docs/REDIS.md`.
     pub fn with_replica_ack(mut self, replicas: u32, timeout: Duration) -> Self {
         self.ack = (replicas > 0).then(|| ReplicaAck {
             replicas,
@@ -389,7 +450,7 @@ impl RedisStore {
         pipe.cmd("WAIT")
             .arg(ack.replicas)
             .arg(ack.timeout.as_millis() as u64);
-        let mut conn = self.conn.clone();
+        let mut conn = self.waits.take().await?;
         let mut loaded = false;
         loop {
             let replies = pipe
@@ -401,6 +462,7 @@ impl RedisStore {
                 });
             match replies {
                 Ok((reply, acked)) => {
+                    self.waits.put(conn);
                     let acked = u32::try_from(int(&acked)?).unwrap_or(0);
                     return Ok((reply, acked));
                 }
@@ -417,8 +479,8 @@ impl RedisStore {
         }
     }
 
-    /// Clears `w` on `key`'s completion with `token` once replicas have it;
-    /// best effort: if it fails, the next reader waits for the replicas again.
+    /// Marks `key`'s completion with `token` as on the replicas (`a`); best
+    /// effort: if it fails, the next reader waits for the replicas again.
     async fn confirm(&self, key: &str, token: FencingToken) {
         let cleared: Result<i64, _> = self
             .scripts
@@ -652,12 +714,12 @@ impl Store for RedisStore {
                     &self.scripts.complete,
                     key,
                     token,
-                    &[outcome, ttl.as_bytes(), b"0"],
+                    &[outcome, ttl.as_bytes()],
                 )
                 .await;
         };
         let token_arg = token.0.to_string();
-        let args = [token_arg.as_bytes(), outcome, ttl.as_bytes(), b"1"];
+        let args = [token_arg.as_bytes(), outcome, ttl.as_bytes()];
         let (done, acked) = self
             .then_wait(&self.scripts.complete, key, &args, ack)
             .await?;
