@@ -413,3 +413,79 @@ async fn on_a_cluster_an_answered_outcome_survives_a_forced_failover() {
         other => panic!("expected the outcome once replicated, got {other:?}"),
     }
 }
+
+/// The HTTP layer answers the first request 503 `not-replicated` (not the
+/// handler's response, which a failover could take back), and the retry the
+/// stored response once the replica has it; the handler runs once. A message
+/// consumer does not acknowledge a message whose mark the replica lacks, and
+/// the redelivery is a duplicate once it has it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_http_layer_and_consumers_answer_only_what_the_replicas_hold() {
+    use axum::routing::post;
+    use idem_runtime::http::IdempotencyLayer;
+    use idem_runtime::message::{Deduplicator, Outcome, ProcessError};
+    use tower::ServiceExt as _;
+
+    let master = Server::start();
+    let replica = Server::replica_of(&master);
+    let store = RedisStore::connect(&master.url())
+        .await
+        .unwrap()
+        .with_replica_ack(1, Duration::from_millis(200));
+    let runs = std::sync::Arc::new(AtomicUsize::new(0));
+    let app = axum::Router::new()
+        .route(
+            "/pay",
+            post({
+                let runs = runs.clone();
+                move || async move { format!("paid {}", runs.fetch_add(1, Ordering::SeqCst) + 1) }
+            }),
+        )
+        .layer(IdempotencyLayer::new(store.clone()).global_scope());
+    let pay = || async {
+        let request = axum::http::Request::post("/pay")
+            .header("idempotency-key", "k-1")
+            .body(axum::body::Body::empty())
+            .unwrap();
+        let response = app.clone().oneshot(request).await.unwrap();
+        let status = response.status().as_u16();
+        let retry_after = response.headers().contains_key("retry-after");
+        let body = axum::body::to_bytes(response.into_body(), 4096)
+            .await
+            .unwrap();
+        (
+            status,
+            retry_after,
+            String::from_utf8_lossy(&body).into_owned(),
+        )
+    };
+
+    cut_off(&master, &replica);
+    for _ in 0..2 {
+        let (status, retry_after, body) = pay().await;
+        assert_eq!(status, 503, "{body}");
+        assert!(retry_after);
+        assert!(body.contains("not-replicated"), "{body}");
+    }
+    let dedup = Deduplicator::new(store.clone(), idem_tests::unique("replica-ack-consumer"));
+    let first = dedup
+        .process("msg-1", || async { Ok::<_, std::io::Error>("charged") })
+        .await;
+    assert!(
+        matches!(
+            first,
+            Err(ProcessError::Idempotency(Error::NotReplicated { .. }))
+        ),
+        "{first:?}"
+    );
+    replica.signal("-CONT");
+
+    assert_eq!(pay().await, (200, false, "paid 1".to_owned()));
+    assert_eq!(runs.load(Ordering::SeqCst), 1);
+    let again = dedup
+        .process("msg-1", || async {
+            Ok::<_, std::io::Error>("charged twice")
+        })
+        .await;
+    assert!(matches!(again, Ok(Outcome::Duplicate)), "{again:?}");
+}

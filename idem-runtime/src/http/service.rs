@@ -310,13 +310,12 @@ where
                     // response the handler produced, unless the store answers only
                     // once the response is safely stored (replicas): then the
                     // client retries to get it.
-                    match held.complete(&bytes, config.options.ttl).await {
-                        Err(err @ (Error::NotReplicated { .. } | Error::Store(_))) => {
-                            tracing::warn!(error = %err, "the response is not safely stored yet; answering 503");
-                            let problem = Problem::NotReplicated;
-                            return Ok(problem.response(&problem.default_detail()));
-                        }
-                        _ => {}
+                    if let Err(err @ (Error::NotReplicated { .. } | Error::Store(_))) =
+                        held.complete(&bytes, config.options.ttl).await
+                    {
+                        tracing::warn!(error = %err, "the response is not safely stored yet; answering 503");
+                        let problem = Problem::NotReplicated;
+                        return Ok(problem.response(&problem.default_detail()));
                     }
                 }
                 Err(err) => {

@@ -222,7 +222,7 @@ impl ConnectionLike for Conn {
 #[derive(Clone)]
 enum Opener {
     Single(redis::Client),
-    Cluster(redis::cluster::ClusterClient),
+    Cluster(Box<redis::cluster::ClusterClient>),
 }
 
 impl Opener {
@@ -334,7 +334,7 @@ impl RedisStore {
             .response_timeout(Duration::from_secs(5))
             .build()
             .map_err(store_error)?;
-        let opener = Opener::Cluster(client);
+        let opener = Opener::Cluster(Box::new(client));
         let conn = opener.open().await?;
         Ok(Self::with_conn(conn, opener))
     }
