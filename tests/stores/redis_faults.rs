@@ -131,8 +131,9 @@ impl Drop for Server {
     }
 }
 
+/// The error type of the tests' idempotent functions.
 #[derive(Debug)]
-enum AppError {
+pub(crate) enum AppError {
     Idem(Error),
 }
 

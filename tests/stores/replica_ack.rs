@@ -10,18 +10,7 @@ use std::time::{Duration, Instant};
 
 use idem_runtime::{idempotent, Claim, ClaimRequest, Error, RecordState, RedisStore, Store};
 
-use crate::redis_faults::Server;
-
-#[derive(Debug)]
-enum AppError {
-    Idem(Error),
-}
-
-impl From<Error> for AppError {
-    fn from(e: Error) -> Self {
-        AppError::Idem(e)
-    }
-}
+use crate::redis_faults::{AppError, Server};
 
 struct Payments {
     store: RedisStore,
@@ -90,14 +79,30 @@ fn fail_over(master: &mut Server, replica: &Server) {
     assert!(replica.cli(&["REPLICAOF", "NO", "ONE"]).contains("OK"));
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn an_answered_outcome_survives_losing_its_master() {
-    let mut master = Server::start();
+/// A master, its replica (synced), and a store on the master that waits up
+/// to `timeout` for the replica to acknowledge.
+pub(crate) async fn pair(timeout: Duration) -> (Server, Server, RedisStore) {
+    let master = Server::start();
     let replica = Server::replica_of(&master);
     let store = RedisStore::connect(&master.url())
         .await
         .unwrap()
-        .with_replica_ack(1, Duration::from_secs(2));
+        .with_replica_ack(1, timeout);
+    (master, replica, store)
+}
+
+/// A claim of `key` with a 30 s lease.
+pub(crate) fn req(key: &str) -> ClaimRequest<'_> {
+    ClaimRequest {
+        key,
+        fingerprint: None,
+        lease: Duration::from_secs(30),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_answered_outcome_survives_losing_its_master() {
+    let (mut master, replica, store) = pair(Duration::from_secs(2)).await;
     let payments = Payments::new(store);
     assert_eq!(payments.pay(1).await.unwrap(), 10);
 
@@ -129,12 +134,7 @@ async fn without_replica_ack_a_failover_loses_an_answered_outcome() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_outcome_the_replicas_lack_is_not_answered_until_they_have_it() {
-    let master = Server::start();
-    let replica = Server::replica_of(&master);
-    let store = RedisStore::connect(&master.url())
-        .await
-        .unwrap()
-        .with_replica_ack(1, Duration::from_millis(300));
+    let (master, replica, store) = pair(Duration::from_millis(300)).await;
     let payments = Payments::new(store.clone());
     cut_off(&master, &replica);
 
@@ -164,18 +164,9 @@ async fn an_outcome_the_replicas_lack_is_not_answered_until_they_have_it() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_read_waits_for_the_replicas_too() {
-    let master = Server::start();
-    let replica = Server::replica_of(&master);
-    let store = RedisStore::connect(&master.url())
-        .await
-        .unwrap()
-        .with_replica_ack(1, Duration::from_millis(200));
+    let (master, replica, store) = pair(Duration::from_millis(200)).await;
     let key = idem_tests::unique("replica-ack-get");
-    let req = ClaimRequest {
-        key: &key,
-        fingerprint: None,
-        lease: Duration::from_secs(30),
-    };
+    let req = req(&key);
     let Claim::Acquired { token, .. } = store.claim(req).await.unwrap() else {
         panic!("a fresh key is acquired");
     };
@@ -343,11 +334,6 @@ async fn on_a_cluster_an_answered_outcome_survives_a_forced_failover() {
     // Two keys of one slot (a hash tag), so both live on the same master.
     let tag = idem_tests::unique("replica-ack");
     let (one, two) = (format!("{{{tag}}}:1"), format!("{{{tag}}}:2"));
-    let req = |key| ClaimRequest {
-        key,
-        fingerprint: None,
-        lease: Duration::from_secs(30),
-    };
     let Claim::Acquired { token, .. } = store.claim(req(&one)).await.unwrap() else {
         panic!("a fresh key is acquired");
     };
@@ -426,12 +412,7 @@ async fn the_http_layer_and_consumers_answer_only_what_the_replicas_hold() {
     use idem_runtime::message::{Deduplicator, Outcome, ProcessError};
     use tower::ServiceExt as _;
 
-    let master = Server::start();
-    let replica = Server::replica_of(&master);
-    let store = RedisStore::connect(&master.url())
-        .await
-        .unwrap()
-        .with_replica_ack(1, Duration::from_millis(200));
+    let (master, replica, store) = pair(Duration::from_millis(200)).await;
     let runs = std::sync::Arc::new(AtomicUsize::new(0));
     let app = axum::Router::new()
         .route(

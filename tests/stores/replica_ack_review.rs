@@ -10,19 +10,8 @@ use std::time::{Duration, Instant};
 
 use idem_runtime::{idempotent, Claim, ClaimRequest, Error, RedisStore, Store};
 
-use crate::redis_faults::Server;
-
-#[derive(Debug)]
-#[allow(dead_code)]
-enum AppError {
-    Idem(Error),
-}
-
-impl From<Error> for AppError {
-    fn from(e: Error) -> Self {
-        AppError::Idem(e)
-    }
-}
+use crate::redis_faults::{AppError, Server};
+use crate::replica_ack::{pair, req};
 
 struct Jobs {
     store: RedisStore,
@@ -138,14 +127,6 @@ async fn waits_for_a_stopped_replica_hold_up_no_renewal() {
     assert_eq!(runs, 1, "the body ran twice");
 }
 
-fn req(key: &str) -> ClaimRequest<'_> {
-    ClaimRequest {
-        key,
-        fingerprint: None,
-        lease: Duration::from_secs(30),
-    }
-}
-
 /// An outcome completed by a store without the option (an old deployment in a
 /// rolling upgrade, another service on the same prefix) while the replica is
 /// stopped was replayed at once by a store with it: the replicas never had it.
@@ -181,12 +162,7 @@ async fn an_outcome_written_without_the_option_waits_for_the_replicas_too() {
 /// NOSCRIPT, the script is loaded, the pipeline resent.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_flushed_script_cache_is_reloaded_inside_the_wait_pipeline() {
-    let master = Server::start();
-    let replica = Server::replica_of(&master);
-    let acked = RedisStore::connect(&master.url())
-        .await
-        .unwrap()
-        .with_replica_ack(1, Duration::from_millis(300));
+    let (master, replica, acked) = pair(Duration::from_millis(300)).await;
     let key = idem_tests::unique("flush");
     let Claim::Acquired { token, .. } = acked.claim(req(&key)).await.unwrap() else {
         panic!()
@@ -215,12 +191,7 @@ async fn a_flushed_script_cache_is_reloaded_inside_the_wait_pipeline() {
 /// record: once a permanent `Store` error (it was `HINCRBY`'d).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_damaged_helper_field_is_overwritten() {
-    let master = Server::start();
-    let replica = Server::replica_of(&master);
-    let acked = RedisStore::connect(&master.url())
-        .await
-        .unwrap()
-        .with_replica_ack(1, Duration::from_millis(300));
+    let (master, replica, acked) = pair(Duration::from_millis(300)).await;
     let key = idem_tests::unique("corrupt-w");
     let Claim::Acquired { token, .. } = acked.claim(req(&key)).await.unwrap() else {
         panic!()
