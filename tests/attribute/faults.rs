@@ -79,6 +79,36 @@ async fn a_completion_that_keeps_failing_is_recorded_in_the_background_and_never
     assert_eq!(svc.runs.get(), 1, "the body ran once");
 }
 
+/// A store that answers only once an outcome is recorded (a `RedisStore`
+/// waiting for replicas): a completion that keeps failing still goes on in the
+/// background with the claim held, but the caller gets the store's error, not
+/// a result the store may never hold; the retry replays once it lands.
+#[tokio::test(start_paused = true)]
+async fn a_store_that_answers_only_once_recorded_fails_the_call_and_replays_later() {
+    let svc = Svc {
+        store: FaultyStore::default(),
+        runs: Runs::default(),
+    };
+    svc.store.strict.store(true, Ordering::SeqCst);
+    svc.store.completions_fail.store(true, Ordering::SeqCst);
+    let first = svc.pay(3).await;
+    assert!(
+        matches!(first, Err(AppError::Idem(Error::Store(_)))),
+        "{first:?}"
+    );
+    assert_eq!(svc.runs.get(), 1);
+    tokio::time::sleep(Duration::from_secs(10)).await;
+    let retry = svc.pay(3).await;
+    assert!(
+        matches!(retry, Err(ref e) if e.is_in_progress()),
+        "{retry:?}"
+    );
+    svc.store.completions_fail.store(false, Ordering::SeqCst);
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert_eq!(svc.pay(3).await.unwrap(), 1, "replayed");
+    assert_eq!(svc.runs.get(), 1, "the body ran once");
+}
+
 #[tokio::test(start_paused = true)]
 async fn a_background_completion_gives_up_after_its_limit_and_the_claim_lapses() {
     let svc = Svc {

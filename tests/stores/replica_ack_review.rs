@@ -286,3 +286,160 @@ async fn many_callers_of_one_key_get_one_answer_only_after_the_replica_is_back()
     assert_eq!(runs, 1);
     assert_eq!(oks.len(), 1, "{oks:?}");
 }
+
+struct Pay7 {
+    store: RedisStore,
+    runs: AtomicUsize,
+}
+
+impl Pay7 {
+    fn new(store: RedisStore) -> Self {
+        Pay7 {
+            store,
+            runs: AtomicUsize::new(0),
+        }
+    }
+
+    #[idempotent(key = id, name = "replica-ack-round2", store = self.store)]
+    async fn pay(&self, id: String) -> Result<u32, AppError> {
+        self.runs.fetch_add(1, Ordering::SeqCst);
+        Ok(7)
+    }
+}
+
+/// Opens 8 `WAIT` connections (8 completions at once), left idle in the pool.
+async fn fill_pool(store: &RedisStore) {
+    let mut tasks = Vec::new();
+    for _ in 0..8 {
+        let store = store.clone();
+        tasks.push(tokio::spawn(async move {
+            let key = idem_tests::unique("replica-ack-fill");
+            let Claim::Acquired { token, .. } = store.claim(req(&key)).await.unwrap() else {
+                panic!("a fresh key is acquired")
+            };
+            store
+                .complete(&key, token, b"1", Duration::from_secs(60))
+                .await
+                .unwrap();
+        }));
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+}
+
+/// The server drops its clients (a restart, its idle `timeout`, `CLIENT
+/// KILL`): every idle `WAIT` connection once failed its next use, so the
+/// engine's three tries met three dead connections and a caller of a
+/// healthy server got an error. A dropped pooled connection is now replaced
+/// at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dropped_wait_connections_cost_the_caller_nothing() {
+    for ack in [false, true] {
+        let (master, _replica, acked) = pair(Duration::from_secs(1)).await;
+        let store = if ack {
+            acked
+        } else {
+            RedisStore::connect(&master.url()).await.unwrap()
+        };
+        fill_pool(&store).await;
+        master.cli(&["CLIENT", "KILL", "TYPE", "normal"]);
+        // The main connection fails once, then reconnects.
+        let mut failures = 0;
+        while store
+            .claim(req(&idem_tests::unique("replica-ack-warm")))
+            .await
+            .is_err()
+        {
+            failures += 1;
+            assert!(failures < 5, "the main connection did not come back");
+        }
+        let pay = Pay7::new(store);
+        let answer = pay.pay(idem_tests::unique("replica-ack-drop")).await;
+        assert!(
+            answer.is_ok(),
+            "ack {ack}: a healthy server, yet {answer:?}"
+        );
+    }
+}
+
+/// A burst of completions while the replica is stopped once opened a `WAIT`
+/// connection each, without bound, until the server refused every client
+/// (`maxclients`). Now at most 16 are open; the callers beyond them wait for
+/// one (up to the ack timeout) or fail as for a store error; nothing runs
+/// twice, and every call is answered once the replica is back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_burst_of_waits_leaves_the_server_room_for_other_clients() {
+    let (master, replica, store) = pair(Duration::from_millis(1500)).await;
+    assert!(master
+        .cli(&["CONFIG", "SET", "maxclients", "64"])
+        .contains("OK"));
+    let pay = Arc::new(Pay7::new(store));
+    let keys: Vec<String> = (0..200)
+        .map(|i| idem_tests::unique(&format!("replica-ack-burst-{i}")))
+        .collect();
+    replica.signal("-STOP");
+    let mut tasks = Vec::new();
+    for key in keys.clone() {
+        let pay = Arc::clone(&pay);
+        tasks.push(tokio::spawn(async move { pay.pay(key).await }));
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let other = RedisStore::connect(&master.url()).await;
+    for t in tasks {
+        match t.await.unwrap() {
+            Err(AppError::Idem(Error::NotReplicated { .. } | Error::Store(_))) => {}
+            other => panic!("answered while the replica was stopped: {other:?}"),
+        }
+    }
+    replica.signal("-CONT");
+    assert!(other.is_ok(), "another client of the server was locked out");
+    for key in keys {
+        let mut tries = 0;
+        loop {
+            match pay.pay(key.clone()).await {
+                Ok(7) => break,
+                Err(AppError::Idem(e)) if e.is_retryable() && tries < 100 => {
+                    tries += 1;
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+                other => panic!("{other:?}"),
+            }
+        }
+    }
+    assert_eq!(pay.runs.load(Ordering::SeqCst), 200, "each key ran once");
+}
+
+/// `a` once said only "acknowledged": a store requiring two replicas replayed
+/// what a store requiring one had marked. It now holds the count.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_mark_counts_the_replicas_it_was_acknowledged_by() {
+    let (master, _replica, one) = pair(Duration::from_millis(300)).await;
+    let two = RedisStore::connect(&master.url())
+        .await
+        .unwrap()
+        .with_replica_ack(2, Duration::from_millis(300));
+    let key = idem_tests::unique("replica-ack-count");
+    let Claim::Acquired { token, .. } = one.claim(req(&key)).await.unwrap() else {
+        panic!("a fresh key is acquired")
+    };
+    one.complete(&key, token, b"1", Duration::from_secs(60))
+        .await
+        .unwrap();
+    // The master has one replica: two can never acknowledge.
+    let replayed = two.claim(req(&key)).await;
+    assert!(
+        matches!(
+            replayed,
+            Err(Error::NotReplicated {
+                acknowledged: 1,
+                required: 2
+            })
+        ),
+        "{replayed:?}"
+    );
+    assert!(matches!(
+        one.claim(req(&key)).await.unwrap(),
+        Claim::Completed { .. }
+    ));
+}

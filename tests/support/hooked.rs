@@ -61,4 +61,7 @@ impl<H: ClaimHook> Store for Hooked<H> {
     fn handle(&self) -> Arc<dyn Store> {
         Arc::new(self.clone())
     }
+    fn answers_before_recorded(&self) -> bool {
+        self.inner.answers_before_recorded()
+    }
 }

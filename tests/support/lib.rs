@@ -279,6 +279,10 @@ pub struct FaultyStore {
     pub renewals_fail: Arc<AtomicBool>,
     /// Completions store bytes that decode to nothing while set (a corrupt record).
     pub completions_corrupt: Arc<AtomicBool>,
+    /// Set: the store answers a caller only once its outcome is recorded
+    /// (`Store::answers_before_recorded` is false), as a `RedisStore` waiting
+    /// for replicas does.
+    pub strict: Arc<AtomicBool>,
 }
 
 fn down() -> Error {
@@ -329,5 +333,8 @@ impl Store for FaultyStore {
     }
     fn handle(&self) -> Arc<dyn Store> {
         Arc::new(self.clone())
+    }
+    fn answers_before_recorded(&self) -> bool {
+        !self.strict.load(Ordering::SeqCst)
     }
 }

@@ -79,10 +79,12 @@ end
 "#;
 
 /// `ack`: `0` replays any completed record; `1` answers `2` instead of `0`
-/// for one not known to be on the replicas (no `a`); `2` does so and writes
-/// to it, for a `WAIT` in the same pipeline to cover.
+/// for one not known to be on `need` replicas (`a`, the count acknowledged,
+/// below it); `2` does so and writes to it, for a `WAIT` in the same pipeline
+/// to cover.
 const CLAIM: &str = r#"
 local key, fp, lease, grace, ack = KEYS[1], ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3]), ARGV[4]
+local need = tonumber(ARGV[5])
 local r = redis.pcall('HMGET', key, 's', 't', 'f', 'o', 'e', 'a')
 local bad = invalid(r)
 if bad then return {-1, bad} end
@@ -90,7 +92,7 @@ local s = r[1]
 if s and s ~= 'r' then
   local e = tonumber(r[5])
   if e > now then
-    if s == 'c' and not r[6] and ack ~= '0' then
+    if s == 'c' and ack ~= '0' and (tonumber(r[6]) or 0) < need then
       if ack == '2' then redis.call('HSET', key, 'h', now_us) end
       return {2, s, r[2], r[3], r[4], e - now, 0}
     end
@@ -120,11 +122,13 @@ redis.call('PEXPIRE', KEYS[1], ttl)
 return 1
 "#;
 
-/// Replicas acknowledged the completion with token `ARGV[1]`: mark it `a`.
+/// `ARGV[2]` replicas acknowledged the completion with token `ARGV[1]`:
+/// record the count in `a` (the larger, if another store counted more).
 const CONFIRM: &str = r#"
-local r = redis.pcall('HMGET', KEYS[1], 's', 't')
+local r = redis.pcall('HMGET', KEYS[1], 's', 't', 'a')
 if r.err or r[1] ~= 'c' or r[2] ~= ARGV[1] then return 0 end
-redis.call('HSET', KEYS[1], 'a', 1)
+local n = tonumber(ARGV[2])
+if (tonumber(r[3]) or 0) < n then redis.call('HSET', KEYS[1], 'a', n) end
 redis.call('HDEL', KEYS[1], 'h')
 return 1
 "#;
@@ -143,8 +147,8 @@ redis.call('PEXPIRE', KEYS[1], tonumber(ARGV[2]))
 return 1
 "#;
 
-/// `ARGV[1]` as `ack` in [`CLAIM`]; the sixth field is `1` for a completed
-/// record not known to be on the replicas.
+/// `ARGV[1]` and `ARGV[2]` as `ack` and `need` in [`CLAIM`]; the sixth field
+/// is `1` for a completed record not known to be on `need` replicas.
 const GET: &str = r#"
 local r = redis.pcall('HMGET', KEYS[1], 's', 't', 'f', 'o', 'e', 'a')
 local bad = invalid(r)
@@ -154,7 +158,7 @@ local e = tonumber(r[5])
 local rem = e - now
 if r[1] == 'c' and rem <= 0 then return false end
 local w = 0
-if r[1] == 'c' and not r[6] and ARGV[1] ~= '0' then
+if r[1] == 'c' and ARGV[1] ~= '0' and (tonumber(r[6]) or 0) < tonumber(ARGV[2]) then
   w = 1
   if ARGV[1] == '2' then redis.call('HSET', KEYS[1], 'h', now_us) end
 end
@@ -243,29 +247,69 @@ impl Opener {
 /// Connections for `WAIT`s, each used by one pipeline at a time: a `WAIT`
 /// blocks its connection until the replicas answer, and on the store's shared
 /// connection it would hold up every request behind it (renewals too, so
-/// leases could lapse under a slow replica).
+/// leases could lapse under a slow replica). At most [`WAIT_CONNECTIONS`]
+/// are open at once, so a burst of waits for a slow replica cannot use up the
+/// server's client slots.
 struct WaitPool {
     opener: Opener,
     idle: std::sync::Mutex<Vec<Conn>>,
+    permits: tokio::sync::Semaphore,
 }
 
-/// Idle `WAIT` connections kept for reuse; more are opened when needed.
-const IDLE_WAIT_CONNECTIONS: usize = 8;
+/// The most `WAIT` connections a store opens at once (and keeps idle).
+const WAIT_CONNECTIONS: usize = 16;
+
+/// A `WAIT` connection, and whether it was idle in the pool (it may have been
+/// dropped by the server meanwhile) or is fresh.
+struct Lent<'a> {
+    conn: Conn,
+    reused: bool,
+    _permit: tokio::sync::SemaphorePermit<'a>,
+}
 
 impl WaitPool {
-    async fn take(&self) -> Result<Conn, Error> {
-        let idle = self.idle.lock().unwrap_or_else(|e| e.into_inner()).pop();
-        match idle {
-            Some(conn) => Ok(conn),
-            None => self.opener.open().await,
+    fn new(opener: Opener) -> Self {
+        WaitPool {
+            opener,
+            idle: std::sync::Mutex::new(Vec::new()),
+            permits: tokio::sync::Semaphore::new(WAIT_CONNECTIONS),
         }
     }
 
+    /// A connection of its own, waiting at most `patience` for one to be free.
+    async fn take(&self, patience: Duration) -> Result<Lent<'_>, Error> {
+        let permit = tokio::time::timeout(patience, self.permits.acquire())
+            .await
+            .map_err(|_| {
+                Error::store(format!(
+                    "all {WAIT_CONNECTIONS} connections that wait for replicas are busy"
+                ))
+            })?
+            .map_err(Error::store)?;
+        let idle = self.idle.lock().unwrap_or_else(|e| e.into_inner()).pop();
+        let (conn, reused) = match idle {
+            Some(conn) => (conn, true),
+            None => (self.opener.open().await?, false),
+        };
+        Ok(Lent {
+            conn,
+            reused,
+            _permit: permit,
+        })
+    }
+
+    /// Keeps a connection that answered for the next wait.
     fn put(&self, conn: Conn) {
-        let mut idle = self.idle.lock().unwrap_or_else(|e| e.into_inner());
-        if idle.len() < IDLE_WAIT_CONNECTIONS {
-            idle.push(conn);
-        }
+        self.idle
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push(conn);
+    }
+
+    /// Forgets the idle connections (after one turned out dropped, the
+    /// others likely are too: a server restart, an idle timeout).
+    fn clear(&self) {
+        self.idle.lock().unwrap_or_else(|e| e.into_inner()).clear();
     }
 }
 
@@ -345,10 +389,7 @@ impl RedisStore {
             prefix: "idem:".into(),
             grace: DEFAULT_GRACE,
             ack: None,
-            waits: Arc::new(WaitPool {
-                opener,
-                idle: std::sync::Mutex::new(Vec::new()),
-            }),
+            waits: Arc::new(WaitPool::new(opener)),
             scripts: Arc::new(Scripts::new()),
         }
     }
@@ -450,11 +491,11 @@ impl RedisStore {
         pipe.cmd("WAIT")
             .arg(ack.replicas)
             .arg(ack.timeout.as_millis() as u64);
-        let mut conn = self.waits.take().await?;
-        let mut loaded = false;
+        let mut lent = self.waits.take(ack.timeout).await?;
+        let (mut loaded, mut reopened) = (false, false);
         loop {
             let replies = pipe
-                .query_async::<Vec<Value>>(&mut conn)
+                .query_async::<Vec<Value>>(&mut lent.conn)
                 .await
                 .and_then(|replies| match <[Value; 2]>::try_from(replies) {
                     Ok([reply, acked]) => Ok((reply.extract_error()?, acked.extract_error()?)),
@@ -462,8 +503,8 @@ impl RedisStore {
                 });
             match replies {
                 Ok((reply, acked)) => {
-                    self.waits.put(conn);
                     let acked = u32::try_from(int(&acked)?).unwrap_or(0);
+                    self.waits.put(lent.conn);
                     return Ok((reply, acked));
                 }
                 Err(err)
@@ -471,9 +512,29 @@ impl RedisStore {
                         && err.kind()
                             == redis::ErrorKind::Server(redis::ServerErrorKind::NoScript) =>
                 {
-                    script.load_async(&mut conn).await.map_err(store_error)?;
+                    script
+                        .load_async(&mut lent.conn)
+                        .await
+                        .map_err(store_error)?;
                     loaded = true;
                 }
+                // An idle connection the server dropped meanwhile (a restart, its
+                // idle timeout): once more on a new one. Running the pipeline
+                // twice is safe: a completion that landed the first time is
+                // refused the second (`LeaseLost`, which the engine checks with
+                // `get`), and the readers' scripts change nothing but `h`.
+                Err(err)
+                    if lent.reused
+                        && !reopened
+                        && (err.is_connection_dropped()
+                            || err.is_io_error()
+                            || err.is_unrecoverable_error()) =>
+                {
+                    self.waits.clear();
+                    lent.conn = self.waits.opener.open().await?;
+                    reopened = true;
+                }
+                // The connection is not given back: a reply may still be due on it.
                 Err(err) => return Err(store_error(err)),
             }
         }
@@ -487,6 +548,7 @@ impl RedisStore {
             .confirm
             .key(self.redis_key(key))
             .arg(token.0.to_string())
+            .arg(self.need_arg())
             .invoke_async(&mut self.conn.clone())
             .await;
         if let Err(err) = cleared {
@@ -509,6 +571,12 @@ impl RedisStore {
             (Some(_), false) => "1",
             (Some(_), true) => "2",
         }
+    }
+
+    /// The `need` argument of the claim and get scripts: how many replicas
+    /// must have acknowledged an outcome for it to be replayed as it is.
+    fn need_arg(&self) -> String {
+        self.ack.map_or(0, |ack| ack.replicas).to_string()
     }
 }
 
@@ -669,6 +737,7 @@ impl Store for RedisStore {
             .arg(&lease)
             .arg(&grace)
             .arg(self.ack_arg(false))
+            .arg(self.need_arg())
             .invoke_async(&mut self.conn.clone())
             .await
             .map_err(store_error)?;
@@ -679,11 +748,13 @@ impl Store for RedisStore {
             });
         };
         // Wait for the replicas to have the outcome before answering it.
+        let need = self.need_arg();
         let args = [
             fp,
             lease.as_bytes(),
             grace.as_bytes(),
             self.ack_arg(true).as_bytes(),
+            need.as_bytes(),
         ];
         let (reply, acked) = self
             .then_wait(&self.scripts.claim, request.key, &args, ack)
@@ -756,6 +827,7 @@ impl Store for RedisStore {
             .get
             .key(self.redis_key(key))
             .arg(self.ack_arg(false))
+            .arg(self.need_arg())
             .invoke_async(&mut self.conn.clone())
             .await
             .map_err(store_error)?;
@@ -767,7 +839,7 @@ impl Store for RedisStore {
             .then_wait(
                 &self.scripts.get,
                 key,
-                &[self.ack_arg(true).as_bytes()],
+                &[self.ack_arg(true).as_bytes(), self.need_arg().as_bytes()],
                 ack,
             )
             .await?;
