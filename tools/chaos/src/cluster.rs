@@ -140,6 +140,26 @@ fn signal(pid: &str, sig: &str) {
     let _ = std::process::Command::new("kill").args([sig, pid]).status();
 }
 
+/// Waits (up to 10 s) until process `pid` is gone (or a zombie: its sockets
+/// are closed, and a container's init may never reap it).
+async fn gone(pid: &str) -> Result<(), BoxError> {
+    let status = std::path::Path::new("/proc").join(pid).join("status");
+    for _ in 0..1000 {
+        match std::fs::read_to_string(&status) {
+            Err(_) => return Ok(()),
+            Ok(s)
+                if s.lines()
+                    .any(|l| l.starts_with("State:") && l.contains('Z')) =>
+            {
+                return Ok(())
+            }
+            Ok(_) => {}
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    Err(format!("process {pid} did not exit after SIGKILL").into())
+}
+
 /// Fails over a master, chosen by `pick`, to its replica; returns what was done.
 pub async fn failover(
     seeds: &[String],
@@ -220,6 +240,9 @@ pub async fn failover(
         .query_async::<()>(&mut con)
         .await?;
     wait_role(&replica.addr, "master").await?;
+    // A killed process holding tens of MB takes a moment to go; restarted
+    // before it is gone, the new server cannot bind the port and exits.
+    gone(&master_pid).await?;
     // The old master comes back empty and rejoins as a replica.
     let status = tokio::process::Command::new("redis-server")
         .args([
