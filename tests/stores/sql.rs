@@ -116,6 +116,66 @@ async fn postgres_purge_skips_rows_locked_by_others_instead_of_waiting() {
     assert!(store.purge_expired(1000).await.unwrap() >= 1);
 }
 
+/// Purges racing re-claims of the expired keys they delete (issue 15's
+/// faster statement locks rows by address): a key claimed again and
+/// completed is never deleted by a purge that had picked it as expired.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_purge_racing_reclaims_never_deletes_a_live_record() {
+    let store = PostgresStore::connect(&postgres_url()).await.unwrap();
+    let prefix = unique("purge-race");
+    const N: usize = 400;
+    expire_records(&store, &prefix, N).await;
+    let purging = {
+        let store = store.clone();
+        tokio::spawn(async move {
+            let mut deleted = 0;
+            for _ in 0..200 {
+                deleted += store.purge_expired(7).await.unwrap();
+            }
+            deleted
+        })
+    };
+    let mut claimers = Vec::new();
+    for part in 0..4 {
+        let (store, prefix) = (store.clone(), prefix.clone());
+        claimers.push(tokio::spawn(async move {
+            let mut live = Vec::new();
+            for i in (part..N).step_by(4) {
+                let key = format!("{prefix}:{i}");
+                let req = ClaimRequest {
+                    key: &key,
+                    fingerprint: None,
+                    lease: Duration::from_secs(60),
+                };
+                match store.claim(req).await.unwrap() {
+                    Claim::Acquired { token, .. } => {
+                        store
+                            .complete(&key, token, b"{\"ok\":2}", Duration::from_secs(600))
+                            .await
+                            .unwrap();
+                        live.push(key);
+                    }
+                    other => panic!("an expired key is claimed again, got {other:?}"),
+                }
+            }
+            live
+        }));
+    }
+    let mut live = Vec::new();
+    for c in claimers {
+        live.extend(c.await.unwrap());
+    }
+    purging.await.unwrap();
+    assert_eq!(live.len(), N);
+    for key in &live {
+        let record = store.get(key).await.unwrap();
+        assert!(
+            matches!(&record, Some(r) if r.outcome.as_deref() == Some(&b"{\"ok\":2}"[..])),
+            "{key}: {record:?}"
+        );
+    }
+}
+
 async fn reaper_purges_then_stops(
     store: Arc<dyn Store>,
     reaper: idem_runtime::Reaper,
