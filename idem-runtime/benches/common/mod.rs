@@ -45,7 +45,7 @@ pub fn fresh_id() -> u64 {
 
 /// Runs `ops` calls of `op` from `tasks` concurrent tasks; returns µs per call
 /// (wall time over all tasks, so the inverse of throughput).
-async fn measure<F, Fut>(ops: usize, tasks: usize, op: F) -> f64
+pub async fn measure<F, Fut>(ops: usize, tasks: usize, op: F) -> f64
 where
     F: Fn(u64) -> Fut + Clone + Send + Sync + 'static,
     Fut: Future<Output = ()> + Send,
@@ -70,6 +70,7 @@ where
 /// Prints floor and idem for one figure: the best of five rounds each, rounds
 /// alternating so drift hits both. `IDEM_BENCH_ONLY=text` skips figures whose
 /// label does not contain `text`.
+#[allow(dead_code)] // benches/redis.rs prints three sides with its own `figure`
 pub async fn compare<A, AF, B, BF>(label: &str, ops: usize, tasks: usize, floor: A, idem: B)
 where
     A: Fn(u64) -> AF + Clone + Send + Sync + 'static,

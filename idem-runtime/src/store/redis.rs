@@ -89,15 +89,28 @@ local r = redis.pcall('HMGET', key, 's', 't', 'f', 'o', 'e', 'a')
 local bad = invalid(r)
 if bad then return {-1, bad} end
 local s = r[1]
-if s and s ~= 'r' then
-  local e = tonumber(r[5])
-  if e > now then
-    if s == 'c' and ack ~= '0' and (tonumber(r[6]) or 0) < need then
-      if ack == '2' then redis.call('HSET', key, 'h', now_us) end
-      return {2, s, r[2], r[3], r[4], e - now, 0}
+if s == 'c' then
+  -- A completed record expires with its key (PX = its ttl): while the key
+  -- lives, it is live, and PTTL is its time left. No clock needed.
+  local left = redis.call('PTTL', key)
+  if left ~= -2 then
+    if left < 0 then left = 0 end
+    if ack ~= '0' and (tonumber(r[6]) or 0) < need then
+      if ack == '2' then
+        local t = redis.call('TIME')
+        redis.call('HSET', key, 'h', t[1] .. t[2])
+      end
+      return {2, s, r[2], r[3], r[4], left, 0}
     end
-    return {0, s, r[2], r[3], r[4], e - now, 0}
+    return {0, s, r[2], r[3], r[4], left, 0}
   end
+end
+local t = redis.call('TIME')
+local now_us = tonumber(t[1]) * 1000000 + tonumber(t[2])
+local now = math.floor(now_us / 1000)
+if s == 'p' then
+  local e = tonumber(r[5])
+  if e > now then return {0, s, r[2], r[3], r[4], e - now, 0} end
 end
 local tok = string.format('%.0f', math.max((tonumber(r[2]) or 0) + 1, now_us))
 redis.call('DEL', key)
@@ -177,7 +190,7 @@ struct Scripts {
 impl Scripts {
     fn new() -> Self {
         Scripts {
-            claim: Script::new(&format!("{VALID}{NOW}{CLAIM}")),
+            claim: Script::new(&format!("{VALID}{CLAIM}")),
             complete: Script::new(&format!("{HELD}{NOW}{COMPLETE}")),
             renew: Script::new(&format!("{HELD}{NOW}{RENEW}")),
             release: Script::new(&format!("{HELD}{NOW}{RELEASE}")),
