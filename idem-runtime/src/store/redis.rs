@@ -238,7 +238,7 @@ impl ConnectionLike for Conn {
 /// How to open another connection like the store's own.
 #[derive(Clone)]
 enum Opener {
-    Single(redis::Client),
+    Single(Box<redis::Client>),
     Cluster(Box<redis::cluster::ClusterClient>),
 }
 
@@ -246,7 +246,7 @@ impl Opener {
     async fn open(&self) -> Result<Conn, Error> {
         Ok(match self {
             Opener::Single(client) => Conn::Single(
-                ConnectionManager::new_with_config(client.clone(), manager_config())
+                ConnectionManager::new_with_config((**client).clone(), manager_config())
                     .await
                     .map_err(store_error)?,
             ),
@@ -378,7 +378,7 @@ impl RedisStore {
     /// after the server goes away. A call made while it is unreachable fails
     /// with [`Error::Store`] within a few seconds instead of hanging.
     pub async fn connect(url: &str) -> Result<Self, Error> {
-        let opener = Opener::Single(redis::Client::open(url).map_err(store_error)?);
+        let opener = Opener::Single(Box::new(redis::Client::open(url).map_err(store_error)?));
         let conn = opener.open().await?;
         Ok(Self::with_conn(conn, opener))
     }
