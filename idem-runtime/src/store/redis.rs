@@ -102,7 +102,7 @@ if s == 'c' then
       end
       return {2, s, r[2], r[3], r[4], left, 0}
     end
-    return {0, s, r[2], r[3], r[4], left, 0}
+    return {3, r[3], r[4], left}
   end
 end
 local t = redis.call('TIME')
@@ -665,8 +665,31 @@ enum Decided {
     Unacknowledged { token: FencingToken, claim: Claim },
 }
 
-/// Reads a claim script's reply, checking the fingerprint `given`.
-fn decide(reply: &[Value], given: Option<&Digest>) -> Result<Decided, Error> {
+/// Reads a claim script's reply, checking the fingerprint `given`: a replay
+/// (`{3, fingerprint, outcome, time left}`, the short answer of the hot path),
+/// or `{status, state, token, fingerprint, outcome, time left, took over}`.
+fn decide(mut reply: Vec<Value>, given: Option<&Digest>) -> Result<Decided, Error> {
+    if let [Value::Int(3), _, _, _] = reply.as_slice() {
+        let rem = int(&reply[3])?;
+        let stored_fp = fingerprint(&reply[1])?;
+        if let (Some(stored), Some(given)) = (stored_fp, given) {
+            if stored != *given {
+                return Ok(Decided::Claim(Claim::FingerprintMismatch));
+            }
+        }
+        let outcome = match reply.swap_remove(2) {
+            Value::BulkString(b) => b,
+            other => bytes(&other)
+                .ok_or_else(|| corrupt("an outcome on a completed record"))?
+                .to_vec(),
+        };
+        return Ok(Decided::Claim(Claim::Completed {
+            outcome,
+            fingerprint: stored_fp,
+            expires_in: remaining(rem),
+        }));
+    }
+    let reply = reply.as_slice();
     let [acquired, st, token, stored_fp, outcome, rem, took_over] = reply else {
         return Err(corrupt_reply(reply, "a claim reply of 7 fields"));
     };
@@ -754,7 +777,7 @@ impl Store for RedisStore {
             .invoke_async(&mut self.conn.clone())
             .await
             .map_err(store_error)?;
-        let decided = decide(&reply, request.fingerprint)?;
+        let decided = decide(reply, request.fingerprint)?;
         let (Decided::Unacknowledged { .. }, Some(ack)) = (&decided, self.ack) else {
             return Ok(match decided {
                 Decided::Claim(claim) | Decided::Unacknowledged { claim, .. } => claim,
@@ -773,7 +796,7 @@ impl Store for RedisStore {
             .then_wait(&self.scripts.claim, request.key, &args, ack)
             .await?;
         let reply = array(reply)?.unwrap_or_default();
-        match decide(&reply, request.fingerprint)? {
+        match decide(reply, request.fingerprint)? {
             // Acknowledged, expired or taken meanwhile: the script's answer stands.
             Decided::Claim(claim) => Ok(claim),
             Decided::Unacknowledged { token, claim } if acked >= ack.replicas => {
