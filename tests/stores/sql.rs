@@ -121,7 +121,9 @@ async fn postgres_purge_skips_rows_locked_by_others_instead_of_waiting() {
 /// completed is never deleted by a purge that had picked it as expired.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn postgres_purge_racing_reclaims_never_deletes_a_live_record() {
-    let store = PostgresStore::connect(&postgres_url()).await.unwrap();
+    // A table of its own: its purges must not take other tests' expired rows.
+    let pool = sqlx::PgPool::connect(&postgres_url()).await.unwrap();
+    let store = PostgresStore::with_table(pool, &unique("idem_purge_race")).unwrap();
     let prefix = unique("purge-race");
     const N: usize = 400;
     expire_records(&store, &prefix, N).await;
