@@ -82,16 +82,22 @@ async fn expire_records(store: &dyn Store, prefix: &str, n: usize) {
 
 #[tokio::test]
 async fn postgres_purge_skips_rows_locked_by_others_instead_of_waiting() {
-    let store = PostgresStore::connect(&postgres_url()).await.unwrap();
+    // A table of its own: another test's purge must not take these rows
+    // before the holder locks one.
+    let table = unique("idem_purge_locked");
+    let pool = sqlx::PgPool::connect(&postgres_url()).await.unwrap();
+    let store = PostgresStore::with_table(pool, &table).unwrap();
     let prefix = unique("purge-locked");
     expire_records(&store, &prefix, 3).await;
     let locked = format!("{prefix}:0");
     let mut holder = store.pool().begin().await.unwrap();
-    sqlx::query("SELECT 1 FROM idem_records WHERE key = $1 FOR UPDATE")
-        .bind(&locked)
-        .execute(&mut *holder)
-        .await
-        .unwrap();
+    sqlx::query(AssertSqlSafe(format!(
+        "SELECT 1 FROM {table} WHERE key = $1 FOR UPDATE"
+    )))
+    .bind(&locked)
+    .execute(&mut *holder)
+    .await
+    .unwrap();
     // Purge everything it can: it must return, leaving the locked row alone.
     let purge = async {
         let mut total = 0;
@@ -106,11 +112,13 @@ async fn postgres_purge_skips_rows_locked_by_others_instead_of_waiting() {
     tokio::time::timeout(Duration::from_secs(30), purge)
         .await
         .expect("purge returned while a row was locked");
-    let left: i64 = sqlx::query_scalar("SELECT count(*) FROM idem_records WHERE key LIKE $1")
-        .bind(format!("{prefix}:%"))
-        .fetch_one(store.pool())
-        .await
-        .unwrap();
+    let left: i64 = sqlx::query_scalar(AssertSqlSafe(format!(
+        "SELECT count(*) FROM {table} WHERE key LIKE $1"
+    )))
+    .bind(format!("{prefix}:%"))
+    .fetch_one(store.pool())
+    .await
+    .unwrap();
     assert_eq!(left, 1, "only the locked row is left");
     holder.rollback().await.unwrap();
     assert!(store.purge_expired(1000).await.unwrap() >= 1);
