@@ -8,6 +8,7 @@
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
+use idem_runtime::store::FencingToken;
 use idem_runtime::{idempotent, Claim, ClaimRequest, Error, RecordState, RedisStore, Store};
 
 use crate::redis_faults::{AppError, Server};
@@ -91,6 +92,14 @@ pub(crate) async fn pair(timeout: Duration) -> (Server, Server, RedisStore) {
     (master, replica, store)
 }
 
+/// Claims a fresh key: its token.
+pub(crate) async fn acquire(store: &RedisStore, req: ClaimRequest<'_>) -> FencingToken {
+    match store.claim(req).await.expect("a claim") {
+        Claim::Acquired { token, .. } => token,
+        other => panic!("a fresh key is acquired, got {other:?}"),
+    }
+}
+
 /// A claim of `key` with a 30 s lease.
 pub(crate) fn req(key: &str) -> ClaimRequest<'_> {
     ClaimRequest {
@@ -167,9 +176,7 @@ async fn a_read_waits_for_the_replicas_too() {
     let (master, replica, store) = pair(Duration::from_millis(200)).await;
     let key = idem_tests::unique("replica-ack-get");
     let req = req(&key);
-    let Claim::Acquired { token, .. } = store.claim(req).await.unwrap() else {
-        panic!("a fresh key is acquired");
-    };
+    let token = acquire(&store, req).await;
     cut_off(&master, &replica);
     let refused = store
         .complete(&key, token, b"{\"ok\":1}", Duration::from_secs(60))
@@ -334,9 +341,7 @@ async fn on_a_cluster_an_answered_outcome_survives_a_forced_failover() {
     // Two keys of one slot (a hash tag), so both live on the same master.
     let tag = idem_tests::unique("replica-ack");
     let (one, two) = (format!("{{{tag}}}:1"), format!("{{{tag}}}:2"));
-    let Claim::Acquired { token, .. } = store.claim(req(&one)).await.unwrap() else {
-        panic!("a fresh key is acquired");
-    };
+    let token = acquire(&store, req(&one)).await;
     store
         .complete(&one, token, b"{\"ok\":1}", Duration::from_secs(600))
         .await
@@ -369,13 +374,7 @@ async fn on_a_cluster_an_answered_outcome_survives_a_forced_failover() {
         .unwrap()
         .with_replica_ack(1, Duration::from_secs(2));
     let paused = Paused::node(&master).await;
-    let Claim::Acquired { token, .. } = store
-        .claim(req(&two))
-        .await
-        .expect("claim after the failover")
-    else {
-        panic!("a fresh key is acquired");
-    };
+    let token = acquire(&store, req(&two)).await;
     let refused = store
         .complete(&two, token, b"{\"ok\":2}", Duration::from_secs(600))
         .await;

@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 use idem_runtime::{idempotent, Claim, ClaimRequest, Error, RedisStore, Store};
 
 use crate::redis_faults::{AppError, Server};
-use crate::replica_ack::{pair, req};
+use crate::replica_ack::{acquire, pair, req};
 
 struct Jobs {
     store: RedisStore,
@@ -140,9 +140,7 @@ async fn an_outcome_written_without_the_option_waits_for_the_replicas_too() {
         .unwrap()
         .with_replica_ack(1, Duration::from_millis(300));
     let key = idem_tests::unique("mixed");
-    let Claim::Acquired { token, .. } = plain.claim(req(&key)).await.unwrap() else {
-        panic!()
-    };
+    let token = acquire(&plain, req(&key)).await;
     replica.signal("-STOP");
     plain
         .complete(&key, token, b"x", Duration::from_secs(60))
@@ -164,9 +162,7 @@ async fn an_outcome_written_without_the_option_waits_for_the_replicas_too() {
 async fn a_flushed_script_cache_is_reloaded_inside_the_wait_pipeline() {
     let (master, replica, acked) = pair(Duration::from_millis(300)).await;
     let key = idem_tests::unique("flush");
-    let Claim::Acquired { token, .. } = acked.claim(req(&key)).await.unwrap() else {
-        panic!()
-    };
+    let token = acquire(&acked, req(&key)).await;
     master.cli(&["SCRIPT", "FLUSH"]);
     replica.signal("-STOP");
     let done = acked
@@ -193,9 +189,7 @@ async fn a_flushed_script_cache_is_reloaded_inside_the_wait_pipeline() {
 async fn a_damaged_helper_field_is_overwritten() {
     let (master, replica, acked) = pair(Duration::from_millis(300)).await;
     let key = idem_tests::unique("corrupt-w");
-    let Claim::Acquired { token, .. } = acked.claim(req(&key)).await.unwrap() else {
-        panic!()
-    };
+    let token = acquire(&acked, req(&key)).await;
     replica.signal("-STOP");
     let done = acked
         .complete(&key, token, b"x", Duration::from_secs(60))
@@ -314,9 +308,7 @@ async fn fill_pool(store: &RedisStore) {
         let store = store.clone();
         tasks.push(tokio::spawn(async move {
             let key = idem_tests::unique("replica-ack-fill");
-            let Claim::Acquired { token, .. } = store.claim(req(&key)).await.unwrap() else {
-                panic!("a fresh key is acquired")
-            };
+            let token = acquire(&store, req(&key)).await;
             store
                 .complete(&key, token, b"1", Duration::from_secs(60))
                 .await
@@ -420,9 +412,7 @@ async fn a_mark_counts_the_replicas_it_was_acknowledged_by() {
         .unwrap()
         .with_replica_ack(2, Duration::from_millis(300));
     let key = idem_tests::unique("replica-ack-count");
-    let Claim::Acquired { token, .. } = one.claim(req(&key)).await.unwrap() else {
-        panic!("a fresh key is acquired")
-    };
+    let token = acquire(&one, req(&key)).await;
     one.complete(&key, token, b"1", Duration::from_secs(60))
         .await
         .unwrap();

@@ -460,6 +460,23 @@ impl RedisStore {
         k
     }
 
+    /// Runs `script` on `key` with `args`, on the store's connection.
+    async fn eval<'a, T: redis::FromRedisValue>(
+        &self,
+        script: &Script,
+        key: &str,
+        args: impl IntoIterator<Item = &'a [u8]>,
+    ) -> Result<T, Error> {
+        let mut invocation = script.key(self.redis_key(key));
+        for arg in args {
+            invocation.arg(arg);
+        }
+        invocation
+            .invoke_async(&mut self.conn.clone())
+            .await
+            .map_err(store_error)
+    }
+
     async fn fenced(
         &self,
         script: &Script,
@@ -467,15 +484,9 @@ impl RedisStore {
         token: FencingToken,
         args: &[&[u8]],
     ) -> Result<(), Error> {
-        let mut invocation = script.key(self.redis_key(key));
-        invocation.arg(token.0.to_string());
-        for arg in args {
-            invocation.arg(*arg);
-        }
-        let done: i64 = invocation
-            .invoke_async(&mut self.conn.clone())
-            .await
-            .map_err(store_error)?;
+        let token = token.0.to_string();
+        let all = std::iter::once(token.as_bytes()).chain(args.iter().copied());
+        let done: i64 = self.eval(script, key, all).await?;
         if done == 1 {
             Ok(())
         } else {
@@ -556,13 +567,13 @@ impl RedisStore {
     /// Marks `key`'s completion with `token` as on the replicas (`a`); best
     /// effort: if it fails, the next reader waits for the replicas again.
     async fn confirm(&self, key: &str, token: FencingToken) {
+        let (token, need) = (token.0.to_string(), self.need_arg());
         let cleared: Result<i64, _> = self
-            .scripts
-            .confirm
-            .key(self.redis_key(key))
-            .arg(token.0.to_string())
-            .arg(self.need_arg())
-            .invoke_async(&mut self.conn.clone())
+            .eval(
+                &self.scripts.confirm,
+                key,
+                [token.as_bytes(), need.as_bytes()],
+            )
             .await;
         if let Err(err) = cleared {
             tracing::debug!(error = %err, "could not mark a replicated completion; readers wait for the replicas again");
@@ -588,8 +599,11 @@ impl RedisStore {
 
     /// The `need` argument of the claim and get scripts: how many replicas
     /// must have acknowledged an outcome for it to be replayed as it is.
-    fn need_arg(&self) -> String {
-        self.ack.map_or(0, |ack| ack.replicas).to_string()
+    fn need_arg(&self) -> std::borrow::Cow<'static, str> {
+        match self.ack {
+            None => "0".into(),
+            Some(ack) => ack.replicas.to_string().into(),
+        }
     }
 }
 
@@ -670,28 +684,18 @@ enum Decided {
 /// or `{status, state, token, fingerprint, outcome, time left, took over}`.
 fn decide(mut reply: Vec<Value>, given: Option<&Digest>) -> Result<Decided, Error> {
     if let [Value::Int(3), _, _, _] = reply.as_slice() {
-        let rem = int(&reply[3])?;
-        let stored_fp = fingerprint(&reply[1])?;
-        if let (Some(stored), Some(given)) = (stored_fp, given) {
-            if stored != *given {
-                return Ok(Decided::Claim(Claim::FingerprintMismatch));
-            }
-        }
-        let outcome = match reply.swap_remove(2) {
-            Value::BulkString(b) => b,
-            other => bytes(&other)
-                .ok_or_else(|| corrupt("an outcome on a completed record"))?
-                .to_vec(),
-        };
-        return Ok(Decided::Claim(Claim::Completed {
+        let rem = reply.pop().unwrap_or_default();
+        let outcome = reply.pop().unwrap_or_default();
+        return Ok(Decided::Claim(existing(
+            RecordState::Completed,
+            &reply[1],
             outcome,
-            fingerprint: stored_fp,
-            expires_in: remaining(rem),
-        }));
+            &rem,
+            given,
+        )?));
     }
-    let reply = reply.as_slice();
-    let [acquired, st, token, stored_fp, outcome, rem, took_over] = reply else {
-        return Err(corrupt_reply(reply, "a claim reply of 7 fields"));
+    let [acquired, st, token, stored_fp, outcome, rem, took_over] = &mut reply[..] else {
+        return Err(corrupt_reply(&reply, "a claim reply of 7 fields"));
     };
     let token = FencingToken(int(token)? as u64);
     let status = int(acquired)?;
@@ -701,28 +705,44 @@ fn decide(mut reply: Vec<Value>, given: Option<&Digest>) -> Result<Decided, Erro
             took_over: int(took_over)? == 1,
         }));
     }
+    let claim = existing(state(st)?, stored_fp, std::mem::take(outcome), rem, given)?;
+    Ok(if status == 2 {
+        Decided::Unacknowledged { token, claim }
+    } else {
+        Decided::Claim(claim)
+    })
+}
+
+/// The claim on an existing live record in `state`: key reused if its
+/// fingerprint differs from `given`, else its outcome (moved out of the reply,
+/// no copy) or the time left on its lease.
+fn existing(
+    state: RecordState,
+    stored_fp: &Value,
+    outcome: Value,
+    rem: &Value,
+    given: Option<&Digest>,
+) -> Result<Claim, Error> {
     let stored_fp = fingerprint(stored_fp)?;
     if let (Some(stored), Some(given)) = (stored_fp, given) {
         if stored != *given {
-            return Ok(Decided::Claim(Claim::FingerprintMismatch));
+            return Ok(Claim::FingerprintMismatch);
         }
     }
-    let claim = match state(st)? {
+    Ok(match state {
         RecordState::Completed => Claim::Completed {
-            outcome: bytes(outcome)
-                .ok_or_else(|| corrupt("an outcome on a completed record"))?
-                .to_vec(),
+            outcome: match outcome {
+                Value::BulkString(b) => b,
+                other => bytes(&other)
+                    .ok_or_else(|| corrupt("an outcome on a completed record"))?
+                    .to_vec(),
+            },
             fingerprint: stored_fp,
             expires_in: remaining(int(rem)?),
         },
         _ => Claim::InProgress {
             lease_remaining: remaining(int(rem)?),
         },
-    };
-    Ok(if status == 2 {
-        Decided::Unacknowledged { token, claim }
-    } else {
-        Decided::Claim(claim)
     })
 }
 
@@ -764,19 +784,15 @@ fn array(reply: Value) -> Result<Option<Vec<Value>>, Error> {
 impl Store for RedisStore {
     async fn claim(&self, request: ClaimRequest<'_>) -> Result<Claim, Error> {
         let fp: &[u8] = request.fingerprint.map_or(&[], |d| d.as_bytes());
-        let (lease, grace) = (ms(request.lease), ms(self.grace));
-        let reply: Vec<Value> = self
-            .scripts
-            .claim
-            .key(self.redis_key(request.key))
-            .arg(fp)
-            .arg(&lease)
-            .arg(&grace)
-            .arg(self.ack_arg(false))
-            .arg(self.need_arg())
-            .invoke_async(&mut self.conn.clone())
-            .await
-            .map_err(store_error)?;
+        let (lease, grace, need) = (ms(request.lease), ms(self.grace), self.need_arg());
+        let mut args = [
+            fp,
+            lease.as_bytes(),
+            grace.as_bytes(),
+            self.ack_arg(false).as_bytes(),
+            need.as_bytes(),
+        ];
+        let reply: Vec<Value> = self.eval(&self.scripts.claim, request.key, args).await?;
         let decided = decide(reply, request.fingerprint)?;
         let (Decided::Unacknowledged { .. }, Some(ack)) = (&decided, self.ack) else {
             return Ok(match decided {
@@ -784,14 +800,7 @@ impl Store for RedisStore {
             });
         };
         // Wait for the replicas to have the outcome before answering it.
-        let need = self.need_arg();
-        let args = [
-            fp,
-            lease.as_bytes(),
-            grace.as_bytes(),
-            self.ack_arg(true).as_bytes(),
-            need.as_bytes(),
-        ];
+        args[3] = self.ack_arg(true).as_bytes();
         let (reply, acked) = self
             .then_wait(&self.scripts.claim, request.key, &args, ack)
             .await?;
@@ -858,27 +867,15 @@ impl Store for RedisStore {
     }
 
     async fn get(&self, key: &str) -> Result<Option<Record>, Error> {
-        let reply: Option<Vec<Value>> = self
-            .scripts
-            .get
-            .key(self.redis_key(key))
-            .arg(self.ack_arg(false))
-            .arg(self.need_arg())
-            .invoke_async(&mut self.conn.clone())
-            .await
-            .map_err(store_error)?;
+        let need = self.need_arg();
+        let mut args = [self.ack_arg(false).as_bytes(), need.as_bytes()];
+        let reply: Option<Vec<Value>> = self.eval(&self.scripts.get, key, args).await?;
         let read = read_record(key, reply)?;
         let (Some((_, true)), Some(ack)) = (&read, self.ack) else {
             return Ok(read.map(|(record, _)| record));
         };
-        let (reply, acked) = self
-            .then_wait(
-                &self.scripts.get,
-                key,
-                &[self.ack_arg(true).as_bytes(), self.need_arg().as_bytes()],
-                ack,
-            )
-            .await?;
+        args[0] = self.ack_arg(true).as_bytes();
+        let (reply, acked) = self.then_wait(&self.scripts.get, key, &args, ack).await?;
         match read_record(key, array(reply)?)? {
             Some((record, true)) if acked >= ack.replicas => {
                 self.confirm(key, record.token).await;
