@@ -179,12 +179,18 @@ async fn a_flushed_script_cache_is_reloaded_inside_the_wait_pipeline() {
     master.cli(&["SCRIPT", "FLUSH"]);
     let got = acked.claim(req(&key)).await;
     assert!(matches!(got, Ok(Claim::Completed { .. })), "{got:?}");
-    let marked = master.cli(&["HGET", &acked.redis_key(&key), "a"]);
+    let marked = master.cli(&[
+        "EVAL",
+        "return string.byte(redis.call('GET', KEYS[1]), 2)",
+        "1",
+        &acked.redis_key(&key),
+    ]);
     assert_eq!(marked.trim(), "1", "marked as on the replicas");
 }
 
-/// A damaged helper field (`h`, which readers overwrite) on a completed
-/// record: once a permanent `Store` error (it was `HINCRBY`'d).
+/// A damaged helper (the touch byte, which readers change) on a completed
+/// record: once a permanent `Store` error (a hash field was `HINCRBY`'d);
+/// the byte now wraps.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_damaged_helper_field_is_overwritten() {
     let (master, replica, acked) = pair(Duration::from_millis(300)).await;
@@ -196,7 +202,12 @@ async fn a_damaged_helper_field_is_overwritten() {
         .await;
     assert!(matches!(done, Err(Error::NotReplicated { .. })), "{done:?}");
     replica.signal("-CONT");
-    master.cli(&["HSET", &acked.redis_key(&key), "h", "oops"]);
+    master.cli(&[
+        "EVAL",
+        "return redis.call('SETRANGE', KEYS[1], 2, string.char(255))",
+        "1",
+        &acked.redis_key(&key),
+    ]);
     let got = acked.get(&key).await;
     assert!(matches!(got, Ok(Some(_))), "{got:?}");
     let got = acked.claim(req(&key)).await;

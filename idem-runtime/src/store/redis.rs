@@ -1,17 +1,30 @@
 //! [`RedisStore`]: records in Redis or Redis Cluster, one Lua script per operation.
 //!
-//! Each record is one hash key (`prefix` + storage key) with native `PX`
+//! Each record is one string key (`prefix` + storage key) with native `PX`
 //! expiry, so every script touches exactly one key and therefore one slot: the
 //! store works unchanged on Redis Cluster. Claim, complete, release and renew
 //! are each one script, run atomically by Redis, loaded once and invoked by
 //! SHA (reloaded after a `NOSCRIPT`). Leases and expiry are judged by Redis
 //! `TIME`, never the client's clock.
 //!
-//! Fields: `s` state (`p` processing, `c` completed, `r` released), `t` token,
-//! `f` fingerprint, `o` outcome, `e` deadline in ms (lease end while
-//! processing, expiry once completed). A processing or released record lives
-//! `grace` past its deadline so the next claim continues its token sequence
-//! (and reports a takeover); a completed record expires exactly at its ttl.
+//! A record is one string, a fixed 39-byte header then the rest:
+//!
+//! | bytes | what |
+//! |---|---|
+//! | 0 | state: `p` processing, `c` completed, `r` released |
+//! | 1 | replicas known to hold a completion (one byte; see below) |
+//! | 2 | touch byte, changed by a reader that waits for replicas |
+//! | 3–22 | fencing token, 20 decimal digits |
+//! | 23–37 | deadline in ms by Redis's clock, 15 digits: the lease's end while processing, the release time once released, zeros once completed (its key's expiry is its deadline) |
+//! | 38 | `f` then a 32-byte fingerprint, or `-` for none |
+//! | rest | the outcome, on a completed record |
+//!
+//! A processing or released record lives `grace` past its deadline so the
+//! next claim continues its token sequence (and reports a takeover); a
+//! completed record expires exactly at its ttl. A replay — the hot path — is
+//! one `GET` and one `PTTL` inside the claim script, answered as one string
+//! (`<time left> <record>`) that the client reads; one string per record
+//! also keeps small records compact (no hash encoding to outgrow).
 //!
 //! Fencing tokens are `max(previous + 1, Redis TIME in µs)`: increasing per key,
 //! and still increasing after a record has expired away entirely unless the
@@ -20,14 +33,14 @@
 //! With [`RedisStore::with_replica_ack`], a completion is sent in one
 //! pipeline with `WAIT` on a connection of its own (a blocked `WAIT` would hold
 //! up every request behind it on a shared one, renewals included), so the
-//! `WAIT` covers it. Once enough replicas acknowledge, the record gets `a`
-//! ("acknowledged"). A claim or read with the option that meets a completed
-//! record without `a` — whoever wrote it, with the option or without — does
-//! not replay it: it writes to the record (`h`, the time) and waits for *that*
-//! write in the same way; the replication stream is ordered, so a replica that
-//! has the later write has the completion too. Only then is the outcome
-//! answered (and `a` set), else [`Error::NotReplicated`]. A store without the
-//! option ignores `a` and `h`.
+//! `WAIT` covers it. Once enough replicas acknowledge, the record's second
+//! byte holds their count. A claim or read with the option that meets a
+//! completed record with a smaller count — whoever wrote it, with the option
+//! or without — does not replay it: it writes to the record (the touch byte)
+//! and waits for *that* write in the same way; the replication stream is
+//! ordered, so a replica that has the later write has the completion too.
+//! Only then is the outcome answered (and the count set), else
+//! [`Error::NotReplicated`]. A store without the option ignores both bytes.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -54,128 +67,143 @@ struct ReplicaAck {
     timeout: Duration,
 }
 
+/// The record layout (one string per key; see the module docs): state, the
+/// replica count, the touch byte, 20 token digits, 15 deadline digits, then
+/// the fingerprint flag.
+const HEADER: usize = 39;
+/// Where the token starts (0-based), and its digits.
+const TOKEN_AT: usize = 3;
+const TOKEN_DIGITS: usize = 20;
+/// Where the deadline starts, and its digits.
+const DEADLINE_AT: usize = 23;
+const DEADLINE_DIGITS: usize = 15;
+/// The fingerprint flag: `f` followed by 32 bytes, or `-`.
+const FLAG_AT: usize = 38;
+const FINGERPRINT: usize = 32;
+
 const NOW: &str = r#"
 local t = redis.call('TIME')
 local now_us = tonumber(t[1]) * 1000000 + tonumber(t[2])
 local now = math.floor(now_us / 1000)
 "#;
 
-/// What is wrong with a record read by `HMGET s t f o e`, or `nil` if idem
-/// could have written it (or there is none). `tonumber` alone would take
-/// `nan`, `inf` and `0x..`; idem writes decimal integers only.
+/// What is wrong with a record read by `GET`, or `nil` if idem could have
+/// written it. Digits only: `tonumber` alone would take `nan`, `inf` and
+/// `0x..`. Completed records on the replay path skip this: the client reads
+/// them (`Stored::parse`).
 const VALID: &str = r#"
-local function invalid(r)
-  if r.err then return 'a hash' end
-  if not r[1] then
-    if r[2] or r[3] or r[4] or r[5] then return 'a state' end
-    return nil
-  end
-  if r[1] ~= 'p' and r[1] ~= 'c' and r[1] ~= 'r' then return 'a state' end
-  if not (r[5] and string.match(r[5], '^%-?%d+$')) then return 'a numeric deadline' end
-  if not (r[2] and string.match(r[2], '^%d+$')) then return 'a numeric token' end
-  if r[1] == 'c' and not r[4] then return 'an outcome on a completed record' end
+local function invalid(v)
+  if #v < 39 then return 'a record header' end
+  local s = string.byte(v)
+  if s ~= 112 and s ~= 99 and s ~= 114 then return 'a state' end
+  if not string.match(string.sub(v, 4, 38), '^%d+$') then return 'a numeric token and deadline' end
+  local f = string.byte(v, 39)
+  local len = 39
+  if f == 102 then len = 71 elseif f ~= 45 then return 'a fingerprint flag' end
+  if #v < len or (s ~= 99 and #v ~= len) then return 'a record of its length' end
   return nil
 end
 "#;
 
-/// `ack`: `0` replays any completed record; `1` answers `2` instead of `0`
-/// for one not known to be on `need` replicas (`a`, the count acknowledged,
-/// below it); `2` does so and writes to it, for a `WAIT` in the same pipeline
-/// to cover.
+/// `ARGV[1]`, the replica mode: `0` replays any completed record; `n`
+/// answers `{2, record, time left}` instead for one not known to be on `n`
+/// replicas (its second byte below `n`); `n!` does so and writes to it (the
+/// touch byte), for a `WAIT` in the same pipeline to cover. `ARGV[2]`: `lease
+/// grace` in ms; `ARGV[3]`: the fingerprint, if any. (Few arguments: each
+/// costs Redis a Lua string on every call, replays included.)
+///
+/// A replay, the hot path, is one `GET` and one `PTTL`, answered as one bulk
+/// string: `<time left> <record>`.
 const CLAIM: &str = r#"
-local key, fp, lease, grace, ack = KEYS[1], ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3]), ARGV[4]
-local need = tonumber(ARGV[5])
-local r = redis.pcall('HMGET', key, 's', 't', 'f', 'o', 'e', 'a')
-local bad = invalid(r)
-if bad then return {-1, bad} end
-local s = r[1]
-if s == 'c' then
+local key, mode = KEYS[1], ARGV[1]
+local v = redis.pcall('GET', key)
+if type(v) == 'table' then return {-1, 'a string record'} end
+local s = v and string.byte(v)
+if s == 99 and #v >= 39 then
   -- A completed record expires with its key (PX = its ttl): while the key
   -- lives, it is live, and PTTL is its time left. No clock needed.
-  local left = redis.call('PTTL', key)
-  if left ~= -2 then
-    if left < 0 then left = 0 end
-    if ack ~= '0' and (tonumber(r[6]) or 0) < need then
-      if ack == '2' then
-        local t = redis.call('TIME')
-        redis.call('HSET', key, 'h', t[1] .. t[2])
-      end
-      return {2, s, r[2], r[3], r[4], left, 0}
-    end
-    return {3, r[3], r[4], left}
+  if mode == '0' or string.byte(v, 2) >= tonumber(string.match(mode, '%d+')) then
+    return redis.call('PTTL', key) .. ' ' .. v
   end
+  if string.byte(mode, -1) == 33 then
+    redis.call('SETRANGE', key, 2, string.char((string.byte(v, 3) + 1) % 256))
+  end
+  return {2, v, redis.call('PTTL', key)}
 end
+local bad = v and invalid(v)
+if bad then return {-1, bad} end
+local lease, grace = string.match(ARGV[2], '^(%d+) (%d+)$')
+lease, grace = tonumber(lease), tonumber(grace)
 local t = redis.call('TIME')
 local now_us = tonumber(t[1]) * 1000000 + tonumber(t[2])
 local now = math.floor(now_us / 1000)
-if s == 'p' then
-  local e = tonumber(r[5])
-  if e > now then return {0, s, r[2], r[3], r[4], e - now, 0} end
+local prev = -1
+if v then
+  if s == 112 then
+    local e = tonumber(string.sub(v, 24, 38))
+    if e > now then return {0, v, e - now} end
+  end
+  prev = tonumber(string.sub(v, 4, 23))
 end
-local tok = string.format('%.0f', math.max((tonumber(r[2]) or 0) + 1, now_us))
-redis.call('DEL', key)
-if fp ~= '' then
-  redis.call('HSET', key, 's', 'p', 't', tok, 'e', now + lease, 'f', fp)
-else
-  redis.call('HSET', key, 's', 'p', 't', tok, 'e', now + lease)
-end
-redis.call('PEXPIRE', key, lease + grace)
-return {1, 'p', tok, false, false, lease, (s == 'p') and 1 or 0}
+local tok = math.max(prev + 1, now_us)
+local rec = 'p\0\0' .. string.format('%020.0f%015.0f', tok, now + lease)
+if ARGV[3] then rec = rec .. 'f' .. ARGV[3] else rec = rec .. '-' end
+redis.call('SET', key, rec, 'PX', lease + grace)
+return {1, string.format('%.0f', tok), (s == 112) and 1 or 0}
 "#;
 
+/// Binds `v`, the record, if it is processing with token `ARGV[1]` (20 digits).
 const HELD: &str = r#"
-local r = redis.pcall('HMGET', KEYS[1], 's', 't')
-if r.err or r[1] ~= 'p' or r[2] ~= ARGV[1] then return 0 end
+local v = redis.pcall('GET', KEYS[1])
+if type(v) ~= 'string' or string.byte(v) ~= 112 or string.sub(v, 4, 23) ~= ARGV[1] then return 0 end
 "#;
 
+/// The completed record keeps the token and fingerprint, gets the outcome
+/// `ARGV[2]`, and lives `ARGV[3]` ms; its deadline is its key's expiry.
 const COMPLETE: &str = r#"
-local ttl = tonumber(ARGV[3])
-redis.call('HSET', KEYS[1], 's', 'c', 'o', ARGV[2], 'e', now + ttl)
-redis.call('PEXPIRE', KEYS[1], ttl)
+redis.call('SET', KEYS[1], 'c\0\0' .. string.sub(v, 4, 23) .. '000000000000000' .. string.sub(v, 39) .. ARGV[2], 'PX', ARGV[3])
 return 1
 "#;
 
 /// `ARGV[2]` replicas acknowledged the completion with token `ARGV[1]`:
-/// record the count in `a` (the larger, if another store counted more).
+/// record the count in the second byte (the larger, if another store
+/// counted more).
 const CONFIRM: &str = r#"
-local r = redis.pcall('HMGET', KEYS[1], 's', 't', 'a')
-if r.err or r[1] ~= 'c' or r[2] ~= ARGV[1] then return 0 end
+local v = redis.pcall('GET', KEYS[1])
+if type(v) ~= 'string' or #v < 39 or string.byte(v) ~= 99 or string.sub(v, 4, 23) ~= ARGV[1] then return 0 end
 local n = tonumber(ARGV[2])
-if (tonumber(r[3]) or 0) < n then redis.call('HSET', KEYS[1], 'a', n) end
-redis.call('HDEL', KEYS[1], 'h')
+if string.byte(v, 2) < n then redis.call('SETRANGE', KEYS[1], 1, string.char(n)) end
 return 1
 "#;
 
 const RENEW: &str = r#"
 local lease, grace = tonumber(ARGV[2]), tonumber(ARGV[3])
-redis.call('HSET', KEYS[1], 'e', now + lease)
+redis.call('SETRANGE', KEYS[1], 23, string.format('%015.0f', now + lease))
 redis.call('PEXPIRE', KEYS[1], lease + grace)
 return 1
 "#;
 
+/// The released record keeps only its token, for the next claim to continue.
 const RELEASE: &str = r#"
-redis.call('HSET', KEYS[1], 's', 'r', 'e', now)
-redis.call('HDEL', KEYS[1], 'o', 'f')
-redis.call('PEXPIRE', KEYS[1], tonumber(ARGV[2]))
+redis.call('SET', KEYS[1], 'r\0\0' .. string.sub(v, 4, 23) .. string.format('%015.0f', now) .. '-', 'PX', ARGV[2])
 return 1
 "#;
 
-/// `ARGV[1]` and `ARGV[2]` as `ack` and `need` in [`CLAIM`]; the sixth field
-/// is `1` for a completed record not known to be on `need` replicas.
+/// `{record, PTTL, now in ms, unacknowledged}`, or nil; `ARGV[1]` the
+/// replica mode of [`CLAIM`]; `unacknowledged` is `1` for a completed record
+/// not known to be on that many replicas.
 const GET: &str = r#"
-local r = redis.pcall('HMGET', KEYS[1], 's', 't', 'f', 'o', 'e', 'a')
-local bad = invalid(r)
-if bad then return {-1, bad} end
-if not r[1] or r[1] == 'r' then return false end
-local e = tonumber(r[5])
-local rem = e - now
-if r[1] == 'c' and rem <= 0 then return false end
-local w = 0
-if r[1] == 'c' and ARGV[1] ~= '0' and (tonumber(r[6]) or 0) < tonumber(ARGV[2]) then
+local v = redis.pcall('GET', KEYS[1])
+if type(v) == 'table' then return {-1, 'a string record'} end
+if not v then return false end
+local w, mode = 0, ARGV[1]
+if #v >= 39 and string.byte(v) == 99 and mode ~= '0' and string.byte(v, 2) < tonumber(string.match(mode, '%d+')) then
   w = 1
-  if ARGV[1] == '2' then redis.call('HSET', KEYS[1], 'h', now_us) end
+  if string.byte(mode, -1) == 33 then
+    redis.call('SETRANGE', KEYS[1], 2, string.char((string.byte(v, 3) + 1) % 256))
+  end
 end
-return {r[1], r[2], r[3], r[4], math.max(rem, 0), w}
+return {v, redis.call('PTTL', KEYS[1]), now, w}
 "#;
 
 struct Scripts {
@@ -191,10 +219,10 @@ impl Scripts {
     fn new() -> Self {
         Scripts {
             claim: Script::new(&format!("{VALID}{CLAIM}")),
-            complete: Script::new(&format!("{HELD}{NOW}{COMPLETE}")),
+            complete: Script::new(&format!("{HELD}{COMPLETE}")),
             renew: Script::new(&format!("{HELD}{NOW}{RENEW}")),
             release: Script::new(&format!("{HELD}{NOW}{RELEASE}")),
-            get: Script::new(&format!("{VALID}{NOW}{GET}")),
+            get: Script::new(&format!("{NOW}{GET}")),
             confirm: Script::new(CONFIRM),
         }
     }
@@ -440,13 +468,14 @@ impl RedisStore {
     /// call instead of answering early ([`Store::answers_before_recorded`]).
     ///
     /// `replicas` = 0 turns the wait off (the default); more than the master
-    /// has makes every completion fail with [`Error::NotReplicated`]. Costs a
+    /// has makes every completion fail with [`Error::NotReplicated`]; above
+    /// 255 counts as 255 (the record keeps the count in one byte). Costs a
     /// replica round trip and a script per completion, and two more round trips
     /// for a duplicate that meets an outcome not marked as acknowledged. See
     /// `docs/REDIS.md`.
     pub fn with_replica_ack(mut self, replicas: u32, timeout: Duration) -> Self {
         self.ack = (replicas > 0).then(|| ReplicaAck {
-            replicas,
+            replicas: replicas.min(255),
             timeout: timeout.clamp(Duration::from_millis(1), MAX_ACK_TIMEOUT),
         });
         self
@@ -484,7 +513,7 @@ impl RedisStore {
         token: FencingToken,
         args: &[&[u8]],
     ) -> Result<(), Error> {
-        let token = token.0.to_string();
+        let token = token_arg(token);
         let all = std::iter::once(token.as_bytes()).chain(args.iter().copied());
         let done: i64 = self.eval(script, key, all).await?;
         if done == 1 {
@@ -497,11 +526,11 @@ impl RedisStore {
     /// Runs `script` on `key`, then `WAIT`, in one pipeline: both go to the
     /// key's master on one connection, so the `WAIT` covers the script's
     /// writes. Returns the script's reply and how many replicas acknowledged.
-    async fn then_wait(
+    async fn then_wait<'a>(
         &self,
         script: &Script,
         key: &str,
-        args: &[&[u8]],
+        args: impl IntoIterator<Item = &'a [u8]>,
         ack: ReplicaAck,
     ) -> Result<(Value, u32), Error> {
         let mut pipe = redis::pipe();
@@ -510,7 +539,7 @@ impl RedisStore {
             .arg(1)
             .arg(self.redis_key(key));
         for arg in args {
-            pipe.arg(*arg);
+            pipe.arg(arg);
         }
         pipe.cmd("WAIT")
             .arg(ack.replicas)
@@ -567,7 +596,7 @@ impl RedisStore {
     /// Marks `key`'s completion with `token` as on the replicas (`a`); best
     /// effort: if it fails, the next reader waits for the replicas again.
     async fn confirm(&self, key: &str, token: FencingToken) {
-        let (token, need) = (token.0.to_string(), self.need_arg());
+        let (token, need) = (token_arg(token), self.mode_arg(false));
         let cleared: Result<i64, _> = self
             .eval(
                 &self.scripts.confirm,
@@ -588,29 +617,38 @@ impl RedisStore {
         }
     }
 
-    /// The `ack` argument of the claim and get scripts.
-    fn ack_arg(&self, touch: bool) -> &'static str {
+    /// The replica mode argument of the claim and get scripts: `0` without
+    /// the option, else how many replicas must have acknowledged an outcome
+    /// for it to be replayed as it is, with `!` when the script should also
+    /// write to (touch) a record that is not known to be on them.
+    fn mode_arg(&self, touch: bool) -> std::borrow::Cow<'static, str> {
         match (self.ack, touch) {
-            (None, _) => "0",
-            (Some(_), false) => "1",
-            (Some(_), true) => "2",
+            (None, _) => "0".into(),
+            (Some(ack), false) => ack.replicas.to_string().into(),
+            (Some(ack), true) => format!("{}!", ack.replicas).into(),
         }
     }
+}
 
-    /// The `need` argument of the claim and get scripts: how many replicas
-    /// must have acknowledged an outcome for it to be replayed as it is.
-    fn need_arg(&self) -> std::borrow::Cow<'static, str> {
-        match self.ack {
-            None => "0".into(),
-            Some(ack) => ack.replicas.to_string().into(),
-        }
-    }
+/// The claim script's arguments: the replica mode, `lease grace`, the
+/// fingerprint if any.
+fn claim_args<'a>(
+    mode: &'a str,
+    times: &'a str,
+    fp: Option<&'a [u8]>,
+) -> impl Iterator<Item = &'a [u8]> {
+    [mode.as_bytes(), times.as_bytes()].into_iter().chain(fp)
 }
 
 /// `d` in whole milliseconds (at least 1), capped to
 /// [`MAX_DURATION`](super::MAX_DURATION).
 fn ms(d: Duration) -> String {
     super::cap_duration(d).as_millis().max(1).to_string()
+}
+
+/// A token as the record holds it: 20 digits.
+fn token_arg(token: FencingToken) -> String {
+    format!("{:0width$}", token.0, width = TOKEN_DIGITS)
 }
 
 fn bytes(v: &Value) -> Option<&[u8]> {
@@ -636,8 +674,8 @@ fn corrupt(what: &str) -> Error {
 }
 
 /// The error for a reply of the wrong shape: the script's own finding (`{-1,
-/// what}`, for a key that is not a hash or a record without a numeric
-/// deadline), else `otherwise`.
+/// what}`, for a key that is not a string or a record it cannot read), else
+/// `otherwise`.
 fn corrupt_reply(reply: &[Value], otherwise: &str) -> Error {
     match reply {
         [Value::Int(-1), what] => corrupt(
@@ -649,20 +687,59 @@ fn corrupt_reply(reply: &[Value], otherwise: &str) -> Error {
     }
 }
 
-fn fingerprint(v: &Value) -> Result<Option<Digest>, Error> {
-    match bytes(v) {
-        None => Ok(None),
-        Some(b) => Ok(Some(Digest(
-            b.try_into().map_err(|_| corrupt("a 32-byte fingerprint"))?,
-        ))),
+/// Decimal digits only (what idem writes), as a number.
+fn digits(b: &[u8]) -> Option<u64> {
+    if b.is_empty() || !b.iter().all(u8::is_ascii_digit) {
+        return None;
     }
+    std::str::from_utf8(b).ok()?.parse().ok()
 }
 
-fn state(v: &Value) -> Result<RecordState, Error> {
-    match bytes(v) {
-        Some(b"p") => Ok(RecordState::Processing),
-        Some(b"c") => Ok(RecordState::Completed),
-        _ => Err(corrupt("a state")),
+/// A record's header, read from its bytes (the layout in the module docs).
+#[derive(Debug)]
+struct Stored {
+    state: u8,
+    token: FencingToken,
+    deadline: u64,
+    fingerprint: Option<Digest>,
+    /// Where the outcome starts (the end, for records without one).
+    body: usize,
+}
+
+impl Stored {
+    fn parse(v: &[u8]) -> Result<Stored, Error> {
+        if v.len() < HEADER {
+            return Err(corrupt("a record header"));
+        }
+        let state = v[0];
+        if !matches!(state, b'p' | b'c' | b'r') {
+            return Err(corrupt("a state"));
+        }
+        let token = digits(&v[TOKEN_AT..TOKEN_AT + TOKEN_DIGITS])
+            .ok_or_else(|| corrupt("a numeric token"))?;
+        let deadline = digits(&v[DEADLINE_AT..DEADLINE_AT + DEADLINE_DIGITS])
+            .ok_or_else(|| corrupt("a numeric deadline"))?;
+        let (fingerprint, body) = match v[FLAG_AT] {
+            b'-' => (None, HEADER),
+            b'f' => {
+                let fp = v
+                    .get(HEADER..HEADER + FINGERPRINT)
+                    .ok_or_else(|| corrupt("a 32-byte fingerprint"))?;
+                let fp: [u8; FINGERPRINT] = fp.try_into().map_err(|_| corrupt("a fingerprint"))?;
+                (Some(Digest(fp)), HEADER + FINGERPRINT)
+            }
+            _ => return Err(corrupt("a fingerprint flag")),
+        };
+        if state != b'c' && v.len() != body {
+            return Err(corrupt("a record of its length"));
+        }
+        Ok(Stored {
+            state,
+            token: FencingToken(token),
+            deadline,
+            fingerprint,
+            body,
+        })
     }
 }
 
@@ -680,119 +757,133 @@ enum Decided {
 }
 
 /// Reads a claim script's reply, checking the fingerprint `given`: a replay
-/// (`{3, fingerprint, outcome, time left}`, the short answer of the hot path),
-/// or `{status, state, token, fingerprint, outcome, time left, took over}`.
-fn decide(mut reply: Vec<Value>, given: Option<&Digest>) -> Result<Decided, Error> {
-    if let [Value::Int(3), _, _, _] = reply.as_slice() {
-        let rem = reply.pop().unwrap_or_default();
-        let outcome = reply.pop().unwrap_or_default();
-        return Ok(Decided::Claim(existing(
-            RecordState::Completed,
-            &reply[1],
-            outcome,
-            &rem,
-            given,
-        )?));
-    }
-    let [acquired, st, token, stored_fp, outcome, rem, took_over] = &mut reply[..] else {
-        return Err(corrupt_reply(&reply, "a claim reply of 7 fields"));
+/// (`<time left> <record>`, one bulk string: the hot path), `{1, token, took
+/// over}`, or an existing record `{0 | 2, record, time left}`.
+fn decide(reply: Value, given: Option<&Digest>) -> Result<Decided, Error> {
+    let mut reply = match reply {
+        Value::BulkString(replay) => return replay_of(replay, given).map(Decided::Claim),
+        Value::Array(items) => items,
+        _ => return Err(corrupt("a claim reply")),
     };
-    let token = FencingToken(int(token)? as u64);
-    let status = int(acquired)?;
-    if status == 1 {
-        return Ok(Decided::Claim(Claim::Acquired {
-            token,
+    match reply.as_mut_slice() {
+        [Value::Int(1), token, took_over] => Ok(Decided::Claim(Claim::Acquired {
+            token: FencingToken(int(token)? as u64),
             took_over: int(took_over)? == 1,
-        }));
+        })),
+        [Value::Int(status @ (0 | 2)), record, left] => {
+            let status = *status;
+            let Value::BulkString(record) = std::mem::take(record) else {
+                return Err(corrupt("a record"));
+            };
+            let left = int(left)?;
+            let stored = Stored::parse(&record)?;
+            let token = stored.token;
+            let claim = existing(stored, record, left, given)?;
+            Ok(if status == 2 {
+                Decided::Unacknowledged { token, claim }
+            } else {
+                Decided::Claim(claim)
+            })
+        }
+        other => Err(corrupt_reply(other, "a claim reply")),
     }
-    let claim = existing(state(st)?, stored_fp, std::mem::take(outcome), rem, given)?;
-    Ok(if status == 2 {
-        Decided::Unacknowledged { token, claim }
-    } else {
-        Decided::Claim(claim)
-    })
 }
 
-/// The claim on an existing live record in `state`: key reused if its
-/// fingerprint differs from `given`, else its outcome (moved out of the reply,
-/// no copy) or the time left on its lease.
+/// A replay: `<time left> <record>`; the outcome is moved out of the reply.
+fn replay_of(reply: Vec<u8>, given: Option<&Digest>) -> Result<Claim, Error> {
+    let space = reply
+        .iter()
+        .take(21)
+        .position(|&b| b == b' ')
+        .ok_or_else(|| corrupt("a replay"))?;
+    let left = match &reply[..space] {
+        [b'-', ..] => 0,
+        left => digits(left).ok_or_else(|| corrupt("a time left"))? as i64,
+    };
+    let mut record = reply;
+    record.drain(..=space);
+    let stored = Stored::parse(&record)?;
+    existing(stored, record, left, given)
+}
+
+/// The claim on an existing live record: key reused if its fingerprint
+/// differs from `given`, else its outcome (`record` without its header: the
+/// bytes moved, not copied) or the time left on its lease (`left`).
 fn existing(
-    state: RecordState,
-    stored_fp: &Value,
-    outcome: Value,
-    rem: &Value,
+    stored: Stored,
+    mut record: Vec<u8>,
+    left: i64,
     given: Option<&Digest>,
 ) -> Result<Claim, Error> {
-    let stored_fp = fingerprint(stored_fp)?;
-    if let (Some(stored), Some(given)) = (stored_fp, given) {
-        if stored != *given {
+    if let (Some(stored), Some(given)) = (&stored.fingerprint, given) {
+        if stored != given {
             return Ok(Claim::FingerprintMismatch);
         }
     }
-    Ok(match state {
-        RecordState::Completed => Claim::Completed {
-            outcome: match outcome {
-                Value::BulkString(b) => b,
-                other => bytes(&other)
-                    .ok_or_else(|| corrupt("an outcome on a completed record"))?
-                    .to_vec(),
-            },
-            fingerprint: stored_fp,
-            expires_in: remaining(int(rem)?),
+    Ok(match stored.state {
+        b'c' => {
+            record.drain(..stored.body);
+            Claim::Completed {
+                outcome: record,
+                fingerprint: stored.fingerprint,
+                expires_in: remaining(left),
+            }
+        }
+        b'p' => Claim::InProgress {
+            lease_remaining: remaining(left),
         },
-        _ => Claim::InProgress {
-            lease_remaining: remaining(int(rem)?),
-        },
+        _ => return Err(corrupt("a live record")),
     })
 }
 
-/// Reads a get script's reply: the record, and whether it is a completion
-/// replicas have not acknowledged yet.
-fn read_record(key: &str, reply: Option<Vec<Value>>) -> Result<Option<(Record, bool)>, Error> {
-    let Some(reply) = reply else {
-        return Ok(None);
+/// Reads a get script's reply (`{record, PTTL, now, unacknowledged}`): the
+/// record, and whether it is a completion replicas have not acknowledged yet.
+fn read_record(key: &str, reply: Value) -> Result<Option<(Record, bool)>, Error> {
+    let mut reply = match reply {
+        Value::Nil => return Ok(None),
+        Value::Array(items) => items,
+        _ => return Err(corrupt("a record reply")),
     };
-    let [st, token, fp, outcome, rem, unacked] = reply.as_slice() else {
-        return Err(corrupt_reply(&reply, "a record of 6 fields"));
+    let [record, left, now, unacked] = reply.as_mut_slice() else {
+        return Err(corrupt_reply(&reply, "a record of 4 fields"));
     };
-    let state = state(st)?;
-    let outcome = bytes(outcome).map(<[u8]>::to_vec);
-    if state == RecordState::Completed && outcome.is_none() {
-        return Err(corrupt("an outcome on a completed record"));
-    }
+    let Value::BulkString(mut record) = std::mem::take(record) else {
+        return Err(corrupt("a record"));
+    };
+    let stored = Stored::parse(&record)?;
+    let (state, outcome, expires_in) = match stored.state {
+        b'c' => {
+            record.drain(..stored.body);
+            (RecordState::Completed, Some(record), int(left)?)
+        }
+        b'p' => {
+            let now = int(now)?;
+            let left = i64::try_from(stored.deadline).unwrap_or(i64::MAX);
+            (RecordState::Processing, None, left.saturating_sub(now))
+        }
+        _ => return Ok(None),
+    };
     let record = Record::new(
         key.to_owned(),
         state,
-        FencingToken(int(token)? as u64),
-        fingerprint(fp)?,
+        stored.token,
+        stored.fingerprint,
         outcome,
-        remaining(int(rem)?),
+        remaining(expires_in),
     );
     Ok(Some((record, int(unacked)? == 1)))
-}
-
-/// A script reply that is an array (or nil), as [`Script::invoke_async`] reads it.
-fn array(reply: Value) -> Result<Option<Vec<Value>>, Error> {
-    match reply {
-        Value::Nil => Ok(None),
-        Value::Array(items) => Ok(Some(items)),
-        _ => Err(corrupt("an array reply")),
-    }
 }
 
 #[async_trait]
 impl Store for RedisStore {
     async fn claim(&self, request: ClaimRequest<'_>) -> Result<Claim, Error> {
-        let fp: &[u8] = request.fingerprint.map_or(&[], |d| d.as_bytes());
-        let (lease, grace, need) = (ms(request.lease), ms(self.grace), self.need_arg());
-        let mut args = [
-            fp,
-            lease.as_bytes(),
-            grace.as_bytes(),
-            self.ack_arg(false).as_bytes(),
-            need.as_bytes(),
-        ];
-        let reply: Vec<Value> = self.eval(&self.scripts.claim, request.key, args).await?;
+        let mode = self.mode_arg(false);
+        let times = format!("{} {}", ms(request.lease), ms(self.grace));
+        let fp = request.fingerprint.map(|d| &d.as_bytes()[..]);
+        let args = |mode| claim_args(mode, &times, fp);
+        let reply: Value = self
+            .eval(&self.scripts.claim, request.key, args(&mode))
+            .await?;
         let decided = decide(reply, request.fingerprint)?;
         let (Decided::Unacknowledged { .. }, Some(ack)) = (&decided, self.ack) else {
             return Ok(match decided {
@@ -800,11 +891,10 @@ impl Store for RedisStore {
             });
         };
         // Wait for the replicas to have the outcome before answering it.
-        args[3] = self.ack_arg(true).as_bytes();
+        let mode = self.mode_arg(true);
         let (reply, acked) = self
-            .then_wait(&self.scripts.claim, request.key, &args, ack)
+            .then_wait(&self.scripts.claim, request.key, args(&mode), ack)
             .await?;
-        let reply = array(reply)?.unwrap_or_default();
         match decide(reply, request.fingerprint)? {
             // Acknowledged, expired or taken meanwhile: the script's answer stands.
             Decided::Claim(claim) => Ok(claim),
@@ -834,10 +924,10 @@ impl Store for RedisStore {
                 )
                 .await;
         };
-        let token_arg = token.0.to_string();
-        let args = [token_arg.as_bytes(), outcome, ttl.as_bytes()];
+        let token_digits = token_arg(token);
+        let args = [token_digits.as_bytes(), outcome, ttl.as_bytes()];
         let (done, acked) = self
-            .then_wait(&self.scripts.complete, key, &args, ack)
+            .then_wait(&self.scripts.complete, key, args, ack)
             .await?;
         if int(&done)? != 1 {
             return Err(Error::LeaseLost);
@@ -867,16 +957,19 @@ impl Store for RedisStore {
     }
 
     async fn get(&self, key: &str) -> Result<Option<Record>, Error> {
-        let need = self.need_arg();
-        let mut args = [self.ack_arg(false).as_bytes(), need.as_bytes()];
-        let reply: Option<Vec<Value>> = self.eval(&self.scripts.get, key, args).await?;
+        let mode = self.mode_arg(false);
+        let reply: Value = self
+            .eval(&self.scripts.get, key, [mode.as_bytes()])
+            .await?;
         let read = read_record(key, reply)?;
         let (Some((_, true)), Some(ack)) = (&read, self.ack) else {
             return Ok(read.map(|(record, _)| record));
         };
-        args[0] = self.ack_arg(true).as_bytes();
-        let (reply, acked) = self.then_wait(&self.scripts.get, key, &args, ack).await?;
-        match read_record(key, array(reply)?)? {
+        let mode = self.mode_arg(true);
+        let (reply, acked) = self
+            .then_wait(&self.scripts.get, key, [mode.as_bytes()], ack)
+            .await?;
+        match read_record(key, reply)? {
             Some((record, true)) if acked >= ack.replicas => {
                 self.confirm(key, record.token).await;
                 Ok(Some(record))
