@@ -15,13 +15,15 @@
 //! | 1 | replicas known to hold a completion (one byte; see below) |
 //! | 2 | touch byte, changed by a reader that waits for replicas |
 //! | 3–22 | fencing token, 20 decimal digits |
-//! | 23–37 | deadline in ms by Redis's clock, 15 digits: the lease's end while processing, the release time once released, zeros once completed (its key's expiry is its deadline) |
+//! | 23–37 | grace in ms, 15 digits, while processing: the lease ends this long before the key expires (judged by `PTTL`, Redis's clock); zeros otherwise |
 //! | 38 | `f` then a 32-byte fingerprint, or `-` for none |
 //! | rest | the outcome, on a completed record |
 //!
-//! A processing or released record lives `grace` past its deadline so the
-//! next claim continues its token sequence (and reports a takeover); a
-//! completed record expires exactly at its ttl. A replay — the hot path — is
+//! A processing record lives `grace` past its lease and a released one
+//! `grace` past its release, so the next claim continues its token sequence
+//! (and reports a takeover); a completed record expires exactly at its ttl.
+//! No script but a claim that makes a token reads the clock (`TIME`): key
+//! expiry, Redis's own clock, decides the rest. A replay — the hot path — is
 //! one `GET` and one `PTTL` inside the claim script, answered as one string
 //! (`<time left> <record>`) that the client reads; one string per record
 //! also keeps small records compact (no hash encoding to outgrow).
@@ -68,24 +70,18 @@ struct ReplicaAck {
 }
 
 /// The record layout (one string per key; see the module docs): state, the
-/// replica count, the touch byte, 20 token digits, 15 deadline digits, then
+/// replica count, the touch byte, 20 token digits, 15 grace digits, then
 /// the fingerprint flag.
 const HEADER: usize = 39;
 /// Where the token starts (0-based), and its digits.
 const TOKEN_AT: usize = 3;
 const TOKEN_DIGITS: usize = 20;
-/// Where the deadline starts, and its digits.
-const DEADLINE_AT: usize = 23;
-const DEADLINE_DIGITS: usize = 15;
+/// Where the grace starts, and its digits.
+const GRACE_AT: usize = 23;
+const GRACE_DIGITS: usize = 15;
 /// The fingerprint flag: `f` followed by 32 bytes, or `-`.
 const FLAG_AT: usize = 38;
 const FINGERPRINT: usize = 32;
-
-const NOW: &str = r#"
-local t = redis.call('TIME')
-local now_us = tonumber(t[1]) * 1000000 + tonumber(t[2])
-local now = math.floor(now_us / 1000)
-"#;
 
 /// What is wrong with a record read by `GET`, or `nil` if idem could have
 /// written it. Digits only: `tonumber` alone would take `nan`, `inf` and
@@ -96,7 +92,7 @@ local function invalid(v)
   if #v < 39 then return 'a record header' end
   local s = string.byte(v)
   if s ~= 112 and s ~= 99 and s ~= 114 then return 'a state' end
-  if not string.match(string.sub(v, 4, 38), '^%d+$') then return 'a numeric token and deadline' end
+  if not string.match(string.sub(v, 4, 38), '^%d+$') then return 'a numeric token and grace' end
   local f = string.byte(v, 39)
   local len = 39
   if f == 102 then len = 71 elseif f ~= 45 then return 'a fingerprint flag' end
@@ -108,12 +104,16 @@ end
 /// `ARGV[1]`, the replica mode: `0` replays any completed record; `n`
 /// answers `{2, record, time left}` instead for one not known to be on `n`
 /// replicas (its second byte below `n`); `n!` does so and writes to it (the
-/// touch byte), for a `WAIT` in the same pipeline to cover. `ARGV[2]`: `lease
-/// grace` in ms; `ARGV[3]`: the fingerprint, if any. (Few arguments: each
-/// costs Redis a Lua string on every call, replays included.)
+/// touch byte), for a `WAIT` in the same pipeline to cover. `ARGV[2]`:
+/// `<lease ms> <grace ms, 15 digits>`; `ARGV[3]`: the fingerprint, if any.
+/// (Few arguments: each costs Redis a Lua string on every call, replays
+/// included.)
 ///
-/// A replay, the hot path, is one `GET` and one `PTTL`, answered as one bulk
-/// string: `<time left> <record>`.
+/// The hot paths answer one bulk string: a replay (one `GET`, one `PTTL`)
+/// `<time left> <record>`; a claim `a<token>`, or `t<token>` when it took
+/// over a lapsed one. A new key's token is Redis's `TIME` in µs, written as
+/// digits without arithmetic. A processing record's lease ends `grace` (its
+/// own, in the record) before its key expires, so it is judged by `PTTL`.
 const CLAIM: &str = r#"
 local key, mode = KEYS[1], ARGV[1]
 local v = redis.pcall('GET', key)
@@ -132,24 +132,27 @@ if s == 99 and #v >= 39 then
 end
 local bad = v and invalid(v)
 if bad then return {-1, bad} end
-local lease, grace = string.match(ARGV[2], '^(%d+) (%d+)$')
-lease, grace = tonumber(lease), tonumber(grace)
-local t = redis.call('TIME')
-local now_us = tonumber(t[1]) * 1000000 + tonumber(t[2])
-local now = math.floor(now_us / 1000)
 local prev = -1
 if v then
   if s == 112 then
-    local e = tonumber(string.sub(v, 24, 38))
-    if e > now then return {0, v, e - now} end
+    local left = redis.call('PTTL', key) - tonumber(string.sub(v, 24, 38))
+    if left > 0 then return {0, v, left} end
   end
   prev = tonumber(string.sub(v, 4, 23))
 end
-local tok = math.max(prev + 1, now_us)
-local rec = 'p\0\0' .. string.format('%020.0f%015.0f', tok, now + lease)
+local t = redis.call('TIME')
+local tok
+if prev < 0 then
+  tok = '0000' .. t[1] .. string.sub('00000' .. t[2], -6)
+else
+  tok = string.format('%020.0f', math.max(prev + 1, tonumber(t[1]) * 1000000 + tonumber(t[2])))
+end
+local grace = string.sub(ARGV[2], -15)
+local rec = 'p\0\0' .. tok .. grace
 if ARGV[3] then rec = rec .. 'f' .. ARGV[3] else rec = rec .. '-' end
-redis.call('SET', key, rec, 'PX', lease + grace)
-return {1, string.format('%.0f', tok), (s == 112) and 1 or 0}
+redis.call('SET', key, rec, 'PX', tonumber(string.sub(ARGV[2], 1, -17)) + tonumber(grace))
+if s == 112 then return 't' .. tok end
+return 'a' .. tok
 "#;
 
 /// Binds `v`, the record, if it is processing with token `ARGV[1]` (20 digits).
@@ -159,7 +162,7 @@ if type(v) ~= 'string' or string.byte(v) ~= 112 or string.sub(v, 4, 23) ~= ARGV[
 "#;
 
 /// The completed record keeps the token and fingerprint, gets the outcome
-/// `ARGV[2]`, and lives `ARGV[3]` ms; its deadline is its key's expiry.
+/// `ARGV[2]`, and lives `ARGV[3]` ms (its key's expiry).
 const COMPLETE: &str = r#"
 redis.call('SET', KEYS[1], 'c\0\0' .. string.sub(v, 4, 23) .. '000000000000000' .. string.sub(v, 39) .. ARGV[2], 'PX', ARGV[3])
 return 1
@@ -176,22 +179,22 @@ if string.byte(v, 2) < n then redis.call('SETRANGE', KEYS[1], 1, string.char(n))
 return 1
 "#;
 
+/// The lease is renewed to `ARGV[2]` ms; the key lives the record's grace
+/// beyond.
 const RENEW: &str = r#"
-local lease, grace = tonumber(ARGV[2]), tonumber(ARGV[3])
-redis.call('SETRANGE', KEYS[1], 23, string.format('%015.0f', now + lease))
-redis.call('PEXPIRE', KEYS[1], lease + grace)
+redis.call('PEXPIRE', KEYS[1], tonumber(ARGV[2]) + tonumber(string.sub(v, 24, 38)))
 return 1
 "#;
 
 /// The released record keeps only its token, for the next claim to continue.
 const RELEASE: &str = r#"
-redis.call('SET', KEYS[1], 'r\0\0' .. string.sub(v, 4, 23) .. string.format('%015.0f', now) .. '-', 'PX', ARGV[2])
+redis.call('SET', KEYS[1], 'r\0\0' .. string.sub(v, 4, 23) .. '000000000000000-', 'PX', ARGV[2])
 return 1
 "#;
 
-/// `{record, PTTL, now in ms, unacknowledged}`, or nil; `ARGV[1]` the
-/// replica mode of [`CLAIM`]; `unacknowledged` is `1` for a completed record
-/// not known to be on that many replicas.
+/// `{record, PTTL, unacknowledged}`, or nil; `ARGV[1]` the replica mode of
+/// [`CLAIM`]; `unacknowledged` is `1` for a completed record not known to be
+/// on that many replicas.
 const GET: &str = r#"
 local v = redis.pcall('GET', KEYS[1])
 if type(v) == 'table' then return {-1, 'a string record'} end
@@ -203,7 +206,7 @@ if #v >= 39 and string.byte(v) == 99 and mode ~= '0' and string.byte(v, 2) < ton
     redis.call('SETRANGE', KEYS[1], 2, string.char((string.byte(v, 3) + 1) % 256))
   end
 end
-return {v, redis.call('PTTL', KEYS[1]), now, w}
+return {v, redis.call('PTTL', KEYS[1]), w}
 "#;
 
 struct Scripts {
@@ -220,9 +223,9 @@ impl Scripts {
         Scripts {
             claim: Script::new(&format!("{VALID}{CLAIM}")),
             complete: Script::new(&format!("{HELD}{COMPLETE}")),
-            renew: Script::new(&format!("{HELD}{NOW}{RENEW}")),
-            release: Script::new(&format!("{HELD}{NOW}{RELEASE}")),
-            get: Script::new(&format!("{NOW}{GET}")),
+            renew: Script::new(&format!("{HELD}{RENEW}")),
+            release: Script::new(&format!("{HELD}{RELEASE}")),
+            get: Script::new(GET),
             confirm: Script::new(CONFIRM),
         }
     }
@@ -700,7 +703,8 @@ fn digits(b: &[u8]) -> Option<u64> {
 struct Stored {
     state: u8,
     token: FencingToken,
-    deadline: u64,
+    /// A processing record's grace in ms (its lease ends this long before its key expires).
+    grace: i64,
     fingerprint: Option<Digest>,
     /// Where the outcome starts (the end, for records without one).
     body: usize,
@@ -717,8 +721,9 @@ impl Stored {
         }
         let token = digits(&v[TOKEN_AT..TOKEN_AT + TOKEN_DIGITS])
             .ok_or_else(|| corrupt("a numeric token"))?;
-        let deadline = digits(&v[DEADLINE_AT..DEADLINE_AT + DEADLINE_DIGITS])
-            .ok_or_else(|| corrupt("a numeric deadline"))?;
+        let grace = digits(&v[GRACE_AT..GRACE_AT + GRACE_DIGITS])
+            .and_then(|g| i64::try_from(g).ok())
+            .ok_or_else(|| corrupt("a numeric grace"))?;
         let (fingerprint, body) = match v[FLAG_AT] {
             b'-' => (None, HEADER),
             b'f' => {
@@ -736,7 +741,7 @@ impl Stored {
         Ok(Stored {
             state,
             token: FencingToken(token),
-            deadline,
+            grace,
             fingerprint,
             body,
         })
@@ -757,19 +762,27 @@ enum Decided {
 }
 
 /// Reads a claim script's reply, checking the fingerprint `given`: a replay
-/// (`<time left> <record>`, one bulk string: the hot path), `{1, token, took
-/// over}`, or an existing record `{0 | 2, record, time left}`.
+/// (`<time left> <record>`), a claim (`a<token>`, or `t<token>` for a
+/// takeover) — one bulk string each, the hot paths — or an existing record
+/// `{0 | 2, record, time left}`.
 fn decide(reply: Value, given: Option<&Digest>) -> Result<Decided, Error> {
     let mut reply = match reply {
-        Value::BulkString(replay) => return replay_of(replay, given).map(Decided::Claim),
+        Value::BulkString(reply) => {
+            let took_over = match reply.first() {
+                Some(b'a') => false,
+                Some(b't') => true,
+                _ => return replay_of(reply, given).map(Decided::Claim),
+            };
+            let token = digits(&reply[1..]).ok_or_else(|| corrupt("a token"))?;
+            return Ok(Decided::Claim(Claim::Acquired {
+                token: FencingToken(token),
+                took_over,
+            }));
+        }
         Value::Array(items) => items,
         _ => return Err(corrupt("a claim reply")),
     };
     match reply.as_mut_slice() {
-        [Value::Int(1), token, took_over] => Ok(Decided::Claim(Claim::Acquired {
-            token: FencingToken(int(token)? as u64),
-            took_over: int(took_over)? == 1,
-        })),
         [Value::Int(status @ (0 | 2)), record, left] => {
             let status = *status;
             let Value::BulkString(record) = std::mem::take(record) else {
@@ -836,7 +849,7 @@ fn existing(
     })
 }
 
-/// Reads a get script's reply (`{record, PTTL, now, unacknowledged}`): the
+/// Reads a get script's reply (`{record, PTTL, unacknowledged}`): the
 /// record, and whether it is a completion replicas have not acknowledged yet.
 fn read_record(key: &str, reply: Value) -> Result<Option<(Record, bool)>, Error> {
     let mut reply = match reply {
@@ -844,8 +857,8 @@ fn read_record(key: &str, reply: Value) -> Result<Option<(Record, bool)>, Error>
         Value::Array(items) => items,
         _ => return Err(corrupt("a record reply")),
     };
-    let [record, left, now, unacked] = reply.as_mut_slice() else {
-        return Err(corrupt_reply(&reply, "a record of 4 fields"));
+    let [record, left, unacked] = reply.as_mut_slice() else {
+        return Err(corrupt_reply(&reply, "a record of 3 fields"));
     };
     let Value::BulkString(mut record) = std::mem::take(record) else {
         return Err(corrupt("a record"));
@@ -856,11 +869,11 @@ fn read_record(key: &str, reply: Value) -> Result<Option<(Record, bool)>, Error>
             record.drain(..stored.body);
             (RecordState::Completed, Some(record), int(left)?)
         }
-        b'p' => {
-            let now = int(now)?;
-            let left = i64::try_from(stored.deadline).unwrap_or(i64::MAX);
-            (RecordState::Processing, None, left.saturating_sub(now))
-        }
+        b'p' => (
+            RecordState::Processing,
+            None,
+            int(left)?.saturating_sub(stored.grace),
+        ),
         _ => return Ok(None),
     };
     let record = Record::new(
@@ -878,7 +891,7 @@ fn read_record(key: &str, reply: Value) -> Result<Option<(Record, bool)>, Error>
 impl Store for RedisStore {
     async fn claim(&self, request: ClaimRequest<'_>) -> Result<Claim, Error> {
         let mode = self.mode_arg(false);
-        let times = format!("{} {}", ms(request.lease), ms(self.grace));
+        let times = format!("{} {:0>15}", ms(request.lease), ms(self.grace));
         let fp = request.fingerprint.map(|d| &d.as_bytes()[..]);
         let args = |mode| claim_args(mode, &times, fp);
         let reply: Value = self
@@ -946,14 +959,9 @@ impl Store for RedisStore {
     }
 
     async fn renew(&self, key: &str, token: FencingToken, lease: Duration) -> Result<(), Error> {
-        let (lease, grace) = (ms(lease), ms(self.grace));
-        self.fenced(
-            &self.scripts.renew,
-            key,
-            token,
-            &[lease.as_bytes(), grace.as_bytes()],
-        )
-        .await
+        let lease = ms(lease);
+        self.fenced(&self.scripts.renew, key, token, &[lease.as_bytes()])
+            .await
     }
 
     async fn get(&self, key: &str) -> Result<Option<Record>, Error> {
