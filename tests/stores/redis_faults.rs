@@ -305,17 +305,29 @@ async fn corrupt_records_are_codec_errors_and_never_rerun() {
         // were taken over.
         ("a nan deadline", Some(record("p", token, "nan", b"-"))),
         ("an inf deadline", Some(record("p", token, "inf", b"-"))),
-        ("a hex deadline", Some(record("p", token, "0x7fffffff", b"-"))),
+        (
+            "a hex deadline",
+            Some(record("p", token, "0x7fffffff", b"-")),
+        ),
         ("a negative deadline", Some(record("p", token, "-5", b"-"))),
         (
             "a strange state, past",
             Some(record("x", token, "000000000000001", b"-")),
         ),
         ("a strange state", Some(record("x", token, far, b"-"))),
-        ("completed, token not digits", Some(record("c", "five", zero, b"-1"))),
-        ("processing, token not digits", Some(record("p", "five", far, b"-"))),
+        (
+            "completed, token not digits",
+            Some(record("c", "five", zero, b"-1")),
+        ),
+        (
+            "processing, token not digits",
+            Some(record("p", "five", far, b"-")),
+        ),
         ("a fingerprint flag", Some(record("c", token, zero, b"z1"))),
-        ("a short fingerprint", Some(record("c", token, zero, b"f0123"))),
+        (
+            "a short fingerprint",
+            Some(record("c", token, zero, b"f0123")),
+        ),
         (
             "processing, bytes after the header",
             Some(record("p", token, far, b"-junk")),

@@ -492,21 +492,31 @@ impl RedisStore {
         k
     }
 
-    /// Runs `script` on `key` with `args`, on the store's connection.
+    /// Runs `script` on `key` with `args`, on the store's connection: one
+    /// `EVALSHA` built in place (no per-argument copies), loaded and sent
+    /// again after a `NOSCRIPT`.
     async fn eval<'a, T: redis::FromRedisValue>(
         &self,
         script: &Script,
         key: &str,
         args: impl IntoIterator<Item = &'a [u8]>,
     ) -> Result<T, Error> {
-        let mut invocation = script.key(self.redis_key(key));
+        let mut cmd = redis::cmd("EVALSHA");
+        cmd.arg(script.get_hash()).arg(1).arg(self.redis_key(key));
         for arg in args {
-            invocation.arg(arg);
+            cmd.arg(arg);
         }
-        invocation
-            .invoke_async(&mut self.conn.clone())
-            .await
-            .map_err(store_error)
+        let mut conn = self.conn.clone();
+        match cmd.query_async(&mut conn).await {
+            Err(err)
+                if err.kind() == redis::ErrorKind::Server(redis::ServerErrorKind::NoScript) =>
+            {
+                script.load_async(&mut conn).await.map_err(store_error)?;
+                cmd.query_async(&mut conn).await
+            }
+            done => done,
+        }
+        .map_err(store_error)
     }
 
     async fn fenced(
@@ -966,9 +976,7 @@ impl Store for RedisStore {
 
     async fn get(&self, key: &str) -> Result<Option<Record>, Error> {
         let mode = self.mode_arg(false);
-        let reply: Value = self
-            .eval(&self.scripts.get, key, [mode.as_bytes()])
-            .await?;
+        let reply: Value = self.eval(&self.scripts.get, key, [mode.as_bytes()]).await?;
         let read = read_record(key, reply)?;
         let (Some((_, true)), Some(ack)) = (&read, self.ack) else {
             return Ok(read.map(|(record, _)| record));
