@@ -13,10 +13,12 @@
 //! Each sequentially and from 64 concurrent tasks (one multiplexed connection
 //! per side, as each store opens it). Best of 5 rounds, the sides alternating
 //! in every round. Then one more round per side with Redis's statistics reset
-//! before it: the server's time per call (`INFO commandstats`, all commands
-//! the round ran) and the benchmark process's CPU time per call (the client:
-//! key, encoding, connection), so the next reader knows which side of the wire
-//! a cost is on.
+//! before it: the server's time in commands per call (`INFO commandstats`:
+//! the script calls where scripts ran — each includes the commands it calls,
+//! which Redis also counts on their own lines — else every command), Redis's
+//! whole CPU time per call (`INFO cpu`: commands, parsing, network) and the
+//! benchmark process's CPU time per call (the client: key, encoding,
+//! connection), so the next reader knows which side of the wire a cost is on.
 //!
 //! Run: `cargo bench -p idem-runtime --bench redis --features redis`
 //! (`IDEM_REDIS_URL` overrides the server; `IDEM_BENCH_OPS` the calls per figure;
@@ -74,35 +76,64 @@ async fn server_us(admin: &mut MultiplexedConnection) -> f64 {
         .query_async(admin)
         .await
         .unwrap();
-    info.lines()
+    let usec = |l: &str| {
+        l.split(',')
+            .find_map(|f| f.strip_prefix("usec="))
+            .and_then(|u| u.parse::<f64>().ok())
+    };
+    let stats: Vec<&str> = info
+        .lines()
         .filter(|l| l.starts_with("cmdstat_"))
         .filter(|l| !l.starts_with("cmdstat_info") && !l.starts_with("cmdstat_config"))
-        .filter_map(|l| {
-            l.split(',')
-                .find_map(|f| f.strip_prefix("usec="))
-                .and_then(|u| u.parse::<f64>().ok())
-        })
-        .sum()
+        .collect();
+    // Redis counts the commands a script calls in their own lines too: where
+    // scripts ran, their lines alone (each includes its calls).
+    let scripts: Vec<&str> = stats
+        .iter()
+        .copied()
+        .filter(|l| l.starts_with("cmdstat_eval"))
+        .collect();
+    let top = if scripts.is_empty() { stats } else { scripts };
+    top.into_iter().filter_map(usec).sum()
 }
 
-/// Runs `side` once more with Redis's statistics reset: (server µs, client
-/// CPU µs) per call.
+/// Redis's own CPU time (user + system, µs): commands, parsing and the
+/// network calls commandstats leaves out.
+async fn redis_cpu_us(admin: &mut MultiplexedConnection) -> f64 {
+    let info: String = redis::cmd("INFO")
+        .arg("cpu")
+        .query_async(admin)
+        .await
+        .unwrap();
+    info.lines()
+        .filter_map(|l| {
+            let (name, value) = l.split_once(':')?;
+            (name == "used_cpu_sys" || name == "used_cpu_user")
+                .then(|| value.trim().parse::<f64>().ok())?
+        })
+        .sum::<f64>()
+        * 1e6
+}
+
+/// Runs `side` once more with Redis's statistics reset: (server µs in
+/// commands, Redis CPU µs, client CPU µs) per call.
 async fn account(
     admin: &mut MultiplexedConnection,
     ops: usize,
     tasks: usize,
     side: &Op,
-) -> (f64, f64) {
+) -> (f64, f64, f64) {
     let _: () = redis::cmd("CONFIG")
         .arg("RESETSTAT")
         .query_async(admin)
         .await
         .unwrap();
-    let cpu = cpu_us();
+    let (cpu, redis_cpu) = (cpu_us(), redis_cpu_us(admin).await);
     let s = side.clone();
     measure(ops, tasks, move |id| s(id)).await;
     let client = (cpu_us() - cpu) / ops as f64;
-    (server_us(admin).await / ops as f64, client)
+    let redis_cpu = (redis_cpu_us(admin).await - redis_cpu) / ops as f64;
+    (server_us(admin).await / ops as f64, redis_cpu, client)
 }
 
 /// Prints one figure: floor, peer (if any) and idem, best of five rounds each,
@@ -136,11 +167,12 @@ async fn figure(
     let mut line = format!("{label:<24}");
     for (i, (name, _)) in sides.iter().enumerate() {
         line.push_str(&format!(
-            " | {name} {:>7.1} µs ({:>7.0}/s; server {:>5.1} µs, client cpu {:>5.1} µs)",
+            " | {name} {:>7.1} µs ({:>7.0}/s; server {:>5.1} µs, redis cpu {:>5.1} µs, client cpu {:>5.1} µs)",
             best[i],
             1e6 / best[i],
             accounts[i].0,
-            accounts[i].1
+            accounts[i].1,
+            accounts[i].2
         ));
     }
     line.push_str(&format!(" | idem/floor {:.2}x", idem / best[0]));

@@ -116,6 +116,29 @@ impl Server {
             .success());
     }
 
+    /// Resumes this replica (stopped with `-STOP`) and returns once it has
+    /// read everything `master` had written: a test that then expects the
+    /// replica to acknowledge within a short `WAIT` does not race the
+    /// backlog (megabytes of filler on a busy machine).
+    pub(crate) fn resume_caught_up(&self, master: &Server) {
+        self.signal("-CONT");
+        let offset = |info: String, field: &str| -> u64 {
+            info.lines()
+                .find_map(|l| l.strip_prefix(field))
+                .and_then(|v| v.trim().parse().ok())
+                .unwrap_or(0)
+        };
+        let target = offset(master.info("replication"), "master_repl_offset:");
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+        while offset(self.info("replication"), "slave_repl_offset:") < target {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the replica did not catch up"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+    }
+
     /// SIGKILL: no shutdown, no final save; only the append-only file remains.
     pub(crate) fn kill(&mut self) {
         if let Some(mut child) = self.child.take() {

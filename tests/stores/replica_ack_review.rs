@@ -175,7 +175,7 @@ async fn a_flushed_script_cache_is_reloaded_inside_the_wait_pipeline() {
     master.cli(&["SCRIPT", "FLUSH"]);
     let got = acked.claim(req(&key)).await;
     assert!(matches!(got, Err(Error::NotReplicated { .. })), "{got:?}");
-    replica.signal("-CONT");
+    replica.resume_caught_up(&master);
     master.cli(&["SCRIPT", "FLUSH"]);
     let got = acked.claim(req(&key)).await;
     assert!(matches!(got, Ok(Claim::Completed { .. })), "{got:?}");
@@ -201,7 +201,7 @@ async fn a_damaged_helper_field_is_overwritten() {
         .complete(&key, token, b"x", Duration::from_secs(60))
         .await;
     assert!(matches!(done, Err(Error::NotReplicated { .. })), "{done:?}");
-    replica.signal("-CONT");
+    replica.resume_caught_up(&master);
     master.cli(&[
         "EVAL",
         "return redis.call('SETRANGE', KEYS[1], 2, string.char(255))",
