@@ -7,6 +7,7 @@
 mod cancellation;
 mod conformance;
 mod durations;
+mod layout_review;
 mod lost_replies;
 mod multiprocess;
 mod proxy;

@@ -46,7 +46,9 @@ struct Inner {
 /// produces, and seeded per process so crafted keys cannot collide on purpose.
 #[derive(Default)]
 struct Shard {
-    records: HashMap<String, Entry, RandomState>,
+    /// Boxed keys and outcomes: no capacity word, 16 bytes a record less than
+    /// `String` and `Vec` (issue 15, bytes per record).
+    records: HashMap<Box<str>, Entry, RandomState>,
     claims_since_sweep: usize,
     len_after_sweep: usize,
 }
@@ -62,7 +64,7 @@ enum State {
         lease_until: Instant,
     },
     Completed {
-        outcome: Vec<u8>,
+        outcome: Box<[u8]>,
         expires_at: Instant,
     },
 }
@@ -131,7 +133,7 @@ impl MemoryStore {
         let mut shard = self.inner.shard(key);
         match shard.records.get_mut(key).map(|e| &mut e.state) {
             Some(State::Completed { outcome: o, .. }) => {
-                *o = outcome;
+                *o = outcome.into_boxed_slice();
                 true
             }
             _ => false,
@@ -176,7 +178,7 @@ impl Inner {
                         outcome,
                         expires_at,
                     } => Claim::Completed {
-                        outcome: outcome.clone(),
+                        outcome: outcome.to_vec(),
                         fingerprint: entry.fingerprint,
                         expires_in: expires_at.saturating_duration_since(now),
                     },
@@ -196,7 +198,7 @@ impl Inner {
                 lease_until: now + super::cap_duration(request.lease),
             },
         };
-        shard.records.insert(request.key.to_owned(), entry);
+        shard.records.insert(request.key.into(), entry);
         Claim::Acquired { token, took_over }
     }
 
@@ -241,7 +243,7 @@ impl Inner {
             }
             let mut shard = lock(shard);
             let budget = batch - purged as usize;
-            let expired: Vec<String> = shard
+            let expired: Vec<Box<str>> = shard
                 .records
                 .iter()
                 .filter(|(_, e)| !e.is_live(now))
@@ -288,7 +290,7 @@ impl Store for Inner {
         let expires_at = Instant::now() + super::cap_duration(ttl);
         self.with_claim(key, token, |entry| {
             entry.state = State::Completed {
-                outcome: outcome.to_vec(),
+                outcome: outcome.into(),
                 expires_at,
             };
         })
@@ -318,7 +320,7 @@ impl Store for Inner {
                     if *expires_at <= now {
                         return None;
                     }
-                    (RecordState::Completed, Some(outcome.clone()), *expires_at)
+                    (RecordState::Completed, Some(outcome.to_vec()), *expires_at)
                 }
             };
             Some(Record::new(

@@ -79,6 +79,11 @@ const TOKEN_DIGITS: usize = 20;
 /// Where the grace starts, and its digits.
 const GRACE_AT: usize = 23;
 const GRACE_DIGITS: usize = 15;
+/// The largest token a record may hold: the scripts count in Lua's doubles,
+/// where above 2^53 a token + 1 is the token again. (Tokens are Redis's time
+/// in µs: 2^53 µs is the year 2255.) A larger one is a corrupt record, to the
+/// scripts and to the client alike.
+const MAX_TOKEN: u64 = 9_007_199_254_740_990;
 /// The fingerprint flag: `f` followed by 32 bytes, or `-`.
 const FLAG_AT: usize = 38;
 const FINGERPRINT: usize = 32;
@@ -93,6 +98,8 @@ local function invalid(v)
   local s = string.byte(v)
   if s ~= 112 and s ~= 99 and s ~= 114 then return 'a state' end
   if not string.match(string.sub(v, 4, 38), '^%d+$') then return 'a numeric token and grace' end
+  -- Lua counts in doubles: above 2^53 a token + 1 is the token again.
+  if tonumber(string.sub(v, 4, 23)) > 9007199254740990 then return 'a token below 2^53' end
   local f = string.byte(v, 39)
   local len = 39
   if f == 102 then len = 71 elseif f ~= 45 then return 'a fingerprint flag' end
@@ -135,14 +142,17 @@ if bad then return {-1, bad} end
 local prev = -1
 if v then
   if s == 112 then
-    local left = redis.call('PTTL', key) - tonumber(string.sub(v, 24, 38))
+    local pttl = redis.call('PTTL', key)
+    -- idem always sets an expiry; without one (PERSIST) the lease is unknown.
+    if pttl < 0 then return {-1, 'an expiry on a processing record'} end
+    local left = pttl - tonumber(string.sub(v, 24, 38))
     if left > 0 then return {0, v, left} end
   end
   prev = tonumber(string.sub(v, 4, 23))
 end
 local t = redis.call('TIME')
 local tok
-if prev < 0 then
+if prev < 0 and #t[1] == 10 then
   tok = '0000' .. t[1] .. string.sub('00000' .. t[2], -6)
 else
   tok = string.format('%020.0f', math.max(prev + 1, tonumber(t[1]) * 1000000 + tonumber(t[2])))
@@ -731,6 +741,9 @@ impl Stored {
         }
         let token = digits(&v[TOKEN_AT..TOKEN_AT + TOKEN_DIGITS])
             .ok_or_else(|| corrupt("a numeric token"))?;
+        if token > MAX_TOKEN {
+            return Err(corrupt("a token below 2^53"));
+        }
         let grace = digits(&v[GRACE_AT..GRACE_AT + GRACE_DIGITS])
             .and_then(|g| i64::try_from(g).ok())
             .ok_or_else(|| corrupt("a numeric grace"))?;
@@ -879,11 +892,17 @@ fn read_record(key: &str, reply: Value) -> Result<Option<(Record, bool)>, Error>
             record.drain(..stored.body);
             (RecordState::Completed, Some(record), int(left)?)
         }
-        b'p' => (
-            RecordState::Processing,
-            None,
-            int(left)?.saturating_sub(stored.grace),
-        ),
+        b'p' => {
+            let pttl = int(left)?;
+            if pttl < 0 {
+                return Err(corrupt("an expiry on a processing record"));
+            }
+            (
+                RecordState::Processing,
+                None,
+                pttl.saturating_sub(stored.grace),
+            )
+        }
         _ => return Ok(None),
     };
     let record = Record::new(
