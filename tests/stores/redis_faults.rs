@@ -322,7 +322,10 @@ async fn corrupt_records_are_codec_errors_and_never_rerun() {
     let cases: Vec<(&str, Option<Vec<u8>>)> = vec![
         ("a hash", None),
         ("not a record", Some(b"not a record".to_vec())),
-        ("a short completed record", Some(b"c\x00\x000000000005".to_vec())),
+        (
+            "a short completed record",
+            Some(b"c\x00\x000000000005".to_vec()),
+        ),
         // Found by the break-it review of issue 10: Lua's `tonumber` reads
         // these deadlines as numbers, and strange states with a past deadline
         // were taken over.
