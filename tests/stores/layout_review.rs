@@ -348,16 +348,7 @@ async fn held_times_of_processing_records() {
         .unwrap();
 }
 
-#[derive(Debug)]
-enum AppError {
-    Idem(Error),
-}
-
-impl From<Error> for AppError {
-    fn from(e: Error) -> Self {
-        AppError::Idem(e)
-    }
-}
+use crate::redis_faults::AppError;
 
 struct Svc {
     store: RedisStore,
