@@ -665,8 +665,8 @@ fn claim_args<'a>(
 
 /// `d` in whole milliseconds (at least 1), capped to
 /// [`MAX_DURATION`](super::MAX_DURATION).
-fn ms(d: Duration) -> String {
-    super::cap_duration(d).as_millis().max(1).to_string()
+fn ms(d: Duration) -> u128 {
+    super::cap_duration(d).as_millis().max(1)
 }
 
 /// A token as the record holds it: 20 digits.
@@ -920,7 +920,7 @@ fn read_record(key: &str, reply: Value) -> Result<Option<(Record, bool)>, Error>
 impl Store for RedisStore {
     async fn claim(&self, request: ClaimRequest<'_>) -> Result<Claim, Error> {
         let mode = self.mode_arg(false);
-        let times = format!("{} {:0>15}", ms(request.lease), ms(self.grace));
+        let times = format!("{} {:015}", ms(request.lease), ms(self.grace));
         let fp = request.fingerprint.map(|d| &d.as_bytes()[..]);
         let args = |mode| claim_args(mode, &times, fp);
         let reply: Value = self
@@ -955,7 +955,7 @@ impl Store for RedisStore {
         outcome: &[u8],
         ttl: Duration,
     ) -> Result<(), Error> {
-        let ttl = ms(ttl);
+        let ttl = ms(ttl).to_string();
         let Some(ack) = self.ack else {
             return self
                 .fenced(
@@ -982,13 +982,13 @@ impl Store for RedisStore {
     }
 
     async fn release(&self, key: &str, token: FencingToken) -> Result<(), Error> {
-        let grace = ms(self.grace);
+        let grace = ms(self.grace).to_string();
         self.fenced(&self.scripts.release, key, token, &[grace.as_bytes()])
             .await
     }
 
     async fn renew(&self, key: &str, token: FencingToken, lease: Duration) -> Result<(), Error> {
-        let lease = ms(lease);
+        let lease = ms(lease).to_string();
         self.fenced(&self.scripts.renew, key, token, &[lease.as_bytes()])
             .await
     }
