@@ -189,3 +189,115 @@ async fn a_body_that_blocks_its_thread_keeps_its_lease() {
     assert_eq!(jobs.run(1).await.unwrap(), 1, "replayed");
     assert_eq!(jobs.runs.get(), 1);
 }
+
+/// Jobs on a multi-threaded runtime, whose leases the keeper thread renews.
+struct Kept {
+    store: FaultyStore,
+    runs: Runs,
+}
+
+impl Kept {
+    #[idempotent(key = job, lease = "1s", name = "kept-jobs", store = self.store)]
+    async fn run(&self, job: u32, work: Duration) -> Result<usize, AppError> {
+        let n = self.runs.hit();
+        tokio::time::sleep(work).await;
+        Ok(n)
+    }
+}
+
+fn kept_key(job: u32) -> String {
+    idem_runtime::Key::derive("kept-jobs", &job)
+        .unwrap()
+        .as_str()
+        .to_owned()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn many_claims_keep_their_leases_and_renewals_stop_when_they_settle() {
+    use std::sync::atomic::Ordering;
+    let jobs = Arc::new(Kept {
+        store: FaultyStore::default(),
+        runs: Runs::default(),
+    });
+    // 64 bodies that each run for two and a half leases.
+    let calls: Vec<_> = (0..64)
+        .map(|job| {
+            let jobs = jobs.clone();
+            tokio::spawn(async move { jobs.run(job, Duration::from_millis(2_500)).await })
+        })
+        .collect();
+    while jobs.runs.get() < 64 {
+        tokio::task::yield_now().await;
+    }
+    // Past the first lease every claim is still held (renewed, not lapsed).
+    tokio::time::sleep(Duration::from_millis(1_500)).await;
+    for job in 0..64 {
+        let dup = jobs.run(job, Duration::ZERO).await;
+        assert!(
+            matches!(dup, Err(ref e) if e.is_in_progress()),
+            "job {job}: {dup:?}"
+        );
+    }
+    assert!(jobs.store.renewals.load(Ordering::SeqCst) >= 64, "renewed");
+    for call in calls {
+        call.await.unwrap().unwrap();
+    }
+    assert_eq!(jobs.runs.get(), 64, "each body ran once");
+    // Settled claims are renewed no more (the keeper forgot them): three
+    // renewal intervals later the count has not moved.
+    let settled = jobs.store.renewals.load(Ordering::SeqCst);
+    tokio::time::sleep(Duration::from_millis(1_100)).await;
+    assert_eq!(jobs.store.renewals.load(Ordering::SeqCst), settled);
+    for job in 0..64 {
+        let record = jobs.store.inner.get(&kept_key(job)).await.unwrap().unwrap();
+        assert_eq!(record.state, RecordState::Completed);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_kept_lease_that_keeps_failing_lapses_and_a_lost_one_is_renewed_no_more() {
+    use std::sync::atomic::Ordering;
+    let jobs = Arc::new(Kept {
+        store: FaultyStore::default(),
+        runs: Runs::default(),
+    });
+    // Renewals cannot reach the store: the keeper retries, the lease lapses.
+    jobs.store.renewals_fail.store(true, Ordering::SeqCst);
+    let slow = tokio::spawn({
+        let jobs = jobs.clone();
+        async move { jobs.run(1, Duration::from_millis(3_000)).await }
+    });
+    while jobs.runs.get() == 0 {
+        tokio::task::yield_now().await;
+    }
+    tokio::time::sleep(Duration::from_millis(1_200)).await;
+    let tries = jobs.store.renewals.load(Ordering::SeqCst);
+    assert!(tries >= 2, "the keeper retried: {tries}");
+    // The lapsed claim is taken over by a second call that holds the key while
+    // the first still runs; then the store is back for renewals.
+    let second = tokio::spawn({
+        let jobs = jobs.clone();
+        async move { jobs.run(1, Duration::from_millis(2_500)).await }
+    });
+    while jobs.runs.get() < 2 {
+        tokio::task::yield_now().await;
+    }
+    jobs.store.renewals_fail.store(false, Ordering::SeqCst);
+    // The first holder's next renewal is refused (`LeaseLost`) and it is
+    // renewed no more; it learns at completion that nothing was recorded.
+    let stale = slow.await.unwrap();
+    assert!(
+        matches!(stale, Err(AppError::Idem(Error::LeaseLost))),
+        "{stale:?}"
+    );
+    assert_eq!(second.await.unwrap().unwrap(), 2, "the takeover ran");
+    assert_eq!(
+        jobs.store.renewals_refused.load(Ordering::SeqCst),
+        1,
+        "a lease refused once is not renewed again"
+    );
+    let record = jobs.store.inner.get(&kept_key(1)).await.unwrap().unwrap();
+    assert_eq!(record.state, RecordState::Completed);
+    assert_eq!(record.outcome.as_deref(), Some(&b"{\"ok\":2}"[..]));
+    assert_eq!(jobs.runs.get(), 2);
+}

@@ -277,6 +277,10 @@ pub struct FaultyStore {
     pub completions_fail: Arc<AtomicBool>,
     /// Lease renewals fail while set (a partition of the renewing connection).
     pub renewals_fail: Arc<AtomicBool>,
+    /// How many lease renewals reached the store (failed ones too).
+    pub renewals: Arc<AtomicUsize>,
+    /// How many of them the store refused with `LeaseLost` (another caller holds the key).
+    pub renewals_refused: Arc<AtomicUsize>,
     /// Completions store bytes that decode to nothing while set (a corrupt record).
     pub completions_corrupt: Arc<AtomicBool>,
     /// Set: the store answers a caller only once its outcome is recorded
@@ -320,10 +324,15 @@ impl Store for FaultyStore {
         self.inner.release(key, token).await
     }
     async fn renew(&self, key: &str, token: FencingToken, lease: Duration) -> Result<(), Error> {
+        self.renewals.fetch_add(1, Ordering::SeqCst);
         if self.renewals_fail.load(Ordering::SeqCst) {
             return Err(down());
         }
-        self.inner.renew(key, token, lease).await
+        let renewed = self.inner.renew(key, token, lease).await;
+        if matches!(renewed, Err(Error::LeaseLost)) {
+            self.renewals_refused.fetch_add(1, Ordering::SeqCst);
+        }
+        renewed
     }
     async fn get(&self, key: &str) -> Result<Option<Record>, Error> {
         self.inner.get(key).await

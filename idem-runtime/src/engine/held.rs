@@ -37,11 +37,11 @@ impl std::fmt::Debug for Held {
 }
 
 impl Held {
-    /// A claim just won: on a multi-threaded runtime the watchdog starts with
-    /// it, so even a body that blocks its thread before its first await keeps
-    /// its lease. On a current-thread runtime such a body would block the
-    /// watchdog too, so it starts when the body first waits: a body that
-    /// finishes at once costs no task.
+    /// A claim just won: on a multi-threaded runtime its lease is registered
+    /// with the keeper thread at once (no task), so even a body that blocks its
+    /// thread before its first await keeps its lease. On a current-thread
+    /// runtime such a body would block a watchdog task too, so one starts when
+    /// the body first waits: a body that finishes at once costs no task.
     pub(super) fn new(
         store: Arc<dyn Store>,
         key: Key,
@@ -49,13 +49,8 @@ impl Held {
         lease: Duration,
     ) -> Self {
         let watchdog = OnceLock::new();
-        if lease::multi_threaded() {
-            let _ = watchdog.set(Watchdog::start(
-                Arc::clone(&store),
-                key.clone(),
-                token,
-                lease,
-            ));
+        if let Some(kept) = Watchdog::kept(Arc::clone(&store), key.clone(), token, lease) {
+            let _ = watchdog.set(kept);
         }
         Held {
             store,

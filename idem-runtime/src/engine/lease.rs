@@ -1,9 +1,11 @@
 //! Holding a claim: the lease watchdog, and completions that outlast a store hiccup.
 //!
-//! The lease is renewed by a [`Watchdog`] task that lives exactly as long as the
-//! claim, so it does not depend on how often the caller polls the call's future
-//! (a `select!` whose other branch runs long, a stream combinator, a body that
-//! blocks its thread on a multi-threaded runtime). Dropping the claim stops it.
+//! The lease is renewed by a [`Watchdog`] that lives exactly as long as the
+//! claim (the [keeper](super::keeper) thread on a multi-threaded runtime, a task
+//! of the claim's own on a current-thread one), so it does not depend on how
+//! often the caller polls the call's future (a `select!` whose other branch runs
+//! long, a stream combinator, a body that blocks its thread on a multi-threaded
+//! runtime). Dropping the claim stops it.
 //!
 //! A completion is tried three times in place (at once, after 20 ms and 40 ms).
 //! If the store still fails, the outcome is in hand and the work must not run
@@ -18,6 +20,7 @@ use std::time::Duration;
 
 use tracing::Instrument as _;
 
+use super::keeper::Kept;
 use crate::error::Error;
 use crate::key::Key;
 use crate::store::{FencingToken, RecordState, Store};
@@ -26,64 +29,80 @@ use crate::store::{FencingToken, RecordState, Store};
 /// background before the claim is left to lapse with its lease (5 minutes).
 pub const COMPLETION_RETRY_LIMIT: Duration = Duration::from_secs(5 * 60);
 
-/// Renews a claim's lease every third of it, from its own task, until dropped.
-pub(crate) struct Watchdog {
-    task: tokio::task::AbortHandle,
+/// Renews a claim's lease every third of it until dropped: from the
+/// [keeper](super::keeper) thread on a multi-threaded runtime, else from a task of
+/// its own.
+pub(crate) enum Watchdog {
+    /// Registered with the keeper (unregistered when dropped).
+    Kept { _registered: Kept },
+    /// A task on the current runtime.
+    Task(tokio::task::AbortHandle),
 }
 
 impl Watchdog {
-    /// Starts renewing `token`'s lease on `key` (`lease` at a time).
+    /// Starts renewing `token`'s lease on `key` (`lease` at a time) through the
+    /// keeper, on a multi-threaded runtime; `None` on any other.
+    pub(crate) fn kept(
+        store: Arc<dyn Store>,
+        key: Key,
+        token: FencingToken,
+        lease: Duration,
+    ) -> Option<Self> {
+        let runtime = tokio::runtime::Handle::try_current().ok()?;
+        if runtime.runtime_flavor() != tokio::runtime::RuntimeFlavor::MultiThread {
+            return None;
+        }
+        Kept::register(runtime, store, key, token, lease).map(|kept| Watchdog::Kept { _registered: kept })
+    }
+
+    /// Starts renewing `token`'s lease on `key` (`lease` at a time): through the
+    /// keeper where it can, else from a task of its own.
     pub(crate) fn start(
         store: Arc<dyn Store>,
         key: Key,
         token: FencingToken,
         lease: Duration,
     ) -> Self {
+        match Self::kept(Arc::clone(&store), key.clone(), token, lease) {
+            Some(watchdog) => watchdog,
+            None => Self::task(store, key, token, lease),
+        }
+    }
+
+    /// A task that renews the lease (on a current-thread runtime, whose clock
+    /// tests may pause, or if the keeper thread could not start).
+    fn task(store: Arc<dyn Store>, key: Key, token: FencingToken, lease: Duration) -> Self {
         let interval = (lease / 3).max(Duration::from_millis(1));
         let task = tokio::spawn(
             async move {
-                    let mut pause = interval;
-                    loop {
-                        tokio::time::sleep(pause).await;
-                        match store.renew(key.as_str(), token, lease).await {
-                            Ok(()) => {
-                                tracing::trace!(token = token.0, "lease renewed");
-                                pause = interval;
-                            }
-                            Err(Error::LeaseLost) => {
-                                tracing::error!(
-                                    token = token.0,
-                                    "lease lost while the claim is held; its outcome will not be recorded"
-                                );
-                                return;
-                            }
-                            Err(err) => {
-                                // Two more tries fit in the lease at this pace.
-                                tracing::warn!(token = token.0, error = %err, "lease renewal failed; retrying");
-                                pause = (interval / 2).max(Duration::from_millis(1));
-                            }
+                let mut pause = interval;
+                loop {
+                    tokio::time::sleep(pause).await;
+                    match store.renew(key.as_str(), token, lease).await {
+                        Ok(()) => {
+                            tracing::trace!(token = token.0, "lease renewed");
+                            pause = interval;
+                        }
+                        Err(Error::LeaseLost) => {
+                            tracing::error!(
+                                token = token.0,
+                                "lease lost while the claim is held; its outcome will not be recorded"
+                            );
+                            return;
+                        }
+                        Err(err) => {
+                            // Two more tries fit in the lease at this pace.
+                            tracing::warn!(token = token.0, error = %err, "lease renewal failed; retrying");
+                            pause = (interval / 2).max(Duration::from_millis(1));
                         }
                     }
                 }
+            }
             .in_current_span(),
         )
         .abort_handle();
-        // On a multi-threaded runtime a task spawned from a worker waits in that
-        // worker's "LIFO slot", which other workers never steal: a body that
-        // blocks its thread right away would keep the watchdog from ever starting.
-        // Spawning one more (empty) task moves the watchdog to the worker's
-        // stealable queue and wakes an idle worker to take it.
-        if multi_threaded() {
-            drop(tokio::spawn(async {}));
-        }
-        Watchdog { task }
+        Watchdog::Task(task)
     }
-}
-
-/// Whether the current Tokio runtime has several worker threads.
-pub(crate) fn multi_threaded() -> bool {
-    tokio::runtime::Handle::try_current()
-        .is_ok_and(|rt| rt.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread)
 }
 
 /// A watchdog that runs already, or the lease to start one with when needed.
@@ -103,7 +122,9 @@ impl From<Watchdog> for Lazy {
 
 impl Drop for Watchdog {
     fn drop(&mut self) {
-        self.task.abort();
+        if let Watchdog::Task(task) = self {
+            task.abort();
+        }
     }
 }
 

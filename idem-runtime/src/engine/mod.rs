@@ -50,6 +50,7 @@ use crate::store::Store;
 mod attempt;
 mod claim;
 mod held;
+mod keeper;
 mod lease;
 mod options;
 mod tx;

@@ -1,0 +1,238 @@
+//! The lease keeper: one thread that keeps every claim held on a multi-threaded
+//! runtime renewed, instead of a task per claim.
+//!
+//! A claim registers its lease ([`Kept::register`]: a lock, two map inserts, no
+//! task and no wake-up in the common case) and unregisters when dropped. The
+//! keeper thread sleeps until the earliest renewal is due, then spawns that
+//! renewal onto the claim's own runtime (its store's connections are driven
+//! there) from outside the runtime: the task lands in the runtime's shared
+//! queue and wakes an idle worker, so a body that blocks its worker thread
+//! cannot hold its own renewal back. A renewal that succeeds is due again a
+//! third of the lease later; one that fails with a store error is retried after
+//! a sixth (two more tries fit in the lease); [`Error::LeaseLost`] ends it.
+//!
+//! The keeper keeps time by the OS clock, so on a current-thread runtime (where
+//! tests pause Tokio's clock) claims keep a task of their own instead.
+
+use std::collections::{BTreeSet, HashMap};
+use std::sync::{Arc, Condvar, LazyLock, Mutex, MutexGuard, OnceLock, PoisonError};
+use std::time::{Duration, Instant};
+
+use tokio::runtime::Handle;
+use tracing::Instrument as _;
+
+use crate::error::Error;
+use crate::key::Key;
+use crate::store::{FencingToken, Store};
+
+/// A lease the keeper renews until this is dropped.
+#[derive(Debug)]
+pub(crate) struct Kept {
+    id: u64,
+}
+
+impl Kept {
+    /// Registers `token`'s lease on `key` with the keeper; its renewals run on
+    /// `runtime`. `None` if the keeper thread could not be started.
+    pub(crate) fn register(
+        runtime: Handle,
+        store: Arc<dyn Store>,
+        key: Key,
+        token: FencingToken,
+        lease: Duration,
+    ) -> Option<Self> {
+        let keeper = keeper()?;
+        let entry = Entry {
+            store,
+            key,
+            token,
+            lease,
+            runtime,
+            span: tracing::Span::current(),
+            renewing: None,
+        };
+        let due = Instant::now() + interval(lease);
+        let mut registry = keeper.lock();
+        let id = registry.next_id;
+        registry.next_id += 1;
+        registry.leases.insert(id, entry);
+        keeper.schedule(&mut registry, due, id);
+        Some(Kept { id })
+    }
+}
+
+impl Drop for Kept {
+    fn drop(&mut self) {
+        // Registered, so the keeper exists.
+        let mut registry = KEEPER.lock();
+        if let Some(entry) = registry.leases.remove(&self.id) {
+            match entry.renewing {
+                // A renewal on the wire is cancelled, as the claim is settled.
+                Some(Renewing::Now(task)) => task.abort(),
+                Some(Renewing::Due(due)) => {
+                    registry.queue.remove(&(due, self.id));
+                }
+                None => {}
+            }
+        }
+    }
+}
+
+/// Renewals are due every third of the lease.
+fn interval(lease: Duration) -> Duration {
+    (lease / 3).max(Duration::from_millis(1))
+}
+
+/// One registered lease.
+struct Entry {
+    store: Arc<dyn Store>,
+    key: Key,
+    token: FencingToken,
+    lease: Duration,
+    /// The claim's runtime: renewals are spawned there.
+    runtime: Handle,
+    /// The claim's span, so renewals log inside it.
+    span: tracing::Span,
+    /// `Due` while waiting in the queue, `Now` while a renewal runs.
+    renewing: Option<Renewing>,
+}
+
+enum Renewing {
+    Due(Instant),
+    Now(tokio::task::AbortHandle),
+}
+
+#[derive(Default)]
+struct Registry {
+    next_id: u64,
+    leases: HashMap<u64, Entry>,
+    /// Renewals by the time they are due.
+    queue: BTreeSet<(Instant, u64)>,
+}
+
+struct Keeper {
+    registry: Mutex<Registry>,
+    /// Wakes the keeper thread when a renewal is due sooner than it planned.
+    earlier: Condvar,
+}
+
+static KEEPER: LazyLock<Keeper> = LazyLock::new(|| Keeper {
+    registry: Mutex::new(Registry::default()),
+    earlier: Condvar::new(),
+});
+
+/// The keeper, its thread started on first use; `None` if it could not start.
+fn keeper() -> Option<&'static Keeper> {
+    static STARTED: OnceLock<bool> = OnceLock::new();
+    let started = *STARTED.get_or_init(|| {
+        let spawned = std::thread::Builder::new()
+            .name("idem-lease-keeper".into())
+            .spawn(|| KEEPER.run());
+        if let Err(err) = &spawned {
+            tracing::error!(error = %err, "could not start the lease keeper thread; leases are renewed by a task per claim");
+        }
+        spawned.is_ok()
+    });
+    started.then(|| &*KEEPER)
+}
+
+impl Keeper {
+    fn lock(&self) -> MutexGuard<'_, Registry> {
+        // Nothing panics while the registry is locked; should something, the
+        // maps are still consistent (every change is one insert or remove).
+        self.registry.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Queues `id`'s next renewal at `due`, waking the thread if it is the earliest.
+    fn schedule(&self, registry: &mut Registry, due: Instant, id: u64) {
+        let earliest = registry.queue.first().is_none_or(|&(first, _)| due < first);
+        registry.queue.insert((due, id));
+        if let Some(entry) = registry.leases.get_mut(&id) {
+            entry.renewing = Some(Renewing::Due(due));
+        }
+        if earliest {
+            self.earlier.notify_one();
+        }
+    }
+
+    /// The keeper thread: spawns each renewal when it is due.
+    fn run(&'static self) {
+        let mut registry = self.lock();
+        loop {
+            let now = Instant::now();
+            while let Some(&(due, id)) = registry.queue.first() {
+                if due > now {
+                    break;
+                }
+                registry.queue.pop_first();
+                let Some(entry) = registry.leases.get_mut(&id) else {
+                    continue;
+                };
+                let renewal = renew(
+                    self,
+                    id,
+                    Arc::clone(&entry.store),
+                    entry.key.clone(),
+                    entry.token,
+                    entry.lease,
+                )
+                .instrument(entry.span.clone());
+                let task = entry.runtime.spawn(renewal).abort_handle();
+                entry.renewing = Some(Renewing::Now(task));
+            }
+            registry = match registry.queue.first() {
+                Some(&(due, _)) => {
+                    let wait = due.saturating_duration_since(now);
+                    self.earlier
+                        .wait_timeout(registry, wait)
+                        .unwrap_or_else(PoisonError::into_inner)
+                        .0
+                }
+                None => self
+                    .earlier
+                    .wait(registry)
+                    .unwrap_or_else(PoisonError::into_inner),
+            };
+        }
+    }
+}
+
+/// One renewal, on the claim's runtime; schedules the next one.
+async fn renew(
+    keeper: &'static Keeper,
+    id: u64,
+    store: Arc<dyn Store>,
+    key: Key,
+    token: FencingToken,
+    lease: Duration,
+) {
+    let next = match store.renew(key.as_str(), token, lease).await {
+        Ok(()) => {
+            tracing::trace!(token = token.0, "lease renewed");
+            Some(interval(lease))
+        }
+        Err(Error::LeaseLost) => {
+            tracing::error!(
+                token = token.0,
+                "lease lost while the claim is held; its outcome will not be recorded"
+            );
+            None
+        }
+        Err(err) => {
+            // Two more tries fit in the lease at this pace.
+            tracing::warn!(token = token.0, error = %err, "lease renewal failed; retrying");
+            Some((interval(lease) / 2).max(Duration::from_millis(1)))
+        }
+    };
+    let mut registry = keeper.lock();
+    match next {
+        // Unless the claim was settled meanwhile (its entry is gone).
+        Some(pause) if registry.leases.contains_key(&id) => {
+            keeper.schedule(&mut registry, Instant::now() + pause, id);
+        }
+        Some(_) => {}
+        None => {
+            registry.leases.remove(&id);
+        }
+    }
+}
