@@ -301,3 +301,31 @@ async fn a_kept_lease_that_keeps_failing_lapses_and_a_lost_one_is_renewed_no_mor
     assert_eq!(record.outcome.as_deref(), Some(&b"{\"ok\":2}"[..]));
     assert_eq!(jobs.runs.get(), 2);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_renewal_that_panics_is_retried_and_the_lease_kept() {
+    use std::sync::atomic::Ordering;
+    let jobs = Arc::new(Kept {
+        store: FaultyStore::default(),
+        runs: Runs::default(),
+    });
+    // The store's first renewal panics (a bug in a store), then it recovers.
+    jobs.store.renewals_panic.store(true, Ordering::SeqCst);
+    let first = tokio::spawn({
+        let jobs = jobs.clone();
+        async move { jobs.run(1, Duration::from_millis(2_500)).await }
+    });
+    while jobs.store.renewals.load(Ordering::SeqCst) == 0 {
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    jobs.store.renewals_panic.store(false, Ordering::SeqCst);
+    // Past the first lease, the claim is still held: the panic was retried.
+    tokio::time::sleep(Duration::from_millis(1_200)).await;
+    let dup = jobs.run(1, Duration::ZERO).await;
+    assert!(
+        matches!(dup, Err(ref e) if e.is_in_progress()),
+        "the lease lapsed after a renewal panicked: {dup:?}"
+    );
+    assert_eq!(first.await.unwrap().unwrap(), 1);
+    assert_eq!(jobs.runs.get(), 1);
+}

@@ -277,6 +277,8 @@ pub struct FaultyStore {
     pub completions_fail: Arc<AtomicBool>,
     /// Lease renewals fail while set (a partition of the renewing connection).
     pub renewals_fail: Arc<AtomicBool>,
+    /// Lease renewals panic while set (a bug in a store's `renew`).
+    pub renewals_panic: Arc<AtomicBool>,
     /// How many lease renewals reached the store (failed ones too).
     pub renewals: Arc<AtomicUsize>,
     /// How many of them the store refused with `LeaseLost` (another caller holds the key).
@@ -325,6 +327,9 @@ impl Store for FaultyStore {
     }
     async fn renew(&self, key: &str, token: FencingToken, lease: Duration) -> Result<(), Error> {
         self.renewals.fetch_add(1, Ordering::SeqCst);
+        if self.renewals_panic.load(Ordering::SeqCst) {
+            panic!("renew panicked (a test's store)");
+        }
         if self.renewals_fail.load(Ordering::SeqCst) {
             return Err(down());
         }

@@ -15,7 +15,11 @@
 //! tests pause Tokio's clock) claims keep a task of their own instead.
 
 use std::collections::{BTreeSet, HashMap};
+use std::future::Future;
+use std::panic::AssertUnwindSafe;
+use std::pin::Pin;
 use std::sync::{Arc, Condvar, LazyLock, Mutex, MutexGuard, OnceLock, PoisonError};
+use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
 use tokio::runtime::Handle;
@@ -23,7 +27,7 @@ use tracing::Instrument as _;
 
 use crate::error::Error;
 use crate::key::Key;
-use crate::store::{FencingToken, Store};
+use crate::store::{cap_duration, FencingToken, Store};
 
 /// A lease the keeper renews until this is dropped.
 #[derive(Debug)]
@@ -51,7 +55,7 @@ impl Kept {
             span: tracing::Span::current(),
             renewing: None,
         };
-        let due = Instant::now() + interval(lease);
+        let due = due_in(interval(lease));
         let mut registry = keeper.lock();
         let id = registry.next_id;
         registry.next_id += 1;
@@ -78,9 +82,16 @@ impl Drop for Kept {
     }
 }
 
-/// Renewals are due every third of the lease.
+/// Renewals are due every third of the lease (a lease of a few milliseconds
+/// cannot be kept reliably by any store on a network; this keeps trying).
 fn interval(lease: Duration) -> Duration {
-    (lease / 3).max(Duration::from_millis(1))
+    (lease / 3).max(Duration::from_micros(100))
+}
+
+/// `pause` from now; a pause past any clock (a lease of `Duration::MAX`) is
+/// capped to 100 years.
+fn due_in(pause: Duration) -> Instant {
+    Instant::now() + cap_duration(pause)
 }
 
 /// One registered lease.
@@ -111,17 +122,23 @@ struct Registry {
 }
 
 struct Keeper {
+    /// The process the keeper thread runs in: a process forked from it has
+    /// the keeper's memory but not its thread.
+    pid: u32,
     registry: Mutex<Registry>,
     /// Wakes the keeper thread when a renewal is due sooner than it planned.
     earlier: Condvar,
 }
 
 static KEEPER: LazyLock<Keeper> = LazyLock::new(|| Keeper {
+    pid: std::process::id(),
     registry: Mutex::new(Registry::default()),
     earlier: Condvar::new(),
 });
 
-/// The keeper, its thread started on first use; `None` if it could not start.
+/// The keeper, its thread started on first use; `None` if it could not start,
+/// or in a process forked after it started (which has no keeper thread, and
+/// may have inherited the registry locked): claims there keep a task each.
 fn keeper() -> Option<&'static Keeper> {
     static STARTED: OnceLock<bool> = OnceLock::new();
     let started = *STARTED.get_or_init(|| {
@@ -133,7 +150,8 @@ fn keeper() -> Option<&'static Keeper> {
         }
         spawned.is_ok()
     });
-    started.then(|| &*KEEPER)
+    let keeper = started.then(|| &*KEEPER)?;
+    (keeper.pid == std::process::id()).then_some(keeper)
 }
 
 impl Keeper {
@@ -206,33 +224,58 @@ async fn renew(
     token: FencingToken,
     lease: Duration,
 ) {
-    let next = match store.renew(key.as_str(), token, lease).await {
-        Ok(()) => {
+    let renewal = CatchPanic(Box::pin(async {
+        store.renew(key.as_str(), token, lease).await
+    }));
+    let next = match renewal.await {
+        Err(()) => {
+            // A store whose renewal panicked may answer the next one.
+            tracing::error!(token = token.0, "lease renewal panicked; retrying");
+            Some(interval(lease) / 2)
+        }
+        Ok(Ok(())) => {
             tracing::trace!(token = token.0, "lease renewed");
             Some(interval(lease))
         }
-        Err(Error::LeaseLost) => {
+        Ok(Err(Error::LeaseLost)) => {
             tracing::error!(
                 token = token.0,
                 "lease lost while the claim is held; its outcome will not be recorded"
             );
             None
         }
-        Err(err) => {
+        Ok(Err(err)) => {
             // Two more tries fit in the lease at this pace.
             tracing::warn!(token = token.0, error = %err, "lease renewal failed; retrying");
-            Some((interval(lease) / 2).max(Duration::from_millis(1)))
+            Some(interval(lease) / 2)
         }
     };
     let mut registry = keeper.lock();
     match next {
         // Unless the claim was settled meanwhile (its entry is gone).
         Some(pause) if registry.leases.contains_key(&id) => {
-            keeper.schedule(&mut registry, Instant::now() + pause, id);
+            keeper.schedule(&mut registry, due_in(pause), id);
         }
         Some(_) => {}
         None => {
             registry.leases.remove(&id);
+        }
+    }
+}
+
+/// A future whose panic is caught and answered as `Err(())`, so a store that
+/// panics in `renew` does not end the renewals of its claim.
+struct CatchPanic<F>(Pin<Box<F>>);
+
+impl<F: Future> Future for CatchPanic<F> {
+    type Output = Result<F::Output, ()>;
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let inner = self.0.as_mut();
+        match std::panic::catch_unwind(AssertUnwindSafe(|| inner.poll(cx))) {
+            Ok(Poll::Ready(out)) => Poll::Ready(Ok(out)),
+            Ok(Poll::Pending) => Poll::Pending,
+            Err(_) => Poll::Ready(Err(())),
         }
     }
 }

@@ -52,7 +52,8 @@ impl Watchdog {
         if runtime.runtime_flavor() != tokio::runtime::RuntimeFlavor::MultiThread {
             return None;
         }
-        Kept::register(runtime, store, key, token, lease).map(|kept| Watchdog::Kept { _registered: kept })
+        Kept::register(runtime, store, key, token, lease)
+            .map(|kept| Watchdog::Kept { _registered: kept })
     }
 
     /// Starts renewing `token`'s lease on `key` (`lease` at a time): through the
@@ -70,7 +71,8 @@ impl Watchdog {
     }
 
     /// A task that renews the lease (on a current-thread runtime, whose clock
-    /// tests may pause, or if the keeper thread could not start).
+    /// tests may pause; or where the keeper cannot be used: its thread could
+    /// not start, or the process was forked from the one it runs in).
     fn task(store: Arc<dyn Store>, key: Key, token: FencingToken, lease: Duration) -> Self {
         let interval = (lease / 3).max(Duration::from_millis(1));
         let task = tokio::spawn(
@@ -101,6 +103,17 @@ impl Watchdog {
             .in_current_span(),
         )
         .abort_handle();
+        // On a multi-threaded runtime (the keeper could not be used) a task
+        // spawned from a worker waits in that worker's "LIFO slot", which
+        // other workers never steal: a body that blocks its thread right away
+        // would keep the watchdog from ever starting. Spawning one more
+        // (empty) task moves it to the worker's stealable queue and wakes an
+        // idle worker to take it.
+        if tokio::runtime::Handle::try_current()
+            .is_ok_and(|rt| rt.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread)
+        {
+            drop(tokio::spawn(async {}));
+        }
         Watchdog::Task(task)
     }
 }

@@ -160,6 +160,35 @@ async fn gone(pid: &str) -> Result<(), BoxError> {
     Err(format!("process {pid} did not exit after SIGKILL").into())
 }
 
+/// Waits (up to 10 s) until 127.0.0.1:`port` can be bound (with
+/// `SO_REUSEADDR`, as Redis binds it).
+async fn port_free(port: &str) {
+    for _ in 0..100 {
+        if std::net::TcpListener::bind(format!("127.0.0.1:{port}")).is_ok() {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// Whether a server at `addr` answers within 5 s (a daemonized server that
+/// failed to bind has exited by then).
+async fn answers(addr: &str) -> bool {
+    for _ in 0..50 {
+        if let Ok(mut con) = connect(addr).await {
+            if redis::cmd("PING")
+                .query_async::<String>(&mut con)
+                .await
+                .is_ok()
+            {
+                return true;
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    false
+}
+
 /// Fails over a master, chosen by `pick`, to its replica; returns what was done.
 pub async fn failover(
     seeds: &[String],
@@ -243,28 +272,42 @@ pub async fn failover(
     // A killed process holding tens of MB takes a moment to go; restarted
     // before it is gone, the new server cannot bind the port and exits.
     gone(&master_pid).await?;
-    // The old master comes back empty and rejoins as a replica.
-    let status = tokio::process::Command::new("redis-server")
-        .args([
-            "--port",
-            &port,
-            "--bind",
-            "127.0.0.1",
-            "--cluster-enabled",
-            "yes",
-        ])
-        .args([
-            "--cluster-config-file",
-            &nodes_file,
-            "--cluster-node-timeout",
-            &timeout,
-        ])
-        .args(["--save", "", "--appendonly", "no", "--daemonize", "yes"])
-        .args(["--dir", &dir, "--logfile", &logfile])
-        .status()
-        .await?;
-    if !status.success() {
-        return Err(format!("could not restart {}", master.addr).into());
+    // The old master comes back empty and rejoins as a replica. Its port may
+    // still be held for a moment after the process is gone (seen once: the
+    // restarted server could not bind and exited): wait until it can be
+    // bound, and start again if the server still does not answer.
+    let mut started = false;
+    for _ in 0..3 {
+        port_free(&port).await;
+        let status = tokio::process::Command::new("redis-server")
+            .args([
+                "--port",
+                &port,
+                "--bind",
+                "127.0.0.1",
+                "--cluster-enabled",
+                "yes",
+            ])
+            .args([
+                "--cluster-config-file",
+                &nodes_file,
+                "--cluster-node-timeout",
+                &timeout,
+            ])
+            .args(["--save", "", "--appendonly", "no", "--daemonize", "yes"])
+            .args(["--dir", &dir, "--logfile", &logfile])
+            .status()
+            .await?;
+        if !status.success() {
+            return Err(format!("could not restart {}", master.addr).into());
+        }
+        if answers(&master.addr).await {
+            started = true;
+            break;
+        }
+    }
+    if !started {
+        return Err(format!("{} did not come back (see {logfile})", master.addr).into());
     }
     wait_role(&master.addr, "slave").await?;
     wait_synced(&master.addr).await?;
