@@ -329,3 +329,41 @@ async fn a_renewal_that_panics_is_retried_and_the_lease_kept() {
     assert_eq!(first.await.unwrap().unwrap(), 1);
     assert_eq!(jobs.runs.get(), 1);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_renewal_due_sooner_than_the_keeper_planned_to_wake_is_on_time() {
+    use idem_runtime::engine::{claim, Claimed, Options};
+    // A claim with a long lease: the keeper plans to wake in 20 s for it (or
+    // lingers a second with nothing else queued).
+    let store = MemoryStore::new();
+    let long = claim(
+        store.handle(),
+        &Options::new().lease(Duration::from_secs(60)),
+        idem_runtime::Key::derive("kept-long", &1u32).unwrap(),
+        None,
+    )
+    .await
+    .unwrap();
+    assert!(matches!(long, Claimed::Run(_)));
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    // A claim with a 1 s lease is due for renewal long before that.
+    let jobs = Arc::new(Kept {
+        store: FaultyStore::default(),
+        runs: Runs::default(),
+    });
+    let first = tokio::spawn({
+        let jobs = jobs.clone();
+        async move { jobs.run(7, Duration::from_millis(2_500)).await }
+    });
+    while jobs.runs.get() == 0 {
+        tokio::task::yield_now().await;
+    }
+    tokio::time::sleep(Duration::from_millis(1_500)).await;
+    let dup = jobs.run(7, Duration::ZERO).await;
+    assert!(
+        matches!(dup, Err(ref e) if e.is_in_progress()),
+        "the short lease lapsed: {dup:?}"
+    );
+    assert_eq!(first.await.unwrap().unwrap(), 1);
+    drop(long);
+}

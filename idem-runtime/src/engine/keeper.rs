@@ -88,6 +88,10 @@ fn interval(lease: Duration) -> Duration {
     (lease / 3).max(Duration::from_micros(100))
 }
 
+/// How long the keeper thread waits with nothing queued before it sleeps
+/// until woken.
+const LINGER: Duration = Duration::from_secs(1);
+
 /// `pause` from now; a pause past any clock (a lease of `Duration::MAX`) is
 /// capped to 100 years.
 fn due_in(pause: Duration) -> Instant {
@@ -119,6 +123,11 @@ struct Registry {
     leases: HashMap<u64, Entry>,
     /// Renewals by the time they are due.
     queue: BTreeSet<(Instant, u64)>,
+    /// When the keeper thread wakes next (`None`: only when woken). A renewal
+    /// due later needs no wake-up: the thread finds it then. (Claims with the
+    /// same lease are due in the order they came, so a steady stream of them
+    /// wakes the thread once per renewal interval, not once per claim.)
+    wakes_at: Option<Instant>,
 }
 
 struct Keeper {
@@ -161,14 +170,15 @@ impl Keeper {
         self.registry.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
-    /// Queues `id`'s next renewal at `due`, waking the thread if it is the earliest.
+    /// Queues `id`'s next renewal at `due`, waking the thread if it would
+    /// otherwise wake too late.
     fn schedule(&self, registry: &mut Registry, due: Instant, id: u64) {
-        let earliest = registry.queue.first().is_none_or(|&(first, _)| due < first);
         registry.queue.insert((due, id));
         if let Some(entry) = registry.leases.get_mut(&id) {
             entry.renewing = Some(Renewing::Due(due));
         }
-        if earliest {
+        if registry.wakes_at.is_none_or(|wake| due < wake) {
+            registry.wakes_at = Some(due);
             self.earlier.notify_one();
         }
     }
@@ -176,6 +186,7 @@ impl Keeper {
     /// The keeper thread: spawns each renewal when it is due.
     fn run(&'static self) {
         let mut registry = self.lock();
+        let mut idle = false;
         loop {
             let now = Instant::now();
             while let Some(&(due, id)) = registry.queue.first() {
@@ -198,8 +209,22 @@ impl Keeper {
                 let task = entry.runtime.spawn(renewal).abort_handle();
                 entry.renewing = Some(Renewing::Now(task));
             }
-            registry = match registry.queue.first() {
+            // With nothing queued the thread lingers once before it sleeps
+            // until woken: claims that come and go faster than it wakes
+            // (most of them) then wake it once per linger, not once each.
+            registry.wakes_at = match registry.queue.first() {
                 Some(&(due, _)) => {
+                    idle = false;
+                    Some(due)
+                }
+                None if !idle => {
+                    idle = true;
+                    Some(now + LINGER)
+                }
+                None => None,
+            };
+            registry = match registry.wakes_at {
+                Some(due) => {
                     let wait = due.saturating_duration_since(now);
                     self.earlier
                         .wait_timeout(registry, wait)
