@@ -7,6 +7,8 @@
 //!   the floor, two plain round trips, `SET key v NX PX` then `SET key v PX`;
 //! - `replay`: a call whose key is completed; the peer's `try_insert` that
 //!   finds the completed entry; the floor, one plain `GET`;
+//! - `replay (store API)`: the same replay through `RedisStore::claim` alone
+//!   (no key derivation, no decoding), driven as the peer is;
 //! - `cached replay`: idem's replay through a [`ReplayCache`], served from
 //!   process memory (the peer has none).
 //!
@@ -29,7 +31,7 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 
-use idem_runtime::{RedisStore, ReplayCache};
+use idem_runtime::{Claim, ClaimRequest, Key, RedisStore, ReplayCache, Store};
 use idempotent::entry::ExistingEntry;
 use idempotent::fingerprint::{DefaultFingerprintStrategy, FingerprintStrategy};
 use idempotent::store::valkey::ValkeyStore;
@@ -204,6 +206,7 @@ fn main() {
         let svc = Arc::new(Svc {
             store: store.clone(),
         });
+        let store_api = Arc::new(store.clone());
         let cached = Arc::new(Svc {
             store: ReplayCache::new(store, 10_000),
         });
@@ -287,8 +290,39 @@ fn main() {
                 tasks,
                 &[
                     ("floor", floor.clone()),
-                    ("peer", peer_replay),
+                    ("peer", peer_replay.clone()),
                     ("idem", idem),
+                ],
+            )
+            .await;
+
+            // The same replay through idem's store API alone (no key
+            // derivation, no decoding), as the peer is driven.
+            let (st, key) = (store_api.clone(), Key::derive("bench", &u64::MAX).unwrap());
+            let idem_store = op(move |_| {
+                let (st, key) = (st.clone(), key.clone());
+                async move {
+                    let claim = st
+                        .claim(ClaimRequest {
+                            key: key.as_str(),
+                            fingerprint: None,
+                            lease: Duration::from_secs(30),
+                        })
+                        .await
+                        .unwrap();
+                    assert!(matches!(claim, Claim::Completed { .. }), "{claim:?}");
+                    std::hint::black_box(claim);
+                }
+            });
+            figure(
+                &mut admin,
+                &format!("replay (store API), {tasks} task(s)"),
+                ops * 4,
+                tasks,
+                &[
+                    ("floor", floor.clone()),
+                    ("peer", peer_replay),
+                    ("idem", idem_store),
                 ],
             )
             .await;
