@@ -67,7 +67,10 @@ impl Kept {
 
 impl Drop for Kept {
     fn drop(&mut self) {
-        // Registered, so the keeper exists.
+        // A claim carried into a forked process: its registry is a copy.
+        if !in_keeper_process() {
+            return;
+        }
         let mut registry = KEEPER.lock();
         if let Some(entry) = registry.leases.remove(&self.id) {
             match entry.renewing {
@@ -131,36 +134,44 @@ struct Registry {
 }
 
 struct Keeper {
-    /// The process the keeper thread runs in: a process forked from it has
-    /// the keeper's memory but not its thread.
-    pid: u32,
     registry: Mutex<Registry>,
     /// Wakes the keeper thread when a renewal is due sooner than it planned.
     earlier: Condvar,
 }
 
 static KEEPER: LazyLock<Keeper> = LazyLock::new(|| Keeper {
-    pid: std::process::id(),
     registry: Mutex::new(Registry::default()),
     earlier: Condvar::new(),
 });
+
+/// The process that started the keeper thread; `None` if it could not start.
+static STARTED: OnceLock<Option<u32>> = OnceLock::new();
 
 /// The keeper, its thread started on first use; `None` if it could not start,
 /// or in a process forked after it started (which has no keeper thread, and
 /// may have inherited the registry locked): claims there keep a task each.
 fn keeper() -> Option<&'static Keeper> {
-    static STARTED: OnceLock<bool> = OnceLock::new();
-    let started = *STARTED.get_or_init(|| {
+    let pid = (*STARTED.get_or_init(|| {
+        let pid = std::process::id();
         let spawned = std::thread::Builder::new()
             .name("idem-lease-keeper".into())
             .spawn(|| KEEPER.run());
-        if let Err(err) = &spawned {
-            tracing::error!(error = %err, "could not start the lease keeper thread; leases are renewed by a task per claim");
+        match spawned {
+            Ok(_) => Some(pid),
+            Err(err) => {
+                tracing::error!(error = %err, "could not start the lease keeper thread; leases are renewed by a task per claim");
+                None
+            }
         }
-        spawned.is_ok()
-    });
-    let keeper = started.then(|| &*KEEPER)?;
-    (keeper.pid == std::process::id()).then_some(keeper)
+    }))?;
+    (pid == std::process::id()).then(|| &*KEEPER)
+}
+
+/// Whether this is the process the keeper thread runs in: a registry copied
+/// into a forked process is served by nobody and may have been copied locked,
+/// so there it is never touched.
+fn in_keeper_process() -> bool {
+    STARTED.get().copied().flatten() == Some(std::process::id())
 }
 
 impl Keeper {
@@ -209,6 +220,8 @@ impl Keeper {
                 let task = entry.runtime.spawn(renewal).abort_handle();
                 entry.renewing = Some(Renewing::Now(task));
             }
+            // The spawns above may have taken a while: plan the wait from now.
+            let now = Instant::now();
             // With nothing queued the thread lingers once before it sleeps
             // until woken: claims that come and go faster than it wakes
             // (most of them) then wake it once per linger, not once each.
@@ -275,6 +288,9 @@ async fn renew(
             Some(interval(lease) / 2)
         }
     };
+    if !in_keeper_process() {
+        return;
+    }
     let mut registry = keeper.lock();
     match next {
         // Unless the claim was settled meanwhile (its entry is gone).
