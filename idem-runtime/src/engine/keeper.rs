@@ -9,7 +9,7 @@
 //! queue and wakes an idle worker, so a body that blocks its worker thread
 //! cannot hold its own renewal back. A renewal that succeeds is due again a
 //! third of the lease later; one that fails with a store error is retried after
-//! a sixth (two more tries fit in the lease); [`Error::LeaseLost`] ends it.
+//! a sixth (two more tries fit in the lease); [`Error::LeaseLost`](crate::Error::LeaseLost) ends it.
 //!
 //! The keeper keeps time by the OS clock, so on a current-thread runtime (where
 //! tests pause Tokio's clock) claims keep a task of their own instead.
@@ -25,7 +25,7 @@ use std::time::{Duration, Instant};
 use tokio::runtime::Handle;
 use tracing::Instrument as _;
 
-use crate::error::Error;
+use super::lease::{interval, next_renewal};
 use crate::key::Key;
 use crate::store::{cap_duration, FencingToken, Store};
 
@@ -83,12 +83,6 @@ impl Drop for Kept {
             }
         }
     }
-}
-
-/// Renewals are due every third of the lease (a lease of a few milliseconds
-/// cannot be kept reliably by any store on a network; this keeps trying).
-fn interval(lease: Duration) -> Duration {
-    (lease / 3).max(Duration::from_micros(100))
 }
 
 /// How long the keeper thread waits with nothing queued before it sleeps
@@ -271,22 +265,7 @@ async fn renew(
             tracing::error!(token = token.0, "lease renewal panicked; retrying");
             Some(interval(lease) / 2)
         }
-        Ok(Ok(())) => {
-            tracing::trace!(token = token.0, "lease renewed");
-            Some(interval(lease))
-        }
-        Ok(Err(Error::LeaseLost)) => {
-            tracing::error!(
-                token = token.0,
-                "lease lost while the claim is held; its outcome will not be recorded"
-            );
-            None
-        }
-        Ok(Err(err)) => {
-            // Two more tries fit in the lease at this pace.
-            tracing::warn!(token = token.0, error = %err, "lease renewal failed; retrying");
-            Some(interval(lease) / 2)
-        }
+        Ok(renewed) => next_renewal(renewed, token, lease),
     };
     if !in_keeper_process() {
         return;

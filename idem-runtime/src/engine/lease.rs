@@ -74,29 +74,15 @@ impl Watchdog {
     /// tests may pause; or where the keeper cannot be used: its thread could
     /// not start, or the process was forked from the one it runs in).
     fn task(store: Arc<dyn Store>, key: Key, token: FencingToken, lease: Duration) -> Self {
-        let interval = (lease / 3).max(Duration::from_millis(1));
         let task = tokio::spawn(
             async move {
-                let mut pause = interval;
+                let mut pause = interval(lease);
                 loop {
                     tokio::time::sleep(pause).await;
-                    match store.renew(key.as_str(), token, lease).await {
-                        Ok(()) => {
-                            tracing::trace!(token = token.0, "lease renewed");
-                            pause = interval;
-                        }
-                        Err(Error::LeaseLost) => {
-                            tracing::error!(
-                                token = token.0,
-                                "lease lost while the claim is held; its outcome will not be recorded"
-                            );
-                            return;
-                        }
-                        Err(err) => {
-                            // Two more tries fit in the lease at this pace.
-                            tracing::warn!(token = token.0, error = %err, "lease renewal failed; retrying");
-                            pause = (interval / 2).max(Duration::from_millis(1));
-                        }
+                    match next_renewal(store.renew(key.as_str(), token, lease).await, token, lease)
+                    {
+                        Some(next) => pause = next,
+                        None => return,
                     }
                 }
             }
@@ -115,6 +101,39 @@ impl Watchdog {
             drop(tokio::spawn(async {}));
         }
         Watchdog::Task(task)
+    }
+}
+
+/// Renewals are due every third of the lease (a lease of a few milliseconds
+/// cannot be kept reliably by any store on a network; this keeps trying).
+pub(super) fn interval(lease: Duration) -> Duration {
+    (lease / 3).max(Duration::from_micros(100))
+}
+
+/// When to renew next after a renewal answered `renewed` (`None`: stop, the
+/// lease is lost), logged once here for the keeper and the task alike.
+pub(super) fn next_renewal(
+    renewed: Result<(), Error>,
+    token: FencingToken,
+    lease: Duration,
+) -> Option<Duration> {
+    match renewed {
+        Ok(()) => {
+            tracing::trace!(token = token.0, "lease renewed");
+            Some(interval(lease))
+        }
+        Err(Error::LeaseLost) => {
+            tracing::error!(
+                token = token.0,
+                "lease lost while the claim is held; its outcome will not be recorded"
+            );
+            None
+        }
+        Err(err) => {
+            // Two more tries fit in the lease at this pace.
+            tracing::warn!(token = token.0, error = %err, "lease renewal failed; retrying");
+            Some(interval(lease) / 2)
+        }
     }
 }
 
