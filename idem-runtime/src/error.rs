@@ -93,6 +93,30 @@ pub enum Error {
     /// A stored outcome (or an outcome to be stored) could not be encoded or decoded.
     #[error("the stored outcome could not be encoded or decoded: {0}")]
     Codec(#[source] BoxError),
+
+    /// This attempt's [steps](crate::step) differ from the ones an earlier
+    /// attempt of the same call recorded: the body is not deterministic (it
+    /// called another step at this position, or returned before reaching a
+    /// recorded one). Nothing is replayed or recorded; the call is released
+    /// with its steps kept, for a fixed body or a person to reconcile.
+    #[error(
+        "step {at} of this call was recorded as {recorded} by an earlier attempt, but this \
+         attempt {called}: a resumed body must call the same steps in the same order"
+    )]
+    StepMismatch {
+        /// The step's position in the call (0 for the first).
+        at: u32,
+        /// The id the earlier attempt recorded there.
+        recorded: String,
+        /// What this attempt did there (`called "charge"`, `returned first`).
+        called: String,
+    },
+
+    /// A [`step`](crate::step) used where it cannot be recorded: outside an
+    /// idempotent call, inside another step, an id already used in this
+    /// call, or a call whose store does not keep steps. The step did not run.
+    #[error("the step did not run: {0}")]
+    StepMisuse(String),
 }
 
 impl Error {

@@ -66,7 +66,7 @@ pub mod testing;
 
 /// Implement [`Store`] with this attribute (re-exported from `async-trait`).
 pub use async_trait::async_trait;
-pub use engine::{current, Attempt, InProgress, Options};
+pub use engine::{current, step, Attempt, InProgress, Options, StepId};
 pub use error::{BoxError, Error, InvalidKey};
 pub use idem_macros::idempotent;
 pub use key::{ClientKey, Digest, Key};
@@ -85,7 +85,7 @@ pub use store::sql::Reaper;
 #[cfg_attr(docsrs, doc(cfg(feature = "sqlite")))]
 pub use store::sqlite::SqliteStore;
 pub use store::{
-    Claim, ClaimRequest, FencingToken, Record, RecordState, Store, TransactionalStore,
+    Claim, ClaimRequest, FencingToken, Record, RecordState, Step, Store, TransactionalStore,
 };
 
 #[doc(hidden)]

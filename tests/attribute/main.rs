@@ -21,6 +21,7 @@ mod outage;
 mod reentrancy;
 mod replay;
 mod signatures;
+mod steps;
 mod ui;
 mod unordered;
 

@@ -10,7 +10,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use idem_runtime::{
     async_trait, idempotent, Claim, ClaimRequest, Error, FencingToken, MemoryStore, PostgresStore,
-    Record, RedisStore, SqliteStore, Store,
+    Record, RedisStore, SqliteStore, Step, Store,
 };
 use sqlx::{AssertSqlSafe, Postgres, Sqlite, Transaction};
 
@@ -289,6 +289,10 @@ pub struct FaultyStore {
     /// (`Store::answers_before_recorded` is false), as a `RedisStore` waiting
     /// for replicas does.
     pub strict: Arc<AtomicBool>,
+    /// Step records fail while set (before they reach the store).
+    pub steps_fail: Arc<AtomicBool>,
+    /// How many step records reached the store (failed ones too).
+    pub steps_recorded: Arc<AtomicUsize>,
 }
 
 fn down() -> Error {
@@ -344,6 +348,22 @@ impl Store for FaultyStore {
     }
     async fn purge_expired(&self, batch: usize) -> Result<u64, Error> {
         self.inner.purge_expired(batch).await
+    }
+    async fn record_step(
+        &self,
+        key: &str,
+        token: FencingToken,
+        step: &Step,
+        keep: Duration,
+    ) -> Result<(), Error> {
+        self.steps_recorded.fetch_add(1, Ordering::SeqCst);
+        if self.steps_fail.load(Ordering::SeqCst) {
+            return Err(down());
+        }
+        self.inner.record_step(key, token, step, keep).await
+    }
+    async fn steps(&self, key: &str) -> Result<Vec<Step>, Error> {
+        self.inner.steps(key).await
     }
     fn handle(&self) -> Arc<dyn Store> {
         Arc::new(self.clone())

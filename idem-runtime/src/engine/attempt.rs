@@ -2,29 +2,85 @@
 //! re-entrancy check that uses it.
 
 use std::future::Future;
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
+use std::time::Duration;
 
+use super::steps::StepLog;
 use crate::error::Error;
 use crate::key::{Digest, Key};
-use crate::store::FencingToken;
+use crate::store::{FencingToken, Store};
 
 /// The attempt that is running now: what [`current`] returns inside the body.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct Attempt {
     key: Key,
     token: FencingToken,
+    took_over: bool,
+    /// Where this attempt's steps are recorded: `None` where they cannot be
+    /// (a `tx =` call), with why.
+    steps: Result<StepsAt, &'static str>,
+    /// The step log, made by the first step (a call without steps makes none).
+    log: OnceLock<Arc<StepLog>>,
     /// The attempt this one runs inside of (an idempotent call made from another's body).
     outer: Option<Arc<Attempt>>,
 }
 
+/// What a step log needs: the store holding the claim, and how long steps are kept.
+#[derive(Clone)]
+pub(super) struct StepsAt {
+    pub(super) store: Arc<dyn Store>,
+    pub(super) keep: Duration,
+}
+
+impl std::fmt::Debug for Attempt {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Attempt")
+            .field("key", &self.key)
+            .field("token", &self.token)
+            .field("took_over", &self.took_over)
+            .field("outer", &self.outer)
+            .finish_non_exhaustive()
+    }
+}
+
 impl Attempt {
     /// The attempt for a claim taken now, inside whatever attempt is running.
-    fn new(key: Key, token: FencingToken) -> Self {
+    fn new(
+        key: Key,
+        token: FencingToken,
+        took_over: bool,
+        steps: Result<StepsAt, &'static str>,
+    ) -> Self {
         Attempt {
             key,
             token,
+            took_over,
+            steps,
+            log: OnceLock::new(),
             outer: current().map(Arc::new),
         }
+    }
+
+    /// This attempt's step log, made on first use.
+    pub(super) fn step_log(&self) -> Result<Arc<StepLog>, Error> {
+        let at = self
+            .steps
+            .as_ref()
+            .map_err(|why| Error::StepMisuse((*why).into()))?;
+        Ok(Arc::clone(self.log.get_or_init(|| {
+            Arc::new(StepLog::new(
+                Arc::clone(&at.store),
+                self.key.clone(),
+                self.token,
+                at.keep,
+                self.took_over,
+            ))
+        })))
+    }
+
+    /// The step log, if a step made one.
+    pub(super) fn made_log(&self) -> Option<Arc<StepLog>> {
+        self.log.get().cloned()
     }
 
     /// Whether this attempt, or one it runs inside of, holds `key`.
@@ -56,6 +112,16 @@ impl Attempt {
         self.token
     }
 
+    /// Whether this attempt continues an earlier one of the same call that did
+    /// not finish: it took over a claim whose lease lapsed (its holder crashed
+    /// or stalled), or an earlier attempt recorded [steps](crate::step) and was
+    /// then released (an error, a cancellation) or lapsed. Recorded steps are
+    /// replayed, not run again; work done outside a step by the earlier
+    /// attempt may have happened, or not: see `on_takeover` in the README.
+    pub fn took_over(&self) -> bool {
+        self.took_over
+    }
+
     /// A key for a downstream call (a payment provider's idempotency key, say),
     /// derived from this key's digest and `purpose`. It is the same for every
     /// attempt of the same logical call, so a rerun after a crash is deduplicated
@@ -78,6 +144,17 @@ pub fn current() -> Option<Attempt> {
     CURRENT.try_with(Attempt::clone).ok()
 }
 
+/// The running attempt's step log (made now if this is its first step).
+pub(super) fn current_step_log() -> Result<Arc<StepLog>, Error> {
+    CURRENT.try_with(Attempt::step_log).unwrap_or_else(|_| {
+        Err(Error::StepMisuse(
+            "a step runs only inside an idempotent call (an `#[idempotent]` body, \
+                 an `IdempotencyLayer` handler or a `Deduplicator` handler)"
+                .into(),
+        ))
+    })
+}
+
 /// Refuses a call whose key the running attempt (or one it runs inside of) holds:
 /// it would wait for itself.
 pub(super) fn check_reentrant(key: &Key) -> Result<(), Error> {
@@ -91,11 +168,13 @@ pub(super) fn check_reentrant(key: &Key) -> Result<(), Error> {
 }
 
 /// Runs `work` as the attempt holding `key` with `token` (inside whatever
-/// attempt runs now), so [`current`] sees it.
+/// attempt runs now), so [`current`] sees it; its steps go to `steps`.
 pub(super) fn run_as<F: Future>(
     key: &Key,
     token: FencingToken,
+    took_over: bool,
+    steps: Result<StepsAt, &'static str>,
     work: F,
-) -> impl Future<Output = F::Output> {
-    CURRENT.scope(Attempt::new(key.clone(), token), work)
+) -> tokio::task::futures::TaskLocalFuture<Attempt, F> {
+    CURRENT.scope(Attempt::new(key.clone(), token, took_over, steps), work)
 }

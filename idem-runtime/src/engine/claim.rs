@@ -56,7 +56,14 @@ pub async fn claim(
     .instrument(span)
     .await?;
     Ok(match claimed {
-        Claimed::Run(token) => Claimed::Run(Held::new(store, key, token, options.lease)),
+        Claimed::Run((token, took_over)) => Claimed::Run(Held::new(
+            store,
+            key,
+            token,
+            took_over,
+            options.lease,
+            options.ttl,
+        )),
         Claimed::Replay(outcome) => Claimed::Replay(outcome),
     })
 }
@@ -177,15 +184,19 @@ impl Waiter {
     pub(super) async fn decide(
         &mut self,
         result: Result<Claim, Error>,
-    ) -> Result<Option<Claimed<FencingToken>>, Error> {
+    ) -> Result<Option<Claimed<(FencingToken, bool)>>, Error> {
         match result {
             Ok(Claim::Acquired { token, took_over }) => {
                 if took_over {
-                    tracing::warn!(token = token.0, "took over a claim whose lease lapsed");
+                    tracing::warn!(
+                        token = token.0,
+                        "took over: an earlier attempt did not finish (its lease lapsed, \
+                         or it recorded steps and was released)"
+                    );
                 } else {
                     tracing::debug!(token = token.0, "claimed");
                 }
-                Ok(Some(Claimed::Run(token)))
+                Ok(Some(Claimed::Run((token, took_over))))
             }
             Ok(Claim::Completed { outcome, .. }) => Ok(Some(Claimed::Replay(outcome))),
             Ok(Claim::InProgress { lease_remaining }) => {

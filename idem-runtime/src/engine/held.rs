@@ -5,8 +5,9 @@ use std::future::Future;
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
-use super::attempt::run_as;
+use super::attempt::{run_as, StepsAt};
 use super::lease::{self, Completion, Watchdog};
+use super::steps::StepLog;
 use super::Settle;
 use crate::error::Error;
 use crate::key::Key;
@@ -21,9 +22,14 @@ pub struct Held {
     store: Arc<dyn Store>,
     key: Key,
     token: FencingToken,
+    took_over: bool,
     lease: Duration,
+    /// How long recorded steps are kept: the call's ttl.
+    keep: Duration,
     /// Renews the lease until the claim is completed, released or dropped.
     watchdog: OnceLock<Watchdog>,
+    /// The steps the work called, if it called any.
+    steps: OnceLock<Arc<StepLog>>,
     armed: bool,
 }
 
@@ -46,7 +52,9 @@ impl Held {
         store: Arc<dyn Store>,
         key: Key,
         token: FencingToken,
+        took_over: bool,
         lease: Duration,
+        keep: Duration,
     ) -> Self {
         let watchdog = OnceLock::new();
         if let Some(kept) = Watchdog::kept(Arc::clone(&store), key.clone(), token, lease) {
@@ -56,8 +64,11 @@ impl Held {
             store,
             key,
             token,
+            took_over,
             lease,
+            keep,
             watchdog,
+            steps: OnceLock::new(),
             armed: true,
         }
     }
@@ -72,21 +83,65 @@ impl Held {
         self.token
     }
 
-    /// Runs `work` as this attempt ([`current`](super::current) sees it). The lease is renewed
+    /// Whether this claim continues an earlier attempt that did not finish
+    /// (see [`Attempt::took_over`](super::Attempt::took_over)).
+    pub fn took_over(&self) -> bool {
+        self.took_over
+    }
+
+    /// Runs `work` as this attempt ([`current`](super::current) sees it, and
+    /// [`step`](super::step) records under this claim). The lease is renewed
     /// by the claim's watchdog meanwhile, whether or not `work` is polled.
     pub async fn run<F: Future>(&self, work: F) -> F::Output {
-        let mut work = std::pin::pin!(run_as(&self.key, self.token, work));
-        if self.watchdog.get().is_some() {
-            return work.await;
+        let steps = Ok(StepsAt {
+            store: Arc::clone(&self.store),
+            keep: self.keep,
+        });
+        let mut work = std::pin::pin!(run_as(&self.key, self.token, self.took_over, steps, work));
+        let output = if self.watchdog.get().is_some() {
+            work.as_mut().await
+        } else {
+            std::future::poll_fn(|cx| {
+                let polled = work.as_mut().poll(cx);
+                if polled.is_pending() {
+                    self.watchdog.get_or_init(|| self.start_watchdog());
+                }
+                polled
+            })
+            .await
+        };
+        if let Some(log) = work.as_mut().take_value().and_then(|a| a.made_log()) {
+            let _ = self.steps.set(log);
         }
-        std::future::poll_fn(|cx| {
-            let polled = work.as_mut().poll(cx);
-            if polled.is_pending() {
-                self.watchdog.get_or_init(|| self.start_watchdog());
+        output
+    }
+
+    /// Whether the work reached every step an earlier attempt recorded
+    /// ([`Error::StepMismatch`] if not). A store that cannot say is logged and
+    /// trusted: the outcome is not thrown away for a check.
+    async fn check_steps(&self) -> Result<(), Error> {
+        let made;
+        let log = match self.steps.get() {
+            Some(log) => log,
+            None if self.took_over => {
+                made = StepLog::new(
+                    Arc::clone(&self.store),
+                    self.key.clone(),
+                    self.token,
+                    self.keep,
+                    true,
+                );
+                &made
             }
-            polled
-        })
-        .await
+            None => return Ok(()),
+        };
+        match log.check_finished().await {
+            Err(Error::Store(err)) => {
+                tracing::warn!(error = %err, "could not read the recorded steps to check them");
+                Ok(())
+            }
+            checked => checked,
+        }
     }
 
     fn start_watchdog(&self) -> Watchdog {
@@ -109,7 +164,16 @@ impl Held {
     /// again. A completion whose reply was lost but whose write landed is `Ok`.
     /// [`Error::LeaseLost`] means another caller took the key over meanwhile and
     /// nothing was written.
+    ///
+    /// If an earlier attempt recorded steps this attempt did not reach, nothing
+    /// is recorded: the claim is released (its steps kept) and the answer is
+    /// [`Error::StepMismatch`].
     pub async fn complete(mut self, outcome: &[u8], ttl: Duration) -> Result<(), Error> {
+        if let Err(err) = self.check_steps().await {
+            self.release_because("released: the body skipped a recorded step")
+                .await;
+            return Err(err);
+        }
         self.armed = false;
         let token = self.token;
         let (store, key) = (Arc::clone(&self.store), self.key.clone());

@@ -26,6 +26,7 @@ use crate::store::{cap_duration, ClaimRequest, FencingToken, TransactionalStore}
 pub struct HeldInTx {
     key: Key,
     token: FencingToken,
+    took_over: bool,
     span: tracing::Span,
 }
 
@@ -40,9 +41,20 @@ impl HeldInTx {
         self.token
     }
 
+    /// Whether this claim took over one whose lease lapsed
+    /// (see [`Attempt::took_over`](super::Attempt::took_over)).
+    pub fn took_over(&self) -> bool {
+        self.took_over
+    }
+
     /// Runs `work` as this attempt, so [`current`](super::current) sees it.
+    /// Steps are refused inside it ([`Error::StepMisuse`]).
     pub async fn run<F: Future>(&self, work: F) -> F::Output {
-        run_as(&self.key, self.token, work).await
+        let steps = Err(
+            "steps inside a `tx =` call are not supported: the call's writes already commit \
+             together with its record",
+        );
+        run_as(&self.key, self.token, self.took_over, steps, work).await
     }
 
     /// Records `outcome` in `tx` for `ttl` (capped to 100 years). Commit `tx`
@@ -189,7 +201,12 @@ where
     .instrument(span.clone())
     .await?;
     Ok(match claimed {
-        Claimed::Run(token) => Claimed::Run(HeldInTx { key, token, span }),
+        Claimed::Run((token, took_over)) => Claimed::Run(HeldInTx {
+            key,
+            token,
+            took_over,
+            span,
+        }),
         Claimed::Replay(outcome) => Claimed::Replay(outcome),
     })
 }

@@ -27,7 +27,7 @@ use foldhash::fast::RandomState;
 use tokio::time::Instant;
 
 use super::sync::{Mutex, MutexGuard, ShardHasher};
-use super::{Claim, ClaimRequest, FencingToken, Record, Store};
+use super::{Claim, ClaimRequest, FencingToken, Record, Step, Store};
 use crate::error::Error;
 use crate::key::Digest;
 
@@ -266,6 +266,20 @@ impl<S: Store + Clone + 'static> Store for ReplayCache<S> {
             lock(shard).entries.retain(|_, e| e.expires_at > now);
         }
         self.inner.purge_expired(batch).await
+    }
+
+    async fn record_step(
+        &self,
+        key: &str,
+        token: FencingToken,
+        step: &Step,
+        keep: Duration,
+    ) -> Result<(), Error> {
+        self.inner.record_step(key, token, step, keep).await
+    }
+
+    async fn steps(&self, key: &str) -> Result<Vec<Step>, Error> {
+        self.inner.steps(key).await
     }
 
     fn handle(&self) -> Arc<dyn Store> {

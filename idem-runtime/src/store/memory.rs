@@ -10,7 +10,7 @@ use foldhash::fast::RandomState;
 use tokio::time::Instant;
 
 use super::sync::{AtomicU64, Mutex, MutexGuard, Ordering, ShardHasher};
-use super::{Claim, ClaimRequest, FencingToken, Record, RecordState, Store};
+use super::{Claim, ClaimRequest, FencingToken, Record, RecordState, Step, Store};
 use crate::error::Error;
 use crate::key::Digest;
 
@@ -57,6 +57,14 @@ struct Entry {
     token: FencingToken,
     fingerprint: Option<Digest>,
     state: State,
+    /// Steps recorded by this call's attempts, kept past a release or a lapse.
+    steps: Option<Box<Steps>>,
+}
+
+/// A call's recorded steps, by position, and until when they are kept.
+struct Steps {
+    until: Instant,
+    list: Vec<Step>,
 }
 
 enum State {
@@ -67,6 +75,8 @@ enum State {
         outcome: Box<[u8]>,
         expires_at: Instant,
     },
+    /// Released while it had steps: kept for them, deciding no claim.
+    Released,
 }
 
 impl Entry {
@@ -75,7 +85,18 @@ impl Entry {
         match &self.state {
             State::Processing { lease_until } => *lease_until > now,
             State::Completed { expires_at, .. } => *expires_at > now,
+            State::Released => false,
         }
+    }
+
+    /// The steps, if they are still kept at `now`.
+    fn kept_steps(&self, now: Instant) -> Option<&Steps> {
+        self.steps.as_deref().filter(|steps| steps.until > now)
+    }
+
+    /// Whether the record must stay: it is live, or it keeps steps.
+    fn is_kept(&self, now: Instant) -> bool {
+        self.is_live(now) || self.kept_steps(now).is_some()
     }
 }
 
@@ -166,7 +187,7 @@ impl Inner {
         // waited for the lock is judged by a time no older than the record.
         let now = Instant::now();
         shard.maybe_sweep(now);
-        let took_over = match shard.records.get(request.key) {
+        let (took_over, steps) = match shard.records.get_mut(request.key) {
             Some(entry) if entry.is_live(now) => {
                 if let (Some(stored), Some(given)) = (&entry.fingerprint, request.fingerprint) {
                     if stored != given {
@@ -185,10 +206,25 @@ impl Inner {
                     State::Processing { lease_until } => Claim::InProgress {
                         lease_remaining: lease_until.saturating_duration_since(now),
                     },
+                    State::Released => unreachable!("a released record is never live"),
                 };
             }
-            Some(entry) => matches!(entry.state, State::Processing { .. }),
-            None => false,
+            Some(entry) => {
+                // Kept steps belong to the request that recorded them: another
+                // request with this key must not resume them.
+                let steps = entry.steps.take().filter(|steps| steps.until > now);
+                if let (Some(_), Some(stored), Some(given)) =
+                    (&steps, &entry.fingerprint, request.fingerprint)
+                {
+                    if stored != given {
+                        entry.steps = steps;
+                        return Claim::FingerprintMismatch;
+                    }
+                }
+                let lapsed = matches!(entry.state, State::Processing { .. });
+                (lapsed || steps.is_some(), steps)
+            }
+            None => (false, None),
         };
         let token = self.next_token();
         let entry = Entry {
@@ -197,6 +233,7 @@ impl Inner {
             state: State::Processing {
                 lease_until: now + super::cap_duration(request.lease),
             },
+            steps,
         };
         shard.records.insert(request.key.into(), entry);
         Claim::Acquired { token, took_over }
@@ -223,15 +260,24 @@ impl Inner {
 
     fn release_sync(&self, key: &str, token: FencingToken) -> Result<(), Error> {
         let mut shard = self.shard(key);
-        match shard.records.get(key) {
+        let now = Instant::now();
+        let keep = match shard.records.get_mut(key) {
             Some(entry)
                 if entry.token == token && matches!(entry.state, State::Processing { .. }) =>
             {
-                shard.records.remove(key);
-                Ok(())
+                // Recorded steps outlive the attempt: the next claim resumes them.
+                let keep = entry.kept_steps(now).is_some();
+                if keep {
+                    entry.state = State::Released;
+                }
+                keep
             }
-            _ => Err(Error::LeaseLost),
+            _ => return Err(Error::LeaseLost),
+        };
+        if !keep {
+            shard.records.remove(key);
         }
+        Ok(())
     }
 
     fn purge(&self, batch: usize) -> u64 {
@@ -246,7 +292,7 @@ impl Inner {
             let expired: Vec<Box<str>> = shard
                 .records
                 .iter()
-                .filter(|(_, e)| !e.is_live(now))
+                .filter(|(_, e)| !e.is_kept(now))
                 .map(|(k, _)| k.clone())
                 .take(budget)
                 .collect();
@@ -267,7 +313,7 @@ impl Shard {
         self.claims_since_sweep += 1;
         let grown = self.records.len() >= 2 * self.len_after_sweep.max(SWEEP_EVERY / 8);
         if self.claims_since_sweep >= SWEEP_EVERY.max(self.len_after_sweep) || grown {
-            self.records.retain(|_, e| e.is_live(now));
+            self.records.retain(|_, e| e.is_kept(now));
             self.claims_since_sweep = 0;
             self.len_after_sweep = self.records.len();
         }
@@ -293,6 +339,7 @@ impl Store for Inner {
                 outcome: outcome.into(),
                 expires_at,
             };
+            entry.steps = None;
         })
     }
 
@@ -322,6 +369,7 @@ impl Store for Inner {
                     }
                     (RecordState::Completed, Some(outcome.to_vec()), *expires_at)
                 }
+                State::Released => return None,
             };
             Some(Record::new(
                 key.to_owned(),
@@ -336,6 +384,40 @@ impl Store for Inner {
 
     async fn purge_expired(&self, batch: usize) -> Result<u64, Error> {
         Ok(self.purge(batch))
+    }
+
+    async fn record_step(
+        &self,
+        key: &str,
+        token: FencingToken,
+        step: &Step,
+        keep: Duration,
+    ) -> Result<(), Error> {
+        let until = Instant::now() + super::cap_duration(keep);
+        self.with_claim(key, token, |entry| {
+            let steps = entry.steps.get_or_insert_with(|| {
+                Box::new(Steps {
+                    until,
+                    list: Vec::new(),
+                })
+            });
+            steps.until = steps.until.max(until);
+            match steps.list.binary_search_by_key(&step.at, |s| s.at) {
+                Ok(i) => steps.list[i] = step.clone(),
+                Err(i) => steps.list.insert(i, step.clone()),
+            }
+        })
+    }
+
+    async fn steps(&self, key: &str) -> Result<Vec<Step>, Error> {
+        let shard = self.shard(key);
+        let now = Instant::now();
+        Ok(shard
+            .records
+            .get(key)
+            .and_then(|entry| entry.kept_steps(now))
+            .map(|steps| steps.list.clone())
+            .unwrap_or_default())
     }
 
     fn handle(&self) -> Arc<dyn Store> {
@@ -382,6 +464,20 @@ impl Store for MemoryStore {
 
     async fn purge_expired(&self, batch: usize) -> Result<u64, Error> {
         Ok(self.inner.purge(batch))
+    }
+
+    async fn record_step(
+        &self,
+        key: &str,
+        token: FencingToken,
+        step: &Step,
+        keep: Duration,
+    ) -> Result<(), Error> {
+        Store::record_step(&*self.inner, key, token, step, keep).await
+    }
+
+    async fn steps(&self, key: &str) -> Result<Vec<Step>, Error> {
+        Store::steps(&*self.inner, key).await
     }
 
     fn handle(&self) -> Arc<dyn Store> {

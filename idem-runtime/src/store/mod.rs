@@ -88,7 +88,9 @@ pub enum Claim {
     Acquired {
         /// The new fencing token.
         token: FencingToken,
-        /// Whether a lapsed claim of another caller was taken over.
+        /// Whether this claim continues an earlier attempt that did not finish:
+        /// a lapsed claim of another caller was taken over, or an earlier
+        /// attempt recorded [steps](Store::record_step) that are still kept.
         took_over: bool,
     },
     /// The key is completed: replay this encoded outcome.
@@ -160,6 +162,27 @@ impl Record {
     }
 }
 
+/// A step of a call, as recorded by [`Store::record_step`] and read back by
+/// [`Store::steps`]: the `Ok` value of one
+/// [`step`](crate::step) inside the call holding the key.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct Step {
+    /// Where the step came in the call: 0 for its first step, and so on.
+    pub at: u32,
+    /// The step's id as the body named it (see [`StepId`](crate::StepId)).
+    pub id: String,
+    /// The encoded value (see [`codec`](crate::codec)).
+    pub value: Vec<u8>,
+}
+
+impl Step {
+    /// Builds a step (for store implementations).
+    pub fn new(at: u32, id: String, value: Vec<u8>) -> Self {
+        Step { at, id, value }
+    }
+}
+
 /// A backend that keeps idempotency records.
 ///
 /// Implementations decide every claim atomically in one round trip (never a
@@ -205,6 +228,38 @@ pub trait Store: Send + Sync {
 
     /// Deletes up to `batch` expired records; returns how many were deleted.
     async fn purge_expired(&self, batch: usize) -> Result<u64, Error>;
+
+    /// Records `step` of the call that holds `key` with `token`, atomically
+    /// checked like [`complete`](Store::complete): [`Error::LeaseLost`]
+    /// (changing nothing) unless `token` is current and the record processing.
+    /// A step at the same position is replaced.
+    ///
+    /// Steps outlive the attempt that recorded them: a release keeps them (the
+    /// record is then released, not deleted), and so does a lapsed lease, for
+    /// at least `keep` from now; the next claim of the key carries them over
+    /// and reports [`took_over`](Claim::Acquired). Completing the record
+    /// drops them, and so do expiry and [`purge_expired`](Store::purge_expired)
+    /// once `keep` has passed. See CONTRACT §3.4.
+    ///
+    /// The default refuses with [`Error::Store`]: a store that does not keep
+    /// steps must not pretend to.
+    async fn record_step(
+        &self,
+        key: &str,
+        token: FencingToken,
+        step: &Step,
+        keep: Duration,
+    ) -> Result<(), Error> {
+        let _ = (key, token, step, keep);
+        Err(Error::Store("this store does not record steps".into()))
+    }
+
+    /// The steps recorded for `key` and still kept, by position (empty when
+    /// none are, or when the record is completed).
+    async fn steps(&self, key: &str) -> Result<Vec<Step>, Error> {
+        let _ = key;
+        Ok(Vec::new())
+    }
 
     /// An owned handle to this store, used by the engine to renew the lease while
     /// the body runs and to release a claim whose caller went away.
@@ -305,6 +360,18 @@ macro_rules! forward_store {
             }
             async fn purge_expired(&self, batch: usize) -> Result<u64, Error> {
                 (**self).purge_expired(batch).await
+            }
+            async fn record_step(
+                &self,
+                key: &str,
+                token: FencingToken,
+                step: &Step,
+                keep: Duration,
+            ) -> Result<(), Error> {
+                (**self).record_step(key, token, step, keep).await
+            }
+            async fn steps(&self, key: &str) -> Result<Vec<Step>, Error> {
+                (**self).steps(key).await
             }
             fn handle(&self) -> Arc<dyn Store> {
                 (**self).handle()

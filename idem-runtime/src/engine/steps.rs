@@ -1,0 +1,311 @@
+//! Steps inside an idempotent call: [`step`] runs its work at most once per
+//! logical call. Its `Ok` value is recorded under the call's key, fenced by the
+//! attempt's token, before the step returns; a later attempt of the call (after
+//! a crash, a lapsed lease, a release) replays each recorded step without
+//! running it and runs the first one not recorded. CONTRACT §3.4.
+
+use std::collections::HashSet;
+use std::fmt;
+use std::future::Future;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+use tokio::sync::OnceCell;
+
+use super::attempt::current_step_log;
+use crate::codec;
+use crate::error::Error;
+use crate::key::Key;
+use crate::store::{FencingToken, Step, Store};
+
+/// Names a [`step`]: a name (`"charge"`), or a name and an index for a step
+/// that runs once per item of a loop (`("ship", i)`). Within one call every
+/// step's id is different, and a resumed call must reach the same ids in the
+/// same order.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct StepId {
+    name: String,
+    index: Option<u64>,
+}
+
+impl StepId {
+    /// A step named `name`.
+    pub fn new(name: impl Into<String>) -> Self {
+        StepId {
+            name: name.into(),
+            index: None,
+        }
+    }
+
+    /// A step named `name` for item `index` of a loop.
+    pub fn indexed(name: impl Into<String>, index: u64) -> Self {
+        StepId {
+            name: name.into(),
+            index: Some(index),
+        }
+    }
+
+    /// The name.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// The index, for a step in a loop.
+    pub fn index(&self) -> Option<u64> {
+        self.index
+    }
+
+    /// How the id is stored: JSON, `"charge"` or `["ship",3]`, so no name
+    /// can pass for an indexed id.
+    fn stored(&self) -> String {
+        match self.index {
+            None => serde_json::Value::from(self.name.as_str()).to_string(),
+            Some(index) => serde_json::json!([self.name, index]).to_string(),
+        }
+    }
+}
+
+impl fmt::Display for StepId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.stored())
+    }
+}
+
+impl From<&str> for StepId {
+    fn from(name: &str) -> Self {
+        StepId::new(name)
+    }
+}
+
+impl From<String> for StepId {
+    fn from(name: String) -> Self {
+        StepId::new(name)
+    }
+}
+
+macro_rules! indexed_from {
+    ($($int:ty),*) => {$(
+        impl From<(&str, $int)> for StepId {
+            fn from((name, index): (&str, $int)) -> Self {
+                StepId::indexed(name, index as u64)
+            }
+        }
+        impl From<(String, $int)> for StepId {
+            fn from((name, index): (String, $int)) -> Self {
+                StepId::indexed(name, index as u64)
+            }
+        }
+    )*};
+}
+
+indexed_from!(usize, u64, u32, u16, u8);
+
+tokio::task_local! {
+    /// The step log whose step is running (its address), to refuse nested steps.
+    static IN_STEP: usize;
+}
+
+/// Runs `work` as step `id` of the idempotent call running now, at most once
+/// per logical call, and returns its value.
+///
+/// The first attempt to reach the step runs `work`; its `Ok` value is recorded
+/// under the call's key, fenced by the attempt's token, before `step` returns.
+/// A later attempt of the same call (after a crash, a lapsed lease, or an
+/// error or cancellation that released the claim) gets the recorded value back
+/// without running `work`. An `Err` is not recorded: the step runs again on
+/// the next attempt. Steps are told apart by id and position: a resumed body
+/// must call the same steps in the same order ([`Error::StepMismatch`]
+/// otherwise); in a loop, give each its index (`step(("ship", i), ..)`).
+///
+/// ```
+/// use idem_runtime::{idempotent, step, MemoryStore};
+///
+/// # #[derive(Debug)] struct E(idem_runtime::Error);
+/// # impl From<idem_runtime::Error> for E { fn from(e: idem_runtime::Error) -> Self { E(e) } }
+/// struct Checkout { store: MemoryStore }
+///
+/// impl Checkout {
+///     #[idempotent(key = order_id, store = self.store)]
+///     async fn checkout(&self, order_id: u64) -> Result<String, E> {
+///         let hold = step("reserve-stock", async { Ok::<_, E>(format!("hold-{order_id}")) }).await?;
+///         let charge = step("charge", async { Ok::<_, E>(1999u32) }).await?;
+///         Ok(format!("{hold} charged {charge}"))
+///     }
+/// }
+/// # #[tokio::main(flavor = "current_thread")] async fn main() {
+/// # let c = Checkout { store: MemoryStore::new() };
+/// # assert_eq!(c.checkout(7).await.unwrap(), "hold-7 charged 1999");
+/// # }
+/// ```
+///
+/// Errors (as `E`, through `From<idem_runtime::Error>`): [`Error::StepMisuse`]
+/// outside an idempotent call, inside another step, for an id already used in
+/// this call, or in a `tx =` call; [`Error::StepMismatch`]; and, after `work`
+/// ran, [`Error::LeaseLost`] (another attempt took the call over: the value is
+/// not recorded), [`Error::Codec`] (a value JSON cannot hold faithfully) or
+/// [`Error::Store`] (the store failed three times): the step's effect happened
+/// and is not recorded, so make it idempotent downstream too
+/// ([`Attempt::derive_key`](crate::Attempt::derive_key)).
+pub async fn step<T, E, F>(id: impl Into<StepId>, work: F) -> Result<T, E>
+where
+    T: Serialize + DeserializeOwned,
+    E: From<Error>,
+    F: Future<Output = Result<T, E>>,
+{
+    let id = id.into();
+    let log = current_step_log()?;
+    let at = log.begin(&id)?;
+    if let Some(recorded) = log.recorded(at).await? {
+        let stored = id.stored();
+        if recorded.id != stored {
+            tracing::error!(at, recorded = %recorded.id, called = %stored, "step mismatch");
+            return Err(Error::StepMismatch {
+                at,
+                recorded: recorded.id,
+                called: format!("called {stored}"),
+            }
+            .into());
+        }
+        tracing::debug!(at, step = %stored, "step replayed");
+        return Ok(codec::decode_ok(&recorded.value)?);
+    }
+    let value = IN_STEP.scope(log.address(), work).await?;
+    log.record(at, &id, codec::encode_ok(&value)?).await?;
+    Ok(value)
+}
+
+/// One attempt's steps: the positions it has reached, and (for an attempt that
+/// continues an earlier one) the steps recorded before it.
+pub(crate) struct StepLog {
+    store: Arc<dyn Store>,
+    key: Key,
+    token: FencingToken,
+    keep: Duration,
+    /// Whether earlier attempts may have recorded steps (else none are read).
+    took_over: bool,
+    next: AtomicU32,
+    ids: Mutex<HashSet<StepId>>,
+    recorded: OnceCell<Vec<Step>>,
+}
+
+impl StepLog {
+    pub(super) fn new(
+        store: Arc<dyn Store>,
+        key: Key,
+        token: FencingToken,
+        keep: Duration,
+        took_over: bool,
+    ) -> Self {
+        StepLog {
+            store,
+            key,
+            token,
+            keep,
+            took_over,
+            next: AtomicU32::new(0),
+            ids: Mutex::new(HashSet::new()),
+            recorded: OnceCell::new(),
+        }
+    }
+
+    fn address(&self) -> usize {
+        self as *const StepLog as usize
+    }
+
+    /// The position of step `id`, after the checks that it may run here.
+    fn begin(&self, id: &StepId) -> Result<u32, Error> {
+        if IN_STEP
+            .try_with(|running| *running == self.address())
+            .unwrap_or(false)
+        {
+            return Err(Error::StepMisuse(format!(
+                "step {id} was called inside another step of the same call; steps do not nest"
+            )));
+        }
+        let mut ids = self.ids.lock().unwrap_or_else(|p| p.into_inner());
+        if !ids.insert(id.clone()) {
+            return Err(Error::StepMisuse(format!(
+                "step {id} was already called in this call; a step that repeats needs an index, \
+                 step((\"{}\", i), ..)",
+                id.name
+            )));
+        }
+        let at = self.next.fetch_add(1, Ordering::Relaxed);
+        drop(ids);
+        Ok(at)
+    }
+
+    /// The steps earlier attempts recorded, read once (none without a takeover).
+    async fn earlier(&self) -> Result<&[Step], Error> {
+        if !self.took_over {
+            return Ok(&[]);
+        }
+        let steps = self
+            .recorded
+            .get_or_try_init(|| self.store.steps(self.key.as_str()))
+            .await?;
+        Ok(steps)
+    }
+
+    /// The step an earlier attempt recorded at `at`.
+    async fn recorded(&self, at: u32) -> Result<Option<Step>, Error> {
+        let steps = self.earlier().await?;
+        Ok(steps
+            .binary_search_by_key(&at, |s| s.at)
+            .ok()
+            .map(|i| steps[i].clone()))
+    }
+
+    /// Records step `id`'s value at `at`; a store failure is retried twice (20
+    /// ms, 40 ms), as a completion is.
+    async fn record(&self, at: u32, id: &StepId, value: Vec<u8>) -> Result<(), Error> {
+        let step = Step::new(at, id.stored(), value);
+        let mut pause = Duration::from_millis(20);
+        let mut tries = 0;
+        loop {
+            tries += 1;
+            match self
+                .store
+                .record_step(self.key.as_str(), self.token, &step, self.keep)
+                .await
+            {
+                Ok(()) => {
+                    tracing::debug!(at, step = %step.id, token = self.token.0, "step recorded");
+                    return Ok(());
+                }
+                Err(Error::Store(err)) if tries < 3 => {
+                    tracing::warn!(at, step = %step.id, error = %err, "could not record the step; retrying");
+                    tokio::time::sleep(pause).await;
+                    pause *= 2;
+                }
+                Err(err) => {
+                    tracing::error!(
+                        at, step = %step.id, token = self.token.0, error = %err,
+                        "the step ran but could not be recorded"
+                    );
+                    return Err(err);
+                }
+            }
+        }
+    }
+
+    /// Before the call's outcome is recorded: every step an earlier attempt
+    /// recorded was reached again, else [`Error::StepMismatch`].
+    pub(super) async fn check_finished(&self) -> Result<(), Error> {
+        let reached = self.next.load(Ordering::Relaxed);
+        match self.earlier().await?.iter().find(|s| s.at >= reached) {
+            None => Ok(()),
+            Some(missed) => {
+                tracing::error!(at = missed.at, recorded = %missed.id, "the body returned before a recorded step");
+                Err(Error::StepMismatch {
+                    at: missed.at,
+                    recorded: missed.id.clone(),
+                    called: "returned first".into(),
+                })
+            }
+        }
+    }
+}
