@@ -19,7 +19,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use crate::error::Error;
 use crate::key::{fingerprint, Digest};
-use crate::store::{Claim, ClaimRequest, FencingToken, RecordState, Store};
+use crate::store::{Claim, ClaimRequest, FencingToken, RecordState, Step, Store};
 
 const LONG: Duration = Duration::from_secs(60);
 const SHORT: Duration = Duration::from_millis(150);
@@ -44,6 +44,20 @@ pub async fn conformance(store: &dyn Store) {
     ttl_expiry_allows_a_new_claim(store, &ns).await;
     purge_removes_expired_records(store, &ns).await;
     huge_durations_are_capped(store, &ns).await;
+}
+
+/// Runs every check of the [steps](crate::step) a store keeps
+/// ([`Store::record_step`], [`Store::steps`]) against `store`, panicking on the
+/// first rule broken. For stores that keep steps (every store idem ships).
+pub async fn step_conformance(store: &dyn Store) {
+    let ns = Namespace::new();
+    steps_are_fenced_and_ordered(store, &ns).await;
+    steps_survive_a_release(store, &ns).await;
+    steps_survive_a_lapse(store, &ns).await;
+    a_release_without_steps_is_no_takeover(store, &ns).await;
+    kept_steps_guard_the_fingerprint(store, &ns).await;
+    steps_expire_when_kept_no_longer(store, &ns).await;
+    steps_values_round_trip(store, &ns).await;
 }
 
 /// A random namespace for one run of the suite.
@@ -447,6 +461,223 @@ pub async fn purge_removes_expired_records(store: &dyn Store, ns: &Namespace) {
         record.is_some_and(|r| r.state == RecordState::Completed),
         "a live record must survive a purge"
     );
+}
+
+fn step(at: u32, id: &str, value: &str) -> Step {
+    Step::new(at, id.to_owned(), value.as_bytes().to_vec())
+}
+
+async fn steps_of(store: &dyn Store, key: &str) -> Vec<(u32, String, Vec<u8>)> {
+    store
+        .steps(key)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|s| (s.at, s.id, s.value))
+        .collect()
+}
+
+async fn acquire_as(store: &dyn Store, key: &str, fp: Option<&Digest>) -> (FencingToken, bool) {
+    match store.claim(req(key, fp, LONG)).await {
+        Ok(Claim::Acquired { token, took_over }) => (token, took_over),
+        other => panic!("the claim must be acquired, got {other:?}"),
+    }
+}
+
+/// Steps are recorded only with the current token, listed by position, and
+/// a step at a recorded position replaces it.
+pub async fn steps_are_fenced_and_ordered(store: &dyn Store, ns: &Namespace) {
+    let key = ns.key("steps-fenced");
+    let token = acquire(store, &key, LONG).await;
+    assert!(steps_of(store, &key).await.is_empty(), "no steps yet");
+    for at in [2, 0, 1] {
+        let s = step(at, &format!("\"s{at}\""), &format!("{{\"ok\":{at}}}"));
+        store.record_step(&key, token, &s, LONG).await.unwrap();
+    }
+    let s = step(1, "\"s1\"", "{\"ok\":11}");
+    store.record_step(&key, token, &s, LONG).await.unwrap();
+    let stale = FencingToken(token.0.wrapping_add(1_000_000));
+    lease_lost(
+        store
+            .record_step(&key, stale, &step(3, "\"s3\"", "{}"), LONG)
+            .await,
+        "record_step",
+    );
+    let got = steps_of(store, &key).await;
+    let want: Vec<_> = [(0, "{\"ok\":0}"), (1, "{\"ok\":11}"), (2, "{\"ok\":2}")]
+        .into_iter()
+        .map(|(at, v)| (at, format!("\"s{at}\""), v.as_bytes().to_vec()))
+        .collect();
+    assert_eq!(got, want, "steps by position, the replaced one replaced");
+    lease_lost(
+        store
+            .record_step(
+                &ns.key("steps-absent"),
+                token,
+                &step(0, "\"a\"", "{}"),
+                LONG,
+            )
+            .await,
+        "record_step on an absent key",
+    );
+}
+
+/// A release keeps the steps: the next claim takes over and reads them; a
+/// completion then drops them.
+pub async fn steps_survive_a_release(store: &dyn Store, ns: &Namespace) {
+    let key = ns.key("steps-release");
+    let token = acquire(store, &key, LONG).await;
+    store
+        .record_step(
+            &key,
+            token,
+            &step(0, "\"reserve\"", "{\"ok\":\"h-1\"}"),
+            LONG,
+        )
+        .await
+        .unwrap();
+    store.release(&key, token).await.unwrap();
+    assert!(
+        store.get(&key).await.unwrap().is_none(),
+        "a released record decides no claim and reads as absent"
+    );
+    assert_eq!(steps_of(store, &key).await.len(), 1, "released, steps kept");
+    let (next, took_over) = acquire_as(store, &key, None).await;
+    assert!(
+        took_over,
+        "a claim that finds kept steps continues an earlier attempt"
+    );
+    assert_ne!(next, token);
+    assert_eq!(
+        steps_of(store, &key).await.len(),
+        1,
+        "carried over to the new claim"
+    );
+    lease_lost(
+        store
+            .record_step(&key, token, &step(1, "\"charge\"", "{}"), LONG)
+            .await,
+        "record_step by the released attempt",
+    );
+    store
+        .record_step(&key, next, &step(1, "\"charge\"", "{\"ok\":5}"), LONG)
+        .await
+        .unwrap();
+    assert_eq!(steps_of(store, &key).await.len(), 2);
+    store
+        .complete(&key, next, b"{\"ok\":1}", LONG)
+        .await
+        .unwrap();
+    assert!(
+        steps_of(store, &key).await.is_empty(),
+        "a completion drops the steps"
+    );
+    match store.claim(req(&key, None, LONG)).await {
+        Ok(Claim::Completed { .. }) => {}
+        other => panic!("the completed record must replay, got {other:?}"),
+    }
+}
+
+/// A lapsed lease keeps the steps for the next claim, which takes over.
+pub async fn steps_survive_a_lapse(store: &dyn Store, ns: &Namespace) {
+    let key = ns.key("steps-lapse");
+    let stale = acquire(store, &key, SHORT).await;
+    store
+        .record_step(&key, stale, &step(0, "\"a\"", "{\"ok\":1}"), LONG)
+        .await
+        .unwrap();
+    // Past the lease, and past any grace a store keeps a lapsed claim for.
+    tokio::time::sleep(PAST_SHORT).await;
+    let (fresh, took_over) = acquire_as(store, &key, None).await;
+    assert!(took_over);
+    assert_eq!(steps_of(store, &key).await.len(), 1);
+    lease_lost(
+        store
+            .record_step(&key, stale, &step(1, "\"b\"", "{}"), LONG)
+            .await,
+        "record_step by the lapsed holder",
+    );
+    store.release(&key, fresh).await.unwrap();
+}
+
+/// A claim after a release that recorded no steps is a fresh start.
+pub async fn a_release_without_steps_is_no_takeover(store: &dyn Store, ns: &Namespace) {
+    let key = ns.key("steps-none");
+    let token = acquire(store, &key, LONG).await;
+    store.release(&key, token).await.unwrap();
+    let (_, took_over) = acquire_as(store, &key, None).await;
+    assert!(!took_over, "nothing to continue");
+    assert!(steps_of(store, &key).await.is_empty());
+}
+
+/// Kept steps belong to the request that recorded them: a claim with another
+/// fingerprint is refused, not resumed.
+pub async fn kept_steps_guard_the_fingerprint(store: &dyn Store, ns: &Namespace) {
+    let key = ns.key("steps-fingerprint");
+    let (a, b) = (
+        fingerprint("step a").unwrap(),
+        fingerprint("step b").unwrap(),
+    );
+    let (token, _) = acquire_as(store, &key, Some(&a)).await;
+    store
+        .record_step(&key, token, &step(0, "\"a\"", "{\"ok\":1}"), LONG)
+        .await
+        .unwrap();
+    store.release(&key, token).await.unwrap();
+    match store.claim(req(&key, Some(&b), LONG)).await {
+        Ok(Claim::FingerprintMismatch) => {}
+        other => panic!("another request must not resume kept steps, got {other:?}"),
+    }
+    let (_, took_over) = acquire_as(store, &key, Some(&a)).await;
+    assert!(took_over, "the same request resumes them");
+}
+
+/// Steps are kept for the `keep` they were recorded with, then forgotten:
+/// the next claim starts afresh, and purging removes what is left.
+pub async fn steps_expire_when_kept_no_longer(store: &dyn Store, ns: &Namespace) {
+    let key = ns.key("steps-expire");
+    let token = acquire(store, &key, LONG).await;
+    store
+        .record_step(&key, token, &step(0, "\"a\"", "{\"ok\":1}"), SHORT)
+        .await
+        .unwrap();
+    store.release(&key, token).await.unwrap();
+    tokio::time::sleep(PAST_SHORT).await;
+    assert!(steps_of(store, &key).await.is_empty(), "kept no longer");
+    while store.purge_expired(100).await.unwrap() > 0 {}
+    let (_, took_over) = acquire_as(store, &key, None).await;
+    assert!(!took_over, "forgotten steps continue nothing");
+    // A purge keeps steps that are still kept.
+    let kept = ns.key("steps-kept");
+    let token = acquire(store, &kept, LONG).await;
+    store
+        .record_step(&kept, token, &step(0, "\"a\"", "{\"ok\":1}"), LONG)
+        .await
+        .unwrap();
+    store.release(&kept, token).await.unwrap();
+    while store.purge_expired(100).await.unwrap() > 0 {}
+    assert_eq!(
+        steps_of(store, &kept).await.len(),
+        1,
+        "a purge keeps kept steps"
+    );
+}
+
+/// Step ids and values come back byte for byte, large ones included.
+pub async fn steps_values_round_trip(store: &dyn Store, ns: &Namespace) {
+    let key = ns.key("steps-values");
+    let token = acquire(store, &key, LONG).await;
+    let id = "[\"ship \\\"é\\\" \u{1F4E6}\",18446744073709551615]";
+    let big = format!("{{\"ok\":\"{}\"}}", "x\u{e9}".repeat(40_000));
+    store
+        .record_step(&key, token, &step(0, id, &big), LONG)
+        .await
+        .unwrap();
+    let got = steps_of(store, &key).await;
+    assert_eq!(got.len(), 1);
+    assert_eq!(got[0].1, id);
+    assert!(got[0].2 == big.as_bytes(), "a large value comes back whole");
+    store.release(&key, token).await.unwrap();
 }
 
 /// Runs futures concurrently on the current task (no extra dependency).

@@ -1,10 +1,11 @@
 //! The shared store conformance suite, run against every store in this build.
 //! A new store is one more line here.
 
+use std::str::FromStr as _;
 use std::sync::Arc;
 use std::time::Duration;
 
-use idem_runtime::testing::conformance;
+use idem_runtime::testing::{conformance, step_conformance};
 use idem_runtime::{
     Claim, ClaimRequest, MemoryStore, PostgresStore, RedisStore, SqliteStore, Store,
 };
@@ -26,6 +27,75 @@ async fn postgres_store_in_its_own_table() {
     let pool = sqlx::PgPool::connect(&postgres_url()).await.unwrap();
     let store = PostgresStore::with_table(pool, "idem_conformance_custom").unwrap();
     conformance(&store).await;
+}
+
+#[tokio::test]
+async fn postgres_store_keeps_steps() {
+    let store = PostgresStore::connect(&postgres_url()).await.unwrap();
+    step_conformance(&store).await;
+}
+
+/// A table made by an idem from before steps (no step columns, a state check
+/// without `released`) is migrated on first use, its records kept.
+#[tokio::test]
+async fn postgres_table_from_before_steps_is_migrated() {
+    let pool = sqlx::PgPool::connect(&postgres_url()).await.unwrap();
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_nanos();
+    let t = format!("idem_before_steps_{nanos}");
+    for statement in [
+        format!(
+            "CREATE TABLE {t} (
+                key         TEXT PRIMARY KEY,
+                state       TEXT NOT NULL CHECK (state IN ('processing', 'completed')),
+                token       BIGINT NOT NULL,
+                fingerprint BYTEA,
+                outcome     TEXT,
+                expires_at  TIMESTAMPTZ NOT NULL,
+                created_at  TIMESTAMPTZ NOT NULL DEFAULT clock_timestamp(),
+                updated_at  TIMESTAMPTZ NOT NULL DEFAULT clock_timestamp()
+            )"
+        ),
+        format!("CREATE INDEX {t}_expires_at ON {t} (expires_at)"),
+        format!("CREATE SEQUENCE {t}_token_seq"),
+        format!(
+            "INSERT INTO {t} (key, state, token, outcome, expires_at)
+             VALUES ('old:1', 'completed', 1, '{{\"ok\":7}}', now() + interval '1 hour')"
+        ),
+    ] {
+        sqlx::query(sqlx::AssertSqlSafe(statement))
+            .execute(&pool)
+            .await
+            .unwrap();
+    }
+    let store = PostgresStore::with_table(pool.clone(), &t).unwrap();
+    match store
+        .claim(ClaimRequest {
+            key: "old:1",
+            fingerprint: None,
+            lease: Duration::from_secs(5),
+        })
+        .await
+    {
+        Ok(Claim::Completed { outcome, .. }) => assert_eq!(outcome, br#"{"ok":7}"#),
+        other => panic!("the old record must replay, got {other:?}"),
+    }
+    conformance(&store).await;
+    step_conformance(&store).await;
+    // A second store on the migrated table takes no migration lock.
+    let again = PostgresStore::with_table(pool.clone(), &t).unwrap();
+    step_conformance(&again).await;
+    for drop in [
+        format!("DROP TABLE {t}"),
+        format!("DROP SEQUENCE {t}_token_seq"),
+    ] {
+        sqlx::query(sqlx::AssertSqlSafe(drop))
+            .execute(&pool)
+            .await
+            .unwrap();
+    }
 }
 
 /// The Redis the tests use: `IDEM_REDIS_URL`, or the local server.
@@ -118,6 +188,60 @@ async fn sqlite_store_in_memory() {
     conformance(&SqliteStore::connect("sqlite::memory:").await.unwrap()).await;
 }
 
+#[tokio::test]
+async fn sqlite_store_keeps_steps() {
+    let dir = tempdir("steps");
+    let url = format!("sqlite://{}/records.db", dir.display());
+    step_conformance(&SqliteStore::connect(&url).await.unwrap()).await;
+    step_conformance(&SqliteStore::connect("sqlite::memory:").await.unwrap()).await;
+}
+
+/// A file made by an idem from before steps (no step columns) is migrated on
+/// first use, its records kept.
+#[tokio::test]
+async fn sqlite_file_from_before_steps_is_migrated() {
+    let dir = tempdir("before-steps");
+    let url = format!("sqlite://{}/records.db", dir.display());
+    {
+        let options = sqlx::sqlite::SqliteConnectOptions::from_str(&url)
+            .unwrap()
+            .create_if_missing(true);
+        let pool = sqlx::SqlitePool::connect_with(options).await.unwrap();
+        for statement in [
+            "CREATE TABLE idem_records (
+                key         TEXT NOT NULL PRIMARY KEY,
+                state       TEXT NOT NULL CHECK (state IN ('processing', 'completed', 'released')),
+                token       INTEGER NOT NULL,
+                fingerprint BLOB,
+                outcome     TEXT,
+                expires_at  INTEGER NOT NULL,
+                took_over   INTEGER NOT NULL DEFAULT 0,
+                created_at  INTEGER NOT NULL,
+                updated_at  INTEGER NOT NULL
+            ) WITHOUT ROWID",
+            "CREATE INDEX idem_records_expires_at ON idem_records (expires_at)",
+            "INSERT INTO idem_records VALUES ('old:1', 'completed', 1, NULL, '{\"ok\":7}', 99999999999999, 0, 0, 0)",
+        ] {
+            sqlx::query(statement).execute(&pool).await.unwrap();
+        }
+        pool.close().await;
+    }
+    let store = SqliteStore::connect(&url).await.unwrap();
+    match store
+        .claim(ClaimRequest {
+            key: "old:1",
+            fingerprint: None,
+            lease: Duration::from_secs(5),
+        })
+        .await
+    {
+        Ok(Claim::Completed { outcome, .. }) => assert_eq!(outcome, br#"{"ok":7}"#),
+        other => panic!("the old record must replay, got {other:?}"),
+    }
+    conformance(&store).await;
+    step_conformance(&store).await;
+}
+
 /// A fresh directory under the target dir for one test's files.
 fn tempdir(name: &str) -> std::path::PathBuf {
     let nanos = std::time::SystemTime::now()
@@ -133,6 +257,14 @@ fn tempdir(name: &str) -> std::path::PathBuf {
 #[tokio::test]
 async fn memory_store() {
     conformance(&MemoryStore::new()).await;
+}
+
+#[tokio::test]
+async fn memory_store_keeps_steps() {
+    step_conformance(&MemoryStore::new()).await;
+    let store: Arc<dyn Store> = Arc::new(MemoryStore::with_shards(1));
+    step_conformance(&store).await;
+    step_conformance(&idem_runtime::ReplayCache::new(MemoryStore::new(), 1000)).await;
 }
 
 #[tokio::test]

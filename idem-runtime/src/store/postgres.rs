@@ -66,6 +66,8 @@ struct Statements {
     release: Arc<str>,
     get: Arc<str>,
     purge: Arc<str>,
+    record_step: Arc<str>,
+    steps: Arc<str>,
 }
 
 /// The completion's fence: the caller's token is the record's, and the record
@@ -89,7 +91,8 @@ impl Statements {
             r#"
 WITH existing AS MATERIALIZED (
     SELECT state, token, fingerprint, outcome, expires_at,
-           expires_at > clock_timestamp() AS live
+           expires_at > clock_timestamp() AS live,
+           coalesce(steps_until > clock_timestamp(), false) AS kept
       FROM {t} WHERE key = $1
 ), lock AS MATERIALIZED (
     SELECT CASE WHEN $4 THEN pg_try_advisory_xact_lock(hashtextextended($1, 7))
@@ -102,12 +105,17 @@ WITH existing AS MATERIALIZED (
       FROM lock WHERE got
     ON CONFLICT (key) DO UPDATE
        SET state = 'processing', token = EXCLUDED.token, fingerprint = EXCLUDED.fingerprint,
-           outcome = NULL, expires_at = EXCLUDED.expires_at, updated_at = clock_timestamp()
+           outcome = NULL, expires_at = EXCLUDED.expires_at, updated_at = clock_timestamp(),
+           steps = CASE WHEN r.steps_until > clock_timestamp() THEN r.steps END,
+           steps_until = CASE WHEN r.steps_until > clock_timestamp() THEN r.steps_until END
      WHERE r.expires_at <= clock_timestamp()
+       AND NOT (coalesce(r.steps_until > clock_timestamp(), false)
+                AND r.fingerprint IS NOT NULL AND EXCLUDED.fingerprint IS NOT NULL
+                AND r.fingerprint <> EXCLUDED.fingerprint)
     RETURNING r.token
 )
 SELECT true AS acquired,
-       coalesce((SELECT state = 'processing' FROM existing), false) AS took_over,
+       coalesce((SELECT state = 'processing' OR kept FROM existing), false) AS took_over,
        'processing'::text AS state, token, NULL::bytea AS fingerprint, NULL::text AS outcome,
        $3::bigint AS remaining_ms
   FROM claimed
@@ -116,19 +124,27 @@ SELECT false, false, 'processing', 0, NULL, NULL, $3::bigint FROM lock WHERE NOT
 UNION ALL
 SELECT false, false, state, token, fingerprint, outcome,
        (extract(epoch FROM expires_at - clock_timestamp()) * 1000)::bigint
-  FROM existing WHERE live"#
+  FROM existing WHERE live
+UNION ALL
+-- Kept steps belong to the request that recorded them: another is refused.
+SELECT false, false, 'processing', token, fingerprint, NULL, 0
+  FROM existing
+ WHERE NOT live AND kept AND fingerprint IS NOT NULL AND $2::bytea IS NOT NULL
+   AND fingerprint <> $2::bytea"#
         );
         Ok(Statements {
             table: t.to_owned(),
             present: format!(
                 "SELECT to_regclass('{t}') IS NOT NULL AND to_regclass('{t}_expires_at') IS NOT NULL
-                    AND to_regclass('{t}_token_seq') IS NOT NULL"
+                    AND to_regclass('{t}_token_seq') IS NOT NULL
+                    AND EXISTS (SELECT 1 FROM pg_attribute WHERE attrelid = to_regclass('{t}')
+                                   AND attname = 'steps_until' AND NOT attisdropped)"
             ),
             migrate: vec![
                 format!(
                     "CREATE TABLE IF NOT EXISTS {t} (
                         key         TEXT PRIMARY KEY,
-                        state       TEXT NOT NULL CHECK (state IN ('processing', 'completed')),
+                        state       TEXT NOT NULL CHECK (state IN ('processing', 'completed', 'released')),
                         token       BIGINT NOT NULL,
                         fingerprint BYTEA,
                         outcome     TEXT,
@@ -139,12 +155,28 @@ SELECT false, false, state, token, fingerprint, outcome,
                 ),
                 format!("CREATE INDEX IF NOT EXISTS {t}_expires_at ON {t} (expires_at)"),
                 format!("CREATE SEQUENCE IF NOT EXISTS {t}_token_seq"),
+                // Tables made before steps existed: their columns, and the
+                // `released` state (a release that keeps steps), checked for
+                // new rows only (old rows hold the two older states).
+                format!("ALTER TABLE {t} ADD COLUMN IF NOT EXISTS steps JSONB"),
+                format!("ALTER TABLE {t} ADD COLUMN IF NOT EXISTS steps_until TIMESTAMPTZ"),
+                format!(
+                    "DO $$ DECLARE c record; BEGIN
+                       FOR c IN SELECT conname FROM pg_constraint
+                                 WHERE conrelid = '{t}'::regclass AND contype = 'c'
+                                   AND pg_get_constraintdef(oid) LIKE '%state%'
+                                   AND pg_get_constraintdef(oid) NOT LIKE '%released%' LOOP
+                         EXECUTE format('ALTER TABLE {t} DROP CONSTRAINT %I', c.conname);
+                         EXECUTE 'ALTER TABLE {t} ADD CHECK (state IN (''processing'', ''completed'', ''released'')) NOT VALID';
+                       END LOOP;
+                     END $$"
+                ),
             ],
             claim: claim.into(),
             complete: format!(
                 "UPDATE {t} SET state = 'completed', outcome = $3,
                         expires_at = clock_timestamp() + $4 * interval '1 millisecond',
-                        updated_at = clock_timestamp()
+                        updated_at = clock_timestamp(), steps = NULL, steps_until = NULL
                   WHERE key = $1 AND {FENCE}"
             )
             .into(),
@@ -154,8 +186,22 @@ SELECT false, false, state, token, fingerprint, outcome,
                   WHERE key = $1 AND token = $2 AND state = 'processing'"
             )
             .into(),
+            // Deleted, unless it keeps steps: then released, kept for them.
+            // `now()` is one instant for the whole statement, so exactly one
+            // of the two can match.
             release: format!(
-                "DELETE FROM {t} WHERE key = $1 AND token = $2 AND state = 'processing'"
+                "WITH kept AS (
+                    UPDATE {t} SET state = 'released', outcome = NULL,
+                           expires_at = clock_timestamp(), updated_at = clock_timestamp()
+                     WHERE key = $1 AND token = $2 AND state = 'processing' AND steps_until > now()
+                    RETURNING 1
+                 ), gone AS (
+                    DELETE FROM {t}
+                     WHERE key = $1 AND token = $2 AND state = 'processing'
+                       AND (steps_until IS NULL OR steps_until <= now())
+                    RETURNING 1
+                 )
+                 SELECT 1 FROM kept UNION ALL SELECT 1 FROM gone"
             )
             .into(),
             get: format!(
@@ -174,8 +220,25 @@ SELECT false, false, state, token, fingerprint, outcome,
             purge: format!(
                 "DELETE FROM {t} WHERE ctid = ANY(ARRAY(
                     SELECT ctid FROM {t} WHERE expires_at <= now()
+                       AND (steps_until IS NULL OR steps_until <= now())
                      ORDER BY expires_at LIMIT $1 FOR UPDATE SKIP LOCKED))
-                   AND expires_at <= now()"
+                   AND expires_at <= now() AND (steps_until IS NULL OR steps_until <= now())"
+            )
+            .into(),
+            // $3 the position, $4 the id, $5 the value, $6 how long to keep (ms).
+            record_step: format!(
+                "UPDATE {t}
+                    SET steps = coalesce(steps, '{{}}'::jsonb)
+                                || jsonb_build_object($3::text, jsonb_build_array($4::text, $5::text)),
+                        steps_until = greatest(coalesce(steps_until, clock_timestamp()),
+                                               clock_timestamp() + $6 * interval '1 millisecond'),
+                        updated_at = clock_timestamp()
+                  WHERE key = $1 AND token = $2 AND state = 'processing'"
+            )
+            .into(),
+            steps: format!(
+                "SELECT steps::text FROM {t}
+                  WHERE key = $1 AND state <> 'completed' AND steps_until > clock_timestamp()"
             )
             .into(),
         })

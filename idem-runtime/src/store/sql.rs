@@ -71,6 +71,11 @@ pub(crate) struct ClaimRow {
 }
 
 impl ClaimRow {
+    /// Whether the row and the request both have fingerprints, and they differ.
+    pub(crate) fn fingerprint_differs(&self, fingerprint: Option<&Digest>) -> bool {
+        matches!((&self.fingerprint, fingerprint), (Some(stored), Some(given)) if stored.as_slice() != given.as_bytes())
+    }
+
     /// The claim decision this row stands for, as `MemoryStore` decides it.
     pub(crate) fn decide(self, fingerprint: Option<&Digest>) -> Result<Claim, Error> {
         if self.acquired {
@@ -224,13 +229,14 @@ macro_rules! sql_store {
                 key: &str,
                 token: $crate::store::FencingToken,
             ) -> Result<(), $crate::Error> {
+                // A row back when the fenced record was released.
                 let done = q(&self.sql.release)
                     .bind(key.to_owned())
                     .bind(token.0 as i64)
-                    .execute(&mut *conn)
+                    .fetch_optional(&mut *conn)
                     .await
                     .map_err($crate::store::sql::db_error)?;
-                $crate::store::sql::fenced(done.rows_affected())
+                $crate::store::sql::fenced(u64::from(done.is_some()))
             }
 
             async fn conn(&self) -> Result<sqlx::pool::PoolConnection<sqlx::$db>, $crate::Error> {
@@ -318,11 +324,68 @@ macro_rules! sql_store {
                 Ok(done.rows_affected())
             }
 
+            async fn record_step(
+                &self,
+                key: &str,
+                token: $crate::store::FencingToken,
+                step: &$crate::store::Step,
+                keep: std::time::Duration,
+            ) -> Result<(), $crate::Error> {
+                let value = std::str::from_utf8(&step.value).map_err(|e| {
+                    $crate::Error::codec(format!("step values are stored as UTF-8 JSON: {e}"))
+                })?;
+                self.migrate().await?;
+                let done = q(&self.sql.record_step)
+                    .bind(key.to_owned())
+                    .bind(token.0 as i64)
+                    .bind(step.at.to_string())
+                    .bind(step.id.clone())
+                    .bind(value.to_owned())
+                    .bind($crate::store::sql::millis(keep))
+                    .execute(&self.pool)
+                    .await
+                    .map_err($crate::store::sql::db_error)?;
+                $crate::store::sql::fenced(done.rows_affected())
+            }
+
+            async fn steps(&self, key: &str) -> Result<Vec<$crate::store::Step>, $crate::Error> {
+                self.migrate().await?;
+                let steps: Option<String> =
+                    sqlx::query_scalar(sqlx::AssertSqlSafe(std::sync::Arc::clone(&self.sql.steps)))
+                        .bind(key.to_owned())
+                        .fetch_optional(&self.pool)
+                        .await
+                        .map_err($crate::store::sql::db_error)?
+                        .flatten();
+                steps
+                    .map(|json| $crate::store::sql::parse_steps(&json))
+                    .transpose()
+                    .map(Option::unwrap_or_default)
+            }
+
             fn handle(&self) -> std::sync::Arc<dyn $crate::store::Store> {
                 std::sync::Arc::new(self.clone())
             }
         }
     };
+}
+
+/// The steps column: a JSON object from position to `[id, value]`.
+pub(crate) fn parse_steps(json: &str) -> Result<Vec<super::Step>, Error> {
+    let corrupt = |why: String| Error::codec(format!("the recorded steps are corrupt: {why}"));
+    let map: std::collections::HashMap<String, (String, String)> =
+        serde_json::from_str(json).map_err(|e| corrupt(e.to_string()))?;
+    let mut steps = map
+        .into_iter()
+        .map(|(at, (id, value))| {
+            let at = at
+                .parse::<u32>()
+                .map_err(|_| corrupt(format!("position {at:?}")))?;
+            Ok(super::Step::new(at, id, value.into_bytes()))
+        })
+        .collect::<Result<Vec<_>, Error>>()?;
+    steps.sort_by_key(|s| s.at);
+    Ok(steps)
 }
 
 pub(crate) use sql_store;

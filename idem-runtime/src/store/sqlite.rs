@@ -164,6 +164,11 @@ struct Statements {
     release: Arc<str>,
     get: Arc<str>,
     purge: Arc<str>,
+    record_step: Arc<str>,
+    steps: Arc<str>,
+    /// Whether the table has the step columns (added to older tables).
+    has_steps: String,
+    add_steps: Vec<String>,
 }
 
 impl Statements {
@@ -176,14 +181,22 @@ impl Statements {
             "INSERT INTO {t} (key, state, token, fingerprint, outcome, expires_at, took_over, created_at, updated_at)
              VALUES (?1, 'processing', {NOW} * 1048576 + ?4, ?2, NULL, {NOW} + ?3, 0, {NOW}, {NOW})
              ON CONFLICT (key) DO UPDATE SET
-                 token = max(token + 1, excluded.token), took_over = (state = 'processing'),
+                 token = max(token + 1, excluded.token),
+                 took_over = (state = 'processing' OR coalesce(steps_until, 0) > excluded.created_at),
                  state = 'processing', fingerprint = excluded.fingerprint, outcome = NULL,
-                 expires_at = excluded.expires_at, updated_at = excluded.updated_at
-             WHERE state = 'released' OR expires_at <= excluded.created_at
+                 expires_at = excluded.expires_at, updated_at = excluded.updated_at,
+                 steps = CASE WHEN steps_until > excluded.created_at THEN steps END,
+                 steps_until = CASE WHEN steps_until > excluded.created_at THEN steps_until END
+             WHERE (state = 'released' OR expires_at <= excluded.created_at)
+               AND NOT (coalesce(steps_until, 0) > excluded.created_at
+                        AND fingerprint IS NOT NULL AND excluded.fingerprint IS NOT NULL
+                        AND fingerprint <> excluded.fingerprint)
              RETURNING token, took_over"
         );
         let read = format!(
-            "SELECT state, token, fingerprint, outcome, expires_at - {NOW} FROM {t} WHERE key = ?1"
+            "SELECT state, token, fingerprint, outcome, expires_at - {NOW},
+                    coalesce(steps_until, 0) > {NOW}
+               FROM {t} WHERE key = ?1"
         );
         Ok(Statements {
             table: t.to_owned(),
@@ -198,7 +211,9 @@ impl Statements {
                         expires_at  INTEGER NOT NULL,
                         took_over   INTEGER NOT NULL DEFAULT 0,
                         created_at  INTEGER NOT NULL,
-                        updated_at  INTEGER NOT NULL
+                        updated_at  INTEGER NOT NULL,
+                        steps       TEXT,
+                        steps_until INTEGER
                     ) WITHOUT ROWID"
                 ),
                 format!("CREATE INDEX IF NOT EXISTS {t}_expires_at ON {t} (expires_at)"),
@@ -206,7 +221,8 @@ impl Statements {
             claim: claim.into(),
             read: read.into(),
             complete: format!(
-                "UPDATE {t} SET state = 'completed', outcome = ?3, expires_at = {NOW} + ?4, updated_at = {NOW}
+                "UPDATE {t} SET state = 'completed', outcome = ?3, expires_at = {NOW} + ?4, updated_at = {NOW},
+                        steps = NULL, steps_until = NULL
                   WHERE key = ?1 AND token = ?2 AND state = 'processing'"
             )
             .into(),
@@ -217,7 +233,7 @@ impl Statements {
             .into(),
             release: format!(
                 "UPDATE {t} SET state = 'released', outcome = NULL, expires_at = {NOW}, updated_at = {NOW}
-                  WHERE key = ?1 AND token = ?2 AND state = 'processing'"
+                  WHERE key = ?1 AND token = ?2 AND state = 'processing' RETURNING 1"
             )
             .into(),
             get: format!(
@@ -225,11 +241,31 @@ impl Statements {
                   WHERE key = ?1 AND (state = 'processing' OR (state = 'completed' AND expires_at > {NOW}))"
             )
             .into(),
+            // A record that keeps steps stays until they are kept no longer.
             purge: format!(
                 "DELETE FROM {t} WHERE key IN (
-                    SELECT key FROM {t} WHERE expires_at <= {NOW} - 100 ORDER BY expires_at LIMIT ?1)"
+                    SELECT key FROM {t} WHERE expires_at <= {NOW} - 100
+                       AND coalesce(steps_until, 0) <= {NOW}
+                     ORDER BY expires_at LIMIT ?1)"
             )
             .into(),
+            // ?3 the position, ?4 the id, ?5 the value, ?6 how long to keep (ms).
+            record_step: format!(
+                "UPDATE {t} SET steps = json_set(coalesce(steps, '{{}}'), '$.\"' || ?3 || '\"', json_array(?4, ?5)),
+                        steps_until = max(coalesce(steps_until, 0), {NOW} + ?6), updated_at = {NOW}
+                  WHERE key = ?1 AND token = ?2 AND state = 'processing'"
+            )
+            .into(),
+            steps: format!(
+                "SELECT steps FROM {t}
+                  WHERE key = ?1 AND state <> 'completed' AND steps_until > {NOW}"
+            )
+            .into(),
+            has_steps: format!("SELECT count(*) FROM pragma_table_info('{t}') WHERE name = 'steps_until'"),
+            add_steps: vec![
+                format!("ALTER TABLE {t} ADD COLUMN steps TEXT"),
+                format!("ALTER TABLE {t} ADD COLUMN steps_until INTEGER"),
+            ],
         })
     }
 }
@@ -288,6 +324,25 @@ impl SqliteStore {
                         .await
                         .map_err(sql::db_error)?;
                 }
+                // Tables made before steps existed get their columns.
+                let has_steps: i64 = sqlx::query_scalar(AssertSqlSafe(sql.has_steps.as_str()))
+                    .fetch_one(&mut *tx)
+                    .await
+                    .map_err(sql::db_error)?;
+                if has_steps == 0 {
+                    for statement in &sql.add_steps {
+                        match sqlx::query(AssertSqlSafe(statement.as_str()))
+                            .execute(&mut *tx)
+                            .await
+                        {
+                            // Another process added it meanwhile.
+                            Err(err) if err.to_string().contains("duplicate column") => {}
+                            done => {
+                                done.map_err(sql::db_error)?;
+                            }
+                        }
+                    }
+                }
                 tx.commit().await.map_err(sql::db_error)
             })
             .await
@@ -338,9 +393,14 @@ impl SqliteStore {
                 .await
                 .map_err(sql::db_error)?;
             if let Some(row) = row {
+                let kept: bool = row.try_get(5).map_err(sql::db_error)?;
                 let row = read_row(&row)?;
                 if row.state != "released" && row.remaining_ms > 0 {
                     return row.decide(request.fingerprint);
+                }
+                // Kept steps belong to the request that recorded them.
+                if kept && row.fingerprint_differs(request.fingerprint) {
+                    return Ok(Claim::FingerprintMismatch);
                 }
             }
         }
