@@ -16,6 +16,7 @@ mod replay_cache;
 mod replica_ack;
 mod replica_ack_review;
 mod sql;
+mod steps;
 mod transactions;
 mod tx_refused_outcome;
 mod uncommitted_claims;
