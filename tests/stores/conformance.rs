@@ -120,6 +120,15 @@ async fn redis_store() {
 }
 
 #[tokio::test]
+async fn redis_store_keeps_steps() {
+    let store = RedisStore::connect(&redis_url()).await.unwrap();
+    step_conformance(&store).await;
+    step_conformance(&idem_runtime::ReplayCache::new(store, 1000)).await;
+    let cluster = RedisStore::connect_cluster(&redis_cluster()).await.unwrap();
+    step_conformance(&cluster).await;
+}
+
+#[tokio::test]
 async fn redis_store_behind_a_replay_cache() {
     let store = RedisStore::connect(&redis_url()).await.unwrap();
     conformance(&idem_runtime::ReplayCache::new(store, 1000)).await;

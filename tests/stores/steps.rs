@@ -8,8 +8,8 @@ use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use idem_runtime::{current, idempotent, step, PostgresStore, SqliteStore, Store};
-use idem_tests::{postgres_url, unique};
+use idem_runtime::{current, idempotent, step, PostgresStore, RedisStore, SqliteStore, Store};
+use idem_tests::{postgres_url, redis_url, unique};
 
 #[derive(Debug)]
 enum AppError {
@@ -146,4 +146,9 @@ async fn postgres_resumes_after_every_step() {
         PostgresStore::connect(&postgres_url()).await.unwrap(),
     ))
     .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_resumes_after_every_step() {
+    resumes_after_every_step(Arc::new(RedisStore::connect(&redis_url()).await.unwrap())).await;
 }

@@ -17,7 +17,7 @@
 //! | 3–22 | fencing token, 20 decimal digits |
 //! | 23–37 | grace in ms, 15 digits, while processing: the lease ends this long before the key expires (judged by `PTTL`, Redis's clock); zeros otherwise |
 //! | 38 | `f` then a 32-byte fingerprint, or `-` for none |
-//! | rest | the outcome, on a completed record |
+//! | rest | the outcome, on a completed record; on a processing or released one, its steps: `s`, 15 digits of the time they are kept until (ms, Redis's clock), then per step 10 digits of position, 10 of id length, the id, 10 of value length, the value (a later entry for a position replaces an earlier one) |
 //!
 //! A processing record lives `grace` past its lease and a released one
 //! `grace` past its release, so the next claim continues its token sequence
@@ -27,6 +27,15 @@
 //! one `GET` and one `PTTL` inside the claim script, answered as one string
 //! (`<time left> <record>`) that the client reads; one string per record
 //! also keeps small records compact (no hash encoding to outgrow).
+//!
+//! Steps ([`Store::record_step`]) live in the record too: one key per call,
+//! so one slot. They are kept until a time by Redis's clock (`TIME`, read only
+//! by scripts that meet steps), and the key lives at least that long:
+//! recording one stretches the key's expiry and its grace by as much, so the
+//! lease (expiry minus grace) does not move; a release keeps the record (`r`,
+//! with its fingerprint and steps) until then; a claim carries kept steps of
+//! a lapsed or released record over (and says `t`, a takeover); a completion
+//! drops them.
 //!
 //! Fencing tokens are `max(previous + 1, Redis TIME in µs)`: increasing per key,
 //! and still increasing after a record has expired away entirely unless the
@@ -52,7 +61,7 @@ use redis::aio::{ConnectionLike, ConnectionManager, ConnectionManagerConfig};
 use redis::cluster_async::ClusterConnection;
 use redis::{Cmd, Pipeline, RedisFuture, Script, Value};
 
-use super::{Claim, ClaimRequest, FencingToken, Record, RecordState, Store};
+use super::{Claim, ClaimRequest, FencingToken, Record, RecordState, Step, Store};
 use crate::error::Error;
 use crate::key::Digest;
 
@@ -103,7 +112,7 @@ local function invalid(v)
   local f = string.byte(v, 39)
   local len = 39
   if f == 102 then len = 71 elseif f ~= 45 then return 'a fingerprint flag' end
-  if #v < len or (s ~= 99 and #v ~= len) then return 'a record of its length' end
+  if #v < len or (s ~= 99 and #v ~= len and string.byte(v, len + 1) ~= 115) then return 'a record of its length' end
   return nil
 end
 "#;
@@ -139,7 +148,7 @@ if s == 99 and #v >= 39 then
 end
 local bad = v and invalid(v)
 if bad then return {-1, bad} end
-local prev = -1
+local prev, keep, tail, t = -1, 0, '', nil
 if v then
   if s == 112 then
     local pttl = redis.call('PTTL', key)
@@ -148,9 +157,20 @@ if v then
     local left = pttl - tonumber(string.sub(v, 24, 38))
     if left > 0 then return {0, v, left} end
   end
+  local body = 39
+  if string.byte(v, 39) == 102 then body = 71 end
+  if #v > body then
+    t = redis.call('TIME')
+    keep = (tonumber(string.sub(v, body + 2, body + 16)) or 0) - (tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000))
+    if keep > 0 then
+      -- Kept steps, carried over; another request's are not resumed.
+      if ARGV[3] and body == 71 and string.sub(v, 40, 71) ~= ARGV[3] then return {0, v, 0} end
+      tail = string.sub(v, body + 1)
+    end
+  end
   prev = tonumber(string.sub(v, 4, 23))
 end
-local t = redis.call('TIME')
+t = t or redis.call('TIME')
 local tok
 if prev < 0 and #t[1] == 10 then
   tok = '0000' .. t[1] .. string.sub('00000' .. t[2], -6)
@@ -158,10 +178,18 @@ else
   tok = string.format('%020.0f', math.max(prev + 1, tonumber(t[1]) * 1000000 + tonumber(t[2])))
 end
 local grace = string.sub(ARGV[2], -15)
+local lease = tonumber(string.sub(ARGV[2], 1, -17))
+local px = lease + tonumber(grace)
+-- Carried steps keep the key alive as long as they had to be: the grace
+-- grows by as much, so the lease does not.
+if keep > px and #tail > 0 then
+  grace = string.format('%015.0f', keep - lease)
+  px = keep
+end
 local rec = 'p\0\0' .. tok .. grace
 if ARGV[3] then rec = rec .. 'f' .. ARGV[3] else rec = rec .. '-' end
-redis.call('SET', key, rec, 'PX', tonumber(string.sub(ARGV[2], 1, -17)) + tonumber(grace))
-if s == 112 then return 't' .. tok end
+redis.call('SET', key, rec .. tail, 'PX', px)
+if s == 112 or #tail > 0 then return 't' .. tok end
 return 'a' .. tok
 "#;
 
@@ -171,10 +199,12 @@ local v = redis.pcall('GET', KEYS[1])
 if type(v) ~= 'string' or string.byte(v) ~= 112 or string.sub(v, 4, 23) ~= ARGV[1] then return 0 end
 "#;
 
-/// The completed record keeps the token and fingerprint, gets the outcome
-/// `ARGV[2]`, and lives `ARGV[3]` ms (its key's expiry).
+/// The completed record keeps the token and fingerprint (not the steps),
+/// gets the outcome `ARGV[2]`, and lives `ARGV[3]` ms (its key's expiry).
 const COMPLETE: &str = r#"
-redis.call('SET', KEYS[1], 'c\0\0' .. string.sub(v, 4, 23) .. '000000000000000' .. string.sub(v, 39) .. ARGV[2], 'PX', ARGV[3])
+local body = 39
+if string.byte(v, 39) == 102 then body = 71 end
+redis.call('SET', KEYS[1], 'c\0\0' .. string.sub(v, 4, 23) .. '000000000000000' .. string.sub(v, 39, body) .. ARGV[2], 'PX', ARGV[3])
 return 1
 "#;
 
@@ -196,10 +226,62 @@ redis.call('PEXPIRE', KEYS[1], tonumber(ARGV[2]) + tonumber(string.sub(v, 24, 38
 return 1
 "#;
 
-/// The released record keeps only its token, for the next claim to continue.
+/// The released record keeps only its token, for the next claim to continue,
+/// for `ARGV[2]` ms; with kept steps, also its fingerprint and steps, for as
+/// long as they are kept if that is longer.
 const RELEASE: &str = r#"
+local body = 39
+if string.byte(v, 39) == 102 then body = 71 end
+if #v > body then
+  local t = redis.call('TIME')
+  local keep = (tonumber(string.sub(v, body + 2, body + 16)) or 0) - (tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000))
+  if keep > 0 then
+    redis.call('SET', KEYS[1], 'r\0\0' .. string.sub(v, 4, 23) .. '000000000000000' .. string.sub(v, 39), 'PX', math.max(keep, tonumber(ARGV[2])))
+    return 1
+  end
+end
 redis.call('SET', KEYS[1], 'r\0\0' .. string.sub(v, 4, 23) .. '000000000000000-', 'PX', ARGV[2])
 return 1
+"#;
+
+/// Appends step `ARGV[2]` (an encoded entry) to the record; the steps are
+/// kept at least `ARGV[3]` ms from now, and the key lives as long, its grace
+/// stretched by as much (the lease stays).
+const RECORD_STEP: &str = r#"
+local pttl = redis.call('PTTL', KEYS[1])
+if pttl < 0 then return 0 end
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local until_ = now + tonumber(ARGV[3])
+local body = 39
+if string.byte(v, 39) == 102 then body = 71 end
+local entries = ''
+if #v > body then
+  until_ = math.max(until_, tonumber(string.sub(v, body + 2, body + 16)) or 0)
+  entries = string.sub(v, body + 17)
+end
+local grace = tonumber(string.sub(v, 24, 38))
+if until_ - now > pttl then
+  grace = grace + (until_ - now) - pttl
+  pttl = until_ - now
+end
+redis.call('SET', KEYS[1], string.sub(v, 1, 23) .. string.format('%015.0f', grace) .. string.sub(v, 39, body)
+  .. 's' .. string.format('%015.0f', until_) .. entries .. ARGV[2], 'PX', pttl)
+return 1
+"#;
+
+/// The steps of record `KEYS[1]` (`s`, until, entries) while they are kept
+/// (by Redis's clock), else nil.
+const STEPS: &str = r#"
+local v = redis.pcall('GET', KEYS[1])
+if type(v) ~= 'string' or #v < 39 or string.byte(v) == 99 then return false end
+local body = 39
+if string.byte(v, 39) == 102 then body = 71 end
+if #v <= body then return false end
+local t = redis.call('TIME')
+local u = tonumber(string.sub(v, body + 2, body + 16))
+if u and u <= tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000) then return false end
+return string.sub(v, body + 1)
 "#;
 
 /// `{record, PTTL, unacknowledged}`, or nil; `ARGV[1]` the replica mode of
@@ -226,6 +308,8 @@ struct Scripts {
     release: Script,
     get: Script,
     confirm: Script,
+    record_step: Script,
+    steps: Script,
 }
 
 impl Scripts {
@@ -237,6 +321,8 @@ impl Scripts {
             release: Script::new(&format!("{HELD}{RELEASE}")),
             get: Script::new(GET),
             confirm: Script::new(CONFIRM),
+            record_step: Script::new(&format!("{HELD}{RECORD_STEP}")),
+            steps: Script::new(STEPS),
         }
     }
 }
@@ -758,7 +844,7 @@ impl Stored {
             }
             _ => return Err(corrupt("a fingerprint flag")),
         };
-        if state != b'c' && v.len() != body {
+        if state != b'c' && v.len() != body && v[body] != b's' {
             return Err(corrupt("a record of its length"));
         }
         Ok(Stored {
@@ -769,6 +855,53 @@ impl Stored {
             body,
         })
     }
+}
+
+/// One step as the record holds it: 10 digits of position, 10 of id length,
+/// the id, 10 of value length, the value.
+fn step_entry(step: &Step) -> Vec<u8> {
+    let mut entry = Vec::with_capacity(30 + step.id.len() + step.value.len());
+    entry.extend_from_slice(format!("{:010}{:010}", step.at, step.id.len()).as_bytes());
+    entry.extend_from_slice(step.id.as_bytes());
+    entry.extend_from_slice(format!("{:010}", step.value.len()).as_bytes());
+    entry.extend_from_slice(&step.value);
+    entry
+}
+
+/// A record's steps (`s`, 15 digits of until, entries), by position; a later
+/// entry for a position replaces an earlier one.
+fn parse_steps(tail: &[u8]) -> Result<Vec<Step>, Error> {
+    let Some(mut rest) = tail
+        .strip_prefix(b"s")
+        .and_then(|t| t.get(15..))
+        .filter(|_| digits(&tail[1..16]).is_some())
+    else {
+        return Err(corrupt("steps"));
+    };
+    let mut steps = std::collections::BTreeMap::new();
+    let number = |rest: &mut &[u8]| -> Result<usize, Error> {
+        let (n, after) = rest.split_at_checked(10).ok_or_else(|| corrupt("a step"))?;
+        *rest = after;
+        digits(n)
+            .and_then(|n| usize::try_from(n).ok())
+            .ok_or_else(|| corrupt("a step length"))
+    };
+    let bytes = |rest: &mut &[u8], len: usize| -> Result<Vec<u8>, Error> {
+        let (b, after) = rest
+            .split_at_checked(len)
+            .ok_or_else(|| corrupt("a step"))?;
+        *rest = after;
+        Ok(b.to_vec())
+    };
+    while !rest.is_empty() {
+        let at = u32::try_from(number(&mut rest)?).map_err(|_| corrupt("a step position"))?;
+        let id_len = number(&mut rest)?;
+        let id = String::from_utf8(bytes(&mut rest, id_len)?).map_err(|_| corrupt("a step id"))?;
+        let value_len = number(&mut rest)?;
+        let value = bytes(&mut rest, value_len)?;
+        steps.insert(at, Step::new(at, id, value));
+    }
+    Ok(steps.into_values().collect())
 }
 
 fn remaining(ms: i64) -> Duration {
@@ -1017,6 +1150,29 @@ impl Store for RedisStore {
     /// Redis expires records by itself (`PX`); there is nothing to purge.
     async fn purge_expired(&self, _batch: usize) -> Result<u64, Error> {
         Ok(0)
+    }
+
+    async fn record_step(
+        &self,
+        key: &str,
+        token: FencingToken,
+        step: &Step,
+        keep: Duration,
+    ) -> Result<(), Error> {
+        let entry = step_entry(step);
+        let keep = ms(keep).to_string();
+        self.fenced(
+            &self.scripts.record_step,
+            key,
+            token,
+            &[&entry, keep.as_bytes()],
+        )
+        .await
+    }
+
+    async fn steps(&self, key: &str) -> Result<Vec<Step>, Error> {
+        let tail: Option<Vec<u8>> = self.eval(&self.scripts.steps, key, []).await?;
+        tail.map_or(Ok(Vec::new()), |tail| parse_steps(&tail))
     }
 
     fn handle(&self) -> Arc<dyn Store> {
