@@ -1,8 +1,8 @@
 //! Steps through `#[idempotent]` on the real stores: an attempt that fails,
-//! is cancelled or panics after each step is followed by one that replays the
-//! recorded steps and runs the rest, each step's effect made once. (The
-//! conformance suite checks the store calls; the attribute tests the engine on
-//! memory; the multi-process kills are in `multiprocess`.)
+//! is cancelled or panics after each step, or whose process is killed
+//! (SIGKILL) between two steps, is followed by one that replays the recorded
+//! steps and runs the rest, each step's effect made once. (The conformance
+//! suite checks the store calls; the attribute tests the engine on memory.)
 
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
@@ -151,4 +151,92 @@ async fn postgres_resumes_after_every_step() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn redis_resumes_after_every_step() {
     resumes_after_every_step(Arc::new(RedisStore::connect(&redis_url()).await.unwrap())).await;
+}
+
+/// For each pair of adjacent steps: a worker process runs the checkout and is
+/// killed between the two; the retry here waits out the dead holder's lease,
+/// replays the steps it recorded (their values name the dead process) and runs
+/// the rest. Every effect is made once, and every later call replays.
+async fn killed_between_steps(kind: &str, url: &str, store: Arc<dyn Store>) {
+    use idem_tests::steps::{Flow, STEPS};
+    use std::io::{BufRead as _, BufReader};
+    for stop_after in 0..STEPS.len() - 1 {
+        let key = unique("kill-steps");
+        let effects = std::env::temp_dir().join(format!("{key}.effects"));
+        let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_idem-test-worker"))
+            .args([
+                "steps",
+                kind,
+                url,
+                effects.to_str().unwrap(),
+                &key,
+                &stop_after.to_string(),
+            ])
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::inherit())
+            .spawn()
+            .expect("worker");
+        let worker = child.id();
+        let mut line = String::new();
+        BufReader::new(child.stdout.take().unwrap())
+            .read_line(&mut line)
+            .unwrap();
+        assert_eq!(line.trim(), "ready", "{kind}: the worker said {line:?}");
+        child.kill().expect("SIGKILL");
+        child.wait().unwrap();
+
+        let flow = Flow {
+            store: Arc::clone(&store),
+            effects: effects.clone(),
+            stop_after: None,
+        };
+        let out = flow.run(key.clone()).await.unwrap();
+        let me = std::process::id();
+        let expected: Vec<String> = STEPS
+            .iter()
+            .enumerate()
+            .map(|(i, s)| format!("{s}@{}", if i <= stop_after { worker } else { me }))
+            .collect();
+        assert_eq!(
+            out,
+            expected.join("/"),
+            "{kind}, killed after step {stop_after}"
+        );
+        let made = std::fs::read_to_string(&effects).unwrap();
+        for name in STEPS {
+            let times = made
+                .lines()
+                .filter(|l| *l == format!("{name} {key}"))
+                .count();
+            assert_eq!(
+                times, 1,
+                "{kind}, killed after step {stop_after}: {name} made {times} times"
+            );
+        }
+        assert_eq!(flow.run(key).await.unwrap(), out, "a later call replays");
+        std::fs::remove_file(effects).ok();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sqlite_process_killed_between_steps() {
+    let dir = std::env::temp_dir().join(unique("idem-kill-steps"));
+    std::fs::create_dir_all(&dir).unwrap();
+    let url = format!("sqlite://{}/records.db", dir.display());
+    let store = Arc::new(SqliteStore::connect(&url).await.unwrap());
+    killed_between_steps("sqlite", &url, store).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_process_killed_between_steps() {
+    let url = postgres_url();
+    let store = Arc::new(PostgresStore::connect(&url).await.unwrap());
+    killed_between_steps("postgres", &url, store).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_process_killed_between_steps() {
+    let url = redis_url();
+    let store = Arc::new(RedisStore::connect(&url).await.unwrap());
+    killed_between_steps("redis", &url, store).await;
 }

@@ -19,6 +19,7 @@ pub mod hooked;
 pub mod kafka;
 pub mod logs;
 pub mod nats;
+pub mod steps;
 
 /// The PostgreSQL the tests use: `IDEM_POSTGRES_URL`, or the local server.
 pub fn postgres_url() -> String {

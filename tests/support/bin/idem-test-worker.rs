@@ -2,7 +2,8 @@
 //! transaction and never commits (the test kills it with SIGKILL); `hammer`
 //! runs many concurrent duplicate callers against PostgreSQL and prints what
 //! each one got, one JSON line per call; `consume-nats` and `consume-kafka`
-//! consume messages into PostgreSQL until killed.
+//! consume messages into PostgreSQL until killed; `steps` runs a checkout's
+//! steps on a store and hangs after the one it is told (the test kills it).
 
 use std::io::Write as _;
 use std::process::ExitCode;
@@ -43,6 +44,38 @@ async fn main() -> ExitCode {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => {
                     eprintln!("consume-kafka: {e}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
+        ["steps", kind, url, effects, key, stop_after] => {
+            let store: Arc<dyn idem_runtime::Store> = match *kind {
+                "sqlite" => Arc::new(
+                    idem_runtime::SqliteStore::connect(url)
+                        .await
+                        .expect("sqlite"),
+                ),
+                "postgres" => Arc::new(
+                    idem_runtime::PostgresStore::connect(url)
+                        .await
+                        .expect("postgres"),
+                ),
+                "redis" => Arc::new(idem_runtime::RedisStore::connect(url).await.expect("redis")),
+                other => panic!("unknown store {other}"),
+            };
+            let flow = idem_tests::steps::Flow {
+                store,
+                effects: effects.into(),
+                stop_after: Some(stop_after.parse().expect("stop_after")),
+            };
+            // Hangs after its step, until killed.
+            match flow.run(key.to_string()).await {
+                Ok(out) => {
+                    eprintln!("steps: finished without stopping: {out}");
+                    ExitCode::FAILURE
+                }
+                Err(e) => {
+                    eprintln!("steps: {e:?}");
                     ExitCode::FAILURE
                 }
             }
