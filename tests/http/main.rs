@@ -5,4 +5,5 @@ mod answers;
 mod app;
 mod bodies;
 mod clients;
+mod steps;
 mod withheld;

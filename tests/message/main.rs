@@ -9,6 +9,7 @@ mod nats;
 mod records;
 mod recreated;
 mod restart;
+mod steps;
 
 /// The Kafka tests take turns. librdkafka 2.12 crashed once (SIGSEGV in its
 /// metadata cache) with several tests' clients alive in this process while a
