@@ -9,6 +9,8 @@ use idem_runtime::{step, MemoryStore};
 
 #[derive(Debug)]
 enum Failed {
+    /// idem's own error (shown by the assertions' `Debug`).
+    #[allow(dead_code)]
     Idem(idem_runtime::Error),
     Down,
 }
