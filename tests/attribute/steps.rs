@@ -5,11 +5,14 @@
 //! error; a fenced-out holder cannot record.
 
 use std::collections::BTreeMap;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use idem_runtime::{current, idempotent, step, ClaimRequest, Error, Key, Step, Store};
+use idem_runtime::{
+    async_trait, current, idempotent, step, Claim, ClaimRequest, Error, FencingToken, Key,
+    MemoryStore, Record, Step, Store,
+};
 use proptest::prelude::*;
 use serde::{Deserialize, Serialize};
 
@@ -415,7 +418,7 @@ async fn steps_do_not_nest_but_a_call_inside_a_step_has_its_own() {
     };
     match n.run(3).await {
         Err(AppError::Idem(Error::StepMisuse(why))) => {
-            assert!(why.contains("do not nest"), "{why}")
+            assert!(why.contains("one at a time"), "{why}")
         }
         other => panic!("{other:?}"),
     }
@@ -613,5 +616,268 @@ proptest! {
             c.assert_each_once();
             assert_eq!(c.checkout(13).await.unwrap(), out);
         });
+    }
+}
+
+// Found by the break-it review of steps (each failed before its fix).
+
+/// A store written before steps: every method but the step ones forwarded.
+#[derive(Clone, Default)]
+struct NoSteps(MemoryStore);
+
+#[async_trait]
+impl Store for NoSteps {
+    async fn claim(&self, request: ClaimRequest<'_>) -> Result<Claim, Error> {
+        self.0.claim(request).await
+    }
+    async fn complete(
+        &self,
+        key: &str,
+        token: FencingToken,
+        outcome: &[u8],
+        ttl: Duration,
+    ) -> Result<(), Error> {
+        self.0.complete(key, token, outcome, ttl).await
+    }
+    async fn release(&self, key: &str, token: FencingToken) -> Result<(), Error> {
+        self.0.release(key, token).await
+    }
+    async fn renew(&self, key: &str, token: FencingToken, lease: Duration) -> Result<(), Error> {
+        self.0.renew(key, token, lease).await
+    }
+    async fn get(&self, key: &str) -> Result<Option<Record>, Error> {
+        self.0.get(key).await
+    }
+    async fn purge_expired(&self, batch: usize) -> Result<u64, Error> {
+        self.0.purge_expired(batch).await
+    }
+    fn handle(&self) -> Arc<dyn Store> {
+        Arc::new(self.clone())
+    }
+}
+
+struct Pay {
+    store: NoSteps,
+    charges: AtomicUsize,
+}
+
+impl Pay {
+    #[idempotent(key = order, store = self.store)]
+    async fn pay(&self, order: u64) -> Result<u32, AppError> {
+        step("charge", async {
+            self.charges.fetch_add(1, Ordering::SeqCst);
+            Ok::<_, AppError>(1999u32)
+        })
+        .await
+    }
+}
+
+#[tokio::test]
+async fn on_a_store_that_does_not_keep_steps_a_step_is_refused_before_its_work() {
+    let p = Pay {
+        store: NoSteps::default(),
+        charges: AtomicUsize::new(0),
+    };
+    for _ in 0..3 {
+        match p.pay(1).await {
+            Err(AppError::Idem(Error::StepMisuse(why))) => {
+                assert!(why.contains("does not keep steps"), "{why}")
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+    assert_eq!(p.charges.load(Ordering::SeqCst), 0, "the work never ran");
+}
+
+struct Both {
+    store: MemoryStore,
+    a_runs: AtomicUsize,
+    b_runs: AtomicUsize,
+    /// Delay before branch a / branch b reaches its step, per attempt.
+    delays: std::sync::Mutex<Vec<(u64, u64, bool)>>,
+}
+
+impl Both {
+    #[idempotent(key = order, store = self.store, lease = "10s", ttl = "60s")]
+    async fn run(&self, order: u64) -> Result<String, AppError> {
+        let (da, db, fail_a) = self.delays.lock().unwrap().remove(0);
+        let a = async {
+            tokio::time::sleep(Duration::from_millis(da)).await;
+            step("a", async {
+                if fail_a {
+                    return Err(AppError::Unavailable);
+                }
+                self.a_runs.fetch_add(1, Ordering::SeqCst);
+                Ok::<_, AppError>("a".to_string())
+            })
+            .await
+        };
+        let b = async {
+            tokio::time::sleep(Duration::from_millis(db)).await;
+            step("b", async {
+                self.b_runs.fetch_add(1, Ordering::SeqCst);
+                Ok::<_, AppError>("b".to_string())
+            })
+            .await
+        };
+        let (a, b) = tokio::join!(a, b);
+        Ok(format!("{}{}", a?, b?))
+    }
+}
+
+/// Branches of a `join!` whose steps start in another order on the resumed
+/// attempt: a recorded step is never run again (it meets its own record at
+/// another position: a mismatch, before its work), and once the order is
+/// the recorded one again the call resumes.
+#[tokio::test(start_paused = true)]
+async fn a_step_recorded_at_another_position_is_refused_not_run_again() {
+    let both = Both {
+        store: MemoryStore::new(),
+        a_runs: AtomicUsize::new(0),
+        b_runs: AtomicUsize::new(0),
+        // Attempt 1: a starts first (position 0) and fails; b (position 1) is recorded.
+        // Attempt 2: b starts first (position 0), a second.
+        // Attempt 3: the order of attempt 1.
+        delays: std::sync::Mutex::new(vec![(0, 20, true), (20, 0, false), (0, 20, false)]),
+    };
+    assert!(both.run(1).await.is_err());
+    // Both branches meet b's record (b at another position, a at b's): the
+    // body answers with its first branch's error.
+    match both.run(1).await {
+        Err(AppError::Idem(Error::StepMismatch {
+            at: 1,
+            recorded,
+            called,
+        })) => {
+            assert_eq!(
+                (recorded.as_str(), called.as_str()),
+                ("\"b\"", "called \"a\"")
+            )
+        }
+        other => panic!("{other:?}"),
+    }
+    assert_eq!(both.run(1).await.unwrap(), "ab");
+    assert_eq!(both.b_runs.load(Ordering::SeqCst), 1, "b ran once");
+    assert_eq!(both.a_runs.load(Ordering::SeqCst), 1);
+}
+
+struct Overlap {
+    store: MemoryStore,
+    runs: AtomicUsize,
+}
+
+impl Overlap {
+    #[idempotent(key = order, store = self.store)]
+    async fn run(&self, order: u64) -> Result<u64, AppError> {
+        let slow = step("slow", async {
+            tokio::task::yield_now().await;
+            self.runs.fetch_add(1, Ordering::SeqCst);
+            Ok::<_, AppError>(order)
+        });
+        let quick = step("quick", async {
+            self.runs.fetch_add(1, Ordering::SeqCst);
+            Ok::<_, AppError>(order)
+        });
+        let (slow, quick) = tokio::join!(slow, quick);
+        Ok(slow? + quick?)
+    }
+}
+
+/// Steps of one call run one at a time: one started while another runs is
+/// refused before its work (its position would depend on timing).
+#[tokio::test]
+async fn a_step_started_while_another_runs_is_refused() {
+    let o = Overlap {
+        store: MemoryStore::new(),
+        runs: AtomicUsize::new(0),
+    };
+    match o.run(1).await {
+        Err(AppError::Idem(Error::StepMisuse(why))) => {
+            assert!(why.contains("one at a time"), "{why}")
+        }
+        other => panic!("{other:?}"),
+    }
+    assert_eq!(o.runs.load(Ordering::SeqCst), 1, "only the first step ran");
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+enum Fails {
+    Internal(String),
+    Down,
+}
+
+impl From<Error> for Fails {
+    fn from(e: Error) -> Self {
+        Fails::Internal(e.to_string())
+    }
+}
+
+struct Flip {
+    store: MemoryStore,
+    first: std::sync::atomic::AtomicBool,
+    runs: AtomicUsize,
+}
+
+impl Flip {
+    #[idempotent(key = order, store = self.store, cache_errors)]
+    async fn run(&self, order: u64) -> Result<u32, Fails> {
+        self.runs.fetch_add(1, Ordering::SeqCst);
+        if self.first.swap(false, Ordering::SeqCst) {
+            step("reserve", async { Ok::<_, Fails>(1u32) }).await?;
+            // A transient failure after the step: not final, but cache_errors
+            // caches every error; use a panic to release instead.
+            panic!("crash after reserve");
+        }
+        // A changed body: another step at position 0.
+        step("charge", async { Ok::<_, Fails>(2u32) }).await
+    }
+}
+
+/// An error type that carries idem's errors, with `cache_errors`: a step
+/// mismatch is still not recorded as the call's outcome; the claim is
+/// released with its steps kept, and every retry meets the mismatch again.
+#[tokio::test]
+async fn a_step_mismatch_is_never_cached_even_with_cache_errors() {
+    let flip = Arc::new(Flip {
+        store: MemoryStore::new(),
+        first: std::sync::atomic::AtomicBool::new(true),
+        runs: AtomicUsize::new(0),
+    });
+    let f = Arc::clone(&flip);
+    let crashed = tokio::spawn(async move { f.run(5).await }).await;
+    assert!(crashed.unwrap_err().is_panic());
+    for _ in 0..2 {
+        match flip.run(5).await {
+            Err(Fails::Internal(why)) => {
+                assert!(why.contains("same steps in the same order"), "{why}")
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+    assert_eq!(
+        flip.runs.load(Ordering::SeqCst),
+        3,
+        "never a replay of the mismatch"
+    );
+}
+
+/// A message handler that returns before a step an earlier delivery recorded
+/// is not acknowledged as processed: nothing was recorded.
+#[tokio::test]
+async fn a_deduplicator_does_not_acknowledge_a_handler_that_skipped_a_recorded_step() {
+    use idem_runtime::message::{Deduplicator, ProcessError};
+    let dedup = Deduplicator::new(MemoryStore::new(), "steps-skipped");
+    let first = dedup
+        .process("m-1", || async {
+            step("a", async { Ok::<_, Error>(1u32) }).await?;
+            Err::<(), Error>(Error::StepMisuse("down".into()))
+        })
+        .await;
+    assert!(matches!(first, Err(ProcessError::Handler(_))));
+    for _ in 0..2 {
+        match dedup.process("m-1", || async { Ok::<_, Error>(()) }).await {
+            Err(ProcessError::Idempotency(Error::StepMismatch { at: 0, .. })) => {}
+            other => panic!("{:?}", other.map(|_| ()).map_err(|e| format!("{e:?}"))),
+        }
     }
 }

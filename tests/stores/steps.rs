@@ -240,3 +240,215 @@ async fn redis_process_killed_between_steps() {
     let store = Arc::new(RedisStore::connect(&url).await.unwrap());
     killed_between_steps("redis", &url, store).await;
 }
+
+// Found by the break-it review of steps (each failed before its fix).
+
+/// The PostgreSQL table as idem made it before steps.
+fn old_pg_schema(t: &str) -> Vec<String> {
+    vec![
+        format!(
+            "CREATE TABLE {t} (
+                key         TEXT PRIMARY KEY,
+                state       TEXT NOT NULL CHECK (state IN ('processing', 'completed')),
+                token       BIGINT NOT NULL,
+                fingerprint BYTEA,
+                outcome     TEXT,
+                expires_at  TIMESTAMPTZ NOT NULL,
+                created_at  TIMESTAMPTZ NOT NULL DEFAULT clock_timestamp(),
+                updated_at  TIMESTAMPTZ NOT NULL DEFAULT clock_timestamp()
+            )"
+        ),
+        format!("CREATE INDEX {t}_expires_at ON {t} (expires_at)"),
+        format!("CREATE SEQUENCE {t}_token_seq"),
+    ]
+}
+
+async fn run_all(pool: &sqlx::PgPool, statements: impl IntoIterator<Item = String>) {
+    for s in statements {
+        sqlx::query(sqlx::AssertSqlSafe(s))
+            .execute(pool)
+            .await
+            .unwrap();
+    }
+}
+
+fn drop_table(t: &str) -> [String; 2] {
+    [
+        format!("DROP TABLE {t}"),
+        format!("DROP SEQUENCE {t}_token_seq"),
+    ]
+}
+
+fn claim_request(key: &str) -> idem_runtime::ClaimRequest<'_> {
+    idem_runtime::ClaimRequest {
+        key,
+        fingerprint: None,
+        lease: Duration::from_secs(60),
+    }
+}
+
+/// Services in several processes upgrading one old table at once: one
+/// migrates (locking the table once, first), the others find it done; no
+/// call fails, none deadlocks with another's claims.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_services_upgrading_one_old_table_at_once_all_answer() {
+    let admin = sqlx::PgPool::connect(&postgres_url()).await.unwrap();
+    for _ in 0..3 {
+        let t = unique("old_concurrent");
+        run_all(&admin, old_pg_schema(&t)).await;
+        let calls: Vec<_> = (0..4)
+            .map(|_| {
+                let t = t.clone();
+                tokio::spawn(async move {
+                    let pool = sqlx::postgres::PgPoolOptions::new()
+                        .max_connections(2)
+                        .connect(&postgres_url())
+                        .await
+                        .unwrap();
+                    let store = PostgresStore::with_table(pool, &t).unwrap();
+                    for _ in 0..5 {
+                        store.claim(claim_request(&unique("k"))).await?;
+                    }
+                    Ok::<_, idem_runtime::Error>(())
+                })
+            })
+            .collect();
+        for call in calls {
+            call.await.unwrap().unwrap();
+        }
+        run_all(&admin, drop_table(&t)).await;
+    }
+}
+
+/// A role that may only read and write rows, on a table from before steps:
+/// its calls fail with an error that says what to run, and once a role that
+/// may alter the table has migrated it, they work.
+#[tokio::test]
+async fn postgres_an_old_table_and_a_role_without_ddl_rights_get_a_clear_error() {
+    let admin = sqlx::PgPool::connect(&postgres_url()).await.unwrap();
+    let t = unique("old_dml_only");
+    run_all(&admin, old_pg_schema(&t)).await;
+    let role = "idem_steps_dml_only";
+    run_all(
+        &admin,
+        [
+            format!(
+                "DO $$ BEGIN IF NOT EXISTS (SELECT 1 FROM pg_roles WHERE rolname = '{role}') \
+                 THEN CREATE ROLE {role} LOGIN; END IF; END $$"
+            ),
+            format!("GRANT SELECT, INSERT, UPDATE, DELETE ON {t} TO {role}"),
+            format!("GRANT USAGE, SELECT, UPDATE ON SEQUENCE {t}_token_seq TO {role}"),
+        ],
+    )
+    .await;
+    let url = postgres_url().replace("postgres@", &format!("{role}@"));
+    let app = PostgresStore::with_table(sqlx::PgPool::connect(&url).await.unwrap(), &t).unwrap();
+    match app.claim(claim_request("k")).await {
+        Err(err) => {
+            let message = err.to_string();
+            assert!(message.contains("PostgresStore::migrate()"), "{message}");
+        }
+        Ok(claim) => panic!("an old table cannot be used unmigrated: {claim:?}"),
+    }
+    PostgresStore::with_table(admin.clone(), &t)
+        .unwrap()
+        .migrate()
+        .await
+        .unwrap();
+    let app = PostgresStore::with_table(sqlx::PgPool::connect(&url).await.unwrap(), &t).unwrap();
+    assert!(matches!(
+        app.claim(claim_request("k")).await,
+        Ok(idem_runtime::Claim::Acquired { .. })
+    ));
+    run_all(&admin, drop_table(&t)).await;
+}
+
+/// Several services opening one SQLite file from before steps at once: the
+/// migration takes the write lock first, so none fails busy.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sqlite_services_upgrading_one_old_file_at_once_all_open() {
+    for _ in 0..5 {
+        let dir = std::env::temp_dir().join(unique("idem-old-sqlite"));
+        std::fs::create_dir_all(&dir).unwrap();
+        let url = format!("sqlite://{}/records.db?mode=rwc", dir.display());
+        {
+            let pool = sqlx::SqlitePool::connect(&url).await.unwrap();
+            for s in [
+                "PRAGMA journal_mode=WAL",
+                "CREATE TABLE idem_records (
+                    key         TEXT NOT NULL PRIMARY KEY,
+                    state       TEXT NOT NULL CHECK (state IN ('processing', 'completed', 'released')),
+                    token       INTEGER NOT NULL,
+                    fingerprint BLOB,
+                    outcome     TEXT,
+                    expires_at  INTEGER NOT NULL,
+                    took_over   INTEGER NOT NULL DEFAULT 0,
+                    created_at  INTEGER NOT NULL,
+                    updated_at  INTEGER NOT NULL
+                ) WITHOUT ROWID",
+                "CREATE INDEX idem_records_expires_at ON idem_records (expires_at)",
+            ] {
+                sqlx::query(s).execute(&pool).await.unwrap();
+            }
+            pool.close().await;
+        }
+        let opens: Vec<_> = (0..4)
+            .map(|_| {
+                let url = url.clone();
+                tokio::spawn(async move { SqliteStore::connect(&url).await.map(|_| ()) })
+            })
+            .collect();
+        for open in opens {
+            open.await.unwrap().unwrap();
+        }
+    }
+}
+
+/// A holder's step record that commits while its own release waits for the
+/// row (a step dropped while its write was on the wire, then the drop's
+/// release): the release still lands, and a retry runs at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_a_release_waiting_on_its_own_step_record_lands() {
+    let store = PostgresStore::connect(&postgres_url()).await.unwrap();
+    let key = unique("release-race");
+    let token = match store.claim(claim_request(&key)).await.unwrap() {
+        idem_runtime::Claim::Acquired { token, .. } => token,
+        other => panic!("{other:?}"),
+    };
+    // The step's write, held open in a transaction (a slow commit).
+    let mut tx = store.pool().begin().await.unwrap();
+    sqlx::query(sqlx::AssertSqlSafe(format!(
+        "UPDATE {} SET steps = '{{\"0\":[\"\\\"a\\\"\",\"{{\\\"ok\\\":1}}\"]}}'::jsonb,
+                steps_until = clock_timestamp() + interval '1 hour'
+          WHERE key = $1 AND token = $2 AND state = 'processing'",
+        store.table()
+    )))
+    .bind(&key)
+    .bind(token.0 as i64)
+    .execute(&mut *tx)
+    .await
+    .unwrap();
+    let (s, k) = (store.clone(), key.clone());
+    let release = tokio::spawn(async move { s.release(&k, token).await });
+    // Until the release waits for the row lock the open write holds.
+    loop {
+        let waiting: bool = sqlx::query_scalar(
+            "SELECT EXISTS (SELECT 1 FROM pg_stat_activity
+                             WHERE wait_event_type = 'Lock' AND query LIKE '%state = ''released''%')",
+        )
+        .fetch_one(store.pool())
+        .await
+        .unwrap();
+        if waiting {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    tx.commit().await.unwrap();
+    release.await.unwrap().unwrap();
+    assert!(store.get(&key).await.unwrap().is_none(), "released");
+    match store.claim(claim_request(&key)).await.unwrap() {
+        idem_runtime::Claim::Acquired { took_over, .. } => assert!(took_over, "its step is kept"),
+        other => panic!("{other:?}"),
+    }
+}

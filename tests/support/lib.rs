@@ -366,6 +366,9 @@ impl Store for FaultyStore {
     async fn steps(&self, key: &str) -> Result<Vec<Step>, Error> {
         self.inner.steps(key).await
     }
+    fn keeps_steps(&self) -> bool {
+        self.inner.keeps_steps()
+    }
     fn handle(&self) -> Arc<dyn Store> {
         Arc::new(self.clone())
     }

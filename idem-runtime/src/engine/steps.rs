@@ -7,7 +7,7 @@
 use std::collections::HashSet;
 use std::fmt;
 use std::future::Future;
-use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -103,11 +103,6 @@ macro_rules! indexed_from {
 
 indexed_from!(usize, u64, u32, u16, u8);
 
-tokio::task_local! {
-    /// The step log whose step is running (its address), to refuse nested steps.
-    static IN_STEP: usize;
-}
-
 /// Runs `work` as step `id` of the idempotent call running now, at most once
 /// per logical call, and returns its value.
 ///
@@ -118,7 +113,9 @@ tokio::task_local! {
 /// without running `work`. An `Err` is not recorded: the step runs again on
 /// the next attempt. Steps are told apart by id and position: a resumed body
 /// must call the same steps in the same order ([`Error::StepMismatch`]
-/// otherwise); in a loop, give each its index (`step(("ship", i), ..)`).
+/// otherwise); in a loop, give each its index (`step(("ship", i), ..)`). The
+/// steps of a call run one at a time, so their order is the body's: to make
+/// effects concurrently, join them inside one step.
 ///
 /// ```
 /// use idem_runtime::{idempotent, step, MemoryStore};
@@ -142,8 +139,9 @@ tokio::task_local! {
 /// ```
 ///
 /// Errors (as `E`, through `From<idem_runtime::Error>`): [`Error::StepMisuse`]
-/// outside an idempotent call, inside another step, for an id already used in
-/// this call, or in a `tx =` call; [`Error::StepMismatch`]; and, after `work`
+/// outside an idempotent call, while another step of the call runs (inside
+/// it or beside it), for an id already used in this call, in a `tx =` call,
+/// or on a store that does not keep steps; [`Error::StepMismatch`]; and, after `work`
 /// ran, [`Error::LeaseLost`] (another attempt took the call over: the value is
 /// not recorded), [`Error::Codec`] (a value JSON cannot hold faithfully) or
 /// [`Error::Store`] (the store failed three times): the step's effect happened
@@ -157,24 +155,46 @@ where
 {
     let id = id.into();
     let log = current_step_log()?;
-    let at = log.begin(&id)?;
-    if let Some(recorded) = log.recorded(at).await? {
-        let stored = id.stored();
-        if recorded.id != stored {
-            tracing::error!(at, recorded = %recorded.id, called = %stored, "step mismatch");
-            return Err(Error::StepMismatch {
-                at,
-                recorded: recorded.id,
-                called: format!("called {stored}"),
-            }
-            .into());
+    let (at, _running) = log.begin(&id)?;
+    let stored = id.stored();
+    let earlier = log.earlier().await?;
+    let here = earlier.iter().find(|s| s.at == at);
+    match here {
+        Some(recorded) if recorded.id == stored => {
+            tracing::debug!(at, step = %stored, "step replayed");
+            return Ok(codec::decode_ok(&recorded.value)?);
         }
-        tracing::debug!(at, step = %stored, "step replayed");
-        return Ok(codec::decode_ok(&recorded.value)?);
+        Some(recorded) => {
+            return Err(log
+                .diverged(at, recorded.id.clone(), format!("called {stored}"))
+                .into())
+        }
+        None => {
+            // Recorded at another position: its effect happened; never again.
+            if let Some(elsewhere) = earlier.iter().find(|s| s.id == stored) {
+                return Err(log
+                    .diverged(
+                        elsewhere.at,
+                        stored,
+                        format!("reached it at step {at} instead"),
+                    )
+                    .into());
+            }
+        }
     }
-    let value = IN_STEP.scope(log.address(), work).await?;
+    let value = work.await?;
     log.record(at, &id, codec::encode_ok(&value)?).await?;
     Ok(value)
+}
+
+/// Marks the log's step as running until dropped (the step finished, failed,
+/// or its future was dropped).
+struct Running<'a>(&'a AtomicBool);
+
+impl Drop for Running<'_> {
+    fn drop(&mut self) {
+        self.0.store(false, Ordering::Release);
+    }
 }
 
 /// One attempt's steps: the positions it has reached, and (for an attempt that
@@ -186,9 +206,16 @@ pub(crate) struct StepLog {
     keep: Duration,
     /// Whether earlier attempts may have recorded steps (else none are read).
     took_over: bool,
+    /// Whether the store keeps steps at all (asked before any step runs).
+    kept: bool,
     next: AtomicU32,
+    /// Whether a step of this attempt is running (steps run one at a time).
+    running: AtomicBool,
     ids: Mutex<HashSet<StepId>>,
     recorded: OnceCell<Vec<Step>>,
+    /// The first mismatch a step met: the call's outcome must not be
+    /// recorded (even an error the codec caches), so a fixed body can resume.
+    mismatch: Mutex<Option<(u32, String, String)>>,
 }
 
 impl StepLog {
@@ -199,32 +226,42 @@ impl StepLog {
         keep: Duration,
         took_over: bool,
     ) -> Self {
+        let kept = store.keeps_steps();
         StepLog {
             store,
             key,
             token,
             keep,
             took_over,
+            kept,
             next: AtomicU32::new(0),
+            running: AtomicBool::new(false),
             ids: Mutex::new(HashSet::new()),
             recorded: OnceCell::new(),
+            mismatch: Mutex::new(None),
         }
     }
 
-    fn address(&self) -> usize {
-        self as *const StepLog as usize
-    }
-
-    /// The position of step `id`, after the checks that it may run here.
-    fn begin(&self, id: &StepId) -> Result<u32, Error> {
-        if IN_STEP
-            .try_with(|running| *running == self.address())
-            .unwrap_or(false)
-        {
+    /// The position of step `id`, after the checks that it may run here, and
+    /// the mark that it runs.
+    fn begin(&self, id: &StepId) -> Result<(u32, Running<'_>), Error> {
+        if !self.kept {
             return Err(Error::StepMisuse(format!(
-                "step {id} was called inside another step of the same call; steps do not nest"
+                "step {id}: this call's store does not keep steps (Store::keeps_steps)"
             )));
         }
+        if self
+            .running
+            .compare_exchange(false, true, Ordering::Acquire, Ordering::Relaxed)
+            .is_err()
+        {
+            return Err(Error::StepMisuse(format!(
+                "step {id} was called while another step of this call was running (inside it \
+                 or beside it): a call's steps run one at a time; join concurrent effects \
+                 inside one step"
+            )));
+        }
+        let running = Running(&self.running);
         let mut ids = self.ids.lock().unwrap_or_else(|p| p.into_inner());
         if !ids.insert(id.clone()) {
             return Err(Error::StepMisuse(format!(
@@ -235,7 +272,19 @@ impl StepLog {
         }
         let at = self.next.fetch_add(1, Ordering::Relaxed);
         drop(ids);
-        Ok(at)
+        Ok((at, running))
+    }
+
+    /// The mismatch a step met (kept for the completion to refuse), as the error.
+    fn diverged(&self, at: u32, recorded: String, called: String) -> Error {
+        tracing::error!(at, recorded = %recorded, called = %called, "step mismatch");
+        let mut first = self.mismatch.lock().unwrap_or_else(|p| p.into_inner());
+        first.get_or_insert_with(|| (at, recorded.clone(), called.clone()));
+        Error::StepMismatch {
+            at,
+            recorded,
+            called,
+        }
     }
 
     /// The steps earlier attempts recorded, read once (none without a takeover).
@@ -248,15 +297,6 @@ impl StepLog {
             .get_or_try_init(|| self.store.steps(self.key.as_str()))
             .await?;
         Ok(steps)
-    }
-
-    /// The step an earlier attempt recorded at `at`.
-    async fn recorded(&self, at: u32) -> Result<Option<Step>, Error> {
-        let steps = self.earlier().await?;
-        Ok(steps
-            .binary_search_by_key(&at, |s| s.at)
-            .ok()
-            .map(|i| steps[i].clone()))
     }
 
     /// Records step `id`'s value at `at`; a store failure is retried twice (20
@@ -295,6 +335,18 @@ impl StepLog {
     /// Before the call's outcome is recorded: every step an earlier attempt
     /// recorded was reached again, else [`Error::StepMismatch`].
     pub(super) async fn check_finished(&self) -> Result<(), Error> {
+        let first = self
+            .mismatch
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
+        if let Some((at, recorded, called)) = first {
+            return Err(Error::StepMismatch {
+                at,
+                recorded,
+                called,
+            });
+        }
         let reached = self.next.load(Ordering::Relaxed);
         match self.earlier().await?.iter().find(|s| s.at >= reached) {
             None => Ok(()),

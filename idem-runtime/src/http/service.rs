@@ -310,12 +310,20 @@ where
                     // response the handler produced, unless the store answers only
                     // once the response is safely stored (replicas): then the
                     // client retries to get it.
-                    if let Err(err @ (Error::NotReplicated { .. } | Error::Store(_))) =
-                        held.complete(&bytes, config.options.ttl).await
-                    {
-                        tracing::warn!(error = %err, "the response is not safely stored yet; answering 503");
-                        let problem = Problem::NotReplicated;
-                        return Ok(problem.response(&problem.default_detail()));
+                    match held.complete(&bytes, config.options.ttl).await {
+                        Err(err @ (Error::NotReplicated { .. } | Error::Store(_))) => {
+                            tracing::warn!(error = %err, "the response is not safely stored yet; answering 503");
+                            let problem = Problem::NotReplicated;
+                            return Ok(problem.response(&problem.default_detail()));
+                        }
+                        // Not stored (the claim is released, its steps kept): the
+                        // handler diverged from a recorded attempt.
+                        Err(err @ Error::StepMismatch { .. }) => {
+                            tracing::error!(error = %err, "the handler's steps differ from the recorded ones; answering 500");
+                            let problem = Problem::Internal;
+                            return Ok(problem.response(&problem.default_detail()));
+                        }
+                        _ => {}
                     }
                 }
                 Err(err) => {

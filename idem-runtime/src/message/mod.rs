@@ -324,10 +324,14 @@ impl Deduplicator {
                 // rerun. A store that answers only once the mark is safely stored
                 // (replicas) says so with an error: then the message is not
                 // acknowledged, and its redelivery finds the mark, not the handler.
+                // A handler whose steps differ from the recorded ones is not
+                // marked (the claim is released, its steps kept): not acknowledged.
                 match held.complete(PROCESSED, self.options.ttl).await {
-                    Err(err @ (Error::NotReplicated { .. } | Error::Store(_))) => {
-                        Err(ProcessError::Idempotency(err))
-                    }
+                    Err(
+                        err @ (Error::NotReplicated { .. }
+                        | Error::Store(_)
+                        | Error::StepMismatch { .. }),
+                    ) => Err(ProcessError::Idempotency(err)),
                     _ => Ok(Outcome::Processed(value)),
                 }
             }

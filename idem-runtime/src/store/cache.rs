@@ -282,6 +282,10 @@ impl<S: Store + Clone + 'static> Store for ReplayCache<S> {
         self.inner.steps(key).await
     }
 
+    fn keeps_steps(&self) -> bool {
+        self.inner.keeps_steps()
+    }
+
     fn handle(&self) -> Arc<dyn Store> {
         Arc::new(self.clone())
     }

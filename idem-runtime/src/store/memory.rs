@@ -420,6 +420,10 @@ impl Store for Inner {
             .unwrap_or_default())
     }
 
+    fn keeps_steps(&self) -> bool {
+        true
+    }
+
     fn handle(&self) -> Arc<dyn Store> {
         // `Inner` lives only inside the `Arc` made in `with_shards`, so while `&self`
         // exists the upgrade succeeds.
@@ -478,6 +482,10 @@ impl Store for MemoryStore {
 
     async fn steps(&self, key: &str) -> Result<Vec<Step>, Error> {
         Store::steps(&*self.inner, key).await
+    }
+
+    fn keeps_steps(&self) -> bool {
+        true
     }
 
     fn handle(&self) -> Arc<dyn Store> {

@@ -242,7 +242,8 @@ pub trait Store: Send + Sync {
     /// once `keep` has passed. See CONTRACT §3.4.
     ///
     /// The default refuses with [`Error::Store`]: a store that does not keep
-    /// steps must not pretend to.
+    /// steps must not pretend to. A store that keeps them also answers
+    /// [`keeps_steps`](Store::keeps_steps) with `true`.
     async fn record_step(
         &self,
         key: &str,
@@ -259,6 +260,13 @@ pub trait Store: Send + Sync {
     async fn steps(&self, key: &str) -> Result<Vec<Step>, Error> {
         let _ = key;
         Ok(Vec::new())
+    }
+
+    /// Whether this store keeps steps ([`record_step`](Store::record_step)):
+    /// asked before a step runs, so on a store that does not, a step is
+    /// refused before its work is done, not after. Default `false`.
+    fn keeps_steps(&self) -> bool {
+        false
     }
 
     /// An owned handle to this store, used by the engine to renew the lease while
@@ -372,6 +380,9 @@ macro_rules! forward_store {
             }
             async fn steps(&self, key: &str) -> Result<Vec<Step>, Error> {
                 (**self).steps(key).await
+            }
+            fn keeps_steps(&self) -> bool {
+                (**self).keeps_steps()
             }
             fn handle(&self) -> Arc<dyn Store> {
                 (**self).handle()

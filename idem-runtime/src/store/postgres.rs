@@ -59,6 +59,7 @@ impl std::fmt::Debug for PostgresStore {
 struct Statements {
     table: String,
     present: String,
+    exists: String,
     migrate: Vec<String>,
     claim: Arc<str>,
     complete: Arc<str>,
@@ -140,6 +141,7 @@ SELECT false, false, 'processing', token, fingerprint, NULL, 0
                     AND EXISTS (SELECT 1 FROM pg_attribute WHERE attrelid = to_regclass('{t}')
                                    AND attname = 'steps_until' AND NOT attisdropped)"
             ),
+            exists: format!("SELECT to_regclass('{t}') IS NOT NULL"),
             migrate: vec![
                 format!(
                     "CREATE TABLE IF NOT EXISTS {t} (
@@ -186,22 +188,15 @@ SELECT false, false, 'processing', token, fingerprint, NULL, 0
                   WHERE key = $1 AND token = $2 AND state = 'processing'"
             )
             .into(),
-            // Deleted, unless it keeps steps: then released, kept for them.
-            // `now()` is one instant for the whole statement, so exactly one
-            // of the two can match.
+            // A released record stays (a tombstone, its steps kept) until
+            // purged. One statement on one row: a step recorded by the same
+            // holder while the release waits for its row is seen, not lost
+            // between two statements of one snapshot.
             release: format!(
-                "WITH kept AS (
-                    UPDATE {t} SET state = 'released', outcome = NULL,
-                           expires_at = clock_timestamp(), updated_at = clock_timestamp()
-                     WHERE key = $1 AND token = $2 AND state = 'processing' AND steps_until > now()
-                    RETURNING 1
-                 ), gone AS (
-                    DELETE FROM {t}
-                     WHERE key = $1 AND token = $2 AND state = 'processing'
-                       AND (steps_until IS NULL OR steps_until <= now())
-                    RETURNING 1
-                 )
-                 SELECT 1 FROM kept UNION ALL SELECT 1 FROM gone"
+                "UPDATE {t} SET state = 'released', outcome = NULL,
+                        expires_at = clock_timestamp(), updated_at = clock_timestamp()
+                  WHERE key = $1 AND token = $2 AND state = 'processing'
+                 RETURNING 1"
             )
             .into(),
             get: format!(
@@ -243,6 +238,22 @@ SELECT false, false, 'processing', token, fingerprint, NULL, 0
             .into(),
         })
     }
+}
+
+/// A migration that failed; one refused for want of rights says what to run.
+fn migration_error(table: &str, err: sqlx::Error) -> Error {
+    let denied = err
+        .as_database_error()
+        .and_then(|e| e.code())
+        .is_some_and(|code| code == "42501");
+    if denied {
+        return Error::store(format!(
+            "the table {table} needs idem's schema changes (the step columns of this version), \
+             and this role may not make them: run PostgresStore::migrate() once with a role \
+             that may ALTER {table} (docs/CONTRACT.md §5.1 lists the statements): {err}"
+        ));
+    }
+    sql::db_error(err)
 }
 
 fn q(sql: &Arc<str>) -> sqlx::query::Query<'static, Postgres, sqlx::postgres::PgArguments> {
@@ -296,15 +307,40 @@ impl PostgresStore {
                     return Ok(());
                 }
                 let mut tx = pool.begin().await.map_err(sql::db_error)?;
-                sqlx::query("SELECT pg_advisory_xact_lock(hashtextextended('idem:migrate', 7))")
-                    .execute(&mut *tx)
-                    .await
-                    .map_err(sql::db_error)?;
-                for statement in &sql.migrate {
-                    sqlx::query(AssertSqlSafe(statement.as_str()))
+                for set_up in [
+                    "SELECT pg_advisory_xact_lock(hashtextextended('idem:migrate', 7))",
+                    // Behind a long transaction that wrote to the table, give up
+                    // (the next call tries again) rather than queue every
+                    // statement on the table behind this one.
+                    "SET LOCAL lock_timeout = '5s'",
+                ] {
+                    sqlx::query(set_up)
                         .execute(&mut *tx)
                         .await
                         .map_err(sql::db_error)?;
+                }
+                // Another process may have finished it while this one waited.
+                let present: bool = sqlx::query_scalar(AssertSqlSafe(sql.present.as_str()))
+                    .fetch_one(&mut *tx)
+                    .await
+                    .map_err(sql::db_error)?;
+                if present {
+                    return tx.commit().await.map_err(sql::db_error);
+                }
+                // An existing table is locked once, first, at the strongest level
+                // the changes need: taken piecemeal (a weaker lock, then a stronger
+                // one), it deadlocks with claims of processes already migrated.
+                let exists: bool = sqlx::query_scalar(AssertSqlSafe(sql.exists.as_str()))
+                    .fetch_one(&mut *tx)
+                    .await
+                    .map_err(sql::db_error)?;
+                let lock = format!("LOCK TABLE {} IN ACCESS EXCLUSIVE MODE", sql.table);
+                let statements = exists.then_some(&lock).into_iter().chain(&sql.migrate);
+                for statement in statements {
+                    sqlx::query(AssertSqlSafe(statement.as_str()))
+                        .execute(&mut *tx)
+                        .await
+                        .map_err(|err| migration_error(&sql.table, err))?;
                 }
                 tx.commit().await.map_err(sql::db_error)
             })

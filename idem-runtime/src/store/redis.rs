@@ -1175,6 +1175,10 @@ impl Store for RedisStore {
         tail.map_or(Ok(Vec::new()), |tail| parse_steps(&tail))
     }
 
+    fn keeps_steps(&self) -> bool {
+        true
+    }
+
     fn handle(&self) -> Arc<dyn Store> {
         Arc::new(self.clone())
     }

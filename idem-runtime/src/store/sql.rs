@@ -363,6 +363,10 @@ macro_rules! sql_store {
                     .map(Option::unwrap_or_default)
             }
 
+            fn keeps_steps(&self) -> bool {
+                true
+            }
+
             fn handle(&self) -> std::sync::Arc<dyn $crate::store::Store> {
                 std::sync::Arc::new(self.clone())
             }

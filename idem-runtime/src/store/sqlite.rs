@@ -317,7 +317,13 @@ impl SqliteStore {
         let pool = self.pool.clone();
         self.ready
             .get(|| async move {
-                let mut tx = pool.begin().await.map_err(sql::db_error)?;
+                // Immediate: take the write lock first. A deferred transaction
+                // that reads and then writes fails at once (busy) when another
+                // process opening the same file migrated meanwhile.
+                let mut tx = pool
+                    .begin_with("BEGIN IMMEDIATE")
+                    .await
+                    .map_err(sql::db_error)?;
                 for statement in &sql.migrate {
                     sqlx::query(AssertSqlSafe(statement.as_str()))
                         .execute(&mut *tx)
