@@ -50,7 +50,10 @@ pub async fn conformance(store: &dyn Store) {
 /// ([`Store::record_step`], [`Store::steps`]) against `store`, panicking on the
 /// first rule broken. For stores that keep steps (every store idem ships).
 pub async fn step_conformance(store: &dyn Store) {
-    assert!(store.keeps_steps(), "a store that keeps steps says so (Store::keeps_steps)");
+    assert!(
+        store.keeps_steps(),
+        "a store that keeps steps says so (Store::keeps_steps)"
+    );
     let ns = Namespace::new();
     steps_are_fenced_and_ordered(store, &ns).await;
     steps_survive_a_release(store, &ns).await;
