@@ -22,7 +22,7 @@ pub enum Db {
     Postgres(PostgresStore),
 }
 
-const SQLITE_SCHEMA: [&str; 3] = [
+const SQLITE_SCHEMA: [&str; 5] = [
     "CREATE TABLE IF NOT EXISTS orders (
         id INTEGER PRIMARY KEY AUTOINCREMENT, user_id TEXT NOT NULL,
         product_id TEXT NOT NULL, quantity INTEGER NOT NULL,
@@ -31,9 +31,14 @@ const SQLITE_SCHEMA: [&str; 3] = [
     "CREATE TABLE IF NOT EXISTS charges (
         id INTEGER PRIMARY KEY AUTOINCREMENT, provider_key TEXT NOT NULL UNIQUE,
         order_id INTEGER NOT NULL, amount_cents INTEGER NOT NULL)",
+    "CREATE TABLE IF NOT EXISTS shipments (
+        id INTEGER PRIMARY KEY AUTOINCREMENT, order_id INTEGER NOT NULL, ship_to TEXT NOT NULL)",
+    "CREATE TABLE IF NOT EXISTS emails (
+        id INTEGER PRIMARY KEY AUTOINCREMENT, order_id INTEGER NOT NULL,
+        recipient TEXT NOT NULL, subject TEXT NOT NULL)",
 ];
 
-const POSTGRES_SCHEMA: [&str; 3] = [
+const POSTGRES_SCHEMA: [&str; 5] = [
     "CREATE TABLE IF NOT EXISTS orders (
         id BIGSERIAL PRIMARY KEY, user_id TEXT NOT NULL,
         product_id TEXT NOT NULL, quantity INT NOT NULL,
@@ -42,6 +47,11 @@ const POSTGRES_SCHEMA: [&str; 3] = [
     "CREATE TABLE IF NOT EXISTS charges (
         id BIGSERIAL PRIMARY KEY, provider_key TEXT NOT NULL UNIQUE,
         order_id BIGINT NOT NULL, amount_cents BIGINT NOT NULL)",
+    "CREATE TABLE IF NOT EXISTS shipments (
+        id BIGSERIAL PRIMARY KEY, order_id BIGINT NOT NULL, ship_to TEXT NOT NULL)",
+    "CREATE TABLE IF NOT EXISTS emails (
+        id BIGSERIAL PRIMARY KEY, order_id BIGINT NOT NULL,
+        recipient TEXT NOT NULL, subject TEXT NOT NULL)",
 ];
 
 /// The tables an earlier version made, renamed `<name>_v1` when found.

@@ -55,6 +55,8 @@ struct Req {
     authorization: Option<String>,
     key: Option<String>,
     body: Option<Vec<u8>>,
+    /// The demo's injected failure: the step after which a checkout stops.
+    crash_after: Option<String>,
 }
 
 impl Req {
@@ -65,6 +67,7 @@ impl Req {
             authorization: None,
             key: None,
             body: None,
+            crash_after: None,
         }
     }
 
@@ -89,6 +92,11 @@ impl Req {
         self.key = Some(key.to_owned());
         self
     }
+
+    fn crash_after(mut self, step: &str) -> Self {
+        self.crash_after = Some(step.to_owned());
+        self
+    }
 }
 
 struct Driver {
@@ -110,6 +118,9 @@ impl Driver {
         }
         if let Some(key) = &req.key {
             request = request.header("Idempotency-Key", key);
+        }
+        if let Some(step) = &req.crash_after {
+            request = request.header(server::CRASH_AFTER, step);
         }
         if let Some(body) = &req.body {
             request = request
@@ -230,6 +241,7 @@ async fn drive(
             url: url.to_owned(),
             server: running.url(),
             rows: Vec::new(),
+            notes: Vec::new(),
         },
     };
     let (ann_t, bob_t) = (ann.to_owned(), bob.to_owned());
@@ -438,17 +450,58 @@ async fn drive(
     )
     .await?;
 
+    // Checkout: four steps (reserve the stock, charge, ship, email). The first
+    // attempt stops right after the charge (a failure the demo injects); the
+    // client's retry resumes at the shipment.
+    let body = json!({
+        "user_id": ann, "product_id": widget, "quantity": 3,
+        "ship_to": "1 Demo Street", "card": CARD_OK,
+    });
+    let checkout = Req::post("/checkout", serde_json::to_vec(&body).unwrap_or_default())
+        .by(&ann_t)
+        .key(&d.key("checkout-1"));
+    let unavailable = (StatusCode::SERVICE_UNAVAILABLE, false);
+    d.expect(
+        "POST /checkout, stopped after the charge",
+        &checkout.clone().crash_after("charge"),
+        unavailable,
+        (5, 2),
+    )
+    .await?;
+    let resumed = d
+        .expect(
+            "retried: resumes at the shipment",
+            &checkout,
+            created,
+            (5, 2),
+        )
+        .await?;
+    let checkout_order = resumed.json()["order"]["id"].as_i64().unwrap_or(0);
+    let effects = service.effects_of(checkout_order).await?;
+    if effects != (1, 1, 1) {
+        if let Some(row) = d.report.rows.last_mut() {
+            row.as_expected = false;
+        }
+    }
+    d.expect("the checkout retried again", &checkout, replayed, (5, 2))
+        .await?;
+    d.report.notes.push(format!(
+        "checkout (order {checkout_order}): {} charge, {} shipment, {} email — the retry replayed \
+         the reserve and the charge, and ran the shipment and the email",
+        effects.0, effects.1, effects.2
+    ));
+
     let huge = Req::post("/orders", vec![b' '; 2 << 20])
         .by(&ann_t)
         .key(&d.key("huge"));
     let too_large = (StatusCode::PAYLOAD_TOO_LARGE, false);
-    d.expect("POST /orders with a 2 MiB body", &huge, too_large, (4, 1))
+    d.expect("POST /orders with a 2 MiB body", &huge, too_large, (5, 2))
         .await?;
     d.expect(
         "GET /healthz",
         &Req::get("/healthz"),
         (StatusCode::OK, false),
-        (4, 1),
+        (5, 2),
     )
     .await?;
 

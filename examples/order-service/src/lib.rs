@@ -11,6 +11,7 @@ use idem_runtime::{idempotent, PostgresStore, SqliteStore};
 use serde::{Deserialize, Serialize};
 use sqlx::{Postgres, Sqlite, Transaction};
 
+pub mod checkout;
 pub mod db;
 pub mod demo;
 pub mod payments;

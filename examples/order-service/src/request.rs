@@ -104,6 +104,22 @@ pub fn order(body: &[u8]) -> Result<CreateOrderRequest, Refusal> {
     Ok(req)
 }
 
+/// `POST /checkout`: an order's fields and `"card": "..."`.
+pub fn checkout(body: &[u8]) -> Result<crate::checkout::CheckoutRequest, Refusal> {
+    let fields = Fields::parse(body)?;
+    let order = CreateOrderRequest {
+        user_id: fields.string("user_id", MAX_ID_CHARS)?,
+        product_id: fields.string("product_id", MAX_ID_CHARS)?,
+        quantity: fields.integer("quantity", 1, i64::from(crate::MAX_QUANTITY))? as u32,
+        ship_to: fields.optional_string("ship_to")?,
+    };
+    order.validate().map_err(|e| invalid(e.to_string()))?;
+    Ok(crate::checkout::CheckoutRequest {
+        order,
+        card: fields.string("card", 64)?,
+    })
+}
+
 /// `POST /payments`: `{"order_id": n, "amount_cents": n, "card": "..."}`, with
 /// `order_id` exactly as `POST /orders` returned it.
 pub fn payment(body: &[u8]) -> Result<PaymentRequest, Refusal> {

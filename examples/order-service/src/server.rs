@@ -90,6 +90,7 @@ fn routes() -> Router<OrderService> {
         .route("/orders", post(create_order))
         .route("/orders/{id}", get(get_order))
         .route("/payments", post(pay))
+        .route("/checkout", post(checkout))
         .route("/healthz", get(|| async { "ok" }))
         .fallback(|| async { problem(StatusCode::NOT_FOUND, "not-found", "no such route") })
         .method_not_allowed_fallback(|| async {
@@ -254,6 +255,63 @@ async fn pay(State(service): State<OrderService>, body: Bytes) -> Response {
             problem(StatusCode::UNPROCESSABLE_ENTITY, "invalid-field", e)
         }
         Err(PaymentError::Database(e)) => database(&e, "the card was not charged"),
+    }
+}
+
+/// The request header the demo alone sends to make a checkout stop after a
+/// step, as a crash there would (`charge`, say).
+pub const CRASH_AFTER: &str = "x-demo-crash-after";
+
+async fn checkout(
+    State(service): State<OrderService>,
+    headers: axum::http::HeaderMap,
+    body: Bytes,
+) -> Response {
+    use crate::checkout::CheckoutError as E;
+    use idem_runtime::Error as Idem;
+    let req = match request::checkout(&body) {
+        Ok(req) => req,
+        Err(r) => return refused(r),
+    };
+    let stop_after = headers.get(CRASH_AFTER).and_then(|v| v.to_str().ok());
+    match service.checkout(req, stop_after).await {
+        Ok(receipt) => (StatusCode::CREATED, Json(receipt)).into_response(),
+        // 5xx: not stored, the key released with its steps kept: the client's
+        // retry resumes after the last step that finished.
+        Err(e @ E::Injected(_)) => {
+            problem(StatusCode::SERVICE_UNAVAILABLE, "checkout-interrupted", e)
+        }
+        Err(E::Order(e @ OrderError::Invalid(_))) => {
+            problem(StatusCode::UNPROCESSABLE_ENTITY, "invalid-field", e)
+        }
+        Err(E::Order(e @ OrderError::UnknownProduct { .. })) => {
+            problem(StatusCode::NOT_FOUND, "product-not-found", e)
+        }
+        Err(E::Order(e @ OrderError::OutOfStock { .. })) => {
+            problem(StatusCode::CONFLICT, "out-of-stock", e)
+        }
+        Err(E::Payment(e @ PaymentError::Declined)) => {
+            problem(StatusCode::PAYMENT_REQUIRED, "card-declined", e)
+        }
+        Err(E::Payment(e @ PaymentError::ProcessingError)) => {
+            problem(StatusCode::INTERNAL_SERVER_ERROR, "processing-error", e)
+        }
+        Err(E::Order(OrderError::Idempotency(Idem::Store(_))) | E::Idempotency(Idem::Store(_))) => {
+            unavailable("the checkout did not finish")
+        }
+        Err(
+            E::Database(e)
+            | E::Order(OrderError::Database(e))
+            | E::Payment(PaymentError::Database(e)),
+        ) => database(&e, "the checkout did not finish"),
+        Err(e) => {
+            tracing::error!(error = %e, "checkout failed");
+            problem(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "internal",
+                "the checkout did not finish",
+            )
+        }
     }
 }
 

@@ -629,3 +629,46 @@ async fn a_client_that_never_reads_does_not_hold_its_connection_forever() {
     writer.abort();
     running.stop().await.unwrap();
 }
+
+/// `POST /checkout` stopped after each of its first three steps (the demo's
+/// injected failure): the client's retry resumes at the next step, and the
+/// order ends with one charge, one shipment and one email.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_checkout_stopped_after_any_step_resumes_on_retry() {
+    let (running, service) = start().await;
+    let base = running.url();
+    for (i, step) in ["reserve-stock", "charge", "ship"].into_iter().enumerate() {
+        let user = format!("checkout-{i}-{}", unique());
+        let body = serde_json::to_vec(&json!({
+            "user_id": user, "product_id": "SKU-0001", "quantity": 1,
+            "ship_to": "1 Test Street", "card": CARD_OK,
+        }))
+        .unwrap();
+        let key = format!("checkout-{}", unique());
+        let auth = format!("Bearer {user}");
+        let stopped = reqwest::Client::new()
+            .post(format!("{base}/checkout"))
+            .header("Authorization", &auth)
+            .header("Idempotency-Key", &key)
+            .header(server::CRASH_AFTER, step)
+            .header("content-type", "application/json")
+            .body(body.clone())
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(stopped.status(), 503, "stopped after {step}");
+        let (status, replayed, receipt) = send(&base, "/checkout", &auth, &key, body.clone()).await;
+        assert_eq!((status, replayed), (201, false), "{step}: {receipt}");
+        let order = receipt["order"]["id"].as_i64().unwrap();
+        assert_eq!(
+            service.effects_of(order).await.unwrap(),
+            (1, 1, 1),
+            "after {step}"
+        );
+        assert_eq!(receipt["email"]["to"], user);
+        let (status, replayed, again) = send(&base, "/checkout", &auth, &key, body).await;
+        assert_eq!((status, replayed, &again), (201, true, &receipt));
+        assert_eq!(service.orders_of(&[&user]).await.unwrap(), 1, "one order");
+    }
+    running.stop().await.unwrap();
+}

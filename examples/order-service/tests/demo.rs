@@ -1,14 +1,20 @@
 //! The demo's promises hold on both databases, over real HTTP: one order per
-//! distinct request, one charge per payment, replays for the rest, and it can
-//! run again on the same database.
+//! distinct request, one charge per payment, a checkout stopped after its
+//! charge that resumes at the shipment (one charge, one shipment, one email),
+//! replays for the rest, and it can run again on the same database.
 
 async fn check(url: &str) {
     for _ in 0..2 {
         let report = order_service::demo::run(url).await.unwrap();
         assert!(report.all_passed(), "{report}");
-        assert_eq!(report.rows.len(), 23);
+        assert_eq!(report.rows.len(), 26);
         let last = report.rows.last().unwrap();
-        assert_eq!((last.orders, last.charges), (4, 1));
+        assert_eq!((last.orders, last.charges), (5, 2));
+        let checkout = &report.notes[0];
+        assert!(
+            checkout.contains("1 charge, 1 shipment, 1 email"),
+            "{checkout}"
+        );
     }
 }
 

@@ -30,6 +30,8 @@ pub struct Report {
     pub server: String,
     /// The requests, in order.
     pub rows: Vec<Row>,
+    /// Lines printed under the table (what a checkout left behind).
+    pub notes: Vec<String>,
 }
 
 impl Report {
@@ -94,6 +96,9 @@ impl fmt::Display for Report {
             )?;
         }
         writeln!(f)?;
+        for note in &self.notes {
+            writeln!(f, "{note}")?;
+        }
         let last = self.rows.last();
         writeln!(
             f,
