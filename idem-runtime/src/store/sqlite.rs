@@ -317,6 +317,15 @@ impl SqliteStore {
         let pool = self.pool.clone();
         self.ready
             .get(|| async move {
+                // Already set up (the table, with the step columns): nothing to
+                // write, so no write lock to wait for behind busy writers.
+                let ready: i64 = sqlx::query_scalar(AssertSqlSafe(sql.has_steps.as_str()))
+                    .fetch_one(&pool)
+                    .await
+                    .map_err(sql::db_error)?;
+                if ready > 0 {
+                    return Ok(());
+                }
                 // Immediate: take the write lock first. A deferred transaction
                 // that reads and then writes fails at once (busy) when another
                 // process opening the same file migrated meanwhile.
