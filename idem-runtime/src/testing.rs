@@ -473,7 +473,7 @@ fn step(at: u32, id: &str, value: &str) -> Step {
 
 async fn steps_of(store: &dyn Store, key: &str) -> Vec<(u32, String, Vec<u8>)> {
     store
-        .steps(key)
+        .steps(key, None)
         .await
         .unwrap()
         .into_iter()
@@ -557,6 +557,15 @@ pub async fn steps_survive_a_release(store: &dyn Store, ns: &Namespace) {
         1,
         "carried over to the new claim"
     );
+    assert_eq!(
+        store.steps(&key, Some(next)).await.unwrap().len(),
+        1,
+        "read by the holder"
+    );
+    assert!(
+        matches!(store.steps(&key, Some(token)).await, Err(Error::LeaseLost)),
+        "a fenced read by a holder taken over is refused"
+    );
     lease_lost(
         store
             .record_step(&key, token, &step(1, "\"charge\"", "{}"), LONG)
@@ -575,6 +584,10 @@ pub async fn steps_survive_a_release(store: &dyn Store, ns: &Namespace) {
     assert!(
         steps_of(store, &key).await.is_empty(),
         "a completion drops the steps"
+    );
+    assert!(
+        matches!(store.steps(&key, Some(next)).await, Err(Error::LeaseLost)),
+        "a completed record is held by no one"
     );
     match store.claim(req(&key, None, LONG)).await {
         Ok(Claim::Completed { .. }) => {}
@@ -681,7 +694,28 @@ pub async fn steps_values_round_trip(store: &dyn Store, ns: &Namespace) {
     assert_eq!(got.len(), 1);
     assert_eq!(got[0].1, id);
     assert!(got[0].2 == big.as_bytes(), "a large value comes back whole");
+    // More large steps, a release, and a claim that carries them all over;
+    // a duplicate meanwhile is told the claim is in progress.
+    let values: Vec<String> = (1..4)
+        .map(|i| format!("{{\"ok\":\"{}\"}}", i.to_string().repeat(300_000)))
+        .collect();
+    for (i, value) in values.iter().enumerate() {
+        let s = step(i as u32 + 1, &format!("\"big-{i}\""), value);
+        store.record_step(&key, token, &s, LONG).await.unwrap();
+    }
+    match store.claim(req(&key, None, LONG)).await {
+        Ok(Claim::InProgress { .. }) => {}
+        other => panic!("a live claim with large steps is in progress, got {other:?}"),
+    }
     store.release(&key, token).await.unwrap();
+    let (next, took_over) = acquire_as(store, &key, None).await;
+    assert!(took_over);
+    let got = store.steps(&key, Some(next)).await.unwrap();
+    assert_eq!(got.len(), 4, "every step carried over");
+    for (i, value) in values.iter().enumerate() {
+        assert!(got[i + 1].value == value.as_bytes(), "step {} whole", i + 1);
+    }
+    store.release(&key, next).await.unwrap();
 }
 
 /// Runs futures concurrently on the current task (no extra dependency).

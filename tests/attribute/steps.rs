@@ -155,7 +155,7 @@ async fn a_retry_resumes_at_the_step_that_did_not_finish_whatever_stopped_it() {
             assert_eq!(c.checkout(7).await.unwrap(), out);
             assert_eq!(c.took_over.lock().unwrap().len(), 2);
             let key = Checkout::key(7);
-            assert!(c.store.steps(key.as_str()).await.unwrap().is_empty());
+            assert!(c.store.steps(key.as_str(), None).await.unwrap().is_empty());
         }
     }
 }
@@ -513,7 +513,7 @@ async fn a_step_value_replays_exactly_and_one_json_cannot_hold_is_refused() {
         other => panic!("{other:?}"),
     }
     let key = Key::derive("steps-values", &2u64).unwrap();
-    assert!(v.store.steps(key.as_str()).await.unwrap().is_empty());
+    assert!(v.store.steps(key.as_str(), None).await.unwrap().is_empty());
 }
 
 #[tokio::test]
@@ -541,9 +541,9 @@ async fn steps_are_kept_for_the_calls_ttl_then_forgotten() {
     let c = Arc::new(Checkout::default());
     attempt_with(&c, 11, "ship", Fault::Fail).await;
     let key = Checkout::key(11);
-    assert_eq!(c.store.steps(key.as_str()).await.unwrap().len(), 2);
+    assert_eq!(c.store.steps(key.as_str(), None).await.unwrap().len(), 2);
     tokio::time::advance(Duration::from_secs(61)).await;
-    assert!(c.store.steps(key.as_str()).await.unwrap().is_empty());
+    assert!(c.store.steps(key.as_str(), None).await.unwrap().is_empty());
     assert_eq!(
         c.store.purge_expired(100).await.unwrap(),
         1,
@@ -880,4 +880,67 @@ async fn a_deduplicator_does_not_acknowledge_a_handler_that_skipped_a_recorded_s
             other => panic!("{:?}", other.map(|_| ()).map_err(|e| format!("{e:?}"))),
         }
     }
+}
+
+struct Paused {
+    store: FaultyStore,
+    charges: AtomicUsize,
+    /// Attempts wait here before their first step, while set.
+    gate: Mutex<Option<Arc<tokio::sync::Notify>>>,
+    fail: std::sync::atomic::AtomicBool,
+}
+
+impl Paused {
+    #[idempotent(key = order, name = "steps-paused", lease = "600ms", ttl = "60s", store = self.store)]
+    async fn pay(&self, order: u64) -> Result<usize, AppError> {
+        let gate = self.gate.lock().unwrap().take();
+        if let Some(gate) = gate {
+            gate.notified().await;
+        }
+        let charge = step("charge", async {
+            Ok::<_, AppError>(self.charges.fetch_add(1, Ordering::SeqCst) + 1)
+        })
+        .await?;
+        if self.fail.swap(false, Ordering::SeqCst) {
+            return Err(AppError::Unavailable);
+        }
+        Ok(charge)
+    }
+}
+
+/// Found by the second break-it review: an attempt that resumes recorded
+/// steps, then stalls past its lease before its first step while another
+/// attempt finishes the call, must not run a recorded step again (it reads
+/// the steps as their holder, and is told it no longer is).
+#[tokio::test(start_paused = true)]
+async fn a_resumed_attempt_taken_over_before_its_first_step_never_reruns_a_recorded_one() {
+    let p = Arc::new(Paused {
+        store: FaultyStore::default(),
+        charges: AtomicUsize::new(0),
+        gate: Mutex::new(None),
+        fail: std::sync::atomic::AtomicBool::new(true),
+    });
+    assert!(matches!(p.pay(1).await, Err(AppError::Unavailable)));
+    // A resumes (the charge is recorded) and stalls before its first step,
+    // its renewals failing, past its lease.
+    let gate = Arc::new(tokio::sync::Notify::new());
+    *p.gate.lock().unwrap() = Some(Arc::clone(&gate));
+    p.store.renewals_fail.store(true, Ordering::SeqCst);
+    let a = tokio::spawn({
+        let p = Arc::clone(&p);
+        async move { p.pay(1).await }
+    });
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    // B takes over, replays the charge and completes the call.
+    assert_eq!(p.pay(1).await.unwrap(), 1);
+    gate.notify_one();
+    match a.await.unwrap() {
+        Err(AppError::Idem(Error::LeaseLost)) => {}
+        other => panic!("{other:?}"),
+    }
+    assert_eq!(
+        p.charges.load(Ordering::SeqCst),
+        1,
+        "the recorded charge never ran again"
+    );
 }

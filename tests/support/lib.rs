@@ -363,8 +363,8 @@ impl Store for FaultyStore {
         }
         self.inner.record_step(key, token, step, keep).await
     }
-    async fn steps(&self, key: &str) -> Result<Vec<Step>, Error> {
-        self.inner.steps(key).await
+    async fn steps(&self, key: &str, held: Option<FencingToken>) -> Result<Vec<Step>, Error> {
+        self.inner.steps(key, held).await
     }
     fn keeps_steps(&self) -> bool {
         self.inner.keeps_steps()

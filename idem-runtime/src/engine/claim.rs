@@ -62,7 +62,9 @@ pub async fn claim(
             token,
             took_over,
             options.lease,
-            options.ttl,
+            // Steps are kept for the call's ttl, and never less than its lease:
+            // a holder that dies keeps them at least until its claim lapses.
+            options.ttl.max(options.lease),
         )),
         Claimed::Replay(outcome) => Claimed::Replay(outcome),
     })

@@ -294,7 +294,7 @@ impl StepLog {
         }
         let steps = self
             .recorded
-            .get_or_try_init(|| self.store.steps(self.key.as_str()))
+            .get_or_try_init(|| self.store.steps(self.key.as_str(), Some(self.token)))
             .await?;
         Ok(steps)
     }

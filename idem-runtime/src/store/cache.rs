@@ -278,8 +278,8 @@ impl<S: Store + Clone + 'static> Store for ReplayCache<S> {
         self.inner.record_step(key, token, step, keep).await
     }
 
-    async fn steps(&self, key: &str) -> Result<Vec<Step>, Error> {
-        self.inner.steps(key).await
+    async fn steps(&self, key: &str, held: Option<FencingToken>) -> Result<Vec<Step>, Error> {
+        self.inner.steps(key, held).await
     }
 
     fn keeps_steps(&self) -> bool {

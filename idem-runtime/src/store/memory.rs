@@ -409,12 +409,18 @@ impl Store for Inner {
         })
     }
 
-    async fn steps(&self, key: &str) -> Result<Vec<Step>, Error> {
+    async fn steps(&self, key: &str, held: Option<FencingToken>) -> Result<Vec<Step>, Error> {
         let shard = self.shard(key);
         let now = Instant::now();
-        Ok(shard
-            .records
-            .get(key)
+        let entry = shard.records.get(key);
+        if let Some(token) = held {
+            if !entry
+                .is_some_and(|e| e.token == token && matches!(e.state, State::Processing { .. }))
+            {
+                return Err(Error::LeaseLost);
+            }
+        }
+        Ok(entry
             .and_then(|entry| entry.kept_steps(now))
             .map(|steps| steps.list.clone())
             .unwrap_or_default())
@@ -480,8 +486,8 @@ impl Store for MemoryStore {
         Store::record_step(&*self.inner, key, token, step, keep).await
     }
 
-    async fn steps(&self, key: &str) -> Result<Vec<Step>, Error> {
-        Store::steps(&*self.inner, key).await
+    async fn steps(&self, key: &str, held: Option<FencingToken>) -> Result<Vec<Step>, Error> {
+        Store::steps(&*self.inner, key, held).await
     }
 
     fn keeps_steps(&self) -> bool {

@@ -256,9 +256,12 @@ pub trait Store: Send + Sync {
     }
 
     /// The steps recorded for `key` and still kept, by position (empty when
-    /// none are, or when the record is completed).
-    async fn steps(&self, key: &str) -> Result<Vec<Step>, Error> {
-        let _ = key;
+    /// none are, or when the record is completed). With `held`, for the claim
+    /// that holds `key` with that token only: [`Error::LeaseLost`] unless the
+    /// record is processing with it (a holder taken over meanwhile must not
+    /// read a completed record's "no steps" and run a recorded step again).
+    async fn steps(&self, key: &str, held: Option<FencingToken>) -> Result<Vec<Step>, Error> {
+        let _ = (key, held);
         Ok(Vec::new())
     }
 
@@ -378,8 +381,8 @@ macro_rules! forward_store {
             ) -> Result<(), Error> {
                 (**self).record_step(key, token, step, keep).await
             }
-            async fn steps(&self, key: &str) -> Result<Vec<Step>, Error> {
-                (**self).steps(key).await
+            async fn steps(&self, key: &str, held: Option<FencingToken>) -> Result<Vec<Step>, Error> {
+                (**self).steps(key, held).await
             }
             fn keeps_steps(&self) -> bool {
                 (**self).keeps_steps()

@@ -69,6 +69,7 @@ struct Statements {
     purge: Arc<str>,
     record_step: Arc<str>,
     steps: Arc<str>,
+    steps_held: Arc<str>,
 }
 
 /// The completion's fence: the caller's token is the record's, and the record
@@ -234,6 +235,11 @@ SELECT false, false, 'processing', token, fingerprint, NULL, 0
             steps: format!(
                 "SELECT steps::text FROM {t}
                   WHERE key = $1 AND state <> 'completed' AND steps_until > clock_timestamp()"
+            )
+            .into(),
+            steps_held: format!(
+                "SELECT CASE WHEN steps_until > clock_timestamp() THEN steps::text END FROM {t}
+                  WHERE key = $1 AND token = $2 AND state = 'processing'"
             )
             .into(),
         })

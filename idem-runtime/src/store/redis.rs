@@ -155,7 +155,8 @@ if v then
     -- idem always sets an expiry; without one (PERSIST) the lease is unknown.
     if pttl < 0 then return {-1, 'an expiry on a processing record'} end
     local left = pttl - tonumber(string.sub(v, 24, 38))
-    if left > 0 then return {0, v, left} end
+    -- The header and fingerprint only: never the steps, however large.
+    if left > 0 then return {0, string.sub(v, 1, (string.byte(v, 39) == 102) and 71 or 39), left} end
   end
   local body = 39
   if string.byte(v, 39) == 102 then body = 71 end
@@ -164,7 +165,7 @@ if v then
     keep = (tonumber(string.sub(v, body + 2, body + 16)) or 0) - (tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000))
     if keep > 0 then
       -- Kept steps, carried over; another request's are not resumed.
-      if ARGV[3] and body == 71 and string.sub(v, 40, 71) ~= ARGV[3] then return {0, v, 0} end
+      if ARGV[3] and body == 71 and string.sub(v, 40, 71) ~= ARGV[3] then return {0, string.sub(v, 1, body), 0} end
       tail = string.sub(v, body + 1)
     end
   end
@@ -193,9 +194,11 @@ if s == 112 or #tail > 0 then return 't' .. tok end
 return 'a' .. tok
 "#;
 
-/// Binds `v`, the record, if it is processing with token `ARGV[1]` (20 digits).
+/// Binds `v`, the record's first 87 bytes (the header, a fingerprint, the
+/// steps' `s` and kept-until: never a record's steps, however large), if it
+/// is processing with token `ARGV[1]` (20 digits).
 const HELD: &str = r#"
-local v = redis.pcall('GET', KEYS[1])
+local v = redis.pcall('GETRANGE', KEYS[1], 0, 86)
 if type(v) ~= 'string' or string.byte(v) ~= 112 or string.sub(v, 4, 23) ~= ARGV[1] then return 0 end
 "#;
 
@@ -232,11 +235,14 @@ return 1
 const RELEASE: &str = r#"
 local body = 39
 if string.byte(v, 39) == 102 then body = 71 end
-if #v > body then
+if redis.call('STRLEN', KEYS[1]) > body then
   local t = redis.call('TIME')
   local keep = (tonumber(string.sub(v, body + 2, body + 16)) or 0) - (tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000))
   if keep > 0 then
-    redis.call('SET', KEYS[1], 'r\0\0' .. string.sub(v, 4, 23) .. '000000000000000' .. string.sub(v, 39), 'PX', math.max(keep, tonumber(ARGV[2])))
+    -- In place: the steps are not copied.
+    redis.call('SETRANGE', KEYS[1], 0, 'r')
+    redis.call('SETRANGE', KEYS[1], 23, '000000000000000')
+    redis.call('PEXPIRE', KEYS[1], math.max(keep, tonumber(ARGV[2])))
     return 1
   end
 end
@@ -255,25 +261,29 @@ local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local until_ = now + tonumber(ARGV[3])
 local body = 39
 if string.byte(v, 39) == 102 then body = 71 end
-local entries = ''
-if #v > body then
+-- In place (the steps recorded before are not copied): the kept-until, the
+-- grace, then the entry appended.
+if redis.call('STRLEN', KEYS[1]) > body then
   until_ = math.max(until_, tonumber(string.sub(v, body + 2, body + 16)) or 0)
-  entries = string.sub(v, body + 17)
+  redis.call('SETRANGE', KEYS[1], body + 1, string.format('%015.0f', until_))
+else
+  redis.call('APPEND', KEYS[1], 's' .. string.format('%015.0f', until_))
 end
-local grace = tonumber(string.sub(v, 24, 38))
 if until_ - now > pttl then
-  grace = grace + (until_ - now) - pttl
-  pttl = until_ - now
+  local grace = tonumber(string.sub(v, 24, 38)) + (until_ - now) - pttl
+  redis.call('SETRANGE', KEYS[1], 23, string.format('%015.0f', grace))
+  redis.call('PEXPIRE', KEYS[1], until_ - now)
 end
-redis.call('SET', KEYS[1], string.sub(v, 1, 23) .. string.format('%015.0f', grace) .. string.sub(v, 39, body)
-  .. 's' .. string.format('%015.0f', until_) .. entries .. ARGV[2], 'PX', pttl)
+redis.call('APPEND', KEYS[1], ARGV[2])
 return 1
 "#;
 
 /// The steps of record `KEYS[1]` (`s`, until, entries) while they are kept
-/// (by Redis's clock), else nil.
+/// (by Redis's clock), else nil; with `ARGV[1]` (a token), `-2` unless the
+/// record is processing with that token.
 const STEPS: &str = r#"
 local v = redis.pcall('GET', KEYS[1])
+if ARGV[1] and (type(v) ~= 'string' or #v < 39 or string.byte(v) ~= 112 or string.sub(v, 4, 23) ~= ARGV[1]) then return -2 end
 if type(v) ~= 'string' or #v < 39 or string.byte(v) == 99 then return false end
 local body = 39
 if string.byte(v, 39) == 102 then body = 71 end
@@ -297,6 +307,11 @@ if #v >= 39 and string.byte(v) == 99 and mode ~= '0' and string.byte(v, 2) < ton
   if string.byte(mode, -1) == 33 then
     redis.call('SETRANGE', KEYS[1], 2, string.char((string.byte(v, 3) + 1) % 256))
   end
+end
+-- A record's steps are not sent (a tail that is not steps is, to be reported).
+if string.byte(v) ~= 99 then
+  local body = (string.byte(v, 39) == 102) and 71 or 39
+  if string.byte(v, body + 1) == 115 then v = string.sub(v, 1, body) end
 end
 return {v, redis.call('PTTL', KEYS[1]), w}
 "#;
@@ -1170,9 +1185,17 @@ impl Store for RedisStore {
         .await
     }
 
-    async fn steps(&self, key: &str) -> Result<Vec<Step>, Error> {
-        let tail: Option<Vec<u8>> = self.eval(&self.scripts.steps, key, []).await?;
-        tail.map_or(Ok(Vec::new()), |tail| parse_steps(&tail))
+    async fn steps(&self, key: &str, held: Option<FencingToken>) -> Result<Vec<Step>, Error> {
+        let token = held.map(token_arg);
+        let reply: Value = self
+            .eval(&self.scripts.steps, key, token.iter().map(|t| t.as_bytes()))
+            .await?;
+        match reply {
+            Value::Nil => Ok(Vec::new()),
+            Value::Int(-2) => Err(Error::LeaseLost),
+            Value::BulkString(tail) => parse_steps(&tail),
+            _ => Err(corrupt("a steps reply")),
+        }
     }
 
     fn keeps_steps(&self) -> bool {

@@ -348,15 +348,32 @@ macro_rules! sql_store {
                 $crate::store::sql::fenced(done.rows_affected())
             }
 
-            async fn steps(&self, key: &str) -> Result<Vec<$crate::store::Step>, $crate::Error> {
+            async fn steps(
+                &self,
+                key: &str,
+                held: Option<$crate::store::FencingToken>,
+            ) -> Result<Vec<$crate::store::Step>, $crate::Error> {
                 self.migrate().await?;
-                let steps: Option<String> =
-                    sqlx::query_scalar(sqlx::AssertSqlSafe(std::sync::Arc::clone(&self.sql.steps)))
-                        .bind(key.to_owned())
-                        .fetch_optional(&self.pool)
-                        .await
-                        .map_err($crate::store::sql::db_error)?
-                        .flatten();
+                let steps: Option<String> = match held {
+                    None => sqlx::query_scalar(sqlx::AssertSqlSafe(std::sync::Arc::clone(
+                        &self.sql.steps,
+                    )))
+                    .bind(key.to_owned())
+                    .fetch_optional(&self.pool)
+                    .await
+                    .map_err($crate::store::sql::db_error)?
+                    .flatten(),
+                    // A row only for the holder: none is a lost claim.
+                    Some(token) => sqlx::query_scalar::<_, Option<String>>(sqlx::AssertSqlSafe(
+                        std::sync::Arc::clone(&self.sql.steps_held),
+                    ))
+                    .bind(key.to_owned())
+                    .bind(token.0 as i64)
+                    .fetch_optional(&self.pool)
+                    .await
+                    .map_err($crate::store::sql::db_error)?
+                    .ok_or($crate::Error::LeaseLost)?,
+                };
                 steps
                     .map(|json| $crate::store::sql::parse_steps(&json))
                     .transpose()

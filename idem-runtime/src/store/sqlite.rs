@@ -166,6 +166,7 @@ struct Statements {
     purge: Arc<str>,
     record_step: Arc<str>,
     steps: Arc<str>,
+    steps_held: Arc<str>,
     /// Whether the table has the step columns (added to older tables).
     has_steps: String,
     add_steps: Vec<String>,
@@ -259,6 +260,11 @@ impl Statements {
             steps: format!(
                 "SELECT steps FROM {t}
                   WHERE key = ?1 AND state <> 'completed' AND steps_until > {NOW}"
+            )
+            .into(),
+            steps_held: format!(
+                "SELECT CASE WHEN steps_until > {NOW} THEN steps END FROM {t}
+                  WHERE key = ?1 AND token = ?2 AND state = 'processing'"
             )
             .into(),
             has_steps: format!("SELECT count(*) FROM pragma_table_info('{t}') WHERE name = 'steps_until'"),
