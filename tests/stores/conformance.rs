@@ -45,26 +45,14 @@ async fn postgres_table_from_before_steps_is_migrated() {
         .unwrap()
         .as_nanos();
     let t = format!("idem_before_steps_{nanos}");
-    for statement in [
-        format!(
-            "CREATE TABLE {t} (
-                key         TEXT PRIMARY KEY,
-                state       TEXT NOT NULL CHECK (state IN ('processing', 'completed')),
-                token       BIGINT NOT NULL,
-                fingerprint BYTEA,
-                outcome     TEXT,
-                expires_at  TIMESTAMPTZ NOT NULL,
-                created_at  TIMESTAMPTZ NOT NULL DEFAULT clock_timestamp(),
-                updated_at  TIMESTAMPTZ NOT NULL DEFAULT clock_timestamp()
-            )"
-        ),
-        format!("CREATE INDEX {t}_expires_at ON {t} (expires_at)"),
-        format!("CREATE SEQUENCE {t}_token_seq"),
-        format!(
-            "INSERT INTO {t} (key, state, token, outcome, expires_at)
-             VALUES ('old:1', 'completed', 1, '{{\"ok\":7}}', now() + interval '1 hour')"
-        ),
-    ] {
+    let old_record = format!(
+        "INSERT INTO {t} (key, state, token, outcome, expires_at)
+         VALUES ('old:1', 'completed', 1, '{{\"ok\":7}}', now() + interval '1 hour')"
+    );
+    for statement in crate::steps::old_pg_schema(&t)
+        .into_iter()
+        .chain([old_record])
+    {
         sqlx::query(sqlx::AssertSqlSafe(statement))
             .execute(&pool)
             .await
@@ -216,21 +204,12 @@ async fn sqlite_file_from_before_steps_is_migrated() {
             .unwrap()
             .create_if_missing(true);
         let pool = sqlx::SqlitePool::connect_with(options).await.unwrap();
-        for statement in [
-            "CREATE TABLE idem_records (
-                key         TEXT NOT NULL PRIMARY KEY,
-                state       TEXT NOT NULL CHECK (state IN ('processing', 'completed', 'released')),
-                token       INTEGER NOT NULL,
-                fingerprint BLOB,
-                outcome     TEXT,
-                expires_at  INTEGER NOT NULL,
-                took_over   INTEGER NOT NULL DEFAULT 0,
-                created_at  INTEGER NOT NULL,
-                updated_at  INTEGER NOT NULL
-            ) WITHOUT ROWID",
-            "CREATE INDEX idem_records_expires_at ON idem_records (expires_at)",
-            "INSERT INTO idem_records VALUES ('old:1', 'completed', 1, NULL, '{\"ok\":7}', 99999999999999, 0, 0, 0)",
-        ] {
+        let old_record = "INSERT INTO idem_records VALUES \
+            ('old:1', 'completed', 1, NULL, '{\"ok\":7}', 99999999999999, 0, 0, 0)";
+        for statement in crate::steps::OLD_SQLITE_SCHEMA
+            .into_iter()
+            .chain([old_record])
+        {
             sqlx::query(statement).execute(&pool).await.unwrap();
         }
         pool.close().await;

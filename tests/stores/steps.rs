@@ -243,8 +243,24 @@ async fn redis_process_killed_between_steps() {
 
 // Found by the break-it review of steps (each failed before its fix).
 
+/// The SQLite table as idem made it before steps.
+pub(crate) const OLD_SQLITE_SCHEMA: [&str; 2] = [
+    "CREATE TABLE idem_records (
+        key         TEXT NOT NULL PRIMARY KEY,
+        state       TEXT NOT NULL CHECK (state IN ('processing', 'completed', 'released')),
+        token       INTEGER NOT NULL,
+        fingerprint BLOB,
+        outcome     TEXT,
+        expires_at  INTEGER NOT NULL,
+        took_over   INTEGER NOT NULL DEFAULT 0,
+        created_at  INTEGER NOT NULL,
+        updated_at  INTEGER NOT NULL
+    ) WITHOUT ROWID",
+    "CREATE INDEX idem_records_expires_at ON idem_records (expires_at)",
+];
+
 /// The PostgreSQL table as idem made it before steps.
-fn old_pg_schema(t: &str) -> Vec<String> {
+pub(crate) fn old_pg_schema(t: &str) -> Vec<String> {
     vec![
         format!(
             "CREATE TABLE {t} (
@@ -373,21 +389,10 @@ async fn sqlite_services_upgrading_one_old_file_at_once_all_open() {
         let url = format!("sqlite://{}/records.db?mode=rwc", dir.display());
         {
             let pool = sqlx::SqlitePool::connect(&url).await.unwrap();
-            for s in [
-                "PRAGMA journal_mode=WAL",
-                "CREATE TABLE idem_records (
-                    key         TEXT NOT NULL PRIMARY KEY,
-                    state       TEXT NOT NULL CHECK (state IN ('processing', 'completed', 'released')),
-                    token       INTEGER NOT NULL,
-                    fingerprint BLOB,
-                    outcome     TEXT,
-                    expires_at  INTEGER NOT NULL,
-                    took_over   INTEGER NOT NULL DEFAULT 0,
-                    created_at  INTEGER NOT NULL,
-                    updated_at  INTEGER NOT NULL
-                ) WITHOUT ROWID",
-                "CREATE INDEX idem_records_expires_at ON idem_records (expires_at)",
-            ] {
+            for s in ["PRAGMA journal_mode=WAL"]
+                .into_iter()
+                .chain(OLD_SQLITE_SCHEMA)
+            {
                 sqlx::query(s).execute(&pool).await.unwrap();
             }
             pool.close().await;

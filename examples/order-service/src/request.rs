@@ -93,7 +93,11 @@ impl Fields {
 /// and optionally `"ship_to"`. Further rules (lengths) are the request's own
 /// ([`CreateOrderRequest::validate`]).
 pub fn order(body: &[u8]) -> Result<CreateOrderRequest, Refusal> {
-    let fields = Fields::parse(body)?;
+    order_fields(&Fields::parse(body)?)
+}
+
+/// An order's fields, checked.
+fn order_fields(fields: &Fields) -> Result<CreateOrderRequest, Refusal> {
     let req = CreateOrderRequest {
         user_id: fields.string("user_id", MAX_ID_CHARS)?,
         product_id: fields.string("product_id", MAX_ID_CHARS)?,
@@ -107,15 +111,8 @@ pub fn order(body: &[u8]) -> Result<CreateOrderRequest, Refusal> {
 /// `POST /checkout`: an order's fields and `"card": "..."`.
 pub fn checkout(body: &[u8]) -> Result<crate::checkout::CheckoutRequest, Refusal> {
     let fields = Fields::parse(body)?;
-    let order = CreateOrderRequest {
-        user_id: fields.string("user_id", MAX_ID_CHARS)?,
-        product_id: fields.string("product_id", MAX_ID_CHARS)?,
-        quantity: fields.integer("quantity", 1, i64::from(crate::MAX_QUANTITY))? as u32,
-        ship_to: fields.optional_string("ship_to")?,
-    };
-    order.validate().map_err(|e| invalid(e.to_string()))?;
     Ok(crate::checkout::CheckoutRequest {
-        order,
+        order: order_fields(&fields)?,
         card: fields.string("card", 64)?,
     })
 }
