@@ -26,6 +26,7 @@ pub const KNOWN: &[&str] = &[
     "fingerprint",
     "lease",
     "in_progress",
+    "on_takeover",
     "cache_errors",
     "tx",
     "crate",
@@ -40,6 +41,14 @@ pub struct DurationArg {
 pub enum InProgressArg {
     Reject,
     Wait(DurationArg),
+}
+
+/// `on_takeover = run`, `fail` or `reconcile(expr)`.
+pub enum OnTakeoverArg {
+    Run,
+    Fail,
+    /// `expr` called with the `&Attempt`, awaited; its `Err` fails the call.
+    Reconcile(Box<Expr>),
 }
 
 /// `cache_errors` or `cache_errors = path::to::predicate`.
@@ -61,6 +70,7 @@ pub struct Args {
     pub fingerprint: Option<Vec<Expr>>,
     pub lease: Option<DurationArg>,
     pub in_progress: Option<InProgressArg>,
+    pub on_takeover: Option<OnTakeoverArg>,
     pub cache_errors: Option<CacheErrorsArg>,
     pub tx: Option<Ident>,
     pub krate: Option<Path>,
@@ -234,6 +244,7 @@ fn interpret(args: &mut Args, name: &str, arg: RawArg) -> syn::Result<()> {
             args.name = Some(lit);
         }
         "in_progress" => args.in_progress = Some(in_progress(tokens)?),
+        "on_takeover" => args.on_takeover = Some(on_takeover(tokens)?),
         "tx" => {
             args.tx = Some(syn::parse2::<Ident>(tokens).map_err(|e| {
                 syn::Error::new(
@@ -266,6 +277,28 @@ fn duration_arg(tokens: TokenStream) -> syn::Result<DurationArg> {
     })?;
     let ms = duration::parse_ms(&lit.value()).map_err(|msg| syn::Error::new_spanned(&lit, msg))?;
     Ok(DurationArg { ms })
+}
+
+fn on_takeover(tokens: TokenStream) -> syn::Result<OnTakeoverArg> {
+    const EXPECTED: &str = "expected `run`, `fail` or `reconcile(f)` (an async function or \
+                            closure given the `&Attempt`, returning `Result<(), E>`)";
+    let expr: Expr = syn::parse2(tokens).map_err(|e| syn::Error::new(e.span(), EXPECTED))?;
+    match expr {
+        Expr::Path(p) if p.path.is_ident("run") => Ok(OnTakeoverArg::Run),
+        Expr::Path(p) if p.path.is_ident("fail") => Ok(OnTakeoverArg::Fail),
+        Expr::Call(call)
+            if matches!(&*call.func, Expr::Path(p) if p.path.is_ident("reconcile"))
+                && call.args.len() == 1 =>
+        {
+            Ok(OnTakeoverArg::Reconcile(Box::new(
+                call.args.into_iter().next().expect("one argument"),
+            )))
+        }
+        other => Err(syn::Error::new_spanned(
+            other,
+            format!("invalid `on_takeover`: {EXPECTED}"),
+        )),
+    }
 }
 
 fn in_progress(tokens: TokenStream) -> syn::Result<InProgressArg> {

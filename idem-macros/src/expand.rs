@@ -35,7 +35,7 @@ use quote::{quote, quote_spanned};
 use syn::spanned::Spanned as _;
 use syn::{Expr, Ident, ItemFn, Pat, Stmt};
 
-use crate::args::{self, Args, InProgressArg};
+use crate::args::{self, Args, InProgressArg, OnTakeoverArg};
 use crate::fallback;
 use crate::shape::{self, Shape};
 use crate::validate::{self, Checked};
@@ -350,7 +350,29 @@ fn rewrite(args: &Args, checked: &Checked, body: TokenStream) -> TokenStream {
         }
     };
 
+    let on_takeover = match &args.on_takeover {
+        Some(OnTakeoverArg::Fail) => quote!(#private::OnTakeover::Fail),
+        _ => quote!(#private::OnTakeover::Run),
+    };
+    // `reconcile(f)`: an attempt that continues an unfinished one awaits
+    // `f(&attempt)` first; its error (through `?`) fails the call.
+    let reconcile = match &args.on_takeover {
+        Some(OnTakeoverArg::Reconcile(f)) => {
+            let attempt = local("__idem_attempt");
+            let reconcile = local("__idem_reconcile");
+            quote_spanned!(f.span()=>
+                if let ::core::option::Option::Some(#attempt) =
+                    #private::current().filter(|a| a.took_over())
+                {
+                    let #reconcile = #f;
+                    #reconcile(&#attempt).await?;
+                }
+            )
+        }
+        _ => quote!(),
+    };
     let body = quote! {
+        #reconcile
         #[allow(
             unknown_lints,
             unreachable_code,
@@ -399,7 +421,8 @@ fn rewrite(args: &Args, checked: &Checked, body: TokenStream) -> TokenStream {
         let #options: #private::Options = #private::Options::new()
             .ttl(#private::Duration::from_millis(#ttl))
             .lease(#private::Duration::from_millis(#lease))
-            .in_progress(#in_progress);
+            .in_progress(#in_progress)
+            .on_takeover(#on_takeover);
         #bind_ref
         let #store_var = #store;
         let #key_var = #keyer(#namespace_var) #(#parts)* #window .finish();

@@ -6,7 +6,9 @@ use std::sync::Arc;
 pub use crate::codec::{
     cache_errors, release_errors, IdempotentError, StorableError, StorableOutput,
 };
-pub use crate::engine::{begin_in_tx, execute, finish_in_tx, InProgress, Options};
+pub use crate::engine::{
+    begin_in_tx, current, execute, finish_in_tx, InProgress, OnTakeover, Options,
+};
 pub use core::ops::ControlFlow;
 pub use core::time::Duration;
 

@@ -112,6 +112,16 @@ pub enum Error {
         called: String,
     },
 
+    /// The call continues an earlier attempt that did not finish, and its
+    /// policy is [`OnTakeover::Fail`](crate::OnTakeover::Fail): what that
+    /// attempt did outside recorded steps is unknown, so the body did not run.
+    #[error(
+        "an earlier attempt of this call did not finish (it crashed, stalled or was cancelled), \
+         and this call fails rather than run again (on_takeover = fail): reconcile what that \
+         attempt did, then remove the key's record; the body did not run"
+    )]
+    TakenOver,
+
     /// A [`step`](crate::step) used where it cannot be recorded: outside an
     /// idempotent call, inside another step, an id already used in this
     /// call, or a call whose store does not keep steps. The step did not run.

@@ -944,3 +944,132 @@ async fn a_resumed_attempt_taken_over_before_its_first_step_never_reruns_a_recor
         "the recorded charge never ran again"
     );
 }
+
+/// `on_takeover`: what a call does when it continues an unfinished attempt.
+#[derive(Default)]
+struct Policies {
+    store: FaultyStore,
+    runs: AtomicUsize,
+    reconciled: AtomicUsize,
+    /// The reconciliation's answer: found the earlier charge, or not yet.
+    settled: std::sync::atomic::AtomicBool,
+    fail_once: std::sync::atomic::AtomicBool,
+}
+
+impl Policies {
+    #[idempotent(key = order, name = "takeover-fail", ttl = "60s", on_takeover = fail, store = self.store)]
+    async fn strict(&self, order: u64) -> Result<usize, AppError> {
+        self.body(order).await
+    }
+
+    #[idempotent(
+        key = order,
+        name = "takeover-reconcile",
+        ttl = "60s",
+        on_takeover = reconcile(|attempt: &idem_runtime::Attempt| self.reconcile(attempt.clone())),
+        store = self.store
+    )]
+    async fn reconciled(&self, order: u64) -> Result<usize, AppError> {
+        self.body(order).await
+    }
+
+    async fn body(&self, order: u64) -> Result<usize, AppError> {
+        let n = self.runs.fetch_add(1, Ordering::SeqCst) + 1;
+        step("charge", async { Ok::<_, AppError>(order) }).await?;
+        if self.fail_once.swap(false, Ordering::SeqCst) {
+            return Err(AppError::Unavailable);
+        }
+        Ok(n)
+    }
+
+    async fn reconcile(&self, attempt: idem_runtime::Attempt) -> Result<(), AppError> {
+        assert!(attempt.took_over());
+        self.reconciled.fetch_add(1, Ordering::SeqCst);
+        if self.settled.load(Ordering::SeqCst) {
+            Ok(())
+        } else {
+            Err(AppError::Declined(
+                "the earlier charge is not settled yet".into(),
+            ))
+        }
+    }
+}
+
+/// `on_takeover = fail`: a call that continues an attempt that recorded a
+/// step and failed is refused, and stays refused on every retry (a kept
+/// mark), until the call's ttl has passed.
+#[tokio::test(start_paused = true)]
+async fn on_takeover_fail_refuses_every_retry_of_an_unfinished_call() {
+    let p = Policies::default();
+    p.fail_once.store(true, Ordering::SeqCst);
+    assert!(matches!(p.strict(1).await, Err(AppError::Unavailable)));
+    for _ in 0..3 {
+        match p.strict(1).await {
+            Err(AppError::Idem(err @ Error::TakenOver)) => {
+                assert!(err.to_string().contains("reconcile"), "{err}");
+                assert!(!err.is_retryable());
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+    assert_eq!(p.runs.load(Ordering::SeqCst), 1, "the body never ran again");
+    tokio::time::advance(Duration::from_secs(61)).await;
+    assert_eq!(p.strict(1).await.unwrap(), 2, "after the ttl: a new call");
+    // A call that finished, or never started, is no takeover.
+    assert_eq!(p.strict(2).await.unwrap(), 3);
+    assert_eq!(p.strict(2).await.unwrap(), 3, "replayed");
+}
+
+/// `on_takeover = fail` after a crash: a lapsed claim (no steps) is refused too.
+#[tokio::test(start_paused = true)]
+async fn on_takeover_fail_refuses_a_lapsed_claim() {
+    let p = Policies::default();
+    let key = Key::derive("takeover-fail", &3u64).unwrap();
+    let store: &dyn Store = &p.store;
+    store
+        .claim(ClaimRequest {
+            key: key.as_str(),
+            fingerprint: None,
+            lease: Duration::from_secs(1),
+        })
+        .await
+        .unwrap();
+    tokio::time::advance(Duration::from_secs(2)).await;
+    assert!(matches!(
+        p.strict(3).await,
+        Err(AppError::Idem(Error::TakenOver))
+    ));
+    assert!(matches!(
+        p.strict(3).await,
+        Err(AppError::Idem(Error::TakenOver))
+    ));
+    assert_eq!(p.runs.load(Ordering::SeqCst), 0);
+}
+
+/// `on_takeover = reconcile(f)`: `f` runs first on a takeover only; its error
+/// fails the call (the body does not run, the steps stay), its `Ok` lets the
+/// body resume.
+#[tokio::test]
+async fn on_takeover_reconcile_runs_first_and_decides() {
+    let p = Policies::default();
+    assert_eq!(
+        p.reconciled(4).await.unwrap(),
+        1,
+        "no takeover: no reconciliation"
+    );
+    assert_eq!(p.reconciled.load(Ordering::SeqCst), 0);
+    p.fail_once.store(true, Ordering::SeqCst);
+    assert!(matches!(p.reconciled(5).await, Err(AppError::Unavailable)));
+    match p.reconciled(5).await {
+        Err(AppError::Declined(why)) => assert!(why.contains("not settled"), "{why}"),
+        other => panic!("{other:?}"),
+    }
+    assert_eq!(p.runs.load(Ordering::SeqCst), 2, "the body did not run");
+    p.settled.store(true, Ordering::SeqCst);
+    assert_eq!(
+        p.reconciled(5).await.unwrap(),
+        3,
+        "reconciled: the body resumes"
+    );
+    assert_eq!(p.reconciled.load(Ordering::SeqCst), 2);
+}

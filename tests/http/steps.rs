@@ -102,3 +102,39 @@ async fn a_retried_request_resumes_after_the_steps_its_first_attempt_recorded() 
     assert_eq!(shop.charges.load(Ordering::SeqCst), 1, "charged once");
     assert_eq!(shop.shipments.load(Ordering::SeqCst), 1);
 }
+
+/// `on_takeover(OnTakeover::Fail)`: a request that continues one with its key
+/// that did not finish gets 409 `takeover-refused`, on every retry, and the
+/// handler does not run again.
+#[tokio::test]
+async fn with_on_takeover_fail_a_retry_of_an_unfinished_request_is_refused() {
+    let shop = Arc::new(Shop::default());
+    shop.down.store(1, Ordering::SeqCst);
+    let router = Router::new()
+        .route("/checkout", post(checkout))
+        .layer(
+            IdempotencyLayer::new(MemoryStore::new())
+                .global_scope()
+                .on_takeover(idem_runtime::OnTakeover::Fail),
+        )
+        .with_state(Arc::clone(&shop));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}/checkout", listener.local_addr().unwrap());
+    tokio::spawn(async move { axum::serve(listener, router).await });
+    let http = reqwest::Client::new();
+    let send = || {
+        http.post(&url)
+            .header("idempotency-key", "order-2")
+            .body("cart")
+            .send()
+    };
+    assert_eq!(send().await.unwrap().status(), 503);
+    for _ in 0..2 {
+        let refused = send().await.unwrap();
+        assert_eq!(refused.status(), 409);
+        let body: serde_json::Value = refused.json().await.unwrap();
+        assert_eq!(body["type"], "urn:idem:problem:takeover-refused");
+    }
+    assert_eq!(shop.charges.load(Ordering::SeqCst), 1, "charged once");
+    assert_eq!(shop.shipments.load(Ordering::SeqCst), 0, "not run again");
+}

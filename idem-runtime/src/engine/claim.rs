@@ -9,7 +9,7 @@ use std::time::Duration;
 use tracing::Instrument as _;
 
 use super::attempt::check_reentrant;
-use super::{Claimed, Held, InProgress, Options};
+use super::{Claimed, Held, InProgress, OnTakeover, Options};
 use crate::error::Error;
 use crate::key::{Digest, Key};
 use crate::store::{cap_duration, Claim, ClaimRequest, FencingToken, Store};
@@ -56,16 +56,23 @@ pub async fn claim(
     .instrument(span)
     .await?;
     Ok(match claimed {
-        Claimed::Run((token, took_over)) => Claimed::Run(Held::new(
-            store,
-            key,
-            token,
-            took_over,
-            options.lease,
-            // Steps are kept for the call's ttl, and never less than its lease:
-            // a holder that dies keeps them at least until its claim lapses.
-            options.ttl.max(options.lease),
-        )),
+        Claimed::Run((token, took_over)) => {
+            let held = Held::new(
+                store,
+                key,
+                token,
+                took_over,
+                options.lease,
+                // Steps are kept for the call's ttl, and never less than its lease:
+                // a holder that dies keeps them at least until its claim lapses.
+                options.ttl.max(options.lease),
+            );
+            if took_over && options.on_takeover == OnTakeover::Fail {
+                held.refuse_takeover().await;
+                return Err(Error::TakenOver);
+            }
+            Claimed::Run(held)
+        }
         Claimed::Replay(outcome) => Claimed::Replay(outcome),
     })
 }

@@ -204,6 +204,26 @@ impl Held {
         }
     }
 
+    /// `on_takeover = fail`: leaves a kept mark (a reserved step) so that every
+    /// retry of the call meets the takeover too, then releases the claim.
+    pub(super) async fn refuse_takeover(self) {
+        tracing::error!(
+            token = self.token.0,
+            "an earlier attempt did not finish; on_takeover = fail: the body does not run"
+        );
+        if self.store.keeps_steps() {
+            let mark = super::steps::takeover_mark();
+            if let Err(err) = self
+                .store
+                .record_step(self.key.as_str(), self.token, &mark, self.keep)
+                .await
+            {
+                tracing::warn!(error = %err, "could not mark the refused takeover");
+            }
+        }
+        self.release_because("released: on_takeover = fail").await
+    }
+
     /// Deletes the claim so the next call runs at once. A failure is logged, not
     /// returned: the claim then lapses with its lease.
     pub async fn release(self) {

@@ -60,7 +60,7 @@ pub use attempt::{current, Attempt};
 pub use claim::{claim, MAX_RETRY_AFTER};
 pub use held::Held;
 pub use lease::COMPLETION_RETRY_LIMIT;
-pub use options::{InProgress, Options};
+pub use options::{InProgress, OnTakeover, Options};
 pub use steps::{step, StepId};
 pub use tx::{begin_in_tx, claim_in_tx, execute_in_tx, finish_in_tx, HeldInTx};
 

@@ -12,6 +12,21 @@ pub enum InProgress {
     Wait(Duration),
 }
 
+/// What a call does when it continues an earlier attempt that did not finish
+/// ([`Attempt::took_over`](crate::Attempt::took_over)): a crash, a stall past
+/// the lease, or an error or cancellation after recorded steps.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum OnTakeover {
+    /// Run the body (the default): recorded steps replay, the rest run.
+    #[default]
+    Run,
+    /// Do not run it: fail with [`Error::TakenOver`](crate::Error::TakenOver),
+    /// and keep failing every retry of the call until a person has reconciled
+    /// what the earlier attempt did (a kept mark, on stores that keep steps,
+    /// until the call's ttl passes or the record is removed).
+    Fail,
+}
+
 /// Per-function settings: ttl, lease and in-progress policy. (The namespace is
 /// the key's own: [`Key::namespace`](crate::Key::namespace).)
 ///
@@ -27,6 +42,8 @@ pub struct Options {
     pub lease: Duration,
     /// What a duplicate does while the first call runs.
     pub in_progress: InProgress,
+    /// What a call that continues an unfinished attempt does.
+    pub on_takeover: OnTakeover,
 }
 
 impl Default for Options {
@@ -42,6 +59,7 @@ impl Options {
             ttl: Duration::from_secs(24 * 60 * 60),
             lease: Duration::from_secs(30),
             in_progress: InProgress::Reject,
+            on_takeover: OnTakeover::Run,
         }
     }
 
@@ -68,6 +86,12 @@ impl Options {
         self
     }
 
+    /// Sets what a call that continues an unfinished attempt does.
+    pub const fn on_takeover(mut self, policy: OnTakeover) -> Self {
+        self.on_takeover = policy;
+        self
+    }
+
     /// These options with every duration within idem's limits (fields are public,
     /// so the engine applies the builder's caps once more before using them).
     pub fn bounded(&self) -> Options {
@@ -75,6 +99,7 @@ impl Options {
             .ttl(self.ttl)
             .lease(self.lease)
             .in_progress(self.in_progress)
+            .on_takeover(self.on_takeover)
     }
 }
 

@@ -197,6 +197,15 @@ impl Drop for Running<'_> {
     }
 }
 
+/// The id of the mark a refused takeover leaves (`on_takeover = fail`): not
+/// JSON, so no step's id can be it; at the last position, so none reaches it.
+const TAKEOVER_MARK: &str = "idem:takeover";
+
+/// The mark a refused takeover records, so every retry meets the takeover.
+pub(super) fn takeover_mark() -> Step {
+    Step::new(u32::MAX, TAKEOVER_MARK.into(), b"{\"ok\":null}".to_vec())
+}
+
 /// One attempt's steps: the positions it has reached, and (for an attempt that
 /// continues an earlier one) the steps recorded before it.
 pub(crate) struct StepLog {
@@ -348,7 +357,12 @@ impl StepLog {
             });
         }
         let reached = self.next.load(Ordering::Relaxed);
-        match self.earlier().await?.iter().find(|s| s.at >= reached) {
+        match self
+            .earlier()
+            .await?
+            .iter()
+            .find(|s| s.at >= reached && s.id != TAKEOVER_MARK)
+        {
             None => Ok(()),
             Some(missed) => {
                 tracing::error!(at = missed.at, recorded = %missed.id, "the body returned before a recorded step");

@@ -201,6 +201,12 @@ where
     .instrument(span.clone())
     .await?;
     Ok(match claimed {
+        // Refused inside the transaction, which the caller rolls back: the
+        // lapsed claim stays as it was, for the next attempt to meet again.
+        Claimed::Run((_, true)) if options.on_takeover == super::OnTakeover::Fail => {
+            tracing::error!("an earlier attempt did not finish; on_takeover = fail");
+            return Err(Error::TakenOver);
+        }
         Claimed::Run((token, took_over)) => Claimed::Run(HeldInTx {
             key,
             token,

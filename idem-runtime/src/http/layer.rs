@@ -8,7 +8,7 @@ use http::{request::Parts, HeaderName, Method, StatusCode};
 use tower_layer::Layer;
 
 use super::{default_store_status, IdempotencyService, IDEMPOTENCY_KEY};
-use crate::engine::{InProgress, Options};
+use crate::engine::{InProgress, OnTakeover, Options};
 use crate::Store;
 
 /// The scope of a request's key (e.g. the authenticated subject).
@@ -171,6 +171,17 @@ impl IdempotencyLayer {
     pub fn in_progress(mut self, policy: InProgress) -> Self {
         let options = &mut self.config().options;
         *options = options.in_progress(policy);
+        self
+    }
+
+    /// What a request does that continues an earlier one with its key that did
+    /// not finish: run the handler ([`OnTakeover::Run`], the default; a
+    /// handler's recorded steps replay), or answer 409 `takeover-refused`
+    /// without running it, then and on every retry, until reconciled
+    /// ([`OnTakeover::Fail`]).
+    pub fn on_takeover(mut self, policy: OnTakeover) -> Self {
+        let options = &mut self.config().options;
+        *options = options.on_takeover(policy);
         self
     }
 

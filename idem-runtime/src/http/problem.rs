@@ -30,6 +30,9 @@ pub(crate) enum Problem {
     NotReplicated,
     StoredResponseCorrupt,
     HandlerBodyFailed,
+    /// An earlier request with this key did not finish, and the layer's
+    /// `on_takeover` policy is to fail.
+    TakenOver,
     /// The request ran; its response (status `status`) was not stored.
     ResponseNotStored {
         status: u16,
@@ -80,6 +83,7 @@ impl Problem {
             Error::Store(_) => Problem::StoreUnavailable,
             Error::NotReplicated { .. } => Problem::NotReplicated,
             Error::Codec(_) => Problem::StoredResponseCorrupt,
+            Error::TakenOver => Problem::TakenOver,
             _ => Problem::Internal,
         }
     }
@@ -145,6 +149,11 @@ impl Problem {
                 StatusCode::GONE,
                 "response-not-stored",
                 "The request with this Idempotency-Key was processed, but its response cannot be replayed",
+            ),
+            Problem::TakenOver => (
+                StatusCode::CONFLICT,
+                "takeover-refused",
+                "An earlier request with this Idempotency-Key did not finish",
             ),
             Problem::Internal => (
                 StatusCode::INTERNAL_SERVER_ERROR,
@@ -225,6 +234,11 @@ impl Problem {
             Problem::NotReplicated => "the request with this key was processed and its \
                  response stored, but not yet acknowledged by the store's replicas; it is not \
                  run again: retry with the same key to get the response"
+                .into(),
+            Problem::TakenOver => "an earlier request with this key did not finish (the \
+                 server crashed, stalled or gave up on it), and this endpoint does not run it \
+                 again on its own: what it did must be reconciled first; the request was not \
+                 processed"
                 .into(),
             Problem::StoredResponseCorrupt => "the response stored for this key could not be \
                  read; the request was not run again"

@@ -44,7 +44,7 @@ use std::ops::ControlFlow;
 use std::sync::Arc;
 use std::time::Duration;
 
-use crate::engine::{claim, claim_in_tx, Claimed, HeldInTx, InProgress, Options};
+use crate::engine::{claim, claim_in_tx, Claimed, HeldInTx, InProgress, OnTakeover, Options};
 use crate::key::{Key, KeyBuilder};
 use crate::{Error, Store, TransactionalStore};
 
@@ -255,6 +255,16 @@ impl Deduplicator {
     /// [`Outcome::InProgress`] at once; [`InProgress::Wait`] waits for it.
     pub fn in_progress(mut self, policy: InProgress) -> Self {
         self.options = self.options.in_progress(policy);
+        self
+    }
+
+    /// What a delivery does that continues an earlier one that did not finish
+    /// (the consumer crashed or stalled mid-handler, or recorded steps and
+    /// failed): run the handler ([`OnTakeover::Run`], the default), or answer
+    /// [`Error::TakenOver`] without running it, on every redelivery, until
+    /// reconciled ([`OnTakeover::Fail`]).
+    pub fn on_takeover(mut self, policy: OnTakeover) -> Self {
+        self.options = self.options.on_takeover(policy);
         self
     }
 
