@@ -457,3 +457,154 @@ async fn postgres_a_release_waiting_on_its_own_step_record_lands() {
         other => panic!("{other:?}"),
     }
 }
+
+/// Where an attempt of the atomic-phases flow stops.
+#[derive(Clone, Copy, Debug, PartialEq)]
+enum Stop {
+    Nowhere,
+    /// Phase `n`'s writes and step record made, its transaction not committed
+    /// (a crash there: both vanish).
+    BeforeCommit(u8),
+    /// Phase `n` committed, then the attempt fails.
+    AfterCommit(u8),
+}
+
+macro_rules! phases {
+    ($name:ident, $store:ty, $db:ty, $insert:literal) => {
+        struct $name {
+            store: $store,
+        }
+
+        impl $name {
+            #[idempotent(key = order, name = "atomic-phases", store = self.store)]
+            async fn run(&self, order: String, stop: Stop) -> Result<i64, AppError> {
+                let mut total = 0;
+                for (n, phase) in [(1u8, "reserve"), (2, "ship")] {
+                    let mut tx = self
+                        .store
+                        .pool()
+                        .begin()
+                        .await
+                        .map_err(|_| AppError::Down)?;
+                    let order = order.clone();
+                    let id = idem_runtime::step_in_tx(
+                        phase,
+                        &self.store,
+                        &mut tx,
+                        async |tx: &mut sqlx::Transaction<'static, $db>| {
+                            sqlx::query_scalar::<_, i64>($insert)
+                                .bind(&order)
+                                .bind(phase)
+                                .fetch_one(&mut **tx)
+                                .await
+                                .map_err(|_| AppError::Down)
+                        },
+                    )
+                    .await?;
+                    if stop == Stop::BeforeCommit(n) {
+                        drop(tx); // rolled back, as by a crash
+                        return Err(AppError::Down);
+                    }
+                    tx.commit().await.map_err(|_| AppError::Down)?;
+                    if stop == Stop::AfterCommit(n) {
+                        return Err(AppError::Down);
+                    }
+                    total += id;
+                }
+                Ok(total)
+            }
+        }
+    };
+}
+
+phases!(
+    SqlitePhases,
+    SqliteStore,
+    sqlx::Sqlite,
+    "INSERT INTO phase_rows (order_ref, phase) VALUES (?1, ?2) RETURNING id"
+);
+phases!(
+    PgPhases,
+    PostgresStore,
+    sqlx::Postgres,
+    "INSERT INTO phase_rows (order_ref, phase) VALUES ($1, $2) RETURNING id"
+);
+
+const STOPS: [Stop; 4] = [
+    Stop::BeforeCommit(1),
+    Stop::AfterCommit(1),
+    Stop::BeforeCommit(2),
+    Stop::AfterCommit(2),
+];
+
+/// Atomic phases (`step_in_tx`): whether an attempt stops before or after a
+/// phase's commit, every phase's writes exist exactly once after the retry,
+/// and the retry's answer counts each once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sqlite_atomic_phases_leave_a_recovery_point() {
+    let dir = std::env::temp_dir().join(unique("idem-phases"));
+    std::fs::create_dir_all(&dir).unwrap();
+    let url = format!("sqlite://{}/records.db", dir.display());
+    let flow = SqlitePhases {
+        store: SqliteStore::connect(&url).await.unwrap(),
+    };
+    sqlx::query(
+        "CREATE TABLE phase_rows (id INTEGER PRIMARY KEY AUTOINCREMENT, order_ref TEXT, phase TEXT)",
+    )
+    .execute(flow.store.pool())
+    .await
+    .unwrap();
+    for stop in STOPS {
+        let order = unique("phases");
+        assert!(flow.run(order.clone(), stop).await.is_err(), "{stop:?}");
+        let total = flow.run(order.clone(), Stop::Nowhere).await.unwrap();
+        let rows: Vec<(String, i64)> = sqlx::query_as("SELECT phase, count(*) FROM phase_rows WHERE order_ref = ?1 GROUP BY phase ORDER BY phase")
+            .bind(&order)
+            .fetch_all(flow.store.pool())
+            .await
+            .unwrap();
+        assert_eq!(
+            rows,
+            vec![("reserve".into(), 1), ("ship".into(), 1)],
+            "{stop:?}"
+        );
+        assert_eq!(
+            flow.run(order, Stop::Nowhere).await.unwrap(),
+            total,
+            "replayed"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_atomic_phases_leave_a_recovery_point() {
+    let flow = PgPhases {
+        store: PostgresStore::connect(&postgres_url()).await.unwrap(),
+    };
+    sqlx::query(
+        "CREATE TABLE IF NOT EXISTS phase_rows (id BIGSERIAL PRIMARY KEY, order_ref TEXT, phase TEXT)",
+    )
+    .execute(flow.store.pool())
+    .await
+    .unwrap();
+    for stop in STOPS {
+        let order = unique("phases");
+        assert!(flow.run(order.clone(), stop).await.is_err(), "{stop:?}");
+        let total = flow.run(order.clone(), Stop::Nowhere).await.unwrap();
+        let rows: Vec<(String, i64)> = sqlx::query_as("SELECT phase, count(*) FROM phase_rows WHERE order_ref = $1 GROUP BY phase ORDER BY phase")
+            .bind(&order)
+            .fetch_all(flow.store.pool())
+            .await
+            .unwrap();
+        assert_eq!(
+            rows,
+            vec![("reserve".into(), 1), ("ship".into(), 1)],
+            "{stop:?}"
+        );
+        assert_eq!(
+            flow.run(order, Stop::Nowhere).await.unwrap(),
+            total,
+            "replayed"
+        );
+    }
+}

@@ -61,7 +61,7 @@ pub use claim::{claim, MAX_RETRY_AFTER};
 pub use held::Held;
 pub use lease::COMPLETION_RETRY_LIMIT;
 pub use options::{InProgress, OnTakeover, Options};
-pub use steps::{step, StepId};
+pub use steps::{step, step_in_tx, StepId};
 pub use tx::{begin_in_tx, claim_in_tx, execute_in_tx, finish_in_tx, HeldInTx};
 
 /// What a claim decided for a key: run the work under the held claim `H`

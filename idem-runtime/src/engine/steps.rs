@@ -19,7 +19,7 @@ use super::attempt::current_step_log;
 use crate::codec;
 use crate::error::Error;
 use crate::key::Key;
-use crate::store::{FencingToken, Step, Store};
+use crate::store::{FencingToken, Step, Store, TransactionalStore};
 
 /// Names a [`step`]: a name (`"charge"`), or a name and an index for a step
 /// that runs once per item of a loop (`("ship", i)`). Within one call every
@@ -155,36 +155,110 @@ where
 {
     let id = id.into();
     let log = current_step_log()?;
-    let (at, _running) = log.begin(&id)?;
-    let stored = id.stored();
-    let earlier = log.earlier().await?;
-    let here = earlier.iter().find(|s| s.at == at);
-    match here {
-        Some(recorded) if recorded.id == stored => {
-            tracing::debug!(at, step = %stored, "step replayed");
-            return Ok(codec::decode_ok(&recorded.value)?);
-        }
-        Some(recorded) => {
-            return Err(log
-                .diverged(at, recorded.id.clone(), format!("called {stored}"))
-                .into())
-        }
-        None => {
-            // Recorded at another position: its effect happened; never again.
-            if let Some(elsewhere) = earlier.iter().find(|s| s.id == stored) {
-                return Err(log
-                    .diverged(
-                        elsewhere.at,
-                        stored,
-                        format!("reached it at step {at} instead"),
-                    )
-                    .into());
-            }
-        }
-    }
+    let (at, _running) = match prepare(&log, &id).await? {
+        Next::Replay(value) => return Ok(value),
+        Next::Run(at, running) => (at, running),
+    };
     let value = work.await?;
     log.record(at, &id, codec::encode_ok(&value)?).await?;
     Ok(value)
+}
+
+/// A [`step`] whose writes and whose record commit together: `work` gets
+/// `tx`, a transaction the caller began on the call's own database, and the
+/// step is recorded in `tx` too (fenced by the attempt's token). Commit `tx`
+/// after `Ok`: if the process dies before the commit, neither the writes nor
+/// the record are there and the next attempt runs the step again; once
+/// committed, both are, and it replays. A crash between steps leaves the
+/// database at a recovery point, never half-way ("atomic phases").
+///
+/// ```no_run
+/// # use idem_runtime::{idempotent, step_in_tx, SqliteStore};
+/// # #[derive(Debug)] struct E;
+/// # impl From<idem_runtime::Error> for E { fn from(_: idem_runtime::Error) -> Self { E } }
+/// # impl From<sqlx::Error> for E { fn from(_: sqlx::Error) -> Self { E } }
+/// # struct Shop { store: SqliteStore }
+/// impl Shop {
+///     #[idempotent(key = order_id, store = self.store)]
+///     async fn reserve(&self, order_id: i64) -> Result<i64, E> {
+///         let mut tx = self.store.pool().begin().await?;
+///         let held = step_in_tx("hold-stock", &self.store, &mut tx, async |tx: &mut sqlx::Transaction<'static, sqlx::Sqlite>| {
+///             sqlx::query("UPDATE stock SET quantity = quantity - 1 WHERE product_id = 1")
+///                 .execute(&mut **tx)
+///                 .await?;
+///             Ok::<_, E>(order_id)
+///         })
+///         .await?;
+///         tx.commit().await?;
+///         Ok(held)
+///     }
+/// }
+/// ```
+///
+/// The store must be the one the call claimed with (the record is the call's
+/// own). Errors as for [`step`]; a store error is not retried in place (the
+/// transaction is the caller's: roll it back).
+pub async fn step_in_tx<S, X, T, E, F>(
+    id: impl Into<StepId>,
+    store: &S,
+    tx: &mut X,
+    work: F,
+) -> Result<T, E>
+where
+    S: TransactionalStore<X> + ?Sized,
+    X: Send + ?Sized,
+    T: Serialize + DeserializeOwned,
+    E: From<Error>,
+    F: AsyncFnOnce(&mut X) -> Result<T, E>,
+{
+    let id = id.into();
+    let log = current_step_log()?;
+    let (at, _running) = match prepare(&log, &id).await? {
+        Next::Replay(value) => return Ok(value),
+        Next::Run(at, running) => (at, running),
+    };
+    let value = work(&mut *tx).await?;
+    let step = Step::new(at, id.stored(), codec::encode_ok(&value)?);
+    store
+        .record_step_in(tx, log.key.as_str(), log.token, &step, log.keep)
+        .await
+        .inspect_err(|err| tracing::error!(at, step = %step.id, error = %err, "the step could not be recorded in its transaction"))?;
+    tracing::debug!(at, step = %step.id, token = log.token.0, "step recorded in its transaction");
+    Ok(value)
+}
+
+/// What a step does next: replay a recorded value, or run at a position.
+enum Next<'a, T> {
+    Replay(T),
+    Run(u32, Running<'a>),
+}
+
+/// The checks every step makes before its work: may it run here, and was it
+/// recorded by an earlier attempt (replayed), at another position
+/// ([`Error::StepMismatch`]), or not at all (run, at `at`).
+async fn prepare<'a, T: DeserializeOwned>(
+    log: &'a StepLog,
+    id: &StepId,
+) -> Result<Next<'a, T>, Error> {
+    let (at, running) = log.begin(id)?;
+    let stored = id.stored();
+    let earlier = log.earlier().await?;
+    match earlier.iter().find(|s| s.at == at) {
+        Some(recorded) if recorded.id == stored => {
+            tracing::debug!(at, step = %stored, "step replayed");
+            Ok(Next::Replay(codec::decode_ok(&recorded.value)?))
+        }
+        Some(recorded) => Err(log.diverged(at, recorded.id.clone(), format!("called {stored}"))),
+        // Recorded at another position: its effect happened; never again.
+        None => match earlier.iter().find(|s| s.id == stored) {
+            Some(elsewhere) => Err(log.diverged(
+                elsewhere.at,
+                stored,
+                format!("reached it at step {at} instead"),
+            )),
+            None => Ok(Next::Run(at, running)),
+        },
+    }
 }
 
 /// Marks the log's step as running until dropped (the step finished, failed,

@@ -322,6 +322,23 @@ pub trait TransactionalStore<X: Send + ?Sized>: Store {
 
     /// [`Store::release`], executed inside `tx`.
     async fn release_in(&self, tx: &mut X, key: &str, token: FencingToken) -> Result<(), Error>;
+
+    /// [`Store::record_step`], executed inside `tx`: the step is recorded if
+    /// and when `tx` commits, with the step's own writes
+    /// ([`step_in_tx`](crate::step_in_tx)). The default refuses.
+    async fn record_step_in(
+        &self,
+        tx: &mut X,
+        key: &str,
+        token: FencingToken,
+        step: &Step,
+        keep: Duration,
+    ) -> Result<(), Error> {
+        let _ = (tx, key, token, step, keep);
+        Err(Error::Store(
+            "this store cannot record a step inside a transaction".into(),
+        ))
+    }
 }
 
 #[async_trait]
@@ -341,6 +358,16 @@ impl<X: Send + ?Sized, S: TransactionalStore<X> + ?Sized> TransactionalStore<X> 
     }
     async fn release_in(&self, tx: &mut X, key: &str, token: FencingToken) -> Result<(), Error> {
         (**self).release_in(tx, key, token).await
+    }
+    async fn record_step_in(
+        &self,
+        tx: &mut X,
+        key: &str,
+        token: FencingToken,
+        step: &Step,
+        keep: Duration,
+    ) -> Result<(), Error> {
+        (**self).record_step_in(tx, key, token, step, keep).await
     }
 }
 

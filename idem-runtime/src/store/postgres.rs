@@ -437,4 +437,15 @@ impl<'c> TransactionalStore<Transaction<'c, Postgres>> for PostgresStore {
     ) -> Result<(), Error> {
         self.release_on(tx, key, token).await
     }
+
+    async fn record_step_in(
+        &self,
+        tx: &mut Transaction<'c, Postgres>,
+        key: &str,
+        token: FencingToken,
+        step: &super::Step,
+        keep: std::time::Duration,
+    ) -> Result<(), Error> {
+        self.record_step_on(tx, key, token, step, keep).await
+    }
 }

@@ -239,6 +239,30 @@ macro_rules! sql_store {
                 $crate::store::sql::fenced(u64::from(done.is_some()))
             }
 
+            async fn record_step_on(
+                &self,
+                conn: &mut sqlx::$conn,
+                key: &str,
+                token: $crate::store::FencingToken,
+                step: &$crate::store::Step,
+                keep: std::time::Duration,
+            ) -> Result<(), $crate::Error> {
+                let value = std::str::from_utf8(&step.value).map_err(|e| {
+                    $crate::Error::codec(format!("step values are stored as UTF-8 JSON: {e}"))
+                })?;
+                let done = q(&self.sql.record_step)
+                    .bind(key.to_owned())
+                    .bind(token.0 as i64)
+                    .bind(step.at.to_string())
+                    .bind(step.id.clone())
+                    .bind(value.to_owned())
+                    .bind($crate::store::sql::millis(keep))
+                    .execute(&mut *conn)
+                    .await
+                    .map_err($crate::store::sql::db_error)?;
+                $crate::store::sql::fenced(done.rows_affected())
+            }
+
             async fn conn(&self) -> Result<sqlx::pool::PoolConnection<sqlx::$db>, $crate::Error> {
                 self.migrate().await?;
                 self.pool.acquire().await.map_err($crate::Error::store)
@@ -331,21 +355,8 @@ macro_rules! sql_store {
                 step: &$crate::store::Step,
                 keep: std::time::Duration,
             ) -> Result<(), $crate::Error> {
-                let value = std::str::from_utf8(&step.value).map_err(|e| {
-                    $crate::Error::codec(format!("step values are stored as UTF-8 JSON: {e}"))
-                })?;
-                self.migrate().await?;
-                let done = q(&self.sql.record_step)
-                    .bind(key.to_owned())
-                    .bind(token.0 as i64)
-                    .bind(step.at.to_string())
-                    .bind(step.id.clone())
-                    .bind(value.to_owned())
-                    .bind($crate::store::sql::millis(keep))
-                    .execute(&self.pool)
-                    .await
-                    .map_err($crate::store::sql::db_error)?;
-                $crate::store::sql::fenced(done.rows_affected())
+                let mut conn = self.conn().await?;
+                self.record_step_on(&mut conn, key, token, step, keep).await
             }
 
             async fn steps(

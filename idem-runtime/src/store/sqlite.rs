@@ -518,4 +518,15 @@ impl<'c> TransactionalStore<Transaction<'c, Sqlite>> for SqliteStore {
         self.open.released(key);
         Ok(())
     }
+
+    async fn record_step_in(
+        &self,
+        tx: &mut Transaction<'c, Sqlite>,
+        key: &str,
+        token: FencingToken,
+        step: &super::Step,
+        keep: std::time::Duration,
+    ) -> Result<(), Error> {
+        self.record_step_on(tx, key, token, step, keep).await
+    }
 }
