@@ -365,7 +365,11 @@ fn rewrite(args: &Args, checked: &Checked, body: TokenStream) -> TokenStream {
                     #private::current().filter(|a| a.took_over())
                 {
                     let #reconcile = #f;
-                    #reconcile(&#attempt).await?;
+                    // A refusal is not an outcome: never recorded, whatever
+                    // the codec keeps.
+                    #reconcile(&#attempt)
+                        .await
+                        .inspect_err(|_| #private::withhold_outcome())?;
                 }
             )
         }

@@ -7,7 +7,7 @@ pub use crate::codec::{
     cache_errors, release_errors, IdempotentError, StorableError, StorableOutput,
 };
 pub use crate::engine::{
-    begin_in_tx, current, execute, finish_in_tx, InProgress, OnTakeover, Options,
+    begin_in_tx, current, execute, finish_in_tx, withhold_outcome, InProgress, OnTakeover, Options,
 };
 pub use core::ops::ControlFlow;
 pub use core::time::Duration;

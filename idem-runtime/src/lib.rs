@@ -66,7 +66,10 @@ pub mod testing;
 
 /// Implement [`Store`] with this attribute (re-exported from `async-trait`).
 pub use async_trait::async_trait;
-pub use engine::{current, step, step_in_tx, Attempt, InProgress, OnTakeover, Options, StepId};
+#[cfg(any(feature = "sqlite", feature = "postgres"))]
+#[cfg_attr(docsrs, doc(cfg(any(feature = "sqlite", feature = "postgres"))))]
+pub use engine::step_in_tx;
+pub use engine::{current, step, Attempt, InProgress, OnTakeover, Options, StepId};
 pub use error::{BoxError, Error, InvalidKey};
 pub use idem_macros::idempotent;
 pub use key::{ClientKey, Digest, Key};

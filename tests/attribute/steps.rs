@@ -1073,3 +1073,165 @@ async fn on_takeover_reconcile_runs_first_and_decides() {
     );
     assert_eq!(p.reconciled.load(Ordering::SeqCst), 2);
 }
+
+// The third break-it review (on_takeover).
+
+#[derive(Default)]
+struct Reviewed {
+    store: MemoryStore,
+    runs: AtomicUsize,
+    fail_once: std::sync::atomic::AtomicBool,
+    settled: std::sync::atomic::AtomicBool,
+}
+
+impl Reviewed {
+    #[idempotent(key = order, name = "r3-fail", ttl = "60s", on_takeover = fail, store = self.store)]
+    async fn strict(&self, order: u64) -> Result<usize, AppError> {
+        self.body(order).await
+    }
+
+    #[idempotent(
+        key = order,
+        name = "r3-reconcile-cache",
+        ttl = "60s",
+        cache_errors = AppError::is_final,
+        on_takeover = reconcile(|_a: &idem_runtime::Attempt| self.reconcile()),
+        store = self.store
+    )]
+    async fn reconciled_cached(&self, order: u64) -> Result<usize, AppError> {
+        self.body(order).await
+    }
+
+    async fn body(&self, order: u64) -> Result<usize, AppError> {
+        let n = self.runs.fetch_add(1, Ordering::SeqCst) + 1;
+        step("charge", async { Ok::<_, AppError>(order) }).await?;
+        if self.fail_once.swap(false, Ordering::SeqCst) {
+            return Err(AppError::Unavailable);
+        }
+        Ok(n)
+    }
+
+    async fn reconcile(&self) -> Result<(), AppError> {
+        if self.settled.load(Ordering::SeqCst) {
+            Ok(())
+        } else {
+            Err(AppError::Declined("not settled".into()))
+        }
+    }
+}
+
+/// Found by the third break-it review: each refusal recorded the mark again,
+/// pushing its keep-until forward, so a client retrying every 30 s (ttl 60 s)
+/// was refused forever. The mark is recorded once.
+#[tokio::test(start_paused = true)]
+async fn a_refused_takeover_clears_after_the_ttl_however_often_it_is_retried() {
+    let r = Reviewed::default();
+    r.fail_once.store(true, Ordering::SeqCst);
+    assert!(matches!(r.strict(1).await, Err(AppError::Unavailable)));
+    for i in 0..8 {
+        tokio::time::advance(Duration::from_secs(30)).await;
+        let got = r.strict(1).await;
+        if i == 0 {
+            assert!(
+                matches!(got, Err(AppError::Idem(Error::TakenOver))),
+                "{got:?}"
+            );
+        }
+    }
+    // 240 s after the last recorded real step, 4x the ttl.
+    assert!(
+        !matches!(r.strict(1).await, Err(AppError::Idem(Error::TakenOver))),
+        "still refused 4x ttl after the unfinished attempt"
+    );
+}
+
+/// Found by the third break-it review: with `cache_errors` and a recorded
+/// step, a reconcile refusal went through the codec (and came back as a step
+/// mismatch); it is the caller's error, never recorded.
+#[tokio::test]
+async fn a_reconcile_refusal_reaches_the_caller_even_with_cache_errors() {
+    let r = Reviewed::default();
+    r.fail_once.store(true, Ordering::SeqCst);
+    assert!(matches!(
+        r.reconciled_cached(7).await,
+        Err(AppError::Unavailable)
+    ));
+    let got = r.reconciled_cached(7).await;
+    assert!(matches!(got, Err(AppError::Declined(_))), "{got:?}");
+    r.settled.store(true, Ordering::SeqCst);
+    assert_eq!(r.reconciled_cached(7).await.unwrap(), 2, "the body resumes");
+}
+
+/// Found by the third break-it review: with `cache_errors` and a lapsed claim,
+/// a reconcile refusal was stored as the call's outcome, replayed for the
+/// whole ttl even once reconciled.
+#[tokio::test(start_paused = true)]
+async fn a_reconcile_refusal_is_never_the_calls_outcome() {
+    let r = Reviewed::default();
+    let key = Key::derive("r3-reconcile-cache", &9u64).unwrap();
+    let store: &dyn Store = &r.store;
+    store
+        .claim(ClaimRequest {
+            key: key.as_str(),
+            fingerprint: None,
+            lease: Duration::from_secs(1),
+        })
+        .await
+        .unwrap();
+    tokio::time::advance(Duration::from_secs(2)).await;
+    let first = r.reconciled_cached(9).await;
+    assert!(matches!(first, Err(AppError::Declined(_))), "{first:?}");
+    r.settled.store(true, Ordering::SeqCst);
+    // The refused attempt released nothing it could not: its claim lapses.
+    tokio::time::advance(Duration::from_secs(31)).await;
+    let second = r.reconciled_cached(9).await;
+    assert!(second.is_ok(), "reconciled: the body runs, got {second:?}");
+}
+
+struct ReviewedFaulty {
+    store: FaultyStore,
+    runs: AtomicUsize,
+}
+
+impl ReviewedFaulty {
+    #[idempotent(key = order, name = "r3-fail-faulty", ttl = "60s", on_takeover = fail, store = self.store)]
+    async fn strict(&self, order: u64) -> Result<u64, AppError> {
+        self.runs.fetch_add(1, Ordering::SeqCst);
+        Ok(order)
+    }
+}
+
+/// Found by the third break-it review: a refusal whose mark could not be
+/// written (a store blip) released the claim anyway, and the next retry ran
+/// the body. Now the claim lapses instead, and the next attempt is refused.
+#[tokio::test(start_paused = true)]
+async fn a_refused_takeover_whose_mark_fails_stays_refused() {
+    let f = ReviewedFaulty {
+        store: FaultyStore::default(),
+        runs: AtomicUsize::new(0),
+    };
+    let key = Key::derive("r3-fail-faulty", &3u64).unwrap();
+    let store: &dyn Store = &f.store;
+    store
+        .claim(ClaimRequest {
+            key: key.as_str(),
+            fingerprint: None,
+            lease: Duration::from_secs(1),
+        })
+        .await
+        .unwrap();
+    tokio::time::advance(Duration::from_secs(2)).await;
+    f.store.steps_fail.store(true, Ordering::SeqCst);
+    assert!(matches!(
+        f.strict(3).await,
+        Err(AppError::Idem(Error::TakenOver))
+    ));
+    f.store.steps_fail.store(false, Ordering::SeqCst);
+    tokio::time::advance(Duration::from_secs(31)).await;
+    let next = f.strict(3).await;
+    assert!(
+        matches!(next, Err(AppError::Idem(Error::TakenOver))),
+        "{next:?}"
+    );
+    assert_eq!(f.runs.load(Ordering::SeqCst), 0, "the body never ran");
+}

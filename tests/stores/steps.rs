@@ -5,6 +5,7 @@
 //! suite checks the store calls; the attribute tests the engine on memory.)
 
 use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -462,8 +463,8 @@ async fn postgres_a_release_waiting_on_its_own_step_record_lands() {
 #[derive(Clone, Copy, Debug, PartialEq)]
 enum Stop {
     Nowhere,
-    /// Phase `n`'s writes and step record made, its transaction not committed
-    /// (a crash there: both vanish).
+    /// Phase `n`'s writes made, then it fails before its commit (as a crash
+    /// there: its transaction, writes and step record with it, vanishes).
     BeforeCommit(u8),
     /// Phase `n` committed, then the attempt fails.
     AfterCommit(u8),
@@ -473,6 +474,7 @@ macro_rules! phases {
     ($name:ident, $store:ty, $db:ty, $insert:literal) => {
         struct $name {
             store: $store,
+            notified: AtomicUsize,
         }
 
         impl $name {
@@ -480,37 +482,35 @@ macro_rules! phases {
             async fn run(&self, order: String, stop: Stop) -> Result<i64, AppError> {
                 let mut total = 0;
                 for (n, phase) in [(1u8, "reserve"), (2, "ship")] {
-                    let mut tx = self
-                        .store
-                        .pool()
-                        .begin()
-                        .await
-                        .map_err(|_| AppError::Down)?;
                     let order = order.clone();
                     let id = idem_runtime::step_in_tx(
                         phase,
                         &self.store,
-                        &mut tx,
                         async |tx: &mut sqlx::Transaction<'static, $db>| {
-                            sqlx::query_scalar::<_, i64>($insert)
+                            let id = sqlx::query_scalar::<_, i64>($insert)
                                 .bind(&order)
                                 .bind(phase)
                                 .fetch_one(&mut **tx)
                                 .await
-                                .map_err(|_| AppError::Down)
+                                .map_err(|_| AppError::Down)?;
+                            if stop == Stop::BeforeCommit(n) {
+                                return Err(AppError::Down);
+                            }
+                            Ok(id)
                         },
                     )
                     .await?;
-                    if stop == Stop::BeforeCommit(n) {
-                        drop(tx); // rolled back, as by a crash
-                        return Err(AppError::Down);
-                    }
-                    tx.commit().await.map_err(|_| AppError::Down)?;
                     if stop == Stop::AfterCommit(n) {
                         return Err(AppError::Down);
                     }
                     total += id;
                 }
+                // A plain step after the phases: nothing of theirs is left
+                // uncommitted to wait for.
+                step("notify", async {
+                    Ok::<_, AppError>(self.notified.fetch_add(1, Ordering::SeqCst))
+                })
+                .await?;
                 Ok(total)
             }
         }
@@ -537,16 +537,10 @@ const STOPS: [Stop; 4] = [
     Stop::AfterCommit(2),
 ];
 
-/// Atomic phases (`step_in_tx`): whether an attempt stops before or after a
-/// phase's commit, every phase's writes exist exactly once after the retry,
-/// and the retry's answer counts each once.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn sqlite_atomic_phases_leave_a_recovery_point() {
-    let dir = std::env::temp_dir().join(unique("idem-phases"));
-    std::fs::create_dir_all(&dir).unwrap();
-    let url = format!("sqlite://{}/records.db", dir.display());
+async fn sqlite_phases(url: &str) {
     let flow = SqlitePhases {
-        store: SqliteStore::connect(&url).await.unwrap(),
+        store: SqliteStore::connect(url).await.unwrap(),
+        notified: AtomicUsize::new(0),
     };
     sqlx::query(
         "CREATE TABLE phase_rows (id INTEGER PRIMARY KEY AUTOINCREMENT, order_ref TEXT, phase TEXT)",
@@ -558,11 +552,13 @@ async fn sqlite_atomic_phases_leave_a_recovery_point() {
         let order = unique("phases");
         assert!(flow.run(order.clone(), stop).await.is_err(), "{stop:?}");
         let total = flow.run(order.clone(), Stop::Nowhere).await.unwrap();
-        let rows: Vec<(String, i64)> = sqlx::query_as("SELECT phase, count(*) FROM phase_rows WHERE order_ref = ?1 GROUP BY phase ORDER BY phase")
-            .bind(&order)
-            .fetch_all(flow.store.pool())
-            .await
-            .unwrap();
+        let rows: Vec<(String, i64)> = sqlx::query_as(
+            "SELECT phase, count(*) FROM phase_rows WHERE order_ref = ?1 GROUP BY phase ORDER BY phase",
+        )
+        .bind(&order)
+        .fetch_all(flow.store.pool())
+        .await
+        .unwrap();
         assert_eq!(
             rows,
             vec![("reserve".into(), 1), ("ship".into(), 1)],
@@ -574,12 +570,27 @@ async fn sqlite_atomic_phases_leave_a_recovery_point() {
             "replayed"
         );
     }
+    assert_eq!(flow.notified.load(Ordering::SeqCst), STOPS.len());
+}
+
+/// Atomic phases (`step_in_tx`): whether an attempt stops before or after a
+/// phase's commit, every phase's writes exist exactly once after the retry,
+/// and the retry's answer counts each once; a plain step after the phases
+/// waits for nothing. On a file, and on an in-memory database (one
+/// connection: a resumed phase reads the earlier steps before it takes it).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sqlite_atomic_phases_leave_a_recovery_point() {
+    let dir = std::env::temp_dir().join(unique("idem-phases"));
+    std::fs::create_dir_all(&dir).unwrap();
+    sqlite_phases(&format!("sqlite://{}/records.db", dir.display())).await;
+    sqlite_phases("sqlite::memory:").await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn postgres_atomic_phases_leave_a_recovery_point() {
     let flow = PgPhases {
         store: PostgresStore::connect(&postgres_url()).await.unwrap(),
+        notified: AtomicUsize::new(0),
     };
     sqlx::query(
         "CREATE TABLE IF NOT EXISTS phase_rows (id BIGSERIAL PRIMARY KEY, order_ref TEXT, phase TEXT)",
@@ -591,11 +602,13 @@ async fn postgres_atomic_phases_leave_a_recovery_point() {
         let order = unique("phases");
         assert!(flow.run(order.clone(), stop).await.is_err(), "{stop:?}");
         let total = flow.run(order.clone(), Stop::Nowhere).await.unwrap();
-        let rows: Vec<(String, i64)> = sqlx::query_as("SELECT phase, count(*) FROM phase_rows WHERE order_ref = $1 GROUP BY phase ORDER BY phase")
-            .bind(&order)
-            .fetch_all(flow.store.pool())
-            .await
-            .unwrap();
+        let rows: Vec<(String, i64)> = sqlx::query_as(
+            "SELECT phase, count(*) FROM phase_rows WHERE order_ref = $1 GROUP BY phase ORDER BY phase",
+        )
+        .bind(&order)
+        .fetch_all(flow.store.pool())
+        .await
+        .unwrap();
         assert_eq!(
             rows,
             vec![("reserve".into(), 1), ("ship".into(), 1)],

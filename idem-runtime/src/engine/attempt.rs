@@ -2,6 +2,7 @@
 //! re-entrancy check that uses it.
 
 use std::future::Future;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
@@ -11,7 +12,6 @@ use crate::key::{Digest, Key};
 use crate::store::{FencingToken, Store};
 
 /// The attempt that is running now: what [`current`] returns inside the body.
-#[derive(Clone)]
 pub struct Attempt {
     key: Key,
     token: FencingToken,
@@ -23,6 +23,23 @@ pub struct Attempt {
     log: OnceLock<Arc<StepLog>>,
     /// The attempt this one runs inside of (an idempotent call made from another's body).
     outer: Option<Arc<Attempt>>,
+    /// Set when the call's outcome must not be recorded whatever it is (a
+    /// `reconcile` that refused): the claim is released instead.
+    withheld: AtomicBool,
+}
+
+impl Clone for Attempt {
+    fn clone(&self) -> Self {
+        Attempt {
+            key: self.key.clone(),
+            token: self.token,
+            took_over: self.took_over,
+            steps: self.steps.clone(),
+            log: self.log.clone(),
+            outer: self.outer.clone(),
+            withheld: AtomicBool::new(self.withheld.load(Ordering::Relaxed)),
+        }
+    }
 }
 
 /// What a step log needs: the store holding the claim, and how long steps are kept.
@@ -58,7 +75,13 @@ impl Attempt {
             steps,
             log: OnceLock::new(),
             outer: current().map(Arc::new),
+            withheld: AtomicBool::new(false),
         }
+    }
+
+    /// Whether the outcome must not be recorded ([`withhold_outcome`]).
+    pub(super) fn withheld(&self) -> bool {
+        self.withheld.load(Ordering::Relaxed)
     }
 
     /// This attempt's step log, made on first use.
@@ -142,6 +165,14 @@ tokio::task_local! {
 /// The attempt running now, inside an `#[idempotent]` body; `None` elsewhere.
 pub fn current() -> Option<Attempt> {
     CURRENT.try_with(Attempt::clone).ok()
+}
+
+/// Marks the running attempt's outcome as not to be recorded, whatever it is
+/// (even an error `cache_errors` would keep): the claim is released, its
+/// steps kept. `on_takeover = reconcile(f)` calls it when `f` refuses.
+#[doc(hidden)]
+pub fn withhold_outcome() {
+    let _ = CURRENT.try_with(|attempt| attempt.withheld.store(true, Ordering::Relaxed));
 }
 
 /// The running attempt's step log (made now if this is its first step).

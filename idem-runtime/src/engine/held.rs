@@ -30,6 +30,8 @@ pub struct Held {
     watchdog: OnceLock<Watchdog>,
     /// The steps the work called, if it called any.
     steps: OnceLock<Arc<StepLog>>,
+    /// Whether the work withheld its outcome ([`withhold_outcome`](super::withhold_outcome)).
+    withheld: std::sync::atomic::AtomicBool,
     armed: bool,
 }
 
@@ -69,6 +71,7 @@ impl Held {
             keep,
             watchdog,
             steps: OnceLock::new(),
+            withheld: std::sync::atomic::AtomicBool::new(false),
             armed: true,
         }
     }
@@ -110,8 +113,14 @@ impl Held {
             })
             .await
         };
-        if let Some(log) = work.as_mut().take_value().and_then(|a| a.made_log()) {
-            let _ = self.steps.set(log);
+        if let Some(attempt) = work.as_mut().take_value() {
+            if attempt.withheld() {
+                self.withheld
+                    .store(true, std::sync::atomic::Ordering::Relaxed);
+            }
+            if let Some(log) = attempt.made_log() {
+                let _ = self.steps.set(log);
+            }
         }
         output
     }
@@ -206,22 +215,43 @@ impl Held {
 
     /// `on_takeover = fail`: leaves a kept mark (a reserved step) so that every
     /// retry of the call meets the takeover too, then releases the claim.
-    pub(super) async fn refuse_takeover(self) {
+    /// Until the mark is written the claim is not released, not even if this
+    /// future is dropped: it lapses with its lease instead, and the next
+    /// attempt takes it over and is refused again.
+    pub(super) async fn refuse_takeover(mut self) {
         tracing::error!(
             token = self.token.0,
             "an earlier attempt did not finish; on_takeover = fail: the body does not run"
         );
-        if self.store.keeps_steps() {
+        self.armed = false;
+        drop(self.watchdog.take());
+        let (key, token) = (self.key.as_str(), self.token);
+        let marked = if !self.store.keeps_steps() {
+            false
+        } else if let Ok(steps) = self.store.steps(key, Some(token)).await {
+            // Marked once: a refusal does not keep the call refused longer.
             let mark = super::steps::takeover_mark();
-            if let Err(err) = self
-                .store
-                .record_step(self.key.as_str(), self.token, &mark, self.keep)
-                .await
-            {
-                tracing::warn!(error = %err, "could not mark the refused takeover");
-            }
+            steps.iter().any(|s| s.id == mark.id)
+                || self
+                    .store
+                    .record_step(key, token, &mark, self.keep)
+                    .await
+                    .inspect_err(
+                        |err| tracing::warn!(error = %err, "could not mark the refused takeover"),
+                    )
+                    .is_ok()
+        } else {
+            false
+        };
+        if marked {
+            self.armed = true;
+            self.release_because("released: on_takeover = fail").await
+        } else {
+            tracing::warn!(
+                token = token.0,
+                "the refused takeover is not marked; the claim lapses with its lease instead"
+            );
         }
-        self.release_because("released: on_takeover = fail").await
     }
 
     /// Deletes the claim so the next call runs at once. A failure is logged, not
@@ -251,6 +281,10 @@ impl Held {
 }
 
 impl Settle for Held {
+    fn withheld(&self) -> bool {
+        self.withheld.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
     async fn record(self, outcome: &[u8], ttl: Duration) -> Result<(), Error> {
         self.complete(outcome, ttl).await
     }

@@ -56,12 +56,14 @@ mod options;
 mod steps;
 mod tx;
 
-pub use attempt::{current, Attempt};
+pub use attempt::{current, withhold_outcome, Attempt};
 pub use claim::{claim, MAX_RETRY_AFTER};
 pub use held::Held;
 pub use lease::COMPLETION_RETRY_LIMIT;
 pub use options::{InProgress, OnTakeover, Options};
-pub use steps::{step, step_in_tx, StepId};
+#[cfg(any(feature = "sqlite", feature = "postgres"))]
+pub use steps::step_in_tx;
+pub use steps::{step, StepId};
 pub use tx::{begin_in_tx, claim_in_tx, execute_in_tx, finish_in_tx, HeldInTx};
 
 /// What a claim decided for a key: run the work under the held claim `H`
@@ -126,6 +128,8 @@ fn split(
 
 /// A held claim, on either path, as [`settle`] ends it.
 trait Settle {
+    /// Whether the outcome must not be recorded (released instead).
+    fn withheld(&self) -> bool;
     /// Records `outcome` for `ttl`.
     async fn record(self, outcome: &[u8], ttl: Duration) -> Result<(), Error>;
     /// Deletes the claim, logged as `why`.
@@ -143,6 +147,11 @@ async fn settle<T, E>(
     ttl: Duration,
     outcome: Result<T, E>,
 ) -> Result<T, E> {
+    if held.withheld() {
+        held.release("released: the outcome is withheld (reconcile refused)")
+            .await;
+        return outcome;
+    }
     match codec.encode(&outcome) {
         None => {
             held.release("released after error").await;

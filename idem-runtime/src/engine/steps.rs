@@ -19,7 +19,7 @@ use super::attempt::current_step_log;
 use crate::codec;
 use crate::error::Error;
 use crate::key::Key;
-use crate::store::{FencingToken, Step, Store, TransactionalStore};
+use crate::store::{FencingToken, Step, Store};
 
 /// Names a [`step`]: a name (`"charge"`), or a name and an index for a step
 /// that runs once per item of a loop (`("ship", i)`). Within one call every
@@ -164,13 +164,13 @@ where
     Ok(value)
 }
 
-/// A [`step`] whose writes and whose record commit together: `work` gets
-/// `tx`, a transaction the caller began on the call's own database, and the
-/// step is recorded in `tx` too (fenced by the attempt's token). Commit `tx`
-/// after `Ok`: if the process dies before the commit, neither the writes nor
-/// the record are there and the next attempt runs the step again; once
-/// committed, both are, and it replays. A crash between steps leaves the
-/// database at a recovery point, never half-way ("atomic phases").
+/// A [`step`] whose writes and whose record commit together ("atomic
+/// phases"): idem begins a transaction on the call's own SQL store, `work`
+/// makes the phase's writes in it, the step is recorded in it (fenced by the
+/// attempt's token), and it commits before `step_in_tx` returns. A crash
+/// before the commit loses both, and the next attempt runs the phase again;
+/// after it, both are there, and it replays. The database is never half-way
+/// through a phase.
 ///
 /// ```no_run
 /// # use idem_runtime::{idempotent, step_in_tx, SqliteStore};
@@ -181,49 +181,51 @@ where
 /// impl Shop {
 ///     #[idempotent(key = order_id, store = self.store)]
 ///     async fn reserve(&self, order_id: i64) -> Result<i64, E> {
-///         let mut tx = self.store.pool().begin().await?;
-///         let held = step_in_tx("hold-stock", &self.store, &mut tx, async |tx: &mut sqlx::Transaction<'static, sqlx::Sqlite>| {
+///         step_in_tx("hold-stock", &self.store, async |tx: &mut sqlx::Transaction<'static, sqlx::Sqlite>| {
 ///             sqlx::query("UPDATE stock SET quantity = quantity - 1 WHERE product_id = 1")
 ///                 .execute(&mut **tx)
 ///                 .await?;
 ///             Ok::<_, E>(order_id)
 ///         })
-///         .await?;
-///         tx.commit().await?;
-///         Ok(held)
+///         .await
 ///     }
 /// }
 /// ```
 ///
-/// The store must be the one the call claimed with (the record is the call's
-/// own). Errors as for [`step`]; a store error is not retried in place (the
-/// transaction is the caller's: roll it back).
-pub async fn step_in_tx<S, X, T, E, F>(
-    id: impl Into<StepId>,
-    store: &S,
-    tx: &mut X,
-    work: F,
-) -> Result<T, E>
+/// `store` must be the store the call claimed with (the step lives in the
+/// call's record; another store answers [`Error::LeaseLost`]). While the
+/// phase runs, its transaction holds the call's record (PostgreSQL: the row;
+/// SQLite: the write lock), so the lease is renewed only after it commits:
+/// keep a phase shorter than the lease. Errors as for [`step`]; a store
+/// error is not retried in place (the phase's transaction is rolled back).
+#[cfg(any(feature = "sqlite", feature = "postgres"))]
+pub async fn step_in_tx<S, DB, T, E, F>(id: impl Into<StepId>, store: &S, work: F) -> Result<T, E>
 where
-    S: TransactionalStore<X> + ?Sized,
-    X: Send + ?Sized,
+    S: crate::store::sql::PhaseStore<DB> + ?Sized,
+    DB: sqlx::Database,
     T: Serialize + DeserializeOwned,
     E: From<Error>,
-    F: AsyncFnOnce(&mut X) -> Result<T, E>,
+    F: AsyncFnOnce(&mut sqlx::Transaction<'static, DB>) -> Result<T, E>,
 {
     let id = id.into();
     let log = current_step_log()?;
+    // Earlier steps are read before the phase takes a connection of its own.
     let (at, _running) = match prepare(&log, &id).await? {
         Next::Replay(value) => return Ok(value),
         Next::Run(at, running) => (at, running),
     };
-    let value = work(&mut *tx).await?;
+    let mut tx = store.begin_phase().await?;
+    let value = work(&mut tx).await?;
     let step = Step::new(at, id.stored(), codec::encode_ok(&value)?);
     store
-        .record_step_in(tx, log.key.as_str(), log.token, &step, log.keep)
+        .record_step_in(&mut tx, log.key.as_str(), log.token, &step, log.keep)
         .await
         .inspect_err(|err| tracing::error!(at, step = %step.id, error = %err, "the step could not be recorded in its transaction"))?;
-    tracing::debug!(at, step = %step.id, token = log.token.0, "step recorded in its transaction");
+    tx.commit().await.map_err(|err| {
+        tracing::error!(at, step = %step.id, error = %err, "the phase's commit failed (it may or may not have landed)");
+        Error::store(err)
+    })?;
+    tracing::debug!(at, step = %step.id, token = log.token.0, "phase committed with its step");
     Ok(value)
 }
 

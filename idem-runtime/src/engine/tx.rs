@@ -27,6 +27,8 @@ pub struct HeldInTx {
     key: Key,
     token: FencingToken,
     took_over: bool,
+    /// Whether the work withheld its outcome ([`withhold_outcome`](super::withhold_outcome)).
+    withheld: std::sync::atomic::AtomicBool,
     span: tracing::Span,
 }
 
@@ -54,7 +56,13 @@ impl HeldInTx {
             "steps inside a `tx =` call are not supported: the call's writes already commit \
              together with its record",
         );
-        run_as(&self.key, self.token, self.took_over, steps, work).await
+        let mut work = std::pin::pin!(run_as(&self.key, self.token, self.took_over, steps, work));
+        let output = work.as_mut().await;
+        if work.as_mut().take_value().is_some_and(|a| a.withheld()) {
+            self.withheld
+                .store(true, std::sync::atomic::Ordering::Relaxed);
+        }
+        output
     }
 
     /// Records `outcome` in `tx` for `ttl` (capped to 100 years). Commit `tx`
@@ -131,6 +139,12 @@ where
     S: TransactionalStore<X> + ?Sized,
     X: Send + ?Sized,
 {
+    fn withheld(&self) -> bool {
+        self.held
+            .withheld
+            .load(std::sync::atomic::Ordering::Relaxed)
+    }
+
     async fn record(self, outcome: &[u8], ttl: Duration) -> Result<(), Error> {
         self.held.complete(self.store, self.tx, outcome, ttl).await
     }
@@ -211,6 +225,7 @@ where
             key,
             token,
             took_over,
+            withheld: std::sync::atomic::AtomicBool::new(false),
             span,
         }),
         Claimed::Replay(outcome) => Claimed::Replay(outcome),

@@ -402,6 +402,18 @@ macro_rules! sql_store {
     };
 }
 
+/// A SQL store that can run one phase of a call in a transaction of its own
+/// ([`step_in_tx`](crate::step_in_tx)): the phase's writes and its step record
+/// commit together.
+#[async_trait::async_trait]
+pub trait PhaseStore<DB: sqlx::Database>:
+    super::TransactionalStore<sqlx::Transaction<'static, DB>>
+{
+    /// Begins a phase's transaction on the store's pool (SQLite: `BEGIN
+    /// IMMEDIATE`, so the phase never fails busy midway).
+    async fn begin_phase(&self) -> Result<sqlx::Transaction<'static, DB>, Error>;
+}
+
 /// The steps column: a JSON object from position to `[id, value]`.
 pub(crate) fn parse_steps(json: &str) -> Result<Vec<super::Step>, Error> {
     let corrupt = |why: String| Error::codec(format!("the recorded steps are corrupt: {why}"));
