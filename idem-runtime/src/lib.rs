@@ -69,7 +69,7 @@ pub use async_trait::async_trait;
 #[cfg(any(feature = "sqlite", feature = "postgres"))]
 #[cfg_attr(docsrs, doc(cfg(any(feature = "sqlite", feature = "postgres"))))]
 pub use engine::step_in_tx;
-pub use engine::{current, step, Attempt, InProgress, OnTakeover, Options, StepId};
+pub use engine::{current, step, Attempt, InProgress, OnTakeover, Options, Phase, StepId};
 pub use error::{BoxError, Error, InvalidKey};
 pub use idem_macros::idempotent;
 pub use key::{ClientKey, Digest, Key};

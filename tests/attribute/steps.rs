@@ -1182,7 +1182,8 @@ async fn a_reconcile_refusal_is_never_the_calls_outcome() {
     let first = r.reconciled_cached(9).await;
     assert!(matches!(first, Err(AppError::Declined(_))), "{first:?}");
     r.settled.store(true, Ordering::SeqCst);
-    // The refused attempt released nothing it could not: its claim lapses.
+    // The refusal left its mark: the next attempt reconciles again, and now
+    // the earlier charge is settled.
     tokio::time::advance(Duration::from_secs(31)).await;
     let second = r.reconciled_cached(9).await;
     assert!(second.is_ok(), "reconciled: the body runs, got {second:?}");
@@ -1234,4 +1235,62 @@ async fn a_refused_takeover_whose_mark_fails_stays_refused() {
         "{next:?}"
     );
     assert_eq!(f.runs.load(Ordering::SeqCst), 0, "the body never ran");
+}
+
+// The fourth break-it review.
+
+#[derive(Default)]
+struct Unreconciled {
+    store: MemoryStore,
+    runs: AtomicUsize,
+    reconciled: AtomicUsize,
+}
+
+impl Unreconciled {
+    #[idempotent(
+        key = order,
+        name = "reconcile-refuses",
+        ttl = "60s",
+        on_takeover = reconcile(|_a: &idem_runtime::Attempt| self.refuse()),
+        store = self.store
+    )]
+    async fn call(&self, order: u64) -> Result<usize, AppError> {
+        Ok(self.runs.fetch_add(1, Ordering::SeqCst) + 1)
+    }
+
+    async fn refuse(&self) -> Result<(), AppError> {
+        self.reconciled.fetch_add(1, Ordering::SeqCst);
+        Err(AppError::Declined(
+            "cannot tell whether the earlier attempt charged".into(),
+        ))
+    }
+}
+
+/// Found by the fourth break-it review: a reconcile refusal on a lapsed claim
+/// (an attempt that crashed before any step) released it, and the next retry
+/// ran the body unreconciled. A refusal leaves the mark, as `fail` does.
+#[tokio::test(start_paused = true)]
+async fn a_reconcile_refusal_is_met_again_by_the_next_retry() {
+    let r = Unreconciled::default();
+    let key = Key::derive("reconcile-refuses", &1u64).unwrap();
+    let store: &dyn Store = &r.store;
+    store
+        .claim(ClaimRequest {
+            key: key.as_str(),
+            fingerprint: None,
+            lease: Duration::from_secs(1),
+        })
+        .await
+        .unwrap();
+    tokio::time::advance(Duration::from_secs(2)).await;
+    for _ in 0..3 {
+        let refused = r.call(1).await;
+        assert!(matches!(refused, Err(AppError::Declined(_))), "{refused:?}");
+    }
+    assert_eq!(
+        r.reconciled.load(Ordering::SeqCst),
+        3,
+        "each retry reconciles"
+    );
+    assert_eq!(r.runs.load(Ordering::SeqCst), 0, "the body never ran");
 }

@@ -221,7 +221,7 @@ impl Held {
     pub(super) async fn refuse_takeover(mut self) {
         tracing::error!(
             token = self.token.0,
-            "an earlier attempt did not finish; on_takeover = fail: the body does not run"
+            "an earlier attempt did not finish, and this one does not go on (on_takeover)"
         );
         self.armed = false;
         drop(self.watchdog.take());
@@ -291,6 +291,10 @@ impl Settle for Held {
 
     async fn release(self, why: &'static str) {
         self.release_because(why).await
+    }
+
+    async fn refuse(self) {
+        self.refuse_takeover().await
     }
 }
 

@@ -63,7 +63,7 @@ pub use lease::COMPLETION_RETRY_LIMIT;
 pub use options::{InProgress, OnTakeover, Options};
 #[cfg(any(feature = "sqlite", feature = "postgres"))]
 pub use steps::step_in_tx;
-pub use steps::{step, StepId};
+pub use steps::{step, Phase, StepId};
 pub use tx::{begin_in_tx, claim_in_tx, execute_in_tx, finish_in_tx, HeldInTx};
 
 /// What a claim decided for a key: run the work under the held claim `H`
@@ -134,6 +134,9 @@ trait Settle {
     async fn record(self, outcome: &[u8], ttl: Duration) -> Result<(), Error>;
     /// Deletes the claim, logged as `why`.
     async fn release(self, why: &'static str);
+    /// Ends a claim whose body refused to go on (a `reconcile` that said
+    /// no): the next attempt must meet the takeover again.
+    async fn refuse(self);
 }
 
 /// Ends a held claim with the body's `outcome`, the one rule of both typed
@@ -148,8 +151,7 @@ async fn settle<T, E>(
     outcome: Result<T, E>,
 ) -> Result<T, E> {
     if held.withheld() {
-        held.release("released: the outcome is withheld (reconcile refused)")
-            .await;
+        held.refuse().await;
         return outcome;
     }
     match codec.encode(&outcome) {

@@ -181,12 +181,12 @@ where
 /// impl Shop {
 ///     #[idempotent(key = order_id, store = self.store)]
 ///     async fn reserve(&self, order_id: i64) -> Result<i64, E> {
-///         step_in_tx("hold-stock", &self.store, async |tx: &mut sqlx::Transaction<'static, sqlx::Sqlite>| {
+///         step_in_tx("hold-stock", &self.store, |tx| Box::pin(async move {
 ///             sqlx::query("UPDATE stock SET quantity = quantity - 1 WHERE product_id = 1")
 ///                 .execute(&mut **tx)
 ///                 .await?;
 ///             Ok::<_, E>(order_id)
-///         })
+///         }))
 ///         .await
 ///     }
 /// }
@@ -205,7 +205,7 @@ where
     DB: sqlx::Database,
     T: Serialize + DeserializeOwned,
     E: From<Error>,
-    F: AsyncFnOnce(&mut sqlx::Transaction<'static, DB>) -> Result<T, E>,
+    F: for<'c> FnOnce(&'c mut sqlx::Transaction<'static, DB>) -> Phase<'c, T, E>,
 {
     let id = id.into();
     let log = current_step_log()?;
@@ -228,6 +228,12 @@ where
     tracing::debug!(at, step = %step.id, token = log.token.0, "phase committed with its step");
     Ok(value)
 }
+
+/// A phase's work ([`step_in_tx`]): a boxed future borrowing the phase's
+/// transaction, `|tx| Box::pin(async move { .. })` (boxed, so a call that
+/// runs phases is still a `Send` future that can be spawned).
+pub type Phase<'c, T, E> =
+    std::pin::Pin<Box<dyn std::future::Future<Output = Result<T, E>> + Send + 'c>>;
 
 /// What a step does next: replay a recorded value, or run at a position.
 enum Next<'a, T> {

@@ -152,6 +152,12 @@ where
     async fn release(self, why: &'static str) {
         self.held.release_because(self.store, self.tx, why).await
     }
+
+    /// In the caller's transaction, which it rolls back after the refusal:
+    /// the lapsed claim stays as it was, for the next attempt to meet.
+    async fn refuse(self) {
+        tracing::warn!("a reconcile refused; the caller rolls back its transaction");
+    }
 }
 
 /// Claims `key` inside `tx` (waiting for a running duplicate if `options` say
