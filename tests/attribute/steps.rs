@@ -1024,17 +1024,7 @@ async fn on_takeover_fail_refuses_every_retry_of_an_unfinished_call() {
 #[tokio::test(start_paused = true)]
 async fn on_takeover_fail_refuses_a_lapsed_claim() {
     let p = Policies::default();
-    let key = Key::derive("takeover-fail", &3u64).unwrap();
-    let store: &dyn Store = &p.store;
-    store
-        .claim(ClaimRequest {
-            key: key.as_str(),
-            fingerprint: None,
-            lease: Duration::from_secs(1),
-        })
-        .await
-        .unwrap();
-    tokio::time::advance(Duration::from_secs(2)).await;
+    crashed_holder(&p.store, "takeover-fail", 3).await;
     assert!(matches!(
         p.strict(3).await,
         Err(AppError::Idem(Error::TakenOver))
@@ -1168,17 +1158,7 @@ async fn a_reconcile_refusal_reaches_the_caller_even_with_cache_errors() {
 #[tokio::test(start_paused = true)]
 async fn a_reconcile_refusal_is_never_the_calls_outcome() {
     let r = Reviewed::default();
-    let key = Key::derive("r3-reconcile-cache", &9u64).unwrap();
-    let store: &dyn Store = &r.store;
-    store
-        .claim(ClaimRequest {
-            key: key.as_str(),
-            fingerprint: None,
-            lease: Duration::from_secs(1),
-        })
-        .await
-        .unwrap();
-    tokio::time::advance(Duration::from_secs(2)).await;
+    crashed_holder(&r.store, "r3-reconcile-cache", 9).await;
     let first = r.reconciled_cached(9).await;
     assert!(matches!(first, Err(AppError::Declined(_))), "{first:?}");
     r.settled.store(true, Ordering::SeqCst);
@@ -1211,17 +1191,7 @@ async fn a_refused_takeover_whose_mark_fails_stays_refused() {
         store: FaultyStore::default(),
         runs: AtomicUsize::new(0),
     };
-    let key = Key::derive("r3-fail-faulty", &3u64).unwrap();
-    let store: &dyn Store = &f.store;
-    store
-        .claim(ClaimRequest {
-            key: key.as_str(),
-            fingerprint: None,
-            lease: Duration::from_secs(1),
-        })
-        .await
-        .unwrap();
-    tokio::time::advance(Duration::from_secs(2)).await;
+    crashed_holder(&f.store, "r3-fail-faulty", 3).await;
     f.store.steps_fail.store(true, Ordering::SeqCst);
     assert!(matches!(
         f.strict(3).await,
@@ -1272,17 +1242,7 @@ impl Unreconciled {
 #[tokio::test(start_paused = true)]
 async fn a_reconcile_refusal_is_met_again_by_the_next_retry() {
     let r = Unreconciled::default();
-    let key = Key::derive("reconcile-refuses", &1u64).unwrap();
-    let store: &dyn Store = &r.store;
-    store
-        .claim(ClaimRequest {
-            key: key.as_str(),
-            fingerprint: None,
-            lease: Duration::from_secs(1),
-        })
-        .await
-        .unwrap();
-    tokio::time::advance(Duration::from_secs(2)).await;
+    crashed_holder(&r.store, "reconcile-refuses", 1).await;
     for _ in 0..3 {
         let refused = r.call(1).await;
         assert!(matches!(refused, Err(AppError::Declined(_))), "{refused:?}");
@@ -1293,4 +1253,19 @@ async fn a_reconcile_refusal_is_met_again_by_the_next_retry() {
         "each retry reconciles"
     );
     assert_eq!(r.runs.load(Ordering::SeqCst), 0, "the body never ran");
+}
+
+/// A holder of `name`'s key for `order` that crashed: its claim (a 1 s lease)
+/// is left to lapse.
+async fn crashed_holder(store: &dyn Store, name: &str, order: u64) {
+    let key = Key::derive(name, &order).unwrap();
+    store
+        .claim(ClaimRequest {
+            key: key.as_str(),
+            fingerprint: None,
+            lease: Duration::from_secs(1),
+        })
+        .await
+        .unwrap();
+    tokio::time::advance(Duration::from_secs(2)).await;
 }

@@ -62,17 +62,23 @@ async fn checkout(State(shop): State<Arc<Shop>>) -> Response {
     }
 }
 
-#[tokio::test]
-async fn a_retried_request_resumes_after_the_steps_its_first_attempt_recorded() {
+/// The shop behind `layer` on a free port, its shipping down for one call.
+async fn serve(layer: IdempotencyLayer) -> (Arc<Shop>, String) {
     let shop = Arc::new(Shop::default());
     shop.down.store(1, Ordering::SeqCst);
     let router = Router::new()
         .route("/checkout", post(checkout))
-        .layer(IdempotencyLayer::new(MemoryStore::new()).global_scope())
+        .layer(layer)
         .with_state(Arc::clone(&shop));
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let url = format!("http://{}/checkout", listener.local_addr().unwrap());
     tokio::spawn(async move { axum::serve(listener, router).await });
+    (shop, url)
+}
+
+#[tokio::test]
+async fn a_retried_request_resumes_after_the_steps_its_first_attempt_recorded() {
+    let (shop, url) = serve(IdempotencyLayer::new(MemoryStore::new()).global_scope()).await;
     let http = reqwest::Client::new();
     let send = || {
         http.post(&url)
@@ -108,19 +114,10 @@ async fn a_retried_request_resumes_after_the_steps_its_first_attempt_recorded() 
 /// handler does not run again.
 #[tokio::test]
 async fn with_on_takeover_fail_a_retry_of_an_unfinished_request_is_refused() {
-    let shop = Arc::new(Shop::default());
-    shop.down.store(1, Ordering::SeqCst);
-    let router = Router::new()
-        .route("/checkout", post(checkout))
-        .layer(
-            IdempotencyLayer::new(MemoryStore::new())
-                .global_scope()
-                .on_takeover(idem_runtime::OnTakeover::Fail),
-        )
-        .with_state(Arc::clone(&shop));
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let url = format!("http://{}/checkout", listener.local_addr().unwrap());
-    tokio::spawn(async move { axum::serve(listener, router).await });
+    let layer = IdempotencyLayer::new(MemoryStore::new())
+        .global_scope()
+        .on_takeover(idem_runtime::OnTakeover::Fail);
+    let (shop, url) = serve(layer).await;
     let http = reqwest::Client::new();
     let send = || {
         http.post(&url)
