@@ -528,6 +528,42 @@ phases!(
     "INSERT INTO phase_rows (order_ref, phase) VALUES ($1, $2) RETURNING id"
 );
 
+/// Stops `flow` at each of [`STOPS`] (the first attempt spawned: a call that
+/// runs phases is a `Send` future), retries, and checks each phase's rows
+/// (`$param`: the database's first placeholder) and the replay.
+macro_rules! check_stops {
+    ($flow:ident, $param:literal) => {
+        for stop in STOPS {
+            let order = unique("phases");
+            let spawned = tokio::spawn({
+                let (flow, order) = (Arc::clone(&$flow), order.clone());
+                async move { flow.run(order, stop).await }
+            });
+            assert!(spawned.await.unwrap().is_err(), "{stop:?}");
+            let total = $flow.run(order.clone(), Stop::Nowhere).await.unwrap();
+            let rows: Vec<(String, i64)> = sqlx::query_as(concat!(
+                "SELECT phase, count(*) FROM phase_rows WHERE order_ref = ",
+                $param,
+                " GROUP BY phase ORDER BY phase"
+            ))
+            .bind(&order)
+            .fetch_all($flow.store.pool())
+            .await
+            .unwrap();
+            assert_eq!(
+                rows,
+                vec![("reserve".into(), 1), ("ship".into(), 1)],
+                "{stop:?}"
+            );
+            assert_eq!(
+                $flow.run(order, Stop::Nowhere).await.unwrap(),
+                total,
+                "replayed"
+            );
+        }
+    };
+}
+
 const STOPS: [Stop; 4] = [
     Stop::BeforeCommit(1),
     Stop::AfterCommit(1),
@@ -546,33 +582,7 @@ async fn sqlite_phases(url: &str) {
     .execute(flow.store.pool())
     .await
     .unwrap();
-    for stop in STOPS {
-        let order = unique("phases");
-        // A call that runs phases is a `Send` future: it can be spawned.
-        let spawned = tokio::spawn({
-            let (flow, order) = (Arc::clone(&flow), order.clone());
-            async move { flow.run(order, stop).await }
-        });
-        assert!(spawned.await.unwrap().is_err(), "{stop:?}");
-        let total = flow.run(order.clone(), Stop::Nowhere).await.unwrap();
-        let rows: Vec<(String, i64)> = sqlx::query_as(
-            "SELECT phase, count(*) FROM phase_rows WHERE order_ref = ?1 GROUP BY phase ORDER BY phase",
-        )
-        .bind(&order)
-        .fetch_all(flow.store.pool())
-        .await
-        .unwrap();
-        assert_eq!(
-            rows,
-            vec![("reserve".into(), 1), ("ship".into(), 1)],
-            "{stop:?}"
-        );
-        assert_eq!(
-            flow.run(order, Stop::Nowhere).await.unwrap(),
-            total,
-            "replayed"
-        );
-    }
+    check_stops!(flow, "?1");
     assert_eq!(flow.notified.load(Ordering::SeqCst), STOPS.len());
 }
 
@@ -591,36 +601,15 @@ async fn sqlite_atomic_phases_leave_a_recovery_point() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn postgres_atomic_phases_leave_a_recovery_point() {
-    let flow = PgPhases {
+    let flow = Arc::new(PgPhases {
         store: PostgresStore::connect(&postgres_url()).await.unwrap(),
         notified: AtomicUsize::new(0),
-    };
+    });
     sqlx::query(
         "CREATE TABLE IF NOT EXISTS phase_rows (id BIGSERIAL PRIMARY KEY, order_ref TEXT, phase TEXT)",
     )
     .execute(flow.store.pool())
     .await
     .unwrap();
-    for stop in STOPS {
-        let order = unique("phases");
-        assert!(flow.run(order.clone(), stop).await.is_err(), "{stop:?}");
-        let total = flow.run(order.clone(), Stop::Nowhere).await.unwrap();
-        let rows: Vec<(String, i64)> = sqlx::query_as(
-            "SELECT phase, count(*) FROM phase_rows WHERE order_ref = $1 GROUP BY phase ORDER BY phase",
-        )
-        .bind(&order)
-        .fetch_all(flow.store.pool())
-        .await
-        .unwrap();
-        assert_eq!(
-            rows,
-            vec![("reserve".into(), 1), ("ship".into(), 1)],
-            "{stop:?}"
-        );
-        assert_eq!(
-            flow.run(order, Stop::Nowhere).await.unwrap(),
-            total,
-            "replayed"
-        );
-    }
+    check_stops!(flow, "$1");
 }
