@@ -297,6 +297,10 @@ impl<S: Store + Clone + 'static> Store for ReplayCache<S> {
     fn answers_before_recorded(&self) -> bool {
         self.inner.answers_before_recorded()
     }
+
+    fn kind(&self) -> &'static str {
+        self.inner.kind()
+    }
 }
 
 #[cfg(test)]

@@ -430,6 +430,10 @@ impl Store for Inner {
         true
     }
 
+    fn kind(&self) -> &'static str {
+        "memory"
+    }
+
     fn handle(&self) -> Arc<dyn Store> {
         // `Inner` lives only inside the `Arc` made in `with_shards`, so while `&self`
         // exists the upgrade succeeds.
@@ -492,6 +496,10 @@ impl Store for MemoryStore {
 
     fn keeps_steps(&self) -> bool {
         true
+    }
+
+    fn kind(&self) -> &'static str {
+        "memory"
     }
 
     fn handle(&self) -> Arc<dyn Store> {

@@ -295,6 +295,13 @@ pub trait Store: Send + Sync {
     fn answers_before_recorded(&self) -> bool {
         true
     }
+
+    /// What kind of backend this is, for metrics and logs: `"memory"`,
+    /// `"sqlite"`, `"postgres"`, `"redis"`, `"redis-cluster"`; a wrapper answers
+    /// for the store it wraps. Default `"custom"`.
+    fn kind(&self) -> &'static str {
+        "custom"
+    }
 }
 
 /// A store that can write its records inside the caller's open transaction `X`
@@ -422,6 +429,9 @@ macro_rules! forward_store {
             }
             fn answers_before_recorded(&self) -> bool {
                 (**self).answers_before_recorded()
+            }
+            fn kind(&self) -> &'static str {
+                (**self).kind()
             }
         }
     )*};

@@ -1209,4 +1209,11 @@ impl Store for RedisStore {
     fn answers_before_recorded(&self) -> bool {
         self.ack.is_none()
     }
+
+    fn kind(&self) -> &'static str {
+        match self.conn {
+            Conn::Cluster(_) => "redis-cluster",
+            Conn::Single(_) => "redis",
+        }
+    }
 }

@@ -173,7 +173,7 @@ pub(crate) fn fenced(rows: u64) -> Result<(), Error> {
 /// `purge`). Each store writes its own `TransactionalStore` impl, so a
 /// compile error for `tx =` lists plain impls rather than this macro.
 macro_rules! sql_store {
-    ($store:ident, $db:ident, $pool:ident, $conn:ident) => {
+    ($store:ident, $db:ident, $pool:ident, $conn:ident, $kind:literal) => {
         impl $store {
             /// The pool, for the service's own queries and transactions.
             pub fn pool(&self) -> &sqlx::$pool {
@@ -393,6 +393,10 @@ macro_rules! sql_store {
 
             fn keeps_steps(&self) -> bool {
                 true
+            }
+
+            fn kind(&self) -> &'static str {
+                $kind
             }
 
             fn handle(&self) -> std::sync::Arc<dyn $crate::store::Store> {
