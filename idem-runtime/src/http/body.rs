@@ -10,6 +10,8 @@ use http::HeaderMap;
 use http_body::{Frame, SizeHint};
 use pin_project_lite::pin_project;
 
+use super::grpc::Framing;
+
 pin_project! {
     /// A request or response body as [`IdempotencyLayer`](super::IdempotencyLayer)
     /// passes it on: buffered bytes (and trailers), or `B` itself, possibly after
@@ -137,12 +139,17 @@ pub(crate) enum Read<B> {
     },
     /// More than the limit: what was read, and the body to read the rest from.
     TooLarge { prefix: Bytes, rest: Pin<Box<B>> },
+    /// A second gRPC message began (a streamed reply): what was read, and the
+    /// body to read the rest from.
+    Streamed { prefix: Bytes, rest: Pin<Box<B>> },
 }
 
-/// Reads `body` until it ends or exceeds `limit` bytes.
+/// Reads `body` until it ends or exceeds `limit` bytes; with `framing`, also
+/// until a second gRPC message begins.
 pub(crate) async fn read_limited<B>(
     mut body: Pin<Box<B>>,
     limit: usize,
+    mut framing: Option<Framing>,
 ) -> Result<Read<B>, B::Error>
 where
     B: http_body::Body<Data = Bytes>,
@@ -157,7 +164,14 @@ where
         match frame.into_data() {
             Ok(data) => {
                 len += data.len();
+                let streamed = framing.as_mut().is_some_and(|f| f.feed(&data) > 1);
                 chunks.push(data);
+                if streamed {
+                    return Ok(Read::Streamed {
+                        prefix: concat(chunks, len),
+                        rest: body,
+                    });
+                }
                 if len > limit {
                     return Ok(Read::TooLarge {
                         prefix: concat(chunks, len),

@@ -4,15 +4,29 @@ use std::fmt;
 use std::sync::Arc;
 use std::time::Duration;
 
-use http::{request::Parts, HeaderName, Method, StatusCode};
+use http::{request::Parts, HeaderMap, HeaderName, Method, StatusCode};
 use tower_layer::Layer;
 
-use super::{default_store_status, IdempotencyService, IDEMPOTENCY_KEY};
+use super::grpc::{default_store_grpc_status, Protocol};
+use super::{default_store_status, IdempotencyService, DEFAULT_UNSTORED_HEADERS, IDEMPOTENCY_KEY};
 use crate::engine::{InProgress, OnTakeover, Options};
 use crate::Store;
 
 /// The scope of a request's key (e.g. the authenticated subject).
 pub(crate) type ScopeFn = dyn Fn(&Parts) -> Option<String> + Send + Sync;
+
+/// A hook that rewrites the headers of a response before they are stored.
+pub(crate) type RewriteFn = dyn Fn(&mut HeaderMap) + Send + Sync;
+
+/// What of a response's headers goes into its record (the response the
+/// client gets first is never changed).
+#[derive(Clone)]
+pub(crate) struct StoredHeaders {
+    /// Left out of the record, headers and trailers alike.
+    pub(crate) dropped: Vec<HeaderName>,
+    /// Runs on the remaining headers, last.
+    pub(crate) rewrite: Option<Arc<RewriteFn>>,
+}
 
 /// Whose keys a request's key is looked up among.
 #[derive(Clone)]
@@ -38,6 +52,9 @@ pub(crate) struct Config {
     pub(crate) max_request_body: usize,
     pub(crate) max_response_body: usize,
     pub(crate) store_status: fn(StatusCode) -> bool,
+    pub(crate) protocol: Protocol,
+    pub(crate) store_grpc_status: fn(i32) -> bool,
+    pub(crate) stored_headers: StoredHeaders,
 }
 
 /// A tower [`Layer`] that makes `POST` and `PATCH` requests carrying an
@@ -47,7 +64,11 @@ pub(crate) struct Config {
 /// `PATCH`, key optional, **no scope** — set [`scope`](Self::scope) (or
 /// [`global_scope`](Self::global_scope)), or keyed requests get 401 —
 /// request and response bodies up to 1 MiB, duplicates in flight rejected with 409, statuses stored per
-/// [`default_store_status`].
+/// [`default_store_status`] (gRPC calls: per [`default_store_grpc_status`]),
+/// gRPC answers for gRPC requests ([`Protocol::Auto`]), and the
+/// [`DEFAULT_UNSTORED_HEADERS`] (`Set-Cookie`, …) left out of stored responses.
+///
+/// [`default_store_grpc_status`]: super::default_store_grpc_status
 #[derive(Clone)]
 pub struct IdempotencyLayer {
     config: Arc<Config>,
@@ -77,6 +98,12 @@ impl IdempotencyLayer {
                 max_request_body: DEFAULT_BODY_LIMIT,
                 max_response_body: DEFAULT_BODY_LIMIT,
                 store_status: default_store_status,
+                protocol: Protocol::Auto,
+                store_grpc_status: default_store_grpc_status,
+                stored_headers: StoredHeaders {
+                    dropped: DEFAULT_UNSTORED_HEADERS.to_vec(),
+                    rewrite: None,
+                },
             }),
         }
     }
@@ -192,6 +219,66 @@ impl IdempotencyLayer {
         self
     }
 
+    /// Whether requests are answered as gRPC calls or plain HTTP (default
+    /// [`Protocol::Auto`]: gRPC for a `Content-Type: application/grpc…`).
+    ///
+    /// For a gRPC call the layer's own answers are trailers-only gRPC
+    /// responses (HTTP 200, `grpc-status`, `grpc-message`; the mapping is in
+    /// docs/CONTRACT.md §6.2) instead of problem+json, and its response is
+    /// stored only if it ends with a `grpc-status` that
+    /// [`store_grpc_status`](Self::store_grpc_status) accepts (its trailers are
+    /// read first: a gRPC response's length is never known up front). Only
+    /// unary calls are protected: a keyed call with more than one request
+    /// message is refused, and a response with more than one message flows
+    /// through unstored, the call recorded as done (see the
+    /// [module docs](super#grpc)).
+    pub fn protocol(mut self, protocol: Protocol) -> Self {
+        self.config().protocol = protocol;
+        self
+    }
+
+    /// Which final `grpc-status` codes of a gRPC call are stored and replayed
+    /// (default [`default_store_grpc_status`](super::default_store_grpc_status):
+    /// only `OK`); a call that ends with any other code releases its key, so a
+    /// retry runs again. The code is the number of `tonic::Code` (`code as i32`).
+    pub fn store_grpc_status(mut self, store: fn(i32) -> bool) -> Self {
+        self.config().store_grpc_status = store;
+        self
+    }
+
+    /// Leaves the header `name` out of stored responses (and their trailers):
+    /// the client that made the request still gets it, a replay does not.
+    /// Added to the [`DEFAULT_UNSTORED_HEADERS`].
+    pub fn drop_stored_header(mut self, name: HeaderName) -> Self {
+        let dropped = &mut self.config().stored_headers.dropped;
+        if !dropped.contains(&name) {
+            dropped.push(name);
+        }
+        self
+    }
+
+    /// Stores the header `name` after all, if it is one the layer leaves out
+    /// (one of the [`DEFAULT_UNSTORED_HEADERS`], say `Set-Cookie` on a service
+    /// whose cookies are not per session). Hop-by-hop headers (`Connection`,
+    /// …) are never stored.
+    pub fn keep_stored_header(mut self, name: HeaderName) -> Self {
+        self.config().stored_headers.dropped.retain(|n| *n != name);
+        self
+    }
+
+    /// Rewrites the headers of a response before they are stored (after the
+    /// dropped ones are taken out): redact a value, replace a per-client one,
+    /// remove a header by a rule of your own. The live response is not
+    /// touched; a replay answers with what the hook left, plus
+    /// `Idempotent-Replayed: true`. Hop-by-hop headers it adds are not stored.
+    pub fn rewrite_stored_headers<F>(mut self, rewrite: F) -> Self
+    where
+        F: Fn(&mut HeaderMap) + Send + Sync + 'static,
+    {
+        self.config().stored_headers.rewrite = Some(Arc::new(rewrite));
+        self
+    }
+
     /// The namespace of this layer's keys (default `idem::http`): two layers on
     /// one store share keys only if they share a namespace.
     pub fn namespace(mut self, namespace: impl Into<String>) -> Self {
@@ -221,6 +308,12 @@ impl fmt::Debug for IdempotencyLayer {
             )
             .field("max_request_body", &c.max_request_body)
             .field("max_response_body", &c.max_response_body)
+            .field("protocol", &c.protocol)
+            .field("unstored_headers", &c.stored_headers.dropped)
+            .field(
+                "rewrites_stored_headers",
+                &c.stored_headers.rewrite.is_some(),
+            )
             .finish_non_exhaustive()
     }
 }

@@ -66,6 +66,54 @@
 //! the handler is not cut off: its response is still stored (or the key
 //! released).
 //!
+//! **Stored response headers.** A replay answers with the first response's
+//! headers, minus those that belong to the first client alone: by default the
+//! [`DEFAULT_UNSTORED_HEADERS`] — `Set-Cookie` (a replay must not hand one
+//! client's session to another, or revive a session the client has since
+//! ended), the obsolete `Set-Cookie2`, and `Authentication-Info` /
+//! `Proxy-Authentication-Info` (per-client authentication state, such as a
+//! digest nonce). The first response still carries them: only the stored copy
+//! is cleaned. [`drop_stored_header`](IdempotencyLayer::drop_stored_header)
+//! leaves out more, [`keep_stored_header`](IdempotencyLayer::keep_stored_header)
+//! stores one after all, and
+//! [`rewrite_stored_headers`](IdempotencyLayer::rewrite_stored_headers) edits
+//! what is stored. Everything else — `Date`, `ETag`, `Location`, custom
+//! headers — replays as it was; hop-by-hop headers are never stored.
+//!
+//! # gRPC
+//!
+//! A tonic server takes the layer as any tower layer
+//! (`Server::builder().layer(IdempotencyLayer::new(store).global_scope())`);
+//! the key is the `idempotency-key` metadata entry (the HTTP/2 header). A gRPC
+//! call (`Content-Type: application/grpc…`, or every request with
+//! [`Protocol::Grpc`]) is answered in gRPC's terms:
+//!
+//! | call | answer |
+//! |---|---|
+//! | first with its key | the handler's reply; stored if its final `grpc-status` is `OK` ([`default_store_grpc_status`]) — any other status releases the key |
+//! | repeat, reply stored | the reply's headers (metadata), message and trailers, byte for byte, plus `idempotent-replayed: true` metadata |
+//! | repeat while the first runs | `ABORTED`, with `grpc-retry-pushback-ms` and a `RetryInfo` |
+//! | same key, other method or message | `INVALID_ARGUMENT` |
+//! | key missing (where required) or malformed | `INVALID_ARGUMENT` |
+//! | no scope for the client | `UNAUTHENTICATED` |
+//! | request over the limit | `RESOURCE_EXHAUSTED` |
+//! | store unreachable | `UNAVAILABLE`, with a 1 s pushback; the handler does not run |
+//! | earlier attempt unfinished, `OnTakeover::Fail` | `FAILED_PRECONDITION` |
+//! | repeat of a call whose reply was not stored (streamed, too large) | `FAILED_PRECONDITION` (the handler does not run again) |
+//!
+//! Each such answer is trailers-only (HTTP 200, `grpc-status` and
+//! `grpc-message` in the headers) and carries `grpc-status-details-bin`: a
+//! `google.rpc.Status` whose `ErrorInfo` (domain `idem`) names the case in its
+//! `reason` (`IN_PROGRESS`, `KEY_REUSED`, `KEY_MISSING`, …).
+//!
+//! Only **unary** calls are protected. A call sent without a key passes
+//! through, so streaming calls are served as usual when their clients send no
+//! key; a keyed call whose request holds more than one message is refused
+//! with `INVALID_ARGUMENT` (`STREAMING_REQUEST`). A keyed request is read
+//! whole before the handler runs, so never send a key on a bidirectional
+//! call. A reply with more than one message (server streaming) flows to the
+//! client as it comes and is not stored; the call is recorded as done.
+//!
 //! The layer's service accepts any request body with `Bytes` chunks and hands the
 //! inner service a [`Body`] (the buffered request); it answers with a [`Body`]
 //! too, which axum and hyper take as they are.
@@ -74,6 +122,7 @@
 
 mod body;
 mod future;
+mod grpc;
 mod layer;
 mod problem;
 mod service;
@@ -81,12 +130,24 @@ mod stored;
 
 pub use body::Body;
 pub use future::ResponseFuture;
+pub use grpc::{default_store_grpc_status, Protocol};
 pub use layer::IdempotencyLayer;
 pub use service::IdempotencyService;
 
 /// The header a replayed response carries: `Idempotent-Replayed: true`.
 pub const IDEMPOTENT_REPLAYED: http::HeaderName =
     http::HeaderName::from_static("idempotent-replayed");
+
+/// The response headers a stored response leaves out unless configured
+/// otherwise (see [`IdempotencyLayer::keep_stored_header`]): `Set-Cookie`,
+/// `Set-Cookie2`, `Authentication-Info`, `Proxy-Authentication-Info` — what a
+/// server hands one client's session, never to be replayed to another.
+pub const DEFAULT_UNSTORED_HEADERS: [http::HeaderName; 4] = [
+    http::header::SET_COOKIE,
+    http::HeaderName::from_static("set-cookie2"),
+    http::HeaderName::from_static("authentication-info"),
+    http::HeaderName::from_static("proxy-authentication-info"),
+];
 
 /// The request header that carries the client's key, unless configured otherwise.
 pub const IDEMPOTENCY_KEY: http::HeaderName = http::HeaderName::from_static("idempotency-key");

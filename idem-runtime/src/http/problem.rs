@@ -5,6 +5,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use http::{header, HeaderValue, Response, StatusCode};
 
+use super::grpc::{self, Code, Dialect};
 use super::Body;
 use crate::Error;
 
@@ -24,6 +25,9 @@ pub(crate) enum Problem {
         limit: usize,
     },
     RequestUnreadable,
+    /// A keyed gRPC call whose request holds more than one message (client or
+    /// bidirectional streaming): only unary calls are protected.
+    StreamingRequest,
     StoreUnavailable,
     /// The request ran (now or earlier); its response is stored but not yet on
     /// as many replicas as the store requires.
@@ -125,6 +129,11 @@ impl Problem {
                 "request-unreadable",
                 "The request body could not be read",
             ),
+            Problem::StreamingRequest => (
+                StatusCode::BAD_REQUEST,
+                "streaming-request",
+                "Idempotency keys are accepted on unary calls only",
+            ),
             Problem::StoreUnavailable => (
                 StatusCode::SERVICE_UNAVAILABLE,
                 "store-unavailable",
@@ -163,9 +172,53 @@ impl Problem {
         }
     }
 
+    /// The gRPC status a gRPC client is answered with (docs/CONTRACT.md §6.2).
+    fn grpc_code(self) -> Code {
+        match self {
+            Problem::KeyMissing
+            | Problem::KeyMalformed
+            | Problem::KeyReused
+            | Problem::StreamingRequest => Code::InvalidArgument,
+            Problem::ScopeUnknown | Problem::ScopeUnset => Code::Unauthenticated,
+            Problem::InProgress { .. } => Code::Aborted,
+            Problem::RequestTooLarge { .. } => Code::ResourceExhausted,
+            Problem::StoreUnavailable | Problem::NotReplicated => Code::Unavailable,
+            Problem::StoredResponseCorrupt => Code::DataLoss,
+            Problem::ResponseNotStored { .. } | Problem::TakenOver => Code::FailedPrecondition,
+            Problem::RequestUnreadable | Problem::HandlerBodyFailed | Problem::Internal => {
+                Code::Internal
+            }
+        }
+    }
+
+    /// When the client should come back, if it should.
+    fn retry_after(self) -> Option<Duration> {
+        match self {
+            Problem::InProgress { retry_after } => Some(retry_after),
+            Problem::StoreUnavailable | Problem::NotReplicated => Some(Duration::from_secs(1)),
+            _ => None,
+        }
+    }
+
+    /// The answer in the request's dialect: a problem+json response, or a
+    /// trailers-only gRPC one whose `grpc-message` is the detail and whose
+    /// `ErrorInfo` reason names the case (`IN_PROGRESS`, `KEY_REUSED`, …).
+    pub(crate) fn response<B>(self, dialect: Dialect, detail: &str) -> Response<Body<B>> {
+        match dialect {
+            Dialect::Http => self.problem_json(detail),
+            Dialect::Grpc => {
+                let reason = self.parts().1.replace('-', "_").to_ascii_uppercase();
+                // Retry hints in whole milliseconds, at least 1 s as for HTTP:
+                // a zero pushback would invite a hot loop.
+                let retry = self.retry_after().map(|d| d.max(Duration::from_secs(1)));
+                grpc::response(self.grpc_code(), &reason, detail, retry)
+            }
+        }
+    }
+
     /// The response: status, `application/problem+json` body, and `Retry-After`
     /// where the client should come back.
-    pub(crate) fn response<B>(self, detail: &str) -> Response<Body<B>> {
+    fn problem_json<B>(self, detail: &str) -> Response<Body<B>> {
         let (status, kind, title) = self.parts();
         let body = serde_json::json!({
             "type": format!("urn:idem:problem:{kind}"),
@@ -181,12 +234,7 @@ impl Problem {
             header::CONTENT_TYPE,
             HeaderValue::from_static("application/problem+json"),
         );
-        let retry = match self {
-            Problem::InProgress { retry_after } => Some(retry_after),
-            Problem::StoreUnavailable | Problem::NotReplicated => Some(Duration::from_secs(1)),
-            _ => None,
-        };
-        if let Some(retry) = retry {
+        if let Some(retry) = self.retry_after() {
             // Whole seconds, rounded up: "Retry-After: 0" would invite a hot loop.
             let secs = retry.as_millis().div_ceil(1000).max(1);
             headers.insert(header::RETRY_AFTER, HeaderValue::from(secs as u64));
@@ -242,6 +290,10 @@ impl Problem {
                 .into(),
             Problem::StoredResponseCorrupt => "the response stored for this key could not be \
                  read; the request was not run again"
+                .into(),
+            Problem::StreamingRequest => "this call sent more than one request message; \
+                 idempotency keys are accepted on unary calls only, so send streaming calls \
+                 without one"
                 .into(),
             _ => self.parts().2.to_owned(),
         }

@@ -11,6 +11,7 @@ use tower_service::Service;
 use tracing::Instrument as _;
 
 use super::body::{drain, read_limited, Read};
+use super::grpc::{self, Dialect, Framing};
 use super::layer::{Config, Scope};
 use super::problem::{Problem, Withheld};
 use super::{stored, Body, ResponseFuture};
@@ -68,6 +69,7 @@ where
         if !config.methods.contains(request.method()) {
             return ResponseFuture::passthrough(self.inner.call(request.map(Body::passthrough)));
         }
+        let dialect = config.protocol.dialect(request.headers());
         let mut values = request.headers().get_all(&config.header).iter();
         let key = match (values.next(), values.next()) {
             (None, _) if !config.key_required => {
@@ -75,19 +77,19 @@ where
             }
             (None, _) => {
                 return ResponseFuture::ready(
-                    Problem::KeyMissing.response(&Problem::KeyMissing.default_detail()),
+                    Problem::KeyMissing.response(dialect, &Problem::KeyMissing.default_detail()),
                 )
             }
             (Some(_), Some(_)) => {
-                return ResponseFuture::ready(
-                    Problem::KeyMalformed
-                        .response(&format!("send one {} header, not several", config.header)),
-                )
+                return ResponseFuture::ready(Problem::KeyMalformed.response(
+                    dialect,
+                    &format!("send one {} header, not several", config.header),
+                ))
             }
             (Some(value), None) => match parse_key(value) {
                 Ok(key) => key,
                 Err(detail) => {
-                    return ResponseFuture::ready(Problem::KeyMalformed.response(&detail))
+                    return ResponseFuture::ready(Problem::KeyMalformed.response(dialect, &detail))
                 }
             },
         };
@@ -102,7 +104,7 @@ where
         );
         let config = Arc::clone(config);
         ResponseFuture::protected(Box::pin(
-            handle(config, inner, request, key).instrument(span),
+            handle(config, inner, request, key, dialect).instrument(span),
         ))
     }
 }
@@ -139,6 +141,7 @@ async fn handle<S, ReqB, ResB>(
     mut inner: S,
     request: Request<ReqB>,
     key: ClientKey,
+    dialect: Dialect,
 ) -> Result<Response<Body<ResB>>, S::Error>
 where
     S: Service<Request<Body<ReqB>>, Response = Response<ResB>>,
@@ -155,7 +158,7 @@ where
             Some(scope) => Some(scope),
             None => {
                 let problem = Problem::ScopeUnknown;
-                return Ok(problem.response(&problem.default_detail()));
+                return Ok(problem.response(dialect, &problem.default_detail()));
             }
         },
         Scope::Global => None,
@@ -169,7 +172,7 @@ where
                 )
             });
             let problem = Problem::ScopeUnset;
-            return Ok(problem.response(&problem.default_detail()));
+            return Ok(problem.response(dialect, &problem.default_detail()));
         }
     };
     let limit = config.max_request_body;
@@ -192,23 +195,30 @@ where
         drain_cap
     };
     if declared.is_some_and(|len| len > refuse_unread) {
-        return Ok(too_large.response(&too_large.default_detail()));
+        return Ok(too_large.response(dialect, &too_large.default_detail()));
     }
-    let read = read_limited(Box::pin(body), limit)
+    let read = read_limited(Box::pin(body), limit, None)
         .await
         .map_err(Into::<BoxError>::into);
     let (data, trailers) = match read {
         Ok(Read::Whole { data, trailers }) => (data, trailers),
-        Ok(Read::TooLarge { rest, .. }) => {
+        Ok(Read::TooLarge { rest, .. } | Read::Streamed { rest, .. }) => {
             drain(rest, drain_cap).await;
-            return Ok(too_large.response(&too_large.default_detail()));
+            return Ok(too_large.response(dialect, &too_large.default_detail()));
         }
         Err(err) => {
             tracing::debug!(error = %err, "request body could not be read");
             let problem = Problem::RequestUnreadable;
-            return Ok(problem.response(&problem.default_detail()));
+            return Ok(problem.response(dialect, &problem.default_detail()));
         }
     };
+
+    // A client- or bidirectional-streaming call: its messages would all be
+    // read before the handler runs, and none of them could be told apart.
+    if dialect == Dialect::Grpc && Framing::count(&data) > 1 {
+        let problem = Problem::StreamingRequest;
+        return Ok(problem.response(dialect, &problem.default_detail()));
+    }
 
     let fingerprint = FingerprintBuilder::new()
         .bytes(parts.method.as_str().as_bytes())
@@ -226,7 +236,7 @@ where
         Ok(key) => key,
         Err(err) => {
             tracing::error!(error = %err, "the key could not be built");
-            return Ok(Problem::Internal.response(&Problem::Internal.default_detail()));
+            return Ok(Problem::Internal.response(dialect, &Problem::Internal.default_detail()));
         }
     };
 
@@ -242,12 +252,12 @@ where
     {
         Ok(Claimed::Run(held)) => held,
         Ok(Claimed::Replay(bytes)) => {
-            return Ok(match stored::decode(&bytes) {
+            return Ok(match stored::decode(&bytes, dialect) {
                 Ok(response) => response,
                 Err(err) => {
                     tracing::error!(error = %err, "the stored response could not be decoded");
                     let problem = Problem::StoredResponseCorrupt;
-                    problem.response(&problem.default_detail())
+                    problem.response(dialect, &problem.default_detail())
                 }
             })
         }
@@ -257,7 +267,7 @@ where
             if let Error::Store(_) = err {
                 tracing::warn!(error = %err, "the store failed at claim; request not processed");
             }
-            return Ok(problem.response(&problem.default_detail()));
+            return Ok(problem.response(dialect, &problem.default_detail()));
         }
     };
 
@@ -273,13 +283,26 @@ where
             let body = Box::pin(body);
             let reading = if !(config.store_status)(head.status) {
                 Reading::Unstored(body)
+            } else if dialect == Dialect::Grpc {
+                // A gRPC reply's length is never known up front: read it, up
+                // to the limit and to its first message, and judge it by its
+                // final `grpc-status` (in its trailers, or in its headers
+                // for a trailers-only reply, known at once).
+                match grpc::status_in(&head.headers) {
+                    Some(code) if !(config.store_grpc_status)(code) => Reading::Unstored(body),
+                    _ => Reading::Read(
+                        read_limited(body, max, Some(Framing::default()))
+                            .await
+                            .map_err(Into::<BoxError>::into),
+                    ),
+                }
             } else if streamed(&head.headers, &body.size_hint()) {
                 Reading::Withheld(Withheld::Streamed, body)
             } else if body.size_hint().lower() > max as u64 {
                 Reading::Withheld(Withheld::TooLarge, body)
             } else {
                 Reading::Read(
-                    read_limited(body, max)
+                    read_limited(body, max, None)
                         .await
                         .map_err(Into::<BoxError>::into),
                 )
@@ -304,7 +327,26 @@ where
             ))
         }
         Reading::Read(Ok(Read::Whole { data, trailers })) => {
-            match stored::encode(head.status, &head.headers, &data, trailers.as_ref()) {
+            if dialect == Dialect::Grpc {
+                let code = trailers
+                    .as_ref()
+                    .and_then(grpc::status_in)
+                    .or_else(|| grpc::status_in(&head.headers));
+                // No `grpc-status` at all is a broken call (`UNKNOWN` to
+                // the client): not stored either.
+                if !code.is_some_and(config.store_grpc_status) {
+                    tracing::debug!(grpc_status = ?code, "gRPC status not stored; key released");
+                    held.release().await;
+                    return Ok(Response::from_parts(head, Body::buffered(data, trailers)));
+                }
+            }
+            match stored::encode(
+                head.status,
+                &head.headers,
+                &data,
+                trailers.as_ref(),
+                &config.stored_headers,
+            ) {
                 Ok(bytes) => {
                     // A failure is logged by `complete`; the client still gets the
                     // response the handler produced, unless the store answers only
@@ -314,14 +356,14 @@ where
                         Err(err @ (Error::NotReplicated { .. } | Error::Store(_))) => {
                             tracing::warn!(error = %err, "the response is not safely stored yet; answering 503");
                             let problem = Problem::NotReplicated;
-                            return Ok(problem.response(&problem.default_detail()));
+                            return Ok(problem.response(dialect, &problem.default_detail()));
                         }
                         // Not stored (the claim is released, its steps kept): the
                         // handler diverged from a recorded attempt.
                         Err(err @ Error::StepMismatch { .. }) => {
                             tracing::error!(error = %err, "the handler's steps differ from the recorded ones; answering 500");
                             let problem = Problem::Internal;
-                            return Ok(problem.response(&problem.default_detail()));
+                            return Ok(problem.response(dialect, &problem.default_detail()));
                         }
                         _ => {}
                     }
@@ -344,13 +386,17 @@ where
             withhold(held, &config, head.status, Withheld::TooLarge).await;
             Ok(Response::from_parts(head, Body::partial(prefix, rest)))
         }
+        Reading::Read(Ok(Read::Streamed { prefix, rest })) => {
+            withhold(held, &config, head.status, Withheld::Streamed).await;
+            Ok(Response::from_parts(head, Body::partial(prefix, rest)))
+        }
         Reading::Read(Err(err)) => {
             // The handler ran and chose a stored status: its work is done, so a
             // retry must not run it again (as for a stream cut midway).
             tracing::error!(error = %err, "the response body failed; recorded as done without it");
             withhold(held, &config, head.status, Withheld::Failed).await;
             let problem = Problem::HandlerBodyFailed;
-            Ok(problem.response(&problem.default_detail()))
+            Ok(problem.response(dialect, &problem.default_detail()))
         }
     }
 }

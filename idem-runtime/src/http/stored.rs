@@ -6,6 +6,8 @@ use bytes::Bytes;
 use http::{HeaderMap, HeaderName, HeaderValue, Response, StatusCode};
 use serde::{Deserialize, Serialize};
 
+use super::grpc::Dialect;
+use super::layer::StoredHeaders;
 use super::problem::{Problem, Withheld};
 use super::{Body, IDEMPOTENT_REPLAYED};
 use crate::Error;
@@ -67,15 +69,19 @@ impl<'a> OctetsRef<'a> {
     }
 }
 
-/// The stored headers, serialized straight from the `HeaderMap`.
-struct Headers<'a>(&'a HeaderMap);
+/// The stored headers, serialized straight from the `HeaderMap`, without the
+/// hop-by-hop ones and those in `dropped`.
+struct Headers<'a> {
+    map: &'a HeaderMap,
+    dropped: &'a [HeaderName],
+}
 
 impl Serialize for Headers<'_> {
     fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
         serializer.collect_seq(
-            self.0
+            self.map
                 .iter()
-                .filter(|(name, _)| !hop_by_hop(name))
+                .filter(|(name, _)| !hop_by_hop(name) && !self.dropped.contains(name))
                 .map(|(name, value)| (name.as_str(), OctetsRef::new(value.as_bytes()))),
         )
     }
@@ -106,18 +112,44 @@ fn hop_by_hop(name: &HeaderName) -> bool {
     )
 }
 
-/// Encodes a response head, its whole body and its trailers for the store.
+/// Encodes a response head, its whole body and its trailers for the store,
+/// its headers cleaned as `policy` says (the response itself is not changed).
 pub(crate) fn encode(
     status: StatusCode,
     headers: &HeaderMap,
     body: &[u8],
     trailers: Option<&HeaderMap>,
+    policy: &StoredHeaders,
 ) -> Result<Vec<u8>, Error> {
+    let rewritten;
+    let headers = match &policy.rewrite {
+        // The hook gets a copy without the dropped headers, and has the last
+        // word (only hop-by-hop headers are left out after it).
+        Some(rewrite) => {
+            let mut copy = headers.clone();
+            for name in &policy.dropped {
+                copy.remove(name);
+            }
+            rewrite(&mut copy);
+            rewritten = copy;
+            Headers {
+                map: &rewritten,
+                dropped: &[],
+            }
+        }
+        None => Headers {
+            map: headers,
+            dropped: &policy.dropped,
+        },
+    };
     let stored = StoredResponseRef {
         status: status.as_u16(),
-        headers: Headers(headers),
+        headers,
         body: OctetsRef::new(body),
-        trailers: trailers.map(Headers),
+        trailers: trailers.map(|map| Headers {
+            map,
+            dropped: &policy.dropped,
+        }),
     };
     crate::codec::encode_ok(&stored)
 }
@@ -132,8 +164,9 @@ pub(crate) fn encode_withheld(status: StatusCode, why: Withheld) -> Result<Vec<u
 }
 
 /// Rebuilds a stored response, marked `Idempotent-Replayed: true`; for a
-/// withheld one, the 410 problem that says so.
-pub(crate) fn decode<B>(bytes: &[u8]) -> Result<Response<Body<B>>, Error> {
+/// withheld one, the problem that says so (410, or `FAILED_PRECONDITION` to a
+/// gRPC client).
+pub(crate) fn decode<B>(bytes: &[u8], dialect: Dialect) -> Result<Response<Body<B>>, Error> {
     let stored: StoredResponse = crate::codec::decode_ok(bytes)?;
     let status = StatusCode::from_u16(stored.status)
         .map_err(|e| Error::codec(format!("stored response: bad status: {e}")))?;
@@ -145,7 +178,7 @@ pub(crate) fn decode<B>(bytes: &[u8]) -> Result<Response<Body<B>>, Error> {
                 status: status.as_u16(),
                 why,
             };
-            problem.response(&problem.default_detail())
+            problem.response(dialect, &problem.default_detail())
         }
         (None, Some(body)) => {
             let trailers = match stored.trailers {
@@ -191,8 +224,13 @@ mod tests {
         headers.insert("x-raw", HeaderValue::from_bytes(b"caf\xe9").unwrap());
         headers.insert("connection", HeaderValue::from_static("close"));
         let body = b"\x00\xffbinary";
-        let bytes = encode(StatusCode::CREATED, &headers, body, None).unwrap();
-        let response: Response<Body<http_body_util::Empty<Bytes>>> = decode(&bytes).unwrap();
+        let keep_all = StoredHeaders {
+            dropped: Vec::new(),
+            rewrite: None,
+        };
+        let bytes = encode(StatusCode::CREATED, &headers, body, None, &keep_all).unwrap();
+        let response: Response<Body<http_body_util::Empty<Bytes>>> =
+            decode(&bytes, Dialect::Http).unwrap();
         assert_eq!(response.status(), StatusCode::CREATED);
         let h = response.headers();
         assert_eq!(h.get_all("set-cookie").iter().count(), 2);
@@ -200,7 +238,14 @@ mod tests {
         assert!(h.get("connection").is_none());
         assert_eq!(h.get(IDEMPOTENT_REPLAYED).unwrap(), "true");
         let text = String::from_utf8(
-            encode(StatusCode::OK, &HeaderMap::new(), b"{\"id\":1}", None).unwrap(),
+            encode(
+                StatusCode::OK,
+                &HeaderMap::new(),
+                b"{\"id\":1}",
+                None,
+                &keep_all,
+            )
+            .unwrap(),
         )
         .unwrap();
         assert_eq!(
@@ -213,8 +258,20 @@ mod tests {
     async fn trailers_and_withheld_responses_round_trip() {
         let mut trailers = HeaderMap::new();
         trailers.insert("grpc-status", HeaderValue::from_static("0"));
-        let bytes = encode(StatusCode::OK, &HeaderMap::new(), b"x", Some(&trailers)).unwrap();
-        let response: Response<Body<http_body_util::Empty<Bytes>>> = decode(&bytes).unwrap();
+        let policy = StoredHeaders {
+            dropped: crate::http::DEFAULT_UNSTORED_HEADERS.to_vec(),
+            rewrite: None,
+        };
+        let bytes = encode(
+            StatusCode::OK,
+            &HeaderMap::new(),
+            b"x",
+            Some(&trailers),
+            &policy,
+        )
+        .unwrap();
+        let response: Response<Body<http_body_util::Empty<Bytes>>> =
+            decode(&bytes, Dialect::Http).unwrap();
         let collected = http_body_util::BodyExt::collect(response.into_body())
             .await
             .unwrap();
@@ -225,9 +282,58 @@ mod tests {
             String::from_utf8(bytes.clone()).unwrap(),
             r#"{"ok":{"status":201,"withheld":"too-large"}}"#
         );
-        let response: Response<Body<http_body_util::Empty<Bytes>>> = decode(&bytes).unwrap();
+        let response: Response<Body<http_body_util::Empty<Bytes>>> =
+            decode(&bytes, Dialect::Http).unwrap();
         assert_eq!(response.status(), StatusCode::GONE);
         assert_eq!(response.headers().get(IDEMPOTENT_REPLAYED).unwrap(), "true");
+        let response: Response<Body<http_body_util::Empty<Bytes>>> =
+            decode(&bytes, Dialect::Grpc).unwrap();
+        assert_eq!(response.status(), StatusCode::OK);
+        assert_eq!(response.headers()["grpc-status"], "9");
+        assert_eq!(response.headers().get(IDEMPOTENT_REPLAYED).unwrap(), "true");
+    }
+
+    #[test]
+    fn dropped_and_rewritten_headers_stay_out_of_the_record() {
+        let mut headers = HeaderMap::new();
+        headers.append("set-cookie", HeaderValue::from_static("sid=ann"));
+        headers.append("Set-Cookie2", HeaderValue::from_static("old=1"));
+        headers.insert("x-secret", HeaderValue::from_static("s3"));
+        headers.insert("etag", HeaderValue::from_static("\"v1\""));
+        let mut trailers = HeaderMap::new();
+        trailers.insert("x-secret", HeaderValue::from_static("t"));
+        trailers.insert("grpc-status", HeaderValue::from_static("0"));
+        let mut dropped = crate::http::DEFAULT_UNSTORED_HEADERS.to_vec();
+        dropped.push(HeaderName::from_static("x-secret"));
+        let plain = StoredHeaders {
+            dropped: dropped.clone(),
+            rewrite: None,
+        };
+        let text = String::from_utf8(
+            encode(StatusCode::OK, &headers, b"", Some(&trailers), &plain).unwrap(),
+        )
+        .unwrap();
+        assert_eq!(
+            text,
+            r#"{"ok":{"status":200,"headers":[["etag","\"v1\""]],"body":"","trailers":[["grpc-status","0"]]}}"#
+        );
+        let rewriting = StoredHeaders {
+            dropped,
+            rewrite: Some(std::sync::Arc::new(|h: &mut HeaderMap| {
+                assert!(h.get("set-cookie").is_none(), "dropped before the hook");
+                h.insert("etag", HeaderValue::from_static("\"v2\""));
+                h.insert("connection", HeaderValue::from_static("close"));
+            })),
+        };
+        let text =
+            String::from_utf8(encode(StatusCode::OK, &headers, b"", None, &rewriting).unwrap())
+                .unwrap();
+        assert_eq!(
+            text,
+            r#"{"ok":{"status":200,"headers":[["etag","\"v2\""]],"body":""}}"#
+        );
+        // The response itself is untouched.
+        assert_eq!(headers.get_all("set-cookie").iter().count(), 1);
     }
 
     #[test]
@@ -241,7 +347,8 @@ mod tests {
             br#"{"ok":{"status":200,"withheld":"lost"}}"#,
             br#"{"ok":{"status":200,"body":"","withheld":"streamed"}}"#,
         ] {
-            let out: Result<Response<Body<http_body_util::Empty<Bytes>>>, _> = decode(bad);
+            let out: Result<Response<Body<http_body_util::Empty<Bytes>>>, _> =
+                decode(bad, Dialect::Http);
             assert!(
                 matches!(out, Err(Error::Codec(_))),
                 "{}",
