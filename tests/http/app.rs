@@ -32,6 +32,24 @@ async fn echo(State(app): State<Arc<App>>, body: axum::body::Bytes) -> Response 
     (StatusCode::CREATED, headers, body).into_response()
 }
 
+/// A response with per-client headers (a session cookie, authentication
+/// state) beside ordinary ones.
+async fn session(State(app): State<Arc<App>>) -> Response {
+    let n = app.runs.fetch_add(1, Ordering::SeqCst) + 1;
+    let mut headers = HeaderMap::new();
+    headers.insert("x-run", n.into());
+    headers.append(
+        "set-cookie",
+        format!("sid=secret-{n}; HttpOnly").parse().unwrap(),
+    );
+    headers.append("set-cookie", "theme=dark".parse().unwrap());
+    headers.insert("authentication-info", "nextnonce=\"n1\"".parse().unwrap());
+    headers.insert("etag", "\"v1\"".parse().unwrap());
+    headers.insert("location", "/orders/1".parse().unwrap());
+    headers.insert("x-internal-host", "db-7.internal".parse().unwrap());
+    (StatusCode::CREATED, headers, format!("session {n}")).into_response()
+}
+
 async fn status(State(app): State<Arc<App>>, Path(code): Path<u16>) -> Response {
     let n = app.runs.fetch_add(1, Ordering::SeqCst) + 1;
     (StatusCode::from_u16(code).unwrap(), format!("run {n}")).into_response()
@@ -160,6 +178,7 @@ pub async fn serve(layer: IdempotencyLayer) -> Server {
     let router = Router::new()
         .route("/echo", post(echo).get(echo).put(echo).patch(echo))
         .route("/status/{code}", post(status))
+        .route("/session", post(session))
         .route("/slow/{code}", post(slow))
         .route("/big", post(big))
         .route("/events", post(events))

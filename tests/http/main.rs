@@ -5,5 +5,6 @@ mod answers;
 mod app;
 mod bodies;
 mod clients;
+mod headers;
 mod steps;
 mod withheld;

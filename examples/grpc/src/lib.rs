@@ -72,7 +72,9 @@ impl Ledger {
     ) -> Result<Response<ChargeReply>, Status> {
         let request = request.into_inner();
         if request.account.is_empty() || request.account.len() > 64 {
-            return Err(Status::invalid_argument("account must be 1 to 64 characters"));
+            return Err(Status::invalid_argument(
+                "account must be 1 to 64 characters",
+            ));
         }
         if request.amount_cents <= 0 {
             return Err(Status::invalid_argument("amount_cents must be positive"));

@@ -301,7 +301,10 @@ async fn exactly_one_execution_under_concurrent_duplicates(store: impl Store + '
                 assert_eq!(reason, "IN_PROGRESS");
                 let retry = retry.expect("a RetryInfo");
                 assert!(retry >= Duration::from_secs(1), "{retry:?}");
-                let pushback: u64 = status.metadata().get("grpc-retry-pushback-ms").unwrap()
+                let pushback: u64 = status
+                    .metadata()
+                    .get("grpc-retry-pushback-ms")
+                    .unwrap()
                     .to_str()
                     .unwrap()
                     .parse()
@@ -316,10 +319,7 @@ async fn exactly_one_execution_under_concurrent_duplicates(store: impl Store + '
     assert!(!replies.is_empty());
     assert!(aborted >= 1, "the calls overlapped the 300 ms charge");
     let mut client = s.client.clone();
-    let retry = client
-        .charge(call(Some("dup"), charge(700)))
-        .await
-        .unwrap();
+    let retry = client.charge(call(Some("dup"), charge(700))).await.unwrap();
     assert!(replayed(retry.metadata()));
     for reply in &replies {
         assert_eq!(reply.get_ref(), retry.get_ref());
@@ -376,10 +376,11 @@ async fn a_handler_error_status_releases_the_key_so_the_retry_runs() {
 #[tokio::test]
 async fn an_error_status_chosen_for_storing_replays_as_a_trailers_only_reply() {
     // `INVALID_ARGUMENT` from the handler stored on purpose.
-    let s = serve_behind(layer(sqlite().await).store_grpc_status(|code| {
-        code == Code::Ok as i32 || code == Code::InvalidArgument as i32
-    }))
-    .await;
+    let s =
+        serve_behind(layer(sqlite().await).store_grpc_status(|code| {
+            code == Code::Ok as i32 || code == Code::InvalidArgument as i32
+        }))
+        .await;
     let mut client = s.client.clone();
     let first = client
         .charge(call(Some("bad"), charge(-1)))
@@ -438,10 +439,7 @@ async fn a_huge_request_is_resource_exhausted_and_never_runs() {
 async fn a_reply_over_the_limit_is_answered_once_and_never_run_again() {
     let s = serve_behind(layer(sqlite().await).max_response_body(16)).await;
     let mut client = s.client.clone();
-    let first = client
-        .charge(call(Some("big"), charge(100)))
-        .await
-        .unwrap();
+    let first = client.charge(call(Some("big"), charge(100))).await.unwrap();
     assert_eq!(first.get_ref().execution, 1);
     let err = client
         .charge(call(Some("big"), charge(100)))
@@ -495,7 +493,10 @@ async fn a_store_that_is_down_is_unavailable_with_a_pushback_and_nothing_runs() 
     let (reason, retry) = layer_error(&err, Code::Unavailable);
     assert_eq!(reason, "STORE_UNAVAILABLE");
     assert_eq!(retry, Some(Duration::from_secs(1)));
-    assert_eq!(err.metadata().get("grpc-retry-pushback-ms").unwrap(), "1000");
+    assert_eq!(
+        err.metadata().get("grpc-retry-pushback-ms").unwrap(),
+        "1000"
+    );
     assert!(!err.message().contains("connection refused"));
     assert_eq!(s.ledger.executions(), 0);
 }
