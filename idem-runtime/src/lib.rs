@@ -59,6 +59,7 @@ mod error;
 pub mod http;
 pub mod key;
 pub mod message;
+pub mod metrics;
 pub mod store;
 #[cfg(feature = "testing")]
 #[cfg_attr(docsrs, doc(cfg(feature = "testing")))]

@@ -1,6 +1,7 @@
 //! The self-driving demo: the server starts in this process on a free port, and
 //! a real HTTP client drives every case a user meets through it.
 
+use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use reqwest::StatusCode;
@@ -9,6 +10,7 @@ use serde_json::{json, Value};
 use crate::payments::{CARD_DECLINED, CARD_OK, CARD_PROCESSING_ERROR};
 use crate::server::{self, Running};
 use crate::{Db, OrderError, OrderService};
+use idem_runtime::Store as _;
 
 mod report;
 pub use report::{Report, Row};
@@ -109,6 +111,12 @@ struct Driver {
 }
 
 impl Driver {
+    /// `GET /metrics`, as text.
+    async fn scrape(&self) -> Result<String, DemoError> {
+        let url = format!("{}/metrics", self.base);
+        Ok(self.http.get(url).send().await?.text().await?)
+    }
+
     async fn send(&self, req: &Req) -> Result<Reply, DemoError> {
         let mut request = self
             .http
@@ -242,8 +250,12 @@ async fn drive(
             server: running.url(),
             rows: Vec::new(),
             notes: Vec::new(),
+            metrics: Default::default(),
         },
     };
+    // The metrics are process-wide: this run's are the difference between a
+    // scrape now and one at the end, on this run's kind of store.
+    let before = d.scrape().await?;
     let (ann_t, bob_t) = (ann.to_owned(), bob.to_owned());
     let created = (StatusCode::CREATED, false);
     let replayed = (StatusCode::CREATED, true);
@@ -505,5 +517,58 @@ async fn drive(
     )
     .await?;
 
+    let after = d.scrape().await?;
+    d.expect(
+        "GET /metrics (Prometheus text)",
+        &Req::get("/metrics"),
+        (StatusCode::OK, false),
+        (5, 2),
+    )
+    .await?;
+    d.report.metrics = outcome_deltas(&before, &after, service.db().store().kind());
+    // Every claim this run won ended: recorded, or released.
+    let n = |outcome: &str| d.report.metrics.get(outcome).copied().unwrap_or(0);
+    let won = n("claimed") + n("taken_over");
+    let ended = n("completed") + n("released_after_error") + n("cancelled");
+    if won == 0 || won != ended {
+        if let Some(row) = d.report.rows.last_mut() {
+            row.as_expected = false;
+        }
+    }
+    let line = d
+        .report
+        .metrics
+        .iter()
+        .map(|(outcome, n)| format!("{outcome} {n}"))
+        .collect::<Vec<_>>()
+        .join(", ");
+    d.report.notes.push(format!(
+        "idem_outcomes_total for this run (GET /metrics): {line}"
+    ));
+
     Ok(d.report)
+}
+
+/// This run's counts by outcome: `after - before`, over every namespace, on
+/// stores of kind `store`.
+fn outcome_deltas(before: &str, after: &str, store: &str) -> BTreeMap<String, u64> {
+    let total = |text: &str| {
+        let mut by = BTreeMap::<String, f64>::new();
+        for s in crate::metrics::outcomes(text)
+            .into_iter()
+            .filter(|s| s.store == store)
+        {
+            *by.entry(s.outcome).or_default() += s.value;
+        }
+        by
+    };
+    let before = total(before);
+    total(after)
+        .into_iter()
+        .map(|(outcome, n)| {
+            let was = before.get(&outcome).copied().unwrap_or(0.0);
+            (outcome, (n - was).max(0.0) as u64)
+        })
+        .filter(|(_, n)| *n > 0)
+        .collect()
 }

@@ -30,8 +30,10 @@ pub struct Report {
     pub server: String,
     /// The requests, in order.
     pub rows: Vec<Row>,
-    /// Lines printed under the table (what a checkout left behind).
+    /// Lines printed under the table (what a checkout left behind, the metrics).
     pub notes: Vec<String>,
+    /// This run's `idem_outcomes_total` by outcome, read from `GET /metrics`.
+    pub metrics: std::collections::BTreeMap<String, u64>,
 }
 
 impl Report {
