@@ -75,10 +75,10 @@ async fn set_local_synchronous_commit_holds_for_one_tx_call() {
         None,
         Codec::release_errors(),
         async |tx: &mut sqlx::Transaction<'_, sqlx::Postgres>| {
-            Ok(sqlx::query_scalar::<_, String>("SHOW synchronous_commit")
+            sqlx::query_scalar::<_, String>("SHOW synchronous_commit")
                 .fetch_one(&mut **tx)
                 .await
-                .map_err(Error::store)?)
+                .map_err(Error::store)
         },
     )
     .await;
