@@ -787,35 +787,62 @@ pub async fn admin_conformance(store: &dyn crate::store::admin::Admin) {
             .expect("a stored record")
     };
     let e = inspect(done.clone()).await;
-    assert_eq!((e.status, e.token, e.outcome_len), (Status::Completed, t_done, Some(8)));
+    assert_eq!(
+        (e.status, e.token, e.outcome_len),
+        (Status::Completed, t_done, Some(8))
+    );
     assert!(e.expires_in > Duration::from_secs(3000), "{e:?}");
     assert_eq!(e.namespace(), ns.0);
     let e = inspect(running.clone()).await;
-    assert_eq!((e.status, e.token, e.outcome_len), (Status::Running, t_running, None));
+    assert_eq!(
+        (e.status, e.token, e.outcome_len),
+        (Status::Running, t_running, None)
+    );
     assert!(e.expires_in > Duration::from_secs(50), "{e:?}");
     let e = inspect(lapsed.clone()).await;
-    assert_eq!((e.status, e.token, e.expires_in), (Status::Lapsed, t_lapsed, Duration::ZERO));
+    assert_eq!(
+        (e.status, e.token, e.expires_in),
+        (Status::Lapsed, t_lapsed, Duration::ZERO)
+    );
     let e = inspect(stepped.clone()).await;
     assert_eq!(
         (e.status, e.token, e.steps, e.takeover_mark),
         (Status::Released, t_stepped, 1, true),
         "a release keeps the steps and the mark"
     );
-    assert!(store.inspect(&ns.key("absent")).await.expect("inspect").is_none());
+    assert!(store
+        .inspect(&ns.key("absent"))
+        .await
+        .expect("inspect")
+        .is_none());
 
     // Lists: exactly the namespace, sorted by key where the store promises it.
-    let listed = store.list(&Query::new().namespace(&ns.0)).await.expect("list");
+    let listed = store
+        .list(&Query::new().namespace(&ns.0))
+        .await
+        .expect("list");
     let mut keys: Vec<&str> = listed.iter().map(|e| e.key.as_str()).collect();
     keys.sort();
-    let mut expected = vec![done.as_str(), running.as_str(), lapsed.as_str(), stepped.as_str()];
+    let mut expected = vec![
+        done.as_str(),
+        running.as_str(),
+        lapsed.as_str(),
+        stepped.as_str(),
+    ];
     expected.sort();
-    assert_eq!(keys, expected, "the namespace's records, not the longer namespace's");
+    assert_eq!(
+        keys, expected,
+        "the namespace's records, not the longer namespace's"
+    );
     let stuck = store
         .list(&Query::new().namespace(&ns.0).stuck())
         .await
         .expect("list stuck");
     assert_eq!(stuck.len(), 1, "{stuck:?}");
-    assert_eq!((stuck[0].key.as_str(), stuck[0].status), (lapsed.as_str(), Status::Lapsed));
+    assert_eq!(
+        (stuck[0].key.as_str(), stuck[0].status),
+        (lapsed.as_str(), Status::Lapsed)
+    );
     let one = store
         .list(&Query::new().namespace(&ns.0).limit(1))
         .await
@@ -824,7 +851,10 @@ pub async fn admin_conformance(store: &dyn crate::store::admin::Admin) {
     let digest = crate::Digest::from_hex(&done[done.len() - 64..]).expect("a digest");
     // The digest leaves out the namespace: the same parts in another
     // namespace have the same digest.
-    let by_digest = store.list(&Query::new().digest(digest)).await.expect("list by digest");
+    let by_digest = store
+        .list(&Query::new().digest(digest))
+        .await
+        .expect("list by digest");
     let mut keys: Vec<&str> = by_digest.iter().map(|e| e.key.as_str()).collect();
     keys.sort();
     let other_done = other.key("done");
@@ -844,7 +874,12 @@ pub async fn admin_conformance(store: &dyn crate::store::admin::Admin) {
             .find(|c| c.namespace == ns.0 && c.status == status)
             .map_or(0, |c| c.records)
     };
-    for status in [Status::Completed, Status::Running, Status::Lapsed, Status::Released] {
+    for status in [
+        Status::Completed,
+        Status::Running,
+        Status::Lapsed,
+        Status::Released,
+    ] {
         assert_eq!(count(status), 1, "{status} in {stats:?}");
     }
 
@@ -853,11 +888,20 @@ pub async fn admin_conformance(store: &dyn crate::store::admin::Admin) {
     // count from 1, Redis uses µs since 1970, SQLite ms × 2^20).
     let stale = FencingToken(9_007_199_254_740_000);
     lease_lost(store.invalidate(&done, stale).await, "invalidate");
-    lease_lost(store.invalidate(&running, t_running).await, "invalidate of a processing record");
-    lease_lost(store.invalidate(&stepped, t_stepped).await, "invalidate of a released record");
+    lease_lost(
+        store.invalidate(&running, t_running).await,
+        "invalidate of a processing record",
+    );
+    lease_lost(
+        store.invalidate(&stepped, t_stepped).await,
+        "invalidate of a released record",
+    );
     assert_eq!(inspect(running.clone()).await.status, Status::Running);
     store.invalidate(&done, t_done).await.expect("invalidate");
-    assert!(store.get(&done).await.expect("get").is_none(), "an invalidated result reads as absent");
+    assert!(
+        store.get(&done).await.expect("get").is_none(),
+        "an invalidated result reads as absent"
+    );
     lease_lost(store.invalidate(&done, t_done).await, "a second invalidate");
     match store.claim(req(&done, None, long)).await.expect("claim") {
         Claim::Acquired { token, took_over } => {
@@ -868,18 +912,32 @@ pub async fn admin_conformance(store: &dyn crate::store::admin::Admin) {
     }
 
     // forget: a processing or released record with its token only.
-    lease_lost(store.forget(&running, stale).await, "forget with another token");
-    store.forget(&running, t_running).await.expect("forget a running claim");
     lease_lost(
-        store.complete(&running, t_running, b"{\"ok\":1}", long).await,
+        store.forget(&running, stale).await,
+        "forget with another token",
+    );
+    store
+        .forget(&running, t_running)
+        .await
+        .expect("forget a running claim");
+    lease_lost(
+        store
+            .complete(&running, t_running, b"{\"ok\":1}", long)
+            .await,
         "the forgotten holder's completion",
     );
-    store.forget(&stepped, t_stepped).await.expect("forget a released record's steps");
+    store
+        .forget(&stepped, t_stepped)
+        .await
+        .expect("forget a released record's steps");
     match store.claim(req(&stepped, None, long)).await.expect("claim") {
         Claim::Acquired { took_over, .. } => assert!(!took_over, "nothing is left to resume"),
         other => panic!("after forget the next claim runs, got {other:?}"),
     }
     assert!(store.steps(&stepped, None).await.expect("steps").is_empty());
-    store.forget(&lapsed, t_lapsed).await.expect("forget a lapsed claim");
+    store
+        .forget(&lapsed, t_lapsed)
+        .await
+        .expect("forget a lapsed claim");
     let _ = t_other;
 }

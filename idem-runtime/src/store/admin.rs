@@ -247,9 +247,7 @@ impl Query {
                 .namespace
                 .as_deref()
                 .is_none_or(|ns| in_namespace(&entry.key, ns))
-            && self
-                .digest
-                .is_none_or(|d| has_digest(&entry.key, &d))
+            && self.digest.is_none_or(|d| has_digest(&entry.key, &d))
     }
 }
 
@@ -364,7 +362,10 @@ mod tests {
         assert_eq!(namespace_of(&key), "crate::m::f");
         assert!(in_namespace(&key, "crate::m::f"));
         assert!(!in_namespace(&key, "crate::m"));
-        assert!(!in_namespace(&format!("crate::m::fx:{digest}"), "crate::m::f"));
+        assert!(!in_namespace(
+            &format!("crate::m::fx:{digest}"),
+            "crate::m::f"
+        ));
     }
 
     #[test]

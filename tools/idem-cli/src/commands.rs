@@ -355,9 +355,7 @@ async fn invalidate(
 async fn purge(store: &dyn Admin, io: &mut Io<'_>, batch: u32, yes: bool) -> Result<Exit, Exit> {
     let kind = store.kind();
     if !yes {
-        let would = format!(
-            "delete every expired record from the {kind} store, {batch} at a time"
-        );
+        let would = format!("delete every expired record from the {kind} store, {batch} at a time");
         return Err(io.fail_with(
             Exit::NotConfirmed,
             &format!("would {would}; run again with --yes to do it"),
@@ -382,5 +380,8 @@ async fn purge(store: &dyn Admin, io: &mut Io<'_>, batch: u32, yes: bool) -> Res
         ""
     };
     let human = format!("purged {purged} expired record(s){note}\n");
-    Ok(io.ok(&human, json!({ "purged": purged, "batches": batches, "store": kind })))
+    Ok(io.ok(
+        &human,
+        json!({ "purged": purged, "batches": batches, "store": kind }),
+    ))
 }

@@ -38,12 +38,18 @@ pub(crate) async fn open(options: &Options<'_>) -> Result<Box<dyn Admin>, Failur
     let scheme = url.split_once(':').map_or("", |(scheme, _)| scheme);
     let sql = matches!(scheme, "sqlite" | "postgres" | "postgresql");
     if options.table.is_some() && !sql {
-        return Err(Failure::Usage("--table applies to sqlite:// and postgres:// stores".into()));
+        return Err(Failure::Usage(
+            "--table applies to sqlite:// and postgres:// stores".into(),
+        ));
     }
     if options.prefix.is_some() && sql {
-        return Err(Failure::Usage("--prefix applies to redis:// and redis-cluster:// stores".into()));
+        return Err(Failure::Usage(
+            "--prefix applies to redis:// and redis-cluster:// stores".into(),
+        ));
     }
-    let table = options.table.unwrap_or(idem_runtime::store::sql::DEFAULT_TABLE);
+    let table = options
+        .table
+        .unwrap_or(idem_runtime::store::sql::DEFAULT_TABLE);
     let prefix = options.prefix.unwrap_or("idem:");
     let store: Box<dyn Admin> = match scheme {
         "sqlite" => {
@@ -57,7 +63,9 @@ pub(crate) async fn open(options: &Options<'_>) -> Result<Box<dyn Admin>, Failur
                 .connect_with(connect)
                 .await
                 .map_err(|e| Failure::Store(Error::store(format!("cannot open {url}: {e}"))))?;
-            Box::new(SqliteStore::with_table(pool, table).map_err(|e| Failure::Usage(e.to_string()))?)
+            Box::new(
+                SqliteStore::with_table(pool, table).map_err(|e| Failure::Usage(e.to_string()))?,
+            )
         }
         "postgres" | "postgresql" => {
             let pool = PgPoolOptions::new()
@@ -65,8 +73,13 @@ pub(crate) async fn open(options: &Options<'_>) -> Result<Box<dyn Admin>, Failur
                 .acquire_timeout(CONNECT_TIMEOUT)
                 .connect(url)
                 .await
-                .map_err(|e| Failure::Store(Error::store(format!("cannot connect to {url}: {e}"))))?;
-            Box::new(PostgresStore::with_table(pool, table).map_err(|e| Failure::Usage(e.to_string()))?)
+                .map_err(|e| {
+                    Failure::Store(Error::store(format!("cannot connect to {url}: {e}")))
+                })?;
+            Box::new(
+                PostgresStore::with_table(pool, table)
+                    .map_err(|e| Failure::Usage(e.to_string()))?,
+            )
         }
         "redis" | "rediss" => Box::new(
             timed(RedisStore::connect(url))
@@ -118,7 +131,9 @@ pub(crate) fn cluster_nodes(url: &str) -> Result<Vec<String>, String> {
         .map(|host| format!("redis://{credentials}{host}"))
         .collect();
     if nodes.is_empty() {
-        return Err(format!("{url:?}: name at least one node, redis-cluster://HOST:PORT"));
+        return Err(format!(
+            "{url:?}: name at least one node, redis-cluster://HOST:PORT"
+        ));
     }
     Ok(nodes)
 }

@@ -14,7 +14,9 @@ pub(crate) fn parse(text: &str) -> Result<Duration, String> {
     let mut total: u128 = 0;
     let mut last_rank = None;
     if rest.is_empty() {
-        return Err(invalid("expected a number and a unit (ms, s, m, h, d), e.g. 1d"));
+        return Err(invalid(
+            "expected a number and a unit (ms, s, m, h, d), e.g. 1d",
+        ));
     }
     while !rest.is_empty() {
         let digits = rest.bytes().take_while(u8::is_ascii_digit).count();
@@ -34,7 +36,9 @@ pub(crate) fn parse(text: &str) -> Result<Duration, String> {
             other => return Err(invalid(&format!("unknown unit `{other}` (ms, s, m, h, d)"))),
         };
         if last_rank.is_some_and(|last| rank <= last) {
-            return Err(invalid("units go from largest to smallest, each once (e.g. 1h30m)"));
+            return Err(invalid(
+                "units go from largest to smallest, each once (e.g. 1h30m)",
+            ));
         }
         last_rank = Some(rank);
         rest = &rest[letters..];

@@ -108,11 +108,7 @@ impl From<Exit> for std::process::ExitCode {
 /// Runs one command line (`args`, starting with the program name): opens the
 /// store `--store` (or `IDEM_STORE`) names, writes the report to `out`
 /// (a table, or JSON with `--json`) and messages to `err`.
-pub async fn run<I, T>(
-    args: I,
-    out: &mut (dyn Write + Send),
-    err: &mut (dyn Write + Send),
-) -> Exit
+pub async fn run<I, T>(args: I, out: &mut (dyn Write + Send), err: &mut (dyn Write + Send)) -> Exit
 where
     I: IntoIterator<Item = T>,
     T: Into<OsString> + Clone,

@@ -203,7 +203,12 @@ pub(crate) fn stats(counts: &[Count]) -> (String, Value) {
 fn table<R: AsRef<[String]>>(rows: &[R]) -> String {
     let columns = rows.first().map_or(0, |r| r.as_ref().len());
     let widths: Vec<usize> = (0..columns)
-        .map(|c| rows.iter().map(|r| r.as_ref()[c].chars().count()).max().unwrap_or(0))
+        .map(|c| {
+            rows.iter()
+                .map(|r| r.as_ref()[c].chars().count())
+                .max()
+                .unwrap_or(0)
+        })
         .collect();
     let mut text = String::new();
     for row in rows {

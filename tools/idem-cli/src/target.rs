@@ -74,18 +74,20 @@ fn storage_key(key: &str) -> Result<String, String> {
 
 /// The storage key `#[idempotent]` derives for `namespace` and the parts.
 fn derive(namespace: &str, parts: &str, spec: &Spec<'_>) -> Result<Target, String> {
-    let parts: Value = serde_json::from_str(parts)
-        .map_err(|e| format!("KEY_PARTS_JSON is not JSON: {e}"))?;
+    let parts: Value =
+        serde_json::from_str(parts).map_err(|e| format!("KEY_PARTS_JSON is not JSON: {e}"))?;
     let Value::Array(parts) = parts else {
-        return Err("KEY_PARTS_JSON must be a JSON array, one element per key part: [7, \"sku-1\"]".into());
+        return Err(
+            "KEY_PARTS_JSON must be a JSON array, one element per key part: [7, \"sku-1\"]".into(),
+        );
     };
     let mut builder = parts
         .iter()
         .fold(KeyBuilder::new(namespace), |b, part| b.part(&Part(part)));
     if let Some(window) = spec.window {
-        let at = spec.at_ms.map_or_else(SystemTime::now, |ms| {
-            UNIX_EPOCH + Duration::from_millis(ms)
-        });
+        let at = spec
+            .at_ms
+            .map_or_else(SystemTime::now, |ms| UNIX_EPOCH + Duration::from_millis(ms));
         builder = builder.window_at(window, at);
     }
     builder
@@ -216,7 +218,10 @@ mod tests {
             namespace_or_key: Some(&full),
             ..s
         };
-        assert_eq!(key(resolve(&s).unwrap()), format!("a::b:{}", hex.to_lowercase()));
+        assert_eq!(
+            key(resolve(&s).unwrap()),
+            format!("a::b:{}", hex.to_lowercase())
+        );
         let s = Spec {
             namespace_or_key: None,
             digest: Some(&hex),

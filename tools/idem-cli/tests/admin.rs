@@ -31,13 +31,19 @@ async fn postgres() {
     let store = PostgresStore::with_table(pool.clone(), &table).unwrap();
     admin_conformance(&store).await;
     let drop = format!("DROP TABLE {table}; DROP SEQUENCE {table}_token_seq");
-    sqlx::raw_sql(sqlx::AssertSqlSafe(drop)).execute(&pool).await.unwrap();
+    sqlx::raw_sql(sqlx::AssertSqlSafe(drop))
+        .execute(&pool)
+        .await
+        .unwrap();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn redis() {
     let prefix = format!("{}:", support::unique("idem_admin"));
-    let store = RedisStore::connect(&support::redis_url()).await.unwrap().with_prefix(&prefix);
+    let store = RedisStore::connect(&support::redis_url())
+        .await
+        .unwrap()
+        .with_prefix(&prefix);
     admin_conformance(&store).await;
 }
 

@@ -95,7 +95,9 @@ impl Admin for MemoryStore {
 
     async fn stats(&self) -> Result<Vec<Count>, Error> {
         let entries = self.entries();
-        Ok(admin::tally(entries.iter().map(|e| (e.key.as_str(), e.status))))
+        Ok(admin::tally(
+            entries.iter().map(|e| (e.key.as_str(), e.status)),
+        ))
     }
 
     async fn invalidate(&self, key: &str, token: FencingToken) -> Result<(), Error> {

@@ -9,8 +9,8 @@ use redis::cluster_routing::{RoutingInfo, SingleNodeRoutingInfo};
 use redis::{Script, Value};
 
 use super::{
-    bytes, corrupt, corrupt_reply, digits, int, ms, parse_steps, remaining, store_error,
-    token_arg, Conn, RedisStore, Stored,
+    bytes, corrupt, corrupt_reply, digits, int, ms, parse_steps, remaining, store_error, token_arg,
+    Conn, RedisStore, Stored,
 };
 use crate::error::Error;
 use crate::store::admin::{self, Admin, Count, Entry, Query, Status};
@@ -83,7 +83,12 @@ fn entry(key: &str, reply: Value) -> Result<Option<Entry>, Error> {
     let stored = Stored::parse(record)?;
     let tail = &record[stored.body..];
     let (status, left, steps, outcome) = match stored.state {
-        b'c' => (Status::Completed, pttl, Vec::new(), Some(outcome_len as u64)),
+        b'c' => (
+            Status::Completed,
+            pttl,
+            Vec::new(),
+            Some(outcome_len as u64),
+        ),
         b'p' => {
             if pttl < 0 {
                 return Err(corrupt("an expiry on a processing record"));
@@ -98,12 +103,7 @@ fn entry(key: &str, reply: Value) -> Result<Option<Entry>, Error> {
             (status, left, steps, None)
         }
         _ => match kept_until(tail)?.filter(|until| *until > now) {
-            Some(until) => (
-                Status::Released,
-                until - now,
-                parse_steps(tail)?,
-                None,
-            ),
+            Some(until) => (Status::Released, until - now, parse_steps(tail)?, None),
             None => (Status::Expired, 0, Vec::new(), None),
         },
     };
@@ -163,7 +163,9 @@ impl RedisStore {
                 _ => None,
             };
             let Some(Value::Array(node)) = master else {
-                return Err(Error::store("CLUSTER SLOTS answered a range without a master"));
+                return Err(Error::store(
+                    "CLUSTER SLOTS answered a range without a master",
+                ));
             };
             let host = node
                 .first()

@@ -6,7 +6,8 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 /// The PostgreSQL the tests use: `IDEM_PG_URL`, or the local server.
 pub fn pg_url() -> String {
-    std::env::var("IDEM_PG_URL").unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".into())
+    std::env::var("IDEM_PG_URL")
+        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".into())
 }
 
 /// The Redis the tests use: `IDEM_REDIS_URL`, or the local server.
