@@ -42,7 +42,7 @@
 //!
 //! | module | what it holds |
 //! |---|---|
-//! | [`store`] | the [`Store`] trait and [`MemoryStore`]; [`Admin`](store::admin::Admin), an operator's reads and fenced writes |
+//! | [`store`] | the [`Store`] trait and [`MemoryStore`]; [`Admin`], an operator's reads and fenced writes |
 //! | [`engine`] | claim → run → complete / release, callable without the macro |
 //! | [`key`] | canonical key encoding, digests, windows, [`ClientKey`] |
 //! | [`codec`] | how outcomes are stored (JSON) |

@@ -142,8 +142,9 @@ where
 }
 
 /// Runs one command line (`args`, starting with the program name) on
-/// `store`, which the caller opened; `--store`, `--table` and `--prefix`
-/// are refused (a usage error). Writes as [`run`] does.
+/// `store`, which the caller opened: `--store` (and `IDEM_STORE`) is
+/// ignored, `--table` and `--prefix` are refused (a usage error). Writes as
+/// [`run`] does.
 pub async fn run_on<I, T>(
     store: &dyn Admin,
     args: I,
