@@ -111,6 +111,54 @@ struct Driver {
 }
 
 impl Driver {
+    /// Runs `idem ARGS` on the demo's database; `Ok(output)` if it exited 0
+    /// and printed `expect`, `Err(output)` otherwise.
+    async fn operate(&self, args: &[&str], expect: &str) -> Result<String, String> {
+        let (mut out, mut err) = (Vec::new(), Vec::new());
+        let argv = std::iter::once("idem").chain(args.iter().copied());
+        let exit = idem_cli::run_on(self.service.db().admin(), argv, &mut out, &mut err).await;
+        let mut text = String::from_utf8_lossy(&out).into_owned();
+        text.push_str(&String::from_utf8_lossy(&err));
+        if exit == idem_cli::Exit::Ok && text.contains(expect) {
+            Ok(text)
+        } else {
+            Err(format!("exit {}: {text}", exit.code()))
+        }
+    }
+
+    /// A row for one `idem` command, its output printed under the table.
+    async fn operated(
+        &mut self,
+        args: &[&str],
+        ran: Result<String, String>,
+    ) -> Result<(), DemoError> {
+        let quoted: Vec<String> = args
+            .iter()
+            .map(|a| {
+                if a.contains(['"', ' ', '[']) {
+                    format!("'{a}'")
+                } else {
+                    a.to_string()
+                }
+            })
+            .collect();
+        let command = format!("idem {}", quoted.join(" "));
+        let label = format!(
+            "{} (the CLI)",
+            command.split(" '").next().unwrap_or(&command)
+        );
+        let (status, ok, output) = match ran {
+            Ok(output) => ("exit 0".to_owned(), true, output),
+            Err(output) => ("failed".to_owned(), false, output),
+        };
+        self.row(&label, status, "-".into(), (5, 2), ok).await?;
+        self.report.operated.push((
+            format!("$ idem --store {} {}", self.report.url, quoted.join(" ")),
+            output,
+        ));
+        Ok(())
+    }
+
     /// `GET /metrics`, as text.
     async fn scrape(&self) -> Result<String, DemoError> {
         let url = format!("{}/metrics", self.base);
@@ -251,6 +299,7 @@ async fn drive(
             rows: Vec::new(),
             notes: Vec::new(),
             metrics: Default::default(),
+            operated: Vec::new(),
         },
     };
     // The metrics are process-wide: this run's are the difference between a
@@ -545,6 +594,20 @@ async fn drive(
     d.report.notes.push(format!(
         "idem_outcomes_total for this run (GET /metrics): {line}"
     ));
+
+    // The operator's view of the same database: the `idem` CLI, in process.
+    let first_key = serde_json::to_string(&json!([ann, widget, 1])).unwrap_or_default();
+    let inspect = [
+        "inspect",
+        "order-service::create_order",
+        first_key.as_str(),
+        "--window",
+        "1d",
+    ];
+    let inspected = d.operate(&inspect, "completed").await;
+    let stats = d.operate(&["stats"], "order-service::create_order").await;
+    d.operated(&inspect, inspected).await?;
+    d.operated(&["stats"], stats).await?;
 
     Ok(d.report)
 }

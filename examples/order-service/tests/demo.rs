@@ -7,7 +7,7 @@ async fn check(url: &str) {
     for _ in 0..2 {
         let report = order_service::demo::run(url).await.unwrap();
         assert!(report.all_passed(), "{report}");
-        assert_eq!(report.rows.len(), 27);
+        assert_eq!(report.rows.len(), 29);
         let last = report.rows.last().unwrap();
         assert_eq!((last.orders, last.charges), (5, 2));
         let checkout = &report.notes[0];
@@ -37,6 +37,18 @@ async fn check(url: &str) {
             "{:?}",
             report.notes
         );
+        // The idem CLI on the same database: the first order's record, found by
+        // the macro's key derivation, and the counts by namespace.
+        let [(inspect, inspected), (stats, counted)] = &report.operated[..] else {
+            panic!("{:?}", report.operated);
+        };
+        assert!(
+            inspect.contains("inspect order-service::create_order"),
+            "{inspect}"
+        );
+        assert!(inspected.contains("status       completed"), "{inspected}");
+        assert!(stats.ends_with(" stats"), "{stats}");
+        assert!(counted.contains("order-service::create_order"), "{counted}");
     }
 }
 
