@@ -42,7 +42,7 @@
 //!
 //! | module | what it holds |
 //! |---|---|
-//! | [`store`] | the [`Store`] trait and [`MemoryStore`] |
+//! | [`store`] | the [`Store`] trait and [`MemoryStore`]; [`Admin`], an operator's reads and fenced writes |
 //! | [`engine`] | claim → run → complete / release, callable without the macro |
 //! | [`key`] | canonical key encoding, digests, windows, [`ClientKey`] |
 //! | [`codec`] | how outcomes are stored (JSON) |
@@ -59,6 +59,7 @@ mod error;
 pub mod http;
 pub mod key;
 pub mod message;
+pub mod metrics;
 pub mod store;
 #[cfg(feature = "testing")]
 #[cfg_attr(docsrs, doc(cfg(feature = "testing")))]
@@ -73,6 +74,7 @@ pub use engine::{current, step, Attempt, InProgress, OnTakeover, Options, Phase,
 pub use error::{BoxError, Error, InvalidKey};
 pub use idem_macros::idempotent;
 pub use key::{ClientKey, Digest, Key};
+pub use store::admin::Admin;
 pub use store::cache::ReplayCache;
 pub use store::memory::MemoryStore;
 #[cfg(feature = "postgres")]

@@ -741,3 +741,203 @@ async fn join_all<F: std::future::Future>(futures: impl Iterator<Item = F>) -> V
     .await;
     outputs.into_iter().flatten().collect()
 }
+
+/// The [`Admin`](crate::store::admin::Admin) suite: reads see every status,
+/// lists filter by namespace (exactly), digest and lapse, stats count, and
+/// `invalidate` / `forget` change only the record in the state and with the
+/// token they are given. Each run uses namespaces of its own.
+pub async fn admin_conformance(store: &dyn crate::store::admin::Admin) {
+    use crate::store::admin::{Query, Status};
+    let ns = Namespace::new();
+    let other = Namespace(format!("{}x", ns.0));
+    let (done, running, lapsed, stepped) = (
+        ns.key("done"),
+        ns.key("running"),
+        ns.key("lapsed"),
+        ns.key("stepped"),
+    );
+    let long = Duration::from_secs(60);
+
+    // One record in each status (and one in a namespace that extends this one).
+    let t_done = acquire(store, &done, long).await;
+    store
+        .complete(&done, t_done, br#"{"ok":7}"#, Duration::from_secs(3600))
+        .await
+        .expect("complete");
+    let t_running = acquire(store, &running, long).await;
+    let t_lapsed = acquire(store, &lapsed, Duration::from_millis(50)).await;
+    let t_stepped = acquire(store, &stepped, long).await;
+    let step = Step::new(0, "\"charge\"".into(), br#"{"ok":1}"#.to_vec());
+    let mark = Step::new(u32::MAX, "idem:takeover".into(), br#"{"ok":null}"#.to_vec());
+    for s in [&step, &mark] {
+        store
+            .record_step(&stepped, t_stepped, s, long)
+            .await
+            .expect("record a step");
+    }
+    store.release(&stepped, t_stepped).await.expect("release");
+    let t_other = acquire(store, &other.key("done"), long).await;
+    tokio::time::sleep(Duration::from_millis(120)).await;
+
+    let inspect = |key: String| async move {
+        store
+            .inspect(&key)
+            .await
+            .expect("inspect")
+            .expect("a stored record")
+    };
+    let e = inspect(done.clone()).await;
+    assert_eq!(
+        (e.status, e.token, e.outcome_len),
+        (Status::Completed, t_done, Some(8))
+    );
+    assert!(e.expires_in > Duration::from_secs(3000), "{e:?}");
+    assert_eq!(e.namespace(), ns.0);
+    let e = inspect(running.clone()).await;
+    assert_eq!(
+        (e.status, e.token, e.outcome_len),
+        (Status::Running, t_running, None)
+    );
+    assert!(e.expires_in > Duration::from_secs(50), "{e:?}");
+    let e = inspect(lapsed.clone()).await;
+    assert_eq!(
+        (e.status, e.token, e.expires_in),
+        (Status::Lapsed, t_lapsed, Duration::ZERO)
+    );
+    let e = inspect(stepped.clone()).await;
+    assert_eq!(
+        (e.status, e.token, e.steps, e.takeover_mark),
+        (Status::Released, t_stepped, 1, true),
+        "a release keeps the steps and the mark"
+    );
+    assert!(store
+        .inspect(&ns.key("absent"))
+        .await
+        .expect("inspect")
+        .is_none());
+
+    // Lists: exactly the namespace, sorted by key where the store promises it.
+    let listed = store
+        .list(&Query::new().namespace(&ns.0))
+        .await
+        .expect("list");
+    let mut keys: Vec<&str> = listed.iter().map(|e| e.key.as_str()).collect();
+    keys.sort();
+    let mut expected = vec![
+        done.as_str(),
+        running.as_str(),
+        lapsed.as_str(),
+        stepped.as_str(),
+    ];
+    expected.sort();
+    assert_eq!(
+        keys, expected,
+        "the namespace's records, not the longer namespace's"
+    );
+    let stuck = store
+        .list(&Query::new().namespace(&ns.0).stuck())
+        .await
+        .expect("list stuck");
+    assert_eq!(stuck.len(), 1, "{stuck:?}");
+    assert_eq!(
+        (stuck[0].key.as_str(), stuck[0].status),
+        (lapsed.as_str(), Status::Lapsed)
+    );
+    let one = store
+        .list(&Query::new().namespace(&ns.0).limit(1))
+        .await
+        .expect("list with a limit");
+    assert_eq!(one.len(), 1);
+    let digest = crate::Digest::from_hex(&done[done.len() - 64..]).expect("a digest");
+    // The digest leaves out the namespace: the same parts in another
+    // namespace have the same digest.
+    let by_digest = store
+        .list(&Query::new().digest(digest))
+        .await
+        .expect("list by digest");
+    let mut keys: Vec<&str> = by_digest.iter().map(|e| e.key.as_str()).collect();
+    keys.sort();
+    let other_done = other.key("done");
+    assert_eq!(keys, [done.as_str(), other_done.as_str()]);
+    let by_both = store
+        .list(&Query::new().namespace(&ns.0).digest(digest))
+        .await
+        .expect("list by namespace and digest");
+    assert_eq!(by_both.len(), 1);
+    assert_eq!(by_both[0].key, done);
+
+    // Stats count this namespace's records by status.
+    let stats = store.stats().await.expect("stats");
+    let count = |status| {
+        stats
+            .iter()
+            .find(|c| c.namespace == ns.0 && c.status == status)
+            .map_or(0, |c| c.records)
+    };
+    for status in [
+        Status::Completed,
+        Status::Running,
+        Status::Lapsed,
+        Status::Released,
+    ] {
+        assert_eq!(count(status), 1, "{status} in {stats:?}");
+    }
+
+    // invalidate: a completed record with its token only.
+    // No store hands out this token in these tests (memory and PostgreSQL
+    // count from 1, Redis uses µs since 1970, SQLite ms × 2^20).
+    let stale = FencingToken(9_007_199_254_740_000);
+    lease_lost(store.invalidate(&done, stale).await, "invalidate");
+    lease_lost(
+        store.invalidate(&running, t_running).await,
+        "invalidate of a processing record",
+    );
+    lease_lost(
+        store.invalidate(&stepped, t_stepped).await,
+        "invalidate of a released record",
+    );
+    assert_eq!(inspect(running.clone()).await.status, Status::Running);
+    store.invalidate(&done, t_done).await.expect("invalidate");
+    assert!(
+        store.get(&done).await.expect("get").is_none(),
+        "an invalidated result reads as absent"
+    );
+    lease_lost(store.invalidate(&done, t_done).await, "a second invalidate");
+    match store.claim(req(&done, None, long)).await.expect("claim") {
+        Claim::Acquired { token, took_over } => {
+            assert!(token > t_done, "tokens keep increasing");
+            assert!(!took_over);
+        }
+        other => panic!("after invalidate the next claim runs, got {other:?}"),
+    }
+
+    // forget: a processing or released record with its token only.
+    lease_lost(
+        store.forget(&running, stale).await,
+        "forget with another token",
+    );
+    store
+        .forget(&running, t_running)
+        .await
+        .expect("forget a running claim");
+    lease_lost(
+        store
+            .complete(&running, t_running, b"{\"ok\":1}", long)
+            .await,
+        "the forgotten holder's completion",
+    );
+    store
+        .forget(&stepped, t_stepped)
+        .await
+        .expect("forget a released record's steps");
+    match store.claim(req(&stepped, None, long)).await.expect("claim") {
+        Claim::Acquired { took_over, .. } => assert!(!took_over, "nothing is left to resume"),
+        other => panic!("after forget the next claim runs, got {other:?}"),
+    }
+    assert!(store.steps(&stepped, None).await.expect("steps").is_empty());
+    store
+        .forget(&lapsed, t_lapsed)
+        .await
+        .expect("forget a lapsed claim");
+    let _ = t_other;
+}

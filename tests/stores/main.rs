@@ -10,6 +10,7 @@ mod durations;
 mod layout_review;
 mod lost_replies;
 mod multiprocess;
+mod pg_durability;
 mod proxy;
 mod redis_faults;
 mod replay_cache;

@@ -78,6 +78,15 @@ impl Db {
         }
     }
 
+    /// The database's idempotency store, for an operator's reads and fenced
+    /// writes (what the `idem` CLI runs on).
+    pub fn admin(&self) -> &dyn idem_runtime::Admin {
+        match self {
+            Db::Sqlite(s) => s,
+            Db::Postgres(s) => s,
+        }
+    }
+
     /// Which database this is, for display.
     pub fn backend(&self) -> &'static str {
         match self {

@@ -1,6 +1,7 @@
 //! The self-driving demo: the server starts in this process on a free port, and
 //! a real HTTP client drives every case a user meets through it.
 
+use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use reqwest::StatusCode;
@@ -9,6 +10,7 @@ use serde_json::{json, Value};
 use crate::payments::{CARD_DECLINED, CARD_OK, CARD_PROCESSING_ERROR};
 use crate::server::{self, Running};
 use crate::{Db, OrderError, OrderService};
+use idem_runtime::Store as _;
 
 mod report;
 pub use report::{Report, Row};
@@ -109,6 +111,60 @@ struct Driver {
 }
 
 impl Driver {
+    /// Runs `idem ARGS` on the demo's database; `Ok(output)` if it exited 0
+    /// and printed `expect`, `Err(output)` otherwise.
+    async fn operate(&self, args: &[&str], expect: &str) -> Result<String, String> {
+        let (mut out, mut err) = (Vec::new(), Vec::new());
+        let argv = std::iter::once("idem").chain(args.iter().copied());
+        let exit = idem_cli::run_on(self.service.db().admin(), argv, &mut out, &mut err).await;
+        let mut text = String::from_utf8_lossy(&out).into_owned();
+        text.push_str(&String::from_utf8_lossy(&err));
+        if exit == idem_cli::Exit::Ok && text.contains(expect) {
+            Ok(text)
+        } else {
+            Err(format!("exit {}: {text}", exit.code()))
+        }
+    }
+
+    /// A row for one `idem` command, its output printed under the table.
+    async fn operated(
+        &mut self,
+        args: &[&str],
+        ran: Result<String, String>,
+    ) -> Result<(), DemoError> {
+        let quoted: Vec<String> = args
+            .iter()
+            .map(|a| {
+                if a.contains(['"', ' ', '[']) {
+                    format!("'{a}'")
+                } else {
+                    a.to_string()
+                }
+            })
+            .collect();
+        let command = format!("idem {}", quoted.join(" "));
+        let label = format!(
+            "{} (the CLI)",
+            command.split(" '").next().unwrap_or(&command)
+        );
+        let (status, ok, output) = match ran {
+            Ok(output) => ("exit 0".to_owned(), true, output),
+            Err(output) => ("failed".to_owned(), false, output),
+        };
+        self.row(&label, status, "-".into(), (5, 2), ok).await?;
+        self.report.operated.push((
+            format!("$ idem --store {} {}", self.report.url, quoted.join(" ")),
+            output,
+        ));
+        Ok(())
+    }
+
+    /// `GET /metrics`, as text.
+    async fn scrape(&self) -> Result<String, DemoError> {
+        let url = format!("{}/metrics", self.base);
+        Ok(self.http.get(url).send().await?.text().await?)
+    }
+
     async fn send(&self, req: &Req) -> Result<Reply, DemoError> {
         let mut request = self
             .http
@@ -242,8 +298,13 @@ async fn drive(
             server: running.url(),
             rows: Vec::new(),
             notes: Vec::new(),
+            metrics: Default::default(),
+            operated: Vec::new(),
         },
     };
+    // The metrics are process-wide: this run's are the difference between a
+    // scrape now and one at the end, on this run's kind of store.
+    let before = d.scrape().await?;
     let (ann_t, bob_t) = (ann.to_owned(), bob.to_owned());
     let created = (StatusCode::CREATED, false);
     let replayed = (StatusCode::CREATED, true);
@@ -505,5 +566,72 @@ async fn drive(
     )
     .await?;
 
+    let after = d.scrape().await?;
+    d.expect(
+        "GET /metrics (Prometheus text)",
+        &Req::get("/metrics"),
+        (StatusCode::OK, false),
+        (5, 2),
+    )
+    .await?;
+    d.report.metrics = outcome_deltas(&before, &after, service.db().store().kind());
+    // Every claim this run won ended: recorded, or released.
+    let n = |outcome: &str| d.report.metrics.get(outcome).copied().unwrap_or(0);
+    let won = n("claimed") + n("taken_over");
+    let ended = n("completed") + n("released_after_error") + n("cancelled");
+    if won == 0 || won != ended {
+        if let Some(row) = d.report.rows.last_mut() {
+            row.as_expected = false;
+        }
+    }
+    let line = d
+        .report
+        .metrics
+        .iter()
+        .map(|(outcome, n)| format!("{outcome} {n}"))
+        .collect::<Vec<_>>()
+        .join(", ");
+    d.report.notes.push(format!(
+        "idem_outcomes_total for this run (GET /metrics): {line}"
+    ));
+
+    // The operator's view of the same database: the `idem` CLI, in process.
+    let first_key = serde_json::to_string(&json!([ann, widget, 1])).unwrap_or_default();
+    let inspect = [
+        "inspect",
+        "order-service::create_order",
+        first_key.as_str(),
+        "--window",
+        "1d",
+    ];
+    let inspected = d.operate(&inspect, "completed").await;
+    let stats = d.operate(&["stats"], "order-service::create_order").await;
+    d.operated(&inspect, inspected).await?;
+    d.operated(&["stats"], stats).await?;
+
     Ok(d.report)
+}
+
+/// This run's counts by outcome: `after - before`, over every namespace, on
+/// stores of kind `store`.
+fn outcome_deltas(before: &str, after: &str, store: &str) -> BTreeMap<String, u64> {
+    let total = |text: &str| {
+        let mut by = BTreeMap::<String, f64>::new();
+        for s in crate::metrics::outcomes(text)
+            .into_iter()
+            .filter(|s| s.store == store)
+        {
+            *by.entry(s.outcome).or_default() += s.value;
+        }
+        by
+    };
+    let before = total(before);
+    total(after)
+        .into_iter()
+        .map(|(outcome, n)| {
+            let was = before.get(&outcome).copied().unwrap_or(0.0);
+            (outcome, (n - was).max(0.0) as u64)
+        })
+        .filter(|(_, n)| *n > 0)
+        .collect()
 }

@@ -14,6 +14,7 @@ use sqlx::{Postgres, Sqlite, Transaction};
 pub mod checkout;
 pub mod db;
 pub mod demo;
+pub mod metrics;
 pub mod payments;
 pub mod request;
 pub mod server;

@@ -5,7 +5,9 @@
 //! | `POST /orders` | `{"user_id": "...", "product_id": "...", "quantity": n}` → 201 with the order |
 //! | `GET /orders/{id}` | 200 with the order, or 404 |
 //! | `POST /payments` | `{"order_id": n, "amount_cents": n, "card": "..."}` → 201 charged, 402 declined, 500 provider error |
+//! | `POST /checkout` | reserve, charge, ship and email, one step each (see `checkout`) |
 //! | `GET /healthz` | 200 `ok` |
+//! | `GET /metrics` | idem's metrics in the Prometheus text format (see `metrics`) |
 //!
 //! Both `POST` routes require an `Idempotency-Key` header; keys are scoped by the
 //! user the `Authorization` bearer token speaks for (see `subject`), so one user
@@ -92,6 +94,7 @@ fn routes() -> Router<OrderService> {
         .route("/payments", post(pay))
         .route("/checkout", post(checkout))
         .route("/healthz", get(|| async { "ok" }))
+        .route("/metrics", get(crate::metrics::serve))
         .fallback(|| async { problem(StatusCode::NOT_FOUND, "not-found", "no such route") })
         .method_not_allowed_fallback(|| async {
             problem(
@@ -335,6 +338,7 @@ pub async fn start_service(
     settings: Settings,
 ) -> std::io::Result<Running> {
     let orders = service.db().store();
+    crate::metrics::install();
     let running = start_with(addr, router(service, Arc::clone(&keys)), settings).await?;
     let reaper = |store| Reaper::spawn(store, settings.reap_every, REAP_BATCH);
     Ok(running

@@ -12,6 +12,7 @@ use super::attempt::check_reentrant;
 use super::{Claimed, Held, InProgress, OnTakeover, Options};
 use crate::error::Error;
 use crate::key::{Digest, Key};
+use crate::metrics::{self, Outcome};
 use crate::store::{cap_duration, Claim, ClaimRequest, FencingToken, Store};
 
 /// The longest `retry_after` suggested by [`Error::InProgress`]: a running call
@@ -45,10 +46,13 @@ pub async fn claim(
         digest = %key.digest(),
     );
     let claimed = async {
-        let mut waiter = Waiter::new(&options);
+        let mut waiter = Waiter::new(&options, &key, store.kind());
         loop {
             let request = InFlight::send(&store, &key, fingerprint.copied(), options.lease);
-            if let Some(claimed) = waiter.decide(request.await).await? {
+            let timer = metrics::Timer::start();
+            let reply = request.await;
+            waiter.timed(timer);
+            if let Some(claimed) = waiter.decide(reply).await? {
                 return Ok::<_, Error>(claimed);
             }
         }
@@ -165,10 +169,13 @@ pub(super) struct Waiter {
     /// Whether a running duplicate was seen: from then on this caller is waiting,
     /// and a transient store error is retried within the wait instead of ending it.
     waiting: bool,
+    /// The key (for its namespace) and the store's kind, the metrics' labels.
+    key: Key,
+    store: &'static str,
 }
 
 impl Waiter {
-    pub(super) fn new(options: &Options) -> Self {
+    pub(super) fn new(options: &Options, key: &Key, store: &'static str) -> Self {
         let now = tokio::time::Instant::now();
         Waiter {
             deadline: match options.in_progress {
@@ -177,7 +184,18 @@ impl Waiter {
             },
             backoff: Duration::from_millis(2),
             waiting: false,
+            key: key.clone(),
+            store,
         }
+    }
+
+    /// Records how long one claim round trip took.
+    pub(super) fn timed(&self, timer: metrics::Timer) {
+        metrics::claim_duration(self.key.namespace(), self.store, timer.elapsed());
+    }
+
+    fn count(&self, outcome: Outcome) {
+        metrics::outcome(self.key.namespace(), self.store, outcome);
     }
 
     /// Sleeps before the next claim: the backoff (doubling to 100 ms), never past
@@ -205,9 +223,17 @@ impl Waiter {
                 } else {
                     tracing::debug!(token = token.0, "claimed");
                 }
+                self.count(if took_over {
+                    Outcome::TakenOver
+                } else {
+                    Outcome::Claimed
+                });
                 Ok(Some(Claimed::Run((token, took_over))))
             }
-            Ok(Claim::Completed { outcome, .. }) => Ok(Some(Claimed::Replay(outcome))),
+            Ok(Claim::Completed { outcome, .. }) => {
+                self.count(Outcome::Replayed);
+                Ok(Some(Claimed::Replay(outcome)))
+            }
             Ok(Claim::InProgress { lease_remaining }) => {
                 let now = tokio::time::Instant::now();
                 match self.deadline {
@@ -218,6 +244,7 @@ impl Waiter {
                     }
                     _ => {
                         tracing::debug!("in progress");
+                        self.count(Outcome::InProgress);
                         Err(Error::InProgress {
                             retry_after: retry_after(lease_remaining),
                         })
@@ -226,6 +253,7 @@ impl Waiter {
             }
             Ok(Claim::FingerprintMismatch) => {
                 tracing::warn!("key reused with a different fingerprint");
+                self.count(Outcome::KeyReused);
                 Err(Error::KeyReused)
             }
             Err(Error::Store(err))
@@ -241,6 +269,7 @@ impl Waiter {
             }
             Err(err) => {
                 tracing::error!(error = %err, "claim failed; the body did not run");
+                self.count(Outcome::StoreError);
                 Err(err)
             }
         }

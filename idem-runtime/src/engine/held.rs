@@ -11,6 +11,7 @@ use super::steps::StepLog;
 use super::Settle;
 use crate::error::Error;
 use crate::key::Key;
+use crate::metrics::{self, Outcome};
 use crate::store::{cap_duration, FencingToken, Store};
 
 /// A claim this caller holds. Its lease is renewed by a watchdog task for as long
@@ -191,7 +192,22 @@ impl Held {
             None => lease::Lazy::Start(self.lease),
         };
         let answer_early = store.answers_before_recorded();
-        match lease::complete(store, key, token, watchdog, outcome, cap_duration(ttl)).await {
+        let kind = store.kind();
+        let timer = metrics::Timer::start();
+        let completion =
+            lease::complete(store, key, token, watchdog, outcome, cap_duration(ttl)).await;
+        let namespace = self.key.namespace();
+        metrics::complete_duration(namespace, kind, timer.elapsed());
+        metrics::outcome(
+            namespace,
+            kind,
+            match completion {
+                Completion::Recorded => Outcome::Completed,
+                Completion::Lost => Outcome::LeaseLost,
+                Completion::Deferred(_) | Completion::Failed(_) => Outcome::StoreError,
+            },
+        );
+        match completion {
             Completion::Recorded => {
                 tracing::debug!(token = token.0, "completed");
                 Ok(())
@@ -245,7 +261,7 @@ impl Held {
         };
         if marked {
             self.armed = true;
-            self.release_because("released: on_takeover = fail").await
+            self.release_claim("released: on_takeover = fail").await
         } else {
             tracing::warn!(
                 token = token.0,
@@ -265,7 +281,17 @@ impl Held {
     /// The claim stays armed while the release is on the wire: a caller that
     /// gives up meanwhile (a timeout around the call) drops it, and the drop
     /// releases it again, so the release is never lost with the caller.
-    pub(crate) async fn release_because(mut self, what: &'static str) {
+    pub(crate) async fn release_because(self, what: &'static str) {
+        metrics::outcome(
+            self.key.namespace(),
+            self.store.kind(),
+            Outcome::ReleasedAfterError,
+        );
+        self.release_claim(what).await
+    }
+
+    /// Releases the claim (not counted: the caller counted why).
+    async fn release_claim(mut self, what: &'static str) {
         drop(self.watchdog.take());
         let token = self.token;
         let released = self.store.release(self.key.as_str(), token).await;
@@ -305,6 +331,7 @@ impl Drop for Held {
         }
         drop(self.watchdog.take());
         let token = self.token;
+        metrics::outcome(self.key.namespace(), self.store.kind(), Outcome::Cancelled);
         match self.store.release_now(self.key.as_str(), token) {
             Some(Ok(())) => tracing::debug!(token = token.0, "released after cancellation"),
             Some(Err(err)) => {

@@ -18,6 +18,7 @@ use super::{replay, settle, split, Claimed, Options, Settle};
 use crate::codec::Codec;
 use crate::error::Error;
 use crate::key::{Digest, Key};
+use crate::metrics::{self, Outcome};
 use crate::store::{cap_duration, ClaimRequest, FencingToken, TransactionalStore};
 
 /// A claim held inside the caller's transaction, from [`claim_in_tx`] until it
@@ -80,9 +81,21 @@ impl HeldInTx {
     {
         let (token, span) = (self.token, self.span.clone());
         async move {
+            let timer = metrics::Timer::start();
             let written = store
                 .complete_in(tx, self.key.as_str(), token, outcome, cap_duration(ttl))
                 .await;
+            let (namespace, kind) = (self.key.namespace(), store.kind());
+            metrics::complete_duration(namespace, kind, timer.elapsed());
+            metrics::outcome(
+                namespace,
+                kind,
+                match &written {
+                    Ok(()) => Outcome::Completed,
+                    Err(Error::LeaseLost) => Outcome::LeaseLost,
+                    Err(_) => Outcome::StoreError,
+                },
+            );
             match &written {
                 Ok(()) => tracing::debug!(token = token.0, "completed in the transaction"),
                 Err(err) => tracing::error!(
@@ -113,6 +126,11 @@ impl HeldInTx {
         X: Send + ?Sized,
     {
         let token = self.token;
+        metrics::outcome(
+            self.key.namespace(),
+            store.kind(),
+            Outcome::ReleasedAfterError,
+        );
         async move {
             match store.release_in(tx, self.key.as_str(), token).await {
                 Ok(()) => tracing::debug!(token = token.0, "{why}"),
@@ -210,9 +228,11 @@ where
             fingerprint,
             lease: options.lease,
         };
-        let mut waiter = Waiter::new(&options);
+        let mut waiter = Waiter::new(&options, &key, store.kind());
         loop {
+            let timer = crate::metrics::Timer::start();
             let result = store.claim_in(tx, request).await;
+            waiter.timed(timer);
             if let Some(claimed) = waiter.decide(result).await? {
                 return Ok::<_, Error>(claimed);
             }

@@ -511,5 +511,7 @@ impl Store for MemoryStore {
     }
 }
 
+mod admin;
+
 #[cfg(all(test, idem_loom))]
 mod loom_tests;

@@ -30,6 +30,7 @@ pub fn cap_duration(d: Duration) -> Duration {
     }
 }
 
+pub mod admin;
 pub mod cache;
 pub mod memory;
 #[cfg(feature = "postgres")]

@@ -457,3 +457,5 @@ impl<'c> TransactionalStore<Transaction<'c, Postgres>> for PostgresStore {
         self.record_step_on(tx, key, token, step, keep).await
     }
 }
+
+mod admin;

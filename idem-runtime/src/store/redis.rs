@@ -1217,3 +1217,5 @@ impl Store for RedisStore {
         }
     }
 }
+
+mod admin;

@@ -438,6 +438,8 @@ pub(crate) fn parse_steps(json: &str) -> Result<Vec<super::Step>, Error> {
 
 pub(crate) use sql_store;
 
+pub(crate) mod admin;
+
 pub use super::reaper::Reaper;
 
 #[cfg(test)]

@@ -541,3 +541,5 @@ impl<'c> TransactionalStore<Transaction<'c, Sqlite>> for SqliteStore {
         self.record_step_on(tx, key, token, step, keep).await
     }
 }
+
+mod admin;

@@ -30,8 +30,12 @@ pub struct Report {
     pub server: String,
     /// The requests, in order.
     pub rows: Vec<Row>,
-    /// Lines printed under the table (what a checkout left behind).
+    /// Lines printed under the table (what a checkout left behind, the metrics).
     pub notes: Vec<String>,
+    /// This run's `idem_outcomes_total` by outcome, read from `GET /metrics`.
+    pub metrics: std::collections::BTreeMap<String, u64>,
+    /// The `idem` commands run on the database, and what each printed.
+    pub operated: Vec<(String, String)>,
 }
 
 impl Report {
@@ -98,6 +102,21 @@ impl fmt::Display for Report {
         writeln!(f)?;
         for note in &self.notes {
             writeln!(f, "{note}")?;
+        }
+        if !self.operated.is_empty() {
+            writeln!(f)?;
+            writeln!(
+                f,
+                "the same database, as an operator sees it (the idem CLI):"
+            )?;
+            for (command, output) in &self.operated {
+                writeln!(f, "{command}")?;
+                write!(f, "{output}")?;
+                if !output.ends_with('\n') {
+                    writeln!(f)?;
+                }
+            }
+            writeln!(f)?;
         }
         let last = self.rows.last();
         writeln!(

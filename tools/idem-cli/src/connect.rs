@@ -1,0 +1,157 @@
+//! Opening a store from its URL, as an operator's tool should: an existing
+//! database only (a mistyped SQLite path is an error, not a new file), a
+//! few connections, and a bounded wait for a store that is down.
+
+use std::str::FromStr;
+use std::time::Duration;
+
+use idem_runtime::store::admin::Admin;
+use idem_runtime::{Error, PostgresStore, RedisStore, SqliteStore};
+use sqlx::postgres::PgPoolOptions;
+use sqlx::sqlite::{SqliteConnectOptions, SqlitePoolOptions};
+
+/// How long to wait for a store before giving up.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// The store options from the command line.
+pub(crate) struct Options<'a> {
+    pub url: &'a str,
+    pub table: Option<&'a str>,
+    pub prefix: Option<&'a str>,
+}
+
+/// Why a store could not be opened.
+pub(crate) enum Failure {
+    /// The URL or options are wrong (a usage error).
+    Usage(String),
+    /// The store is unreachable or refused.
+    Store(Error),
+}
+
+/// The URL schemes `--store` takes.
+pub(crate) const SCHEMES: &str =
+    "sqlite://PATH, postgres://USER@HOST/DB, redis://HOST:PORT, redis-cluster://HOST:PORT,HOST:PORT";
+
+/// Opens the store `options` name.
+pub(crate) async fn open(options: &Options<'_>) -> Result<Box<dyn Admin>, Failure> {
+    let url = options.url;
+    let scheme = url.split_once(':').map_or("", |(scheme, _)| scheme);
+    let sql = matches!(scheme, "sqlite" | "postgres" | "postgresql");
+    if options.table.is_some() && !sql {
+        return Err(Failure::Usage(
+            "--table applies to sqlite:// and postgres:// stores".into(),
+        ));
+    }
+    if options.prefix.is_some() && sql {
+        return Err(Failure::Usage(
+            "--prefix applies to redis:// and redis-cluster:// stores".into(),
+        ));
+    }
+    let table = options
+        .table
+        .unwrap_or(idem_runtime::store::sql::DEFAULT_TABLE);
+    let prefix = options.prefix.unwrap_or("idem:");
+    let store: Box<dyn Admin> = match scheme {
+        "sqlite" => {
+            let connect = SqliteConnectOptions::from_str(url)
+                .map_err(|e| Failure::Usage(format!("--store {url:?}: {e}")))?
+                .create_if_missing(false)
+                .busy_timeout(CONNECT_TIMEOUT);
+            let pool = SqlitePoolOptions::new()
+                .max_connections(1)
+                .acquire_timeout(CONNECT_TIMEOUT)
+                .connect_with(connect)
+                .await
+                .map_err(|e| Failure::Store(Error::store(format!("cannot open {url}: {e}"))))?;
+            Box::new(
+                SqliteStore::with_table(pool, table).map_err(|e| Failure::Usage(e.to_string()))?,
+            )
+        }
+        "postgres" | "postgresql" => {
+            let pool = PgPoolOptions::new()
+                .max_connections(2)
+                .acquire_timeout(CONNECT_TIMEOUT)
+                .connect(url)
+                .await
+                .map_err(|e| {
+                    Failure::Store(Error::store(format!("cannot connect to {url}: {e}")))
+                })?;
+            Box::new(
+                PostgresStore::with_table(pool, table)
+                    .map_err(|e| Failure::Usage(e.to_string()))?,
+            )
+        }
+        "redis" | "rediss" => Box::new(
+            timed(RedisStore::connect(url))
+                .await
+                .map_err(Failure::Store)?
+                .with_prefix(prefix),
+        ),
+        "redis-cluster" => {
+            let nodes = cluster_nodes(url).map_err(Failure::Usage)?;
+            Box::new(
+                timed(RedisStore::connect_cluster(&nodes))
+                    .await
+                    .map_err(Failure::Store)?
+                    .with_prefix(prefix),
+            )
+        }
+        _ => {
+            return Err(Failure::Usage(format!(
+                "--store {url:?}: unknown store; expected one of {SCHEMES}"
+            )))
+        }
+    };
+    Ok(store)
+}
+
+/// `connect` within [`CONNECT_TIMEOUT`].
+async fn timed<T>(
+    connect: impl std::future::Future<Output = Result<T, Error>>,
+) -> Result<T, Error> {
+    tokio::time::timeout(CONNECT_TIMEOUT, connect)
+        .await
+        .unwrap_or_else(|_| Err(Error::store("the store did not answer within 5 s")))
+}
+
+/// The node URLs of `redis-cluster://[user:password@]host:port,host:port`:
+/// each node gets the credentials.
+pub(crate) fn cluster_nodes(url: &str) -> Result<Vec<String>, String> {
+    let rest = url
+        .strip_prefix("redis-cluster://")
+        .ok_or_else(|| format!("{url:?}: expected redis-cluster://HOST:PORT,HOST:PORT"))?;
+    let (credentials, hosts) = match rest.rsplit_once('@') {
+        Some((credentials, hosts)) => (format!("{credentials}@"), hosts),
+        None => (String::new(), rest),
+    };
+    let hosts = hosts.trim_end_matches('/');
+    let nodes: Vec<String> = hosts
+        .split(',')
+        .filter(|h| !h.is_empty())
+        .map(|host| format!("redis://{credentials}{host}"))
+        .collect();
+    if nodes.is_empty() {
+        return Err(format!(
+            "{url:?}: name at least one node, redis-cluster://HOST:PORT"
+        ));
+    }
+    Ok(nodes)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cluster_urls_name_every_node() {
+        assert_eq!(
+            cluster_nodes("redis-cluster://127.0.0.1:7101,127.0.0.1:7102").unwrap(),
+            ["redis://127.0.0.1:7101", "redis://127.0.0.1:7102"]
+        );
+        assert_eq!(
+            cluster_nodes("redis-cluster://u:p@h1:1,h2:2/").unwrap(),
+            ["redis://u:p@h1:1", "redis://u:p@h2:2"]
+        );
+        assert!(cluster_nodes("redis-cluster://").is_err());
+    }
+}
