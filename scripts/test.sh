@@ -122,6 +122,9 @@ RUSTDOCFLAGS="-D warnings" cargo doc --workspace --no-deps --all-features -q
 log "order-service demo"
 cargo run -q -p order-service -- demo
 
+log "gRPC demo (examples/grpc)"
+cargo run -q -p grpc-example
+
 log "chaos: the short seeded suite under faults, and a build with fencing disabled it must catch"
 # RELIABILITY.md explains the table this prints; `idem-chaos suite --long` is the long run.
 cargo build -q -p idem-chaos -p order-service
