@@ -266,3 +266,174 @@ async fn a_resumed_call_counts_as_taken_over_on_the_stores_kind() {
         ])
     );
 }
+
+/// A PostgreSQL store on a table of its own, and its pool.
+async fn pg_store(what: &str) -> (idem_runtime::PostgresStore, sqlx::PgPool, String) {
+    let pool = sqlx::postgres::PgPoolOptions::new()
+        .max_connections(8)
+        .connect(&idem_tests::postgres_url())
+        .await
+        .unwrap();
+    let table = unique(what);
+    let store = idem_runtime::PostgresStore::with_table(pool.clone(), &table).unwrap();
+    store.migrate().await.unwrap();
+    (store, pool, table)
+}
+
+async fn drop_table(pool: &sqlx::PgPool, table: &str) {
+    let drop = format!("DROP TABLE {table}; DROP SEQUENCE {table}_token_seq");
+    sqlx::raw_sql(sqlx::AssertSqlSafe(drop))
+        .execute(pool)
+        .await
+        .unwrap();
+}
+
+/// A caller that gives up (a timeout around the call) while the release after
+/// its error is on the wire: the claim ended once, released after the error.
+/// The drop releases again (so the release is never lost), but the claim is
+/// not counted a second time as `cancelled` (CONTRACT §9.1: every claim won is
+/// counted once more by how it ended).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_caller_that_gives_up_during_the_release_is_counted_once() {
+    snapshotter(); // installed before anything is recorded
+    let ns = unique("metrics_release_drop");
+    let (store, pool, table) = pg_store("metrics_rel").await;
+    let key = KeyBuilder::new(&ns).part("k").finish();
+    let storage_key = KeyBuilder::new(&ns).part("k").finish().unwrap();
+    // Another transaction holds the record's row while the body fails, so the
+    // release waits for it: the caller gives up meanwhile.
+    let mut locker = pool.begin().await.unwrap();
+    let locker_ref = &mut locker;
+    let lock = format!("SELECT 1 FROM {table} WHERE key = $1 FOR UPDATE");
+    let call = execute(
+        store.handle(),
+        &OPTIONS,
+        key,
+        None,
+        Codec::<u32, Error>::release_errors(),
+        async {
+            sqlx::query(sqlx::AssertSqlSafe(lock.clone()))
+                .bind(storage_key.as_str())
+                .fetch_one(&mut **locker_ref)
+                .await
+                .unwrap();
+            Err(Error::store("the provider failed"))
+        },
+    );
+    assert!(
+        tokio::time::timeout(Duration::from_millis(500), call)
+            .await
+            .is_err(),
+        "the release waits on the row, and the caller gives up"
+    );
+    locker.commit().await.unwrap();
+    // The releases (the one cut off, the drop's) go through.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    while store.get(storage_key.as_str()).await.unwrap().is_some() {
+        assert!(tokio::time::Instant::now() < deadline, "the claim is released");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(
+        seen(&ns).outcomes,
+        counts(&[
+            ("postgres/claimed", 1),
+            ("postgres/released_after_error", 1),
+        ]),
+        "one claim, one ending"
+    );
+    drop_table(&pool, &table).await;
+}
+
+/// A `tx =` call dropped while its body runs (a timeout around it): the claim
+/// it won goes with the caller's transaction, which is rolled back. It is
+/// counted as ended, `cancelled`, as a dropped call on the store's own
+/// connection is (CONTRACT §9.1: `cancelled`, the caller went away).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tx_call_dropped_mid_body_is_counted_cancelled() {
+    snapshotter(); // installed before anything is recorded
+    let ns = unique("metrics_tx_drop");
+    let (store, pool, table) = pg_store("metrics_tx").await;
+    let mut tx = pool.begin().await.unwrap();
+    let key = KeyBuilder::new(&ns).part("k").finish();
+    let call = idem_runtime::engine::execute_in_tx(
+        &store,
+        &mut tx,
+        &OPTIONS,
+        key,
+        None,
+        Codec::<u32, Error>::release_errors(),
+        async |_tx: &mut sqlx::Transaction<'static, sqlx::Postgres>| {
+            std::future::pending::<Result<u32, Error>>().await
+        },
+    );
+    assert!(tokio::time::timeout(Duration::from_millis(200), call)
+        .await
+        .is_err());
+    tx.rollback().await.unwrap();
+    assert_eq!(
+        seen(&ns).outcomes,
+        counts(&[("postgres/cancelled", 1), ("postgres/claimed", 1)]),
+        "one claim, one ending"
+    );
+    drop_table(&pool, &table).await;
+}
+
+/// A caller that gives up (a timeout around the call) while its outcome is
+/// being recorded: the completion goes on in the background, and the claim
+/// is counted as ended once — `cancelled`, the caller went away — rather
+/// than not at all (CONTRACT §9.1).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_caller_that_gives_up_during_the_completion_is_counted_once() {
+    snapshotter(); // installed before anything is recorded
+    let ns = unique("metrics_complete_drop");
+    let (store, pool, table) = pg_store("metrics_cmp").await;
+    let key = KeyBuilder::new(&ns).part("k").finish();
+    let storage_key = KeyBuilder::new(&ns).part("k").finish().unwrap();
+    let mut locker = pool.begin().await.unwrap();
+    let locker_ref = &mut locker;
+    let lock = format!("SELECT 1 FROM {table} WHERE key = $1 FOR UPDATE");
+    let call = execute(
+        store.handle(),
+        &OPTIONS,
+        key,
+        None,
+        Codec::<u32, Error>::release_errors(),
+        async {
+            sqlx::query(sqlx::AssertSqlSafe(lock.clone()))
+                .bind(storage_key.as_str())
+                .fetch_one(&mut **locker_ref)
+                .await
+                .unwrap();
+            Ok(5)
+        },
+    );
+    assert!(
+        tokio::time::timeout(Duration::from_millis(500), call)
+            .await
+            .is_err(),
+        "the completion waits on the row, and the caller gives up"
+    );
+    locker.commit().await.unwrap();
+    // The completion lands in the background.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    loop {
+        let record = store.get(storage_key.as_str()).await.unwrap();
+        if record.is_some_and(|r| r.state == idem_runtime::RecordState::Completed) {
+            break;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "completed in the background");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let outcomes = seen(&ns).outcomes;
+    let ended: u64 = outcomes
+        .iter()
+        .filter(|(k, _)| !k.ends_with("/claimed"))
+        .map(|(_, n)| n)
+        .sum();
+    assert_eq!(
+        (outcomes.get("postgres/claimed").copied(), ended),
+        (Some(1), 1),
+        "one claim, one ending: {outcomes:?}"
+    );
+    drop_table(&pool, &table).await;
+}

@@ -34,6 +34,10 @@ pub struct Held {
     /// Whether the work withheld its outcome ([`withhold_outcome`](super::withhold_outcome)).
     withheld: std::sync::atomic::AtomicBool,
     armed: bool,
+    /// Whether how the claim ended is already counted (a release after an
+    /// error, a refused takeover): a drop that releases again while that
+    /// release is on the wire does not count it a second time.
+    counted: bool,
 }
 
 impl std::fmt::Debug for Held {
@@ -74,6 +78,7 @@ impl Held {
             steps: OnceLock::new(),
             withheld: std::sync::atomic::AtomicBool::new(false),
             armed: true,
+            counted: false,
         }
     }
 
@@ -193,20 +198,24 @@ impl Held {
         };
         let answer_early = store.answers_before_recorded();
         let kind = store.kind();
+        // Counted once however it ends: a caller that goes away while the
+        // completion is on the wire (it goes on in the background) is
+        // `cancelled`.
+        let mut ending = Ending {
+            key: &self.key,
+            store: kind,
+            outcome: Outcome::Cancelled,
+        };
         let timer = metrics::Timer::start();
         let completion =
             lease::complete(store, key, token, watchdog, outcome, cap_duration(ttl)).await;
-        let namespace = self.key.namespace();
-        metrics::complete_duration(namespace, kind, timer.elapsed());
-        metrics::outcome(
-            namespace,
-            kind,
-            match completion {
-                Completion::Recorded => Outcome::Completed,
-                Completion::Lost => Outcome::LeaseLost,
-                Completion::Deferred(_) | Completion::Failed(_) => Outcome::StoreError,
-            },
-        );
+        metrics::complete_duration(self.key.namespace(), kind, timer.elapsed());
+        ending.outcome = match completion {
+            Completion::Recorded => Outcome::Completed,
+            Completion::Lost => Outcome::LeaseLost,
+            Completion::Deferred(_) | Completion::Failed(_) => Outcome::StoreError,
+        };
+        drop(ending);
         match completion {
             Completion::Recorded => {
                 tracing::debug!(token = token.0, "completed");
@@ -261,6 +270,9 @@ impl Held {
         };
         if marked {
             self.armed = true;
+            // Counted as `taken_over` only (CONTRACT §9.1), even if dropped
+            // while the release is on the wire.
+            self.counted = true;
             self.release_claim("released: on_takeover = fail").await
         } else {
             tracing::warn!(
@@ -281,12 +293,13 @@ impl Held {
     /// The claim stays armed while the release is on the wire: a caller that
     /// gives up meanwhile (a timeout around the call) drops it, and the drop
     /// releases it again, so the release is never lost with the caller.
-    pub(crate) async fn release_because(self, what: &'static str) {
+    pub(crate) async fn release_because(mut self, what: &'static str) {
         metrics::outcome(
             self.key.namespace(),
             self.store.kind(),
             Outcome::ReleasedAfterError,
         );
+        self.counted = true;
         self.release_claim(what).await
     }
 
@@ -303,6 +316,20 @@ impl Held {
                 "could not release the claim; it lapses with its lease"
             ),
         }
+    }
+}
+
+/// How a completion ended, counted when it is dropped: at the end of
+/// [`Held::complete`], or with the caller's future if it goes away first.
+struct Ending<'a> {
+    key: &'a Key,
+    store: &'static str,
+    outcome: Outcome,
+}
+
+impl Drop for Ending<'_> {
+    fn drop(&mut self) {
+        metrics::outcome(self.key.namespace(), self.store, self.outcome);
     }
 }
 
@@ -331,7 +358,9 @@ impl Drop for Held {
         }
         drop(self.watchdog.take());
         let token = self.token;
-        metrics::outcome(self.key.namespace(), self.store.kind(), Outcome::Cancelled);
+        if !self.counted {
+            metrics::outcome(self.key.namespace(), self.store.kind(), Outcome::Cancelled);
+        }
         match self.store.release_now(self.key.as_str(), token) {
             Some(Ok(())) => tracing::debug!(token = token.0, "released after cancellation"),
             Some(Err(err)) => {

@@ -31,6 +31,11 @@ pub struct HeldInTx {
     /// Whether the work withheld its outcome ([`withhold_outcome`](super::withhold_outcome)).
     withheld: std::sync::atomic::AtomicBool,
     span: tracing::Span,
+    /// The store's kind, for the metrics.
+    store: &'static str,
+    /// Whether how the claim ended is counted: one dropped before (the
+    /// caller went away, its transaction with it) is counted `cancelled`.
+    counted: bool,
 }
 
 impl HeldInTx {
@@ -69,7 +74,7 @@ impl HeldInTx {
     /// Records `outcome` in `tx` for `ttl` (capped to 100 years). Commit `tx`
     /// after `Ok`; an error means nothing was recorded.
     pub async fn complete<S, X>(
-        self,
+        mut self,
         store: &S,
         tx: &mut X,
         outcome: &[u8],
@@ -80,12 +85,13 @@ impl HeldInTx {
         X: Send + ?Sized,
     {
         let (token, span) = (self.token, self.span.clone());
-        async move {
+        let key = &self.key;
+        let written = async {
             let timer = metrics::Timer::start();
             let written = store
-                .complete_in(tx, self.key.as_str(), token, outcome, cap_duration(ttl))
+                .complete_in(tx, key.as_str(), token, outcome, cap_duration(ttl))
                 .await;
-            let (namespace, kind) = (self.key.namespace(), store.kind());
+            let (namespace, kind) = (key.namespace(), store.kind());
             metrics::complete_duration(namespace, kind, timer.elapsed());
             metrics::outcome(
                 namespace,
@@ -106,7 +112,9 @@ impl HeldInTx {
             written
         }
         .instrument(span)
-        .await
+        .await;
+        self.counted = true;
+        written
     }
 
     /// Deletes the claim in `tx`, so the key is free once `tx` commits (a
@@ -120,8 +128,12 @@ impl HeldInTx {
     }
 
     /// [`release`](Self::release), logged as `why`.
-    pub(crate) async fn release_because<S, X>(self, store: &S, tx: &mut X, why: &'static str)
-    where
+    pub(crate) async fn release_because<S, X>(
+        mut self,
+        store: &S,
+        tx: &mut X,
+        why: &'static str,
+    ) where
         S: TransactionalStore<X> + ?Sized,
         X: Send + ?Sized,
     {
@@ -131,8 +143,11 @@ impl HeldInTx {
             store.kind(),
             Outcome::ReleasedAfterError,
         );
+        self.counted = true;
+        let span = self.span.clone();
+        let key = &self.key;
         async move {
-            match store.release_in(tx, self.key.as_str(), token).await {
+            match store.release_in(tx, key.as_str(), token).await {
                 Ok(()) => tracing::debug!(token = token.0, "{why}"),
                 Err(err) => tracing::warn!(
                     token = token.0, error = %err,
@@ -140,8 +155,16 @@ impl HeldInTx {
                 ),
             }
         }
-        .instrument(self.span.clone())
+        .instrument(span)
         .await
+    }
+}
+
+impl Drop for HeldInTx {
+    fn drop(&mut self) {
+        if !self.counted {
+            metrics::outcome(self.key.namespace(), self.store, Outcome::Cancelled);
+        }
     }
 }
 
@@ -173,7 +196,9 @@ where
 
     /// In the caller's transaction, which it rolls back after the refusal:
     /// the lapsed claim stays as it was, for the next attempt to meet.
-    async fn refuse(self) {
+    async fn refuse(mut self) {
+        // Counted as taken over only, as a refused takeover is.
+        self.held.counted = true;
         tracing::warn!("a reconcile refused; the caller rolls back its transaction");
     }
 }
@@ -253,6 +278,8 @@ where
             took_over,
             withheld: std::sync::atomic::AtomicBool::new(false),
             span,
+            store: store.kind(),
+            counted: false,
         }),
         Claimed::Replay(outcome) => Claimed::Replay(outcome),
     })

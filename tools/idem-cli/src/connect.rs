@@ -63,9 +63,21 @@ pub(crate) async fn open(options: &Options<'_>) -> Result<Box<dyn Admin>, Failur
                 .connect_with(connect)
                 .await
                 .map_err(|e| Failure::Store(Error::store(format!("cannot open {url}: {e}"))))?;
-            Box::new(
-                SqliteStore::with_table(pool, table).map_err(|e| Failure::Usage(e.to_string()))?,
+            let store =
+                SqliteStore::with_table(pool.clone(), table).map_err(|e| Failure::Usage(e.to_string()))?;
+            // The store creates its table on first use: a mistyped --table
+            // would be a new, empty table, read as "no records".
+            let found: i64 = sqlx::query_scalar(
+                "SELECT count(*) FROM sqlite_master WHERE type = 'table' AND name = ?1 COLLATE NOCASE",
             )
+            .bind(table)
+            .fetch_one(&pool)
+            .await
+            .map_err(|e| Failure::Store(Error::store(format!("cannot read {url}: {e}"))))?;
+            if found == 0 {
+                return Err(missing_table(url, table));
+            }
+            Box::new(store)
         }
         "postgres" | "postgresql" => {
             let pool = PgPoolOptions::new()
@@ -76,10 +88,18 @@ pub(crate) async fn open(options: &Options<'_>) -> Result<Box<dyn Admin>, Failur
                 .map_err(|e| {
                     Failure::Store(Error::store(format!("cannot connect to {url}: {e}")))
                 })?;
-            Box::new(
-                PostgresStore::with_table(pool, table)
-                    .map_err(|e| Failure::Usage(e.to_string()))?,
-            )
+            let store = PostgresStore::with_table(pool.clone(), table)
+                .map_err(|e| Failure::Usage(e.to_string()))?;
+            // As for SQLite: the CLI creates no table (nor sequence).
+            let found: bool = sqlx::query_scalar("SELECT to_regclass($1) IS NOT NULL")
+                .bind(table)
+                .fetch_one(&pool)
+                .await
+                .map_err(|e| Failure::Store(Error::store(format!("cannot read {url}: {e}"))))?;
+            if !found {
+                return Err(missing_table(url, table));
+            }
+            Box::new(store)
         }
         "redis" | "rediss" => Box::new(
             timed(RedisStore::connect(url))
@@ -103,6 +123,13 @@ pub(crate) async fn open(options: &Options<'_>) -> Result<Box<dyn Admin>, Failur
         }
     };
     Ok(store)
+}
+
+/// The table `--table` names (or the default) is not in the database.
+fn missing_table(url: &str, table: &str) -> Failure {
+    Failure::Store(Error::store(format!(
+        "{url} has no table {table:?}: check --table (the CLI creates nothing)"
+    )))
 }
 
 /// `connect` within [`CONNECT_TIMEOUT`].

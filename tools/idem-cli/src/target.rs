@@ -116,6 +116,15 @@ impl Serialize for Part<'_> {
             Value::Number(n) => match (n.as_u64(), n.as_i64(), n.as_f64()) {
                 (Some(u), _, _) => s.serialize_u64(u),
                 (None, Some(i), _) => s.serialize_i64(i),
+                // JSON reads an integer beyond 64 bits (a `u128` or `i128`
+                // key) as a float: the key would silently be another. Such a
+                // number (or a float as large and whole) is refused.
+                (None, None, Some(f)) if f.fract() == 0.0 && f.abs() >= 9.223_372_036_854_776e18 => {
+                    Err(serde::ser::Error::custom(format!(
+                        "{n} is beyond 64-bit integers, where JSON cannot tell an integer \
+                         (u128, i128) from a float: name the record by its storage key or --digest"
+                    )))
+                }
                 (None, None, Some(f)) => s.serialize_f64(f),
                 (None, None, None) => Err(serde::ser::Error::custom("a number out of range")),
             },

@@ -473,3 +473,115 @@ async fn in_process_on_a_memory_store() {
     create(&store, 7, &runs).await.unwrap();
     assert_eq!(runs.load(Ordering::SeqCst), 2);
 }
+
+/// A mistyped `--table` is an error, as a mistyped SQLite path is: the CLI
+/// does not create the table (nor its sequence), and does not report the
+/// empty new table as "no records" (exit 0).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_table_that_does_not_exist_is_not_created() {
+    // PostgreSQL.
+    let pool = sqlx::postgres::PgPoolOptions::new()
+        .max_connections(2)
+        .connect(&support::pg_url())
+        .await
+        .unwrap();
+    let typo = support::unique("no_such_table");
+    let s = args(&support::pg_url(), &["--table", &typo]);
+    for command in [&["stats"][..], &["list", "--stuck"], &["inspect", NS, "[1]"]] {
+        let (code, _, err) = idem(&s, command).await;
+        let exists: bool = sqlx::query_scalar("SELECT to_regclass($1) IS NOT NULL")
+            .bind(&typo)
+            .fetch_one(&pool)
+            .await
+            .unwrap();
+        if exists {
+            let drop = format!("DROP TABLE {typo}; DROP SEQUENCE IF EXISTS {typo}_token_seq");
+            sqlx::raw_sql(sqlx::AssertSqlSafe(drop))
+                .execute(&pool)
+                .await
+                .unwrap();
+        }
+        assert!(!exists, "{command:?} created the table {typo}");
+        assert!(
+            code == 2 || code == 4,
+            "{command:?} on a missing table: exit {code}, {err}"
+        );
+    }
+
+    // SQLite: the file exists, the table does not.
+    let dir = std::env::temp_dir().join(support::unique("idem_cli_typo"));
+    std::fs::create_dir_all(&dir).unwrap();
+    let file = dir.join("records.db");
+    let store = SqliteStore::connect(&format!("sqlite://{}", file.display()))
+        .await
+        .unwrap();
+    drop(store);
+    let s = args(
+        &format!("sqlite://{}", file.display()),
+        &["--table", "orders_idm"],
+    );
+    let (code, _, err) = idem(&s, &["stats"]).await;
+    let lite = sqlx::sqlite::SqlitePoolOptions::new()
+        .connect(&format!("sqlite://{}", file.display()))
+        .await
+        .unwrap();
+    let tables: i64 =
+        sqlx::query_scalar("SELECT count(*) FROM sqlite_master WHERE name = 'orders_idm'")
+            .fetch_one(&lite)
+            .await
+            .unwrap();
+    assert_eq!(tables, 0, "stats created the table orders_idm");
+    assert!(code == 2 || code == 4, "stats on a missing table: exit {code}, {err}");
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+/// Redis: a prefix and a namespace holding glob characters (`*`, `?`, `[`,
+/// `]`, `\`) are matched literally by `list` and `stats`, on one server and on
+/// every master of a cluster.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn glob_characters_in_prefixes_and_namespaces_are_literal() {
+    for cluster in [false, true] {
+        let prefix = format!("{}[*?]\\:", support::unique("idem_glob"));
+        let store = if cluster {
+            RedisStore::connect_cluster(&support::cluster_nodes()).await
+        } else {
+            RedisStore::connect(&support::redis_url()).await
+        }
+        .unwrap()
+        .with_prefix(&prefix);
+        // A sibling prefix the glob would match if `*`/`?`/`[..]` were live.
+        let sibling_prefix = prefix.replace("[*?]", "[*?]x");
+        let sibling = if cluster {
+            RedisStore::connect_cluster(&support::cluster_nodes()).await
+        } else {
+            RedisStore::connect(&support::redis_url()).await
+        }
+        .unwrap()
+        .with_prefix(&sibling_prefix);
+        let ns = "<[u8] as m::T*>::f?";
+        for i in 0..12u64 {
+            let key = KeyBuilder::new(ns).part(&i).finish().unwrap();
+            for s in [&store, &sibling] {
+                s.claim(ClaimRequest {
+                    key: key.as_str(),
+                    fingerprint: None,
+                    lease: Duration::from_secs(60),
+                })
+                .await
+                .unwrap();
+            }
+        }
+        let url = if cluster {
+            support::cluster_url()
+        } else {
+            support::redis_url()
+        };
+        let s = args(&url, &["--prefix", &prefix]);
+        let (code, doc) = idem_json(&s, &["list", "--namespace", ns]).await;
+        assert_eq!((code, doc["count"].as_u64()), (0, Some(12)), "cluster {cluster}: {doc}");
+        let (code, doc) = idem_json(&s, &["stats"]).await;
+        assert_eq!(code, 0);
+        assert_eq!(doc["total"]["records"], 12, "cluster {cluster}: {doc}");
+        assert_eq!(doc["namespaces"][0]["namespace"], ns, "cluster {cluster}: {doc}");
+    }
+}
