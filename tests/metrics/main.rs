@@ -330,7 +330,10 @@ async fn a_caller_that_gives_up_during_the_release_is_counted_once() {
     // The releases (the one cut off, the drop's) go through.
     let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
     while store.get(storage_key.as_str()).await.unwrap().is_some() {
-        assert!(tokio::time::Instant::now() < deadline, "the claim is released");
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the claim is released"
+        );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     assert_eq!(
@@ -421,7 +424,10 @@ async fn a_caller_that_gives_up_during_the_completion_is_counted_once() {
         if record.is_some_and(|r| r.state == idem_runtime::RecordState::Completed) {
             break;
         }
-        assert!(tokio::time::Instant::now() < deadline, "completed in the background");
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "completed in the background"
+        );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     let outcomes = seen(&ns).outcomes;

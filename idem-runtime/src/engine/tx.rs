@@ -128,12 +128,8 @@ impl HeldInTx {
     }
 
     /// [`release`](Self::release), logged as `why`.
-    pub(crate) async fn release_because<S, X>(
-        mut self,
-        store: &S,
-        tx: &mut X,
-        why: &'static str,
-    ) where
+    pub(crate) async fn release_because<S, X>(mut self, store: &S, tx: &mut X, why: &'static str)
+    where
         S: TransactionalStore<X> + ?Sized,
         X: Send + ?Sized,
     {

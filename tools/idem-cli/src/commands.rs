@@ -92,11 +92,24 @@ async fn find(store: &dyn Admin, io: &mut Io<'_>, args: &TargetArgs) -> Result<E
     match target {
         Target::Key(key) => match store.inspect(&key).await {
             Ok(Some(entry)) => Ok(entry),
-            Ok(None) => Err(io.fail_with(
-                Exit::NotFound,
-                &format!("no record under {key}"),
-                json!({ "key": key }),
-            )),
+            Ok(None) => {
+                // Plain JSON reads a `Some` field, a set or a map with
+                // non-string keys as another value: say so with the miss.
+                let hint = if spec.parts.is_some() {
+                    format!(
+                        " (derived from the key parts; a part holding an Option that is Some, a set, \
+                         a map with non-string keys, an enum or an f32 needs its typed spelling: {})",
+                        target::TAGS
+                    )
+                } else {
+                    String::new()
+                };
+                Err(io.fail_with(
+                    Exit::NotFound,
+                    &format!("no record under {key}{hint}"),
+                    json!({ "key": key }),
+                ))
+            }
             Err(e) => Err(io.store_error(&e)),
         },
         Target::Digest(digest) => {

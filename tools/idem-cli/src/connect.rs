@@ -63,8 +63,8 @@ pub(crate) async fn open(options: &Options<'_>) -> Result<Box<dyn Admin>, Failur
                 .connect_with(connect)
                 .await
                 .map_err(|e| Failure::Store(Error::store(format!("cannot open {url}: {e}"))))?;
-            let store =
-                SqliteStore::with_table(pool.clone(), table).map_err(|e| Failure::Usage(e.to_string()))?;
+            let store = SqliteStore::with_table(pool.clone(), table)
+                .map_err(|e| Failure::Usage(e.to_string()))?;
             // The store creates its table on first use: a mistyped --table
             // would be a new, empty table, read as "no records".
             let found: i64 = sqlx::query_scalar(

@@ -106,7 +106,108 @@ fn derive(namespace: &str, parts: &str, spec: &Spec<'_>) -> Result<Target, Strin
 /// as `f64`, `null` as `None` (`Option` fields; at the top of a part, a
 /// missing key), an array as a list, an object as a struct or map (sorted
 /// by the encoding either way).
+///
+/// What plain JSON cannot say is spelled as an object with one `$` field
+/// (see [`TAGS`]): `{"$some": v}`, `{"$set": [..]}`, `{"$map": [[k, v], ..]}`,
+/// `{"$int": "digits"}`, `{"$f32": x}`, `{"$bytes": "hex"}`, `{"$unit": null}`,
+/// `{"$variant": "Name"}` and `{"$variant": "Name", "$value": v}`.
 struct Part<'a>(&'a Value);
+
+/// The typed spellings: an object whose fields all start with `$`.
+pub(crate) const TAGS: &str = "$some, $set, $map, $int, $f32, $bytes, $unit, $variant (+ $value)";
+
+/// The elements of a `{"$set": [..]}`: a type whose name ends in `Set`, so the
+/// canonical encoding sorts them as it sorts a `HashSet`'s or `BTreeSet`'s.
+struct PartSet<'a>(&'a [Value]);
+
+impl<'a> IntoIterator for PartSet<'a> {
+    type Item = Part<'a>;
+    type IntoIter = std::iter::Map<std::slice::Iter<'a, Value>, fn(&'a Value) -> Part<'a>>;
+    fn into_iter(self) -> Self::IntoIter {
+        self.0.iter().map(Part as fn(&'a Value) -> Part<'a>)
+    }
+}
+
+fn tagged<S: Serializer>(fields: &serde_json::Map<String, Value>, s: S) -> Result<S::Ok, S::Error> {
+    use serde::ser::Error as _;
+    let bad = |what: String| S::Error::custom(format!("{what} (typed spellings: {TAGS})"));
+    let one = |tag: &str| (fields.len() == 1).then(|| fields.get(tag)).flatten();
+    if let Some(v) = one("$some") {
+        return s.serialize_some(&Part(v));
+    }
+    if let Some(v) = one("$set") {
+        let Value::Array(items) = v else {
+            return Err(bad("$set takes an array".into()));
+        };
+        return s.collect_seq(PartSet(items));
+    }
+    if let Some(v) = one("$map") {
+        let Some(entries) = v.as_array().filter(|e| {
+            e.iter()
+                .all(|pair| pair.as_array().is_some_and(|kv| kv.len() == 2))
+        }) else {
+            return Err(bad("$map takes an array of [key, value] pairs".into()));
+        };
+        let mut map = s.serialize_map(Some(entries.len()))?;
+        for pair in entries {
+            map.serialize_entry(&Part(&pair[0]), &Part(&pair[1]))?;
+        }
+        return map.end();
+    }
+    if let Some(v) = one("$int") {
+        let text = match v {
+            Value::String(text) => text.clone(),
+            Value::Number(n) if n.is_i64() || n.is_u64() => n.to_string(),
+            _ => return Err(bad("$int takes the integer as a string of digits".into())),
+        };
+        return match (text.parse::<i128>(), text.parse::<u128>()) {
+            (Ok(i), _) => s.serialize_i128(i),
+            (_, Ok(u)) => s.serialize_u128(u),
+            _ => Err(bad(format!(
+                "$int: {text:?} is not an integer of up to 128 bits"
+            ))),
+        };
+    }
+    if let Some(v) = one("$f32") {
+        let Some(x) = v.as_f64() else {
+            return Err(bad("$f32 takes a number".into()));
+        };
+        return s.serialize_f32(x as f32);
+    }
+    if let Some(v) = one("$bytes") {
+        let Some(bytes) = v.as_str().and_then(from_hex) else {
+            return Err(bad("$bytes takes hex digits, two a byte".into()));
+        };
+        return s.serialize_bytes(&bytes);
+    }
+    if let Some(Value::Null) = one("$unit") {
+        return s.serialize_unit();
+    }
+    if let Some(Value::String(name)) = fields.get("$variant") {
+        // serde names variants with `&'static str`; the CLI runs one command.
+        let name: &'static str = Box::leak(name.clone().into_boxed_str());
+        return match (fields.len(), fields.get("$value")) {
+            (1, None) => s.serialize_unit_variant("", 0, name),
+            (2, Some(payload)) => s.serialize_newtype_variant("", 0, name, &Part(payload)),
+            _ => Err(bad("$variant takes a name and, for data, one $value".into())),
+        };
+    }
+    let names: Vec<&str> = fields.keys().map(String::as_str).collect();
+    Err(bad(format!(
+        "{{{}}} is not a typed spelling",
+        names.join(", ")
+    )))
+}
+
+fn from_hex(text: &str) -> Option<Vec<u8>> {
+    if text.len() % 2 != 0 {
+        return None;
+    }
+    (0..text.len())
+        .step_by(2)
+        .map(|i| u8::from_str_radix(text.get(i..i + 2)?, 16).ok())
+        .collect()
+}
 
 impl Serialize for Part<'_> {
     fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
@@ -119,10 +220,12 @@ impl Serialize for Part<'_> {
                 // JSON reads an integer beyond 64 bits (a `u128` or `i128`
                 // key) as a float: the key would silently be another. Such a
                 // number (or a float as large and whole) is refused.
-                (None, None, Some(f)) if f.fract() == 0.0 && f.abs() >= 9.223_372_036_854_776e18 => {
+                (None, None, Some(f))
+                    if f.fract() == 0.0 && f.abs() >= 9.223_372_036_854_776e18 =>
+                {
                     Err(serde::ser::Error::custom(format!(
                         "{n} is beyond 64-bit integers, where JSON cannot tell an integer \
-                         (u128, i128) from a float: name the record by its storage key or --digest"
+                         (u128, i128) from a float: spell it {{\"$int\": \"{n}\"}}"
                     )))
                 }
                 (None, None, Some(f)) => s.serialize_f64(f),
@@ -136,6 +239,7 @@ impl Serialize for Part<'_> {
                 }
                 seq.end()
             }
+            Value::Object(fields) if fields.keys().any(|k| k.starts_with('$')) => tagged(fields, s),
             Value::Object(fields) => {
                 let mut map = s.serialize_map(Some(fields.len()))?;
                 for (name, value) in fields {
@@ -195,6 +299,87 @@ mod tests {
         ))
         .unwrap();
         assert_eq!(key(got), expected.as_str());
+    }
+
+    #[test]
+    fn typed_spellings_give_the_macros_key() {
+        use std::collections::{BTreeMap, BTreeSet, HashSet};
+        #[derive(serde::Serialize)]
+        struct Req {
+            coupon: Option<String>,
+            tags: HashSet<String>,
+        }
+        #[derive(serde::Serialize)]
+        enum Kind {
+            Card,
+            Transfer(u32),
+            Wallet { id: u64 },
+            Split(u8, u8),
+        }
+        let tags: HashSet<String> = ["b", "a", "c"].map(String::from).into();
+        let expected = KeyBuilder::new("n")
+            .part(&Req {
+                coupon: Some("SPRING".into()),
+                tags: tags.clone(),
+            })
+            .part(&BTreeSet::from([3u8, 1, 2]))
+            .part(&BTreeMap::from([(1u32, 2u32), (7, 9)]))
+            .part(&u128::MAX)
+            .part(&i128::MIN)
+            .part(&0.1f32)
+            .part(&Kind::Card)
+            .part(&Kind::Transfer(5))
+            .part(&Kind::Wallet { id: 3 })
+            .part(&Kind::Split(1, 2))
+            .part(&Some(Some(4u8)))
+            .finish()
+            .unwrap();
+        let parts = format!(
+            r#"[{{"coupon": {{"$some": "SPRING"}}, "tags": {{"$set": ["c", "a", "b"]}}}},
+                {{"$set": [2, 3, 1]}},
+                {{"$map": [[7, 9], [1, 2]]}},
+                {{"$int": "{}"}},
+                {{"$int": "{}"}},
+                {{"$f32": 0.1}},
+                {{"$variant": "Card"}},
+                {{"$variant": "Transfer", "$value": 5}},
+                {{"$variant": "Wallet", "$value": {{"id": 3}}}},
+                {{"$variant": "Split", "$value": [1, 2]}},
+                {{"$some": {{"$some": 4}}}}]"#,
+            u128::MAX,
+            i128::MIN
+        );
+        assert_eq!(key(resolve(&spec("n", &parts)).unwrap()), expected.as_str());
+        // `serde_bytes`-style bytes, and a unit.
+        struct Bytes;
+        impl serde::Serialize for Bytes {
+            fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+                s.serialize_bytes(&[0xde, 0xad])
+            }
+        }
+        let expected = KeyBuilder::new("n")
+            .part(&Bytes)
+            .part(&[()])
+            .finish()
+            .unwrap();
+        let got = resolve(&spec("n", r#"[{"$bytes": "dead"}, [{"$unit": null}]]"#)).unwrap();
+        assert_eq!(key(got), expected.as_str());
+    }
+
+    #[test]
+    fn unknown_or_malformed_typed_spellings_are_refused() {
+        for parts in [
+            r#"[{"$sum": 1}]"#,
+            r#"[{"$set": 1}]"#,
+            r#"[{"$map": [[1]]}]"#,
+            r#"[{"$int": "12x"}]"#,
+            r#"[{"$bytes": "abc"}]"#,
+            r#"[{"$variant": "A", "$value": 1, "x": 2}]"#,
+            r#"[{"$some": 1, "other": 2}]"#,
+        ] {
+            let err = resolve(&spec("n", parts)).unwrap_err();
+            assert!(err.contains("typed spellings"), "{parts}: {err}");
+        }
     }
 
     #[test]

@@ -487,7 +487,11 @@ async fn a_table_that_does_not_exist_is_not_created() {
         .unwrap();
     let typo = support::unique("no_such_table");
     let s = args(&support::pg_url(), &["--table", &typo]);
-    for command in [&["stats"][..], &["list", "--stuck"], &["inspect", NS, "[1]"]] {
+    for command in [
+        &["stats"][..],
+        &["list", "--stuck"],
+        &["inspect", NS, "[1]"],
+    ] {
         let (code, _, err) = idem(&s, command).await;
         let exists: bool = sqlx::query_scalar("SELECT to_regclass($1) IS NOT NULL")
             .bind(&typo)
@@ -531,7 +535,10 @@ async fn a_table_that_does_not_exist_is_not_created() {
             .await
             .unwrap();
     assert_eq!(tables, 0, "stats created the table orders_idm");
-    assert!(code == 2 || code == 4, "stats on a missing table: exit {code}, {err}");
+    assert!(
+        code == 2 || code == 4,
+        "stats on a missing table: exit {code}, {err}"
+    );
     let _ = std::fs::remove_dir_all(dir);
 }
 
@@ -578,10 +585,17 @@ async fn glob_characters_in_prefixes_and_namespaces_are_literal() {
         };
         let s = args(&url, &["--prefix", &prefix]);
         let (code, doc) = idem_json(&s, &["list", "--namespace", ns]).await;
-        assert_eq!((code, doc["count"].as_u64()), (0, Some(12)), "cluster {cluster}: {doc}");
+        assert_eq!(
+            (code, doc["count"].as_u64()),
+            (0, Some(12)),
+            "cluster {cluster}: {doc}"
+        );
         let (code, doc) = idem_json(&s, &["stats"]).await;
         assert_eq!(code, 0);
         assert_eq!(doc["total"]["records"], 12, "cluster {cluster}: {doc}");
-        assert_eq!(doc["namespaces"][0]["namespace"], ns, "cluster {cluster}: {doc}");
+        assert_eq!(
+            doc["namespaces"][0]["namespace"], ns,
+            "cluster {cluster}: {doc}"
+        );
     }
 }
