@@ -85,11 +85,12 @@ pub fn outcomes(text: &str) -> Vec<OutcomeSample> {
         .filter_map(|line| {
             let rest = line.strip_prefix(idem_runtime::metrics::OUTCOMES)?;
             let (labels, value) = rest.strip_prefix('{')?.rsplit_once("} ")?;
+            let labels = labels_of(labels)?;
             let label = |name: &str| {
-                labels.split(',').find_map(|pair| {
-                    let (k, v) = pair.split_once('=')?;
-                    (k == name).then(|| v.trim_matches('"').to_owned())
-                })
+                labels
+                    .iter()
+                    .find(|(k, _)| k == name)
+                    .map(|(_, v)| v.clone())
             };
             Some(OutcomeSample {
                 namespace: label("namespace")?,
@@ -99,4 +100,49 @@ pub fn outcomes(text: &str) -> Vec<OutcomeSample> {
             })
         })
         .collect()
+}
+
+/// `name="value",…` as the text format writes labels: values quoted, with
+/// `\\`, `\"` and `\n` escaped (a namespace may hold commas or quotes).
+fn labels_of(text: &str) -> Option<Vec<(String, String)>> {
+    let mut labels = Vec::new();
+    let mut rest = text;
+    while !rest.is_empty() {
+        let (name, after) = rest.split_once("=\"")?;
+        let mut value = String::new();
+        let mut chars = after.char_indices();
+        let end = loop {
+            match chars.next()? {
+                (i, '"') => break i,
+                (_, '\\') => match chars.next()?.1 {
+                    'n' => value.push('\n'),
+                    other => value.push(other),
+                },
+                (_, c) => value.push(c),
+            }
+        };
+        labels.push((name.trim_start_matches(',').to_owned(), value));
+        rest = &after[end + 1..];
+    }
+    Some(labels)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn labels_with_commas_and_quotes_are_read_whole() {
+        let text = "# TYPE idem_outcomes_total counter\n\
+            idem_outcomes_total{namespace=\"a::f<u8, \\\"x\\\">\",store=\"sqlite\",outcome=\"claimed\"} 3\n\
+            idem_outcomes_total{namespace=\"b\",store=\"redis\",outcome=\"replayed\"} 1\n";
+        let got = outcomes(text);
+        assert_eq!(got.len(), 2, "{got:?}");
+        assert_eq!(got[0].namespace, "a::f<u8, \"x\">");
+        assert_eq!(
+            (got[0].store.as_str(), got[0].outcome.as_str(), got[0].value),
+            ("sqlite", "claimed", 3.0)
+        );
+        assert_eq!((got[1].namespace.as_str(), got[1].value), ("b", 1.0));
+    }
 }

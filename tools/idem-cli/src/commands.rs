@@ -368,7 +368,11 @@ async fn invalidate(
 async fn purge(store: &dyn Admin, io: &mut Io<'_>, batch: u32, yes: bool) -> Result<Exit, Exit> {
     let kind = store.kind();
     if !yes {
-        let would = format!("delete every expired record from the {kind} store, {batch} at a time");
+        let would = format!(
+            "delete every expired record from the {kind} store, {batch} at a time \
+             (results past their ttl, claims whose lease lapsed and keep no steps, released \
+             records whose steps are no longer kept)"
+        );
         return Err(io.fail_with(
             Exit::NotConfirmed,
             &format!("would {would}; run again with --yes to do it"),
