@@ -38,6 +38,10 @@ async fn a_grpc_content_type_on_a_plain_http_handler_still_runs_once() {
         assert_eq!(second.status(), 201, "{content_type}");
         assert!(replayed(&second), "{content_type}: not replayed");
         assert_eq!(second.text().await.unwrap(), "charge 5 EUR");
-        assert_eq!(s.runs(), before + 1, "{content_type}: the handler ran twice");
+        assert_eq!(
+            s.runs(),
+            before + 1,
+            "{content_type}: the handler ran twice"
+        );
     }
 }

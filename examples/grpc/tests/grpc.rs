@@ -550,7 +550,9 @@ impl tonic::codegen::Service<http::Request<tonic::body::Body>> for Shaped {
         let mut framed = vec![0u8];
         framed.extend_from_slice(&(message.len() as u32).to_be_bytes());
         framed.extend_from_slice(&message);
-        let mut frames = vec![Ok::<_, Infallible>(http_body::Frame::data(Bytes::from(framed)))];
+        let mut frames = vec![Ok::<_, Infallible>(http_body::Frame::data(Bytes::from(
+            framed,
+        )))];
         if !self.trailers.is_empty() {
             let mut trailers = http::HeaderMap::new();
             for (name, value) in &self.trailers {
@@ -604,13 +606,22 @@ async fn a_message_followed_by_error_trailers_is_not_stored() {
     let (mut client, runs) = serve_shaped(
         layer(sqlite().await),
         vec![],
-        vec![("grpc-status", "13"), ("grpc-message", "ledger%20write%20failed")],
+        vec![
+            ("grpc-status", "13"),
+            ("grpc-message", "ledger%20write%20failed"),
+        ],
     )
     .await;
-    let err = client.charge(call(Some("k"), charge(500))).await.unwrap_err();
+    let err = client
+        .charge(call(Some("k"), charge(500)))
+        .await
+        .unwrap_err();
     assert_eq!(err.code(), Code::Internal, "{err:?}");
     assert_eq!(err.message(), "ledger write failed");
-    let err = client.charge(call(Some("k"), charge(500))).await.unwrap_err();
+    let err = client
+        .charge(call(Some("k"), charge(500)))
+        .await
+        .unwrap_err();
     assert_eq!(err.code(), Code::Internal);
     assert!(!replayed(err.metadata()));
     assert_eq!(runs.load(Ordering::SeqCst), 2, "released, so the retry ran");
@@ -629,13 +640,31 @@ async fn an_ok_in_the_headers_is_overruled_by_an_error_in_the_trailers() {
     assert_eq!(runs.load(Ordering::SeqCst), 2, "never stored");
 }
 
+/// A reply that ends without any `grpc-status`: tonic's client takes its
+/// message for a success, so the charge must never run again; it cannot be
+/// replayed either (it is broken), so it is recorded as done without a reply.
 #[tokio::test]
-async fn a_reply_without_any_grpc_status_is_not_stored() {
+async fn a_reply_without_any_grpc_status_is_recorded_as_done_and_never_run_again() {
     let (mut client, runs) = serve_shaped(layer(sqlite().await), vec![], vec![]).await;
-    let err = client.charge(call(Some("k"), charge(500))).await.unwrap_err();
-    assert_ne!(err.code(), Code::Ok);
-    let _ = client.charge(call(Some("k"), charge(500))).await;
-    assert_eq!(runs.load(Ordering::SeqCst), 2, "never stored");
+    let first = client.charge(call(Some("k"), charge(500))).await;
+    // What the first client makes of it is its client's business (tonic: OK).
+    if let Ok(reply) = &first {
+        assert_eq!(reply.get_ref().execution, 1);
+    }
+    let err = client
+        .charge(call(Some("k"), charge(500)))
+        .await
+        .unwrap_err();
+    assert_eq!(
+        layer_error(&err, Code::FailedPrecondition).0,
+        "RESPONSE_NOT_STORED"
+    );
+    assert!(replayed(err.metadata()));
+    assert_eq!(
+        runs.load(Ordering::SeqCst),
+        1,
+        "the retry ran the charge again"
+    );
 }
 
 #[tokio::test]
@@ -676,7 +705,8 @@ async fn a_client_that_resets_its_stream_mid_call_does_not_cut_the_charge_off() 
     let s = serve_behind(layer(postgres().await)).await;
     s.ledger.set_delay(Duration::from_millis(400));
     let mut client = s.client.clone();
-    let call_task = tokio::spawn(async move { client.charge(call(Some("rst"), charge(300))).await });
+    let call_task =
+        tokio::spawn(async move { client.charge(call(Some("rst"), charge(300))).await });
     tokio::time::sleep(Duration::from_millis(100)).await;
     call_task.abort();
     assert!(call_task.await.unwrap_err().is_cancelled());
@@ -689,10 +719,7 @@ async fn a_client_that_resets_its_stream_mid_call_does_not_cut_the_charge_off() 
         .unwrap_err();
     assert_eq!(layer_error(&err, Code::Aborted).0, "IN_PROGRESS");
     tokio::time::sleep(Duration::from_millis(700)).await;
-    let retry = client
-        .charge(call(Some("rst"), charge(300)))
-        .await
-        .unwrap();
+    let retry = client.charge(call(Some("rst"), charge(300))).await.unwrap();
     assert!(replayed(retry.metadata()));
     assert_eq!(retry.get_ref().execution, 1);
     assert_eq!(s.ledger.executions(), 1);
