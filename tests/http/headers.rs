@@ -159,3 +159,31 @@ async fn a_rewrite_edits_the_stored_copy_and_not_the_live_response() {
     assert!(names.iter().any(|n| n == "x-served-from"), "{record}");
     assert_eq!(s.runs(), 1);
 }
+
+/// A rewrite hook that panics runs after the handler did its work: the key
+/// must not be released (a retry would run the handler a second time), and
+/// nothing unrewritten may be stored either. The request is recorded as done
+/// without a replayable response.
+#[tokio::test]
+async fn a_rewrite_hook_that_panics_never_lets_the_handler_run_twice() {
+    let store = sqlite().await;
+    let layer = scoped(store.clone()).rewrite_stored_headers(|_headers| {
+        panic!("a bug in the redaction hook");
+    });
+    let s = serve(layer).await;
+    // The first client may get its response or a broken connection; the
+    // handler ran either way.
+    let _ = s
+        .request(reqwest::Method::POST, "/session", Some("k"))
+        .send()
+        .await;
+    assert_eq!(s.runs(), 1);
+    tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    let retry = s.post("/session", Some("k"), "").await;
+    assert_eq!(s.runs(), 1, "the retry ran the handler again");
+    assert_eq!(retry.status(), 410);
+    assert!(replayed(&retry));
+    // Nothing of the unrewritten response reached the record.
+    let record = record(&store, "k").await;
+    assert!(!record.to_string().contains("secret-1"), "{record}");
+}

@@ -6,5 +6,6 @@ mod app;
 mod bodies;
 mod clients;
 mod headers;
+mod protocol;
 mod steps;
 mod withheld;

@@ -51,6 +51,7 @@ struct Served {
     ledger: Arc<Ledger>,
     client: PaymentsClient,
     namespace: String,
+    addr: std::net::SocketAddr,
 }
 
 /// Serves the payments service behind `layer`, with a namespace of its own.
@@ -68,6 +69,7 @@ async fn serve_behind(layer: IdempotencyLayer) -> Served {
         ledger,
         client,
         namespace,
+        addr,
     }
 }
 
@@ -499,4 +501,255 @@ async fn a_store_that_is_down_is_unavailable_with_a_pushback_and_nothing_runs() 
     );
     assert!(!err.message().contains("connection refused"));
     assert_eq!(s.ledger.executions(), 0);
+}
+
+// ---------------------------------------------------------------------------
+// Replies tonic's own unary handling never makes, from a hand-made `Charge`
+// endpoint: a message followed by trailers the test chooses.
+
+use std::convert::Infallible;
+
+use tonic::codegen::{http, Bytes};
+
+/// What the hand-made endpoint answers.
+#[derive(Clone)]
+struct Shaped {
+    runs: Arc<AtomicUsize>,
+    /// The reply's headers, beside `content-type: application/grpc`.
+    headers: Vec<(&'static str, &'static str)>,
+    /// Its trailers (none at all if empty).
+    trailers: Vec<(&'static str, &'static str)>,
+}
+
+impl tonic::server::NamedService for Shaped {
+    const NAME: &'static str = grpc_example::proto::SERVICE;
+}
+
+impl tonic::codegen::Service<http::Request<tonic::body::Body>> for Shaped {
+    type Response = http::Response<tonic::body::Body>;
+    type Error = Infallible;
+    type Future = std::future::Ready<Result<Self::Response, Infallible>>;
+
+    fn poll_ready(
+        &mut self,
+        _: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Result<(), Infallible>> {
+        std::task::Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, _: http::Request<tonic::body::Body>) -> Self::Future {
+        let run = self.runs.fetch_add(1, Ordering::SeqCst) + 1;
+        let message = ChargeReply {
+            charge_id: format!("ch_{run:06}"),
+            account: "acct-1".into(),
+            amount_cents: 500,
+            currency: "EUR".into(),
+            execution: run as u64,
+        }
+        .encode_to_vec();
+        let mut framed = vec![0u8];
+        framed.extend_from_slice(&(message.len() as u32).to_be_bytes());
+        framed.extend_from_slice(&message);
+        let mut frames = vec![Ok::<_, Infallible>(http_body::Frame::data(Bytes::from(
+            framed,
+        )))];
+        if !self.trailers.is_empty() {
+            let mut trailers = http::HeaderMap::new();
+            for (name, value) in &self.trailers {
+                trailers.append(*name, value.parse().unwrap());
+            }
+            frames.push(Ok(http_body::Frame::trailers(trailers)));
+        }
+        let body = http_body_util::StreamBody::new(futures::stream::iter(frames));
+        let mut response = http::Response::new(tonic::body::Body::new(body));
+        let headers = response.headers_mut();
+        headers.insert("content-type", "application/grpc".parse().unwrap());
+        for (name, value) in &self.headers {
+            headers.append(*name, value.parse().unwrap());
+        }
+        std::future::ready(Ok(response))
+    }
+}
+
+/// Serves `shaped` behind `layer` (keys required, scope from the bearer);
+/// returns a client and the endpoint's run counter.
+async fn serve_shaped(
+    layer: IdempotencyLayer,
+    headers: Vec<(&'static str, &'static str)>,
+    trailers: Vec<(&'static str, &'static str)>,
+) -> (PaymentsClient, Arc<AtomicUsize>) {
+    let runs = Arc::new(AtomicUsize::new(0));
+    let shaped = Shaped {
+        runs: Arc::clone(&runs),
+        headers,
+        trailers,
+    };
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let layer = layer.namespace(unique("grpc_shaped"));
+    tokio::spawn(
+        tonic::transport::Server::builder()
+            .layer(layer)
+            .add_service(shaped)
+            .serve_with_incoming(tonic::transport::server::TcpIncoming::from(listener)),
+    );
+    let client = PaymentsClient::connect(format!("http://{addr}"))
+        .await
+        .unwrap();
+    (client, runs)
+}
+
+#[tokio::test]
+async fn a_message_followed_by_error_trailers_is_not_stored() {
+    // Headers that look like success, a whole message, then `INTERNAL` in the
+    // trailers: the final status is what counts.
+    let (mut client, runs) = serve_shaped(
+        layer(sqlite().await),
+        vec![],
+        vec![
+            ("grpc-status", "13"),
+            ("grpc-message", "ledger%20write%20failed"),
+        ],
+    )
+    .await;
+    let err = client
+        .charge(call(Some("k"), charge(500)))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::Internal, "{err:?}");
+    assert_eq!(err.message(), "ledger write failed");
+    let err = client
+        .charge(call(Some("k"), charge(500)))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::Internal);
+    assert!(!replayed(err.metadata()));
+    assert_eq!(runs.load(Ordering::SeqCst), 2, "released, so the retry ran");
+}
+
+#[tokio::test]
+async fn an_ok_in_the_headers_is_overruled_by_an_error_in_the_trailers() {
+    let (mut client, runs) = serve_shaped(
+        layer(sqlite().await),
+        vec![("grpc-status", "0")],
+        vec![("grpc-status", "14")],
+    )
+    .await;
+    let _ = client.charge(call(Some("k"), charge(500))).await;
+    let _ = client.charge(call(Some("k"), charge(500))).await;
+    assert_eq!(runs.load(Ordering::SeqCst), 2, "never stored");
+}
+
+/// A reply that ends without any `grpc-status`: tonic's client takes its
+/// message for a success, so the charge must never run again; it cannot be
+/// replayed either (it is broken), so it is recorded as done without a reply.
+#[tokio::test]
+async fn a_reply_without_any_grpc_status_is_recorded_as_done_and_never_run_again() {
+    let (mut client, runs) = serve_shaped(layer(sqlite().await), vec![], vec![]).await;
+    let first = client.charge(call(Some("k"), charge(500))).await;
+    // What the first client makes of it is its client's business (tonic: OK).
+    if let Ok(reply) = &first {
+        assert_eq!(reply.get_ref().execution, 1);
+    }
+    let err = client
+        .charge(call(Some("k"), charge(500)))
+        .await
+        .unwrap_err();
+    assert_eq!(
+        layer_error(&err, Code::FailedPrecondition).0,
+        "RESPONSE_NOT_STORED"
+    );
+    assert!(replayed(err.metadata()));
+    assert_eq!(
+        runs.load(Ordering::SeqCst),
+        1,
+        "the retry ran the charge again"
+    );
+}
+
+#[tokio::test]
+async fn trailing_metadata_replays_exactly_without_set_cookie() {
+    let store = sqlite().await;
+    let (mut client, runs) = serve_shaped(
+        layer(store.clone()),
+        vec![("x-head", "h1")],
+        vec![
+            ("grpc-status", "0"),
+            ("x-trace", "t-1"),
+            ("x-trace", "t-2"),
+            ("Set-Cookie", "sid=secret"),
+        ],
+    )
+    .await;
+    let first = client.charge(call(Some("k"), charge(500))).await.unwrap();
+    assert_eq!(first.metadata().get("set-cookie").unwrap(), "sid=secret");
+    let second = client.charge(call(Some("k"), charge(500))).await.unwrap();
+    assert!(replayed(second.metadata()));
+    assert_eq!(runs.load(Ordering::SeqCst), 1);
+    assert_eq!(first.get_ref(), second.get_ref());
+    let traces: Vec<_> = second
+        .metadata()
+        .get_all("x-trace")
+        .iter()
+        .map(|v| v.to_str().unwrap().to_owned())
+        .collect();
+    assert_eq!(traces, ["t-1", "t-2"]);
+    assert_eq!(second.metadata().get("x-head").unwrap(), "h1");
+    assert!(second.metadata().get("set-cookie").is_none());
+}
+
+#[tokio::test]
+async fn a_client_that_resets_its_stream_mid_call_does_not_cut_the_charge_off() {
+    // No deadline: the client drops the call, so its HTTP/2 stream is reset
+    // (RST_STREAM CANCEL) while the handler runs.
+    let s = serve_behind(layer(postgres().await)).await;
+    s.ledger.set_delay(Duration::from_millis(400));
+    let mut client = s.client.clone();
+    let call_task =
+        tokio::spawn(async move { client.charge(call(Some("rst"), charge(300))).await });
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    call_task.abort();
+    assert!(call_task.await.unwrap_err().is_cancelled());
+    assert_eq!(s.ledger.executions(), 1);
+    // While the charge still runs, a retry is told to come back.
+    let mut client = s.client.clone();
+    let err = client
+        .charge(call(Some("rst"), charge(300)))
+        .await
+        .unwrap_err();
+    assert_eq!(layer_error(&err, Code::Aborted).0, "IN_PROGRESS");
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    let retry = client.charge(call(Some("rst"), charge(300))).await.unwrap();
+    assert!(replayed(retry.metadata()));
+    assert_eq!(retry.get_ref().execution, 1);
+    assert_eq!(s.ledger.executions(), 1);
+}
+
+#[tokio::test]
+async fn exactly_one_execution_for_duplicates_over_many_connections_on_redis() {
+    let s = serve_behind(layer(redis().await)).await;
+    s.ledger.set_delay(Duration::from_millis(200));
+    // A connection of its own per caller.
+    let mut clients = Vec::new();
+    for _ in 0..12 {
+        clients.push(
+            PaymentsClient::connect(format!("http://{}", s.addr))
+                .await
+                .unwrap(),
+        );
+    }
+    let calls: Vec<_> = clients
+        .into_iter()
+        .map(|mut client| {
+            tokio::spawn(async move { client.charge(call(Some("many"), charge(700))).await })
+        })
+        .collect();
+    let mut ok = 0;
+    for call in calls {
+        if call.await.unwrap().is_ok() {
+            ok += 1;
+        }
+    }
+    assert!(ok >= 1);
+    assert_eq!(s.ledger.executions(), 1);
 }

@@ -45,6 +45,20 @@ impl Protocol {
     }
 }
 
+impl Protocol {
+    /// Whether the handler's reply to a request answered in `dialect` is
+    /// judged by gRPC's rules (stored by its final `grpc-status`): with
+    /// [`Protocol::Grpc`] always; with [`Protocol::Auto`] only if the reply
+    /// says it is gRPC (`Content-Type: application/grpc…`, or a `grpc-status`
+    /// in its headers). A plain HTTP handler that a client reached with a
+    /// gRPC `Content-Type` is stored by HTTP's rules, not released for want of
+    /// a `grpc-status` (which would let every retry run it again).
+    pub(crate) fn grpc_reply(self, dialect: Dialect, reply: &HeaderMap) -> bool {
+        dialect == Dialect::Grpc
+            && (self == Protocol::Grpc || is_grpc(reply) || status_in(reply).is_some())
+    }
+}
+
 /// The shape of one request's answers (a [`Protocol`] applied to a request).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Dialect {
@@ -275,6 +289,28 @@ mod tests {
         }
         assert!(!is_grpc(&HeaderMap::new()));
         assert_eq!(Protocol::Grpc.dialect(&HeaderMap::new()), Dialect::Grpc);
+    }
+
+    #[test]
+    fn a_reply_is_judged_as_grpc_only_if_it_says_so_under_auto() {
+        let mut grpc = HeaderMap::new();
+        grpc.insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/grpc"),
+        );
+        let mut status_only = HeaderMap::new();
+        status_only.insert(GRPC_STATUS, HeaderValue::from_static("14"));
+        let mut json = HeaderMap::new();
+        json.insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/json"),
+        );
+        assert!(Protocol::Auto.grpc_reply(Dialect::Grpc, &grpc));
+        assert!(Protocol::Auto.grpc_reply(Dialect::Grpc, &status_only));
+        assert!(!Protocol::Auto.grpc_reply(Dialect::Grpc, &json));
+        assert!(!Protocol::Auto.grpc_reply(Dialect::Http, &grpc));
+        assert!(Protocol::Grpc.grpc_reply(Dialect::Grpc, &json));
+        assert!(!Protocol::Http.grpc_reply(Dialect::Http, &grpc));
     }
 
     #[test]

@@ -271,6 +271,9 @@ impl IdempotencyLayer {
     /// remove a header by a rule of your own. The live response is not
     /// touched; a replay answers with what the hook left, plus
     /// `Idempotent-Replayed: true`. Hop-by-hop headers it adds are not stored.
+    /// It sees the headers only, not the trailers. If it panics, nothing is
+    /// stored and the request is recorded as done without a replayable
+    /// response (retries get 410), never run again.
     pub fn rewrite_stored_headers<F>(mut self, rewrite: F) -> Self
     where
         F: Fn(&mut HeaderMap) + Send + Sync + 'static,

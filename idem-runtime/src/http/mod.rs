@@ -90,7 +90,7 @@
 //!
 //! | call | answer |
 //! |---|---|
-//! | first with its key | the handler's reply; stored if its final `grpc-status` is `OK` ([`default_store_grpc_status`]) — any other status releases the key |
+//! | first with its key | the handler's reply; stored if its final `grpc-status` is `OK` ([`default_store_grpc_status`]) — any other status releases the key; a reply with none is recorded as done, not stored |
 //! | repeat, reply stored | the reply's headers (metadata), message and trailers, byte for byte, plus `idempotent-replayed: true` metadata |
 //! | repeat while the first runs | `ABORTED`, with `grpc-retry-pushback-ms` and a `RetryInfo` |
 //! | same key, other method or message | `INVALID_ARGUMENT` |

@@ -281,9 +281,10 @@ where
             };
             let (head, body) = response.into_parts();
             let body = Box::pin(body);
+            let grpc_reply = config.protocol.grpc_reply(dialect, &head.headers);
             let reading = if !(config.store_status)(head.status) {
                 Reading::Unstored(body)
-            } else if dialect == Dialect::Grpc {
+            } else if grpc_reply {
                 // A gRPC reply's length is never known up front: read it, up
                 // to the limit and to its first message, and judge it by its
                 // final `grpc-status` (in its trailers, or in its headers
@@ -307,10 +308,10 @@ where
                         .map_err(Into::<BoxError>::into),
                 )
             };
-            Ok((head, reading))
+            Ok((head, grpc_reply, reading))
         })
         .await;
-    let (head, reading) = match ran {
+    let (head, grpc_reply, reading) = match ran {
         Ok(done) => done,
         Err(err) => {
             held.release().await;
@@ -327,17 +328,29 @@ where
             ))
         }
         Reading::Read(Ok(Read::Whole { data, trailers })) => {
-            if dialect == Dialect::Grpc {
+            if grpc_reply {
                 let code = trailers
                     .as_ref()
                     .and_then(grpc::status_in)
                     .or_else(|| grpc::status_in(&head.headers));
-                // No `grpc-status` at all is a broken call (`UNKNOWN` to
-                // the client): not stored either.
-                if !code.is_some_and(config.store_grpc_status) {
-                    tracing::debug!(grpc_status = ?code, "gRPC status not stored; key released");
-                    held.release().await;
-                    return Ok(Response::from_parts(head, Body::buffered(data, trailers)));
+                match code {
+                    // No `grpc-status` at all: a broken reply, which some
+                    // clients (tonic) take for `OK` when it holds a message.
+                    // The handler ran: recorded as done without a replay,
+                    // never run again.
+                    None => {
+                        tracing::error!(
+                            "gRPC reply without a grpc-status; recorded as done, not stored"
+                        );
+                        withhold(held, &config, head.status, Withheld::Failed).await;
+                        return Ok(Response::from_parts(head, Body::buffered(data, trailers)));
+                    }
+                    Some(code) if !(config.store_grpc_status)(code) => {
+                        tracing::debug!(grpc_status = code, "gRPC status not stored; key released");
+                        held.release().await;
+                        return Ok(Response::from_parts(head, Body::buffered(data, trailers)));
+                    }
+                    Some(_) => {}
                 }
             }
             match stored::encode(
@@ -368,9 +381,12 @@ where
                         _ => {}
                     }
                 }
+                // The handler ran: a record that cannot be written (a
+                // rewrite hook that panicked) must not free the key for a
+                // second run; it is recorded as done without a replay.
                 Err(err) => {
-                    tracing::error!(error = %err, "the response could not be encoded; releasing");
-                    held.release().await;
+                    tracing::error!(error = %err, "the response could not be encoded; recorded as done without it");
+                    withhold(held, &config, head.status, Withheld::Failed).await;
                 }
             }
             Ok(Response::from_parts(head, Body::buffered(data, trailers)))

@@ -130,7 +130,13 @@ pub(crate) fn encode(
             for name in &policy.dropped {
                 copy.remove(name);
             }
-            rewrite(&mut copy);
+            // A hook that panics must not unwind through the layer: the
+            // handler has run, and its claim must be settled, not dropped.
+            let rewrote =
+                std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| rewrite(&mut copy)));
+            if rewrote.is_err() {
+                return Err(Error::codec("the stored-headers rewrite hook panicked"));
+            }
             rewritten = copy;
             Headers {
                 map: &rewritten,
