@@ -213,7 +213,8 @@ impl IdempotencyLayer {
     }
 
     /// Which response statuses are stored and replayed (default
-    /// [`default_store_status`]); any other status releases the key.
+    /// [`default_store_status`]); any other status releases the key. It is
+    /// asked after the handler ran: if it panics, the response is stored.
     pub fn store_status(mut self, store: fn(StatusCode) -> bool) -> Self {
         self.config().store_status = store;
         self

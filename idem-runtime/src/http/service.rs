@@ -282,7 +282,7 @@ where
             let (head, body) = response.into_parts();
             let body = Box::pin(body);
             let grpc_reply = config.protocol.grpc_reply(dialect, &head.headers);
-            let reading = if !(config.store_status)(head.status) {
+            let reading = if !stores(config.store_status, head.status) {
                 Reading::Unstored(body)
             } else if grpc_reply {
                 // A gRPC reply's length is never known up front: read it, up
@@ -290,7 +290,9 @@ where
                 // final `grpc-status` (in its trailers, or in its headers
                 // for a trailers-only reply, known at once).
                 match grpc::status_in(&head.headers) {
-                    Some(code) if !(config.store_grpc_status)(code) => Reading::Unstored(body),
+                    Some(code) if !stores(config.store_grpc_status, code) => {
+                        Reading::Unstored(body)
+                    }
                     _ => Reading::Read(
                         read_limited(body, max, Some(Framing::default()))
                             .await
@@ -345,7 +347,7 @@ where
                         withhold(held, &config, head.status, Withheld::Failed).await;
                         return Ok(Response::from_parts(head, Body::buffered(data, trailers)));
                     }
-                    Some(code) if !(config.store_grpc_status)(code) => {
+                    Some(code) if !stores(config.store_grpc_status, code) => {
                         tracing::debug!(grpc_status = code, "gRPC status not stored; key released");
                         held.release().await;
                         return Ok(Response::from_parts(head, Body::buffered(data, trailers)));
@@ -460,4 +462,20 @@ async fn withhold(held: Held, config: &Config, status: http::StatusCode, why: Wi
             held.release().await;
         }
     }
+}
+
+/// Asks a `store_status` / `store_grpc_status` predicate. The handler has
+/// run by then: a predicate that panics must not unwind through the layer and
+/// drop the claim (a retry would run the handler again), so it counts as
+/// "store" — the conservative answer, the reply replayed.
+fn stores<T: Copy + std::fmt::Debug>(predicate: fn(T) -> bool, status: T) -> bool {
+    std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| predicate(status))).unwrap_or_else(
+        |_| {
+            tracing::error!(
+                ?status,
+                "the store_status predicate panicked; the reply is stored"
+            );
+            true
+        },
+    )
 }
