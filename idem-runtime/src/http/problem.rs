@@ -211,7 +211,14 @@ impl Problem {
                 // Retry hints in whole milliseconds, at least 1 s as for HTTP:
                 // a zero pushback would invite a hot loop.
                 let retry = self.retry_after().map(|d| d.max(Duration::from_secs(1)));
-                grpc::response(self.grpc_code(), &reason, detail, retry)
+                // The same words, in a gRPC caller's terms.
+                let detail = detail
+                    .replace("Idempotency-Key header", "idempotency-key metadata entry")
+                    .replace(
+                        "the method, path, query or body",
+                        "the method or the message",
+                    );
+                grpc::response(self.grpc_code(), &reason, &detail, retry)
             }
         }
     }
