@@ -67,6 +67,21 @@ pub(crate) enum Outcome {
 }
 
 impl Outcome {
+    /// Every outcome, in declaration order (`ALL[o as usize] == o`).
+    #[cfg(feature = "metrics")]
+    const ALL: [Outcome; 10] = [
+        Outcome::Claimed,
+        Outcome::TakenOver,
+        Outcome::Replayed,
+        Outcome::InProgress,
+        Outcome::KeyReused,
+        Outcome::Completed,
+        Outcome::ReleasedAfterError,
+        Outcome::Cancelled,
+        Outcome::LeaseLost,
+        Outcome::StoreError,
+    ];
+
     #[cfg(feature = "metrics")]
     fn label(self) -> &'static str {
         match self {
@@ -109,39 +124,137 @@ pub fn describe() {
     }
 }
 
-/// Counts one `outcome` for a key of `namespace` on a store of kind `store`.
-#[inline]
-pub(crate) fn outcome(namespace: &str, store: &'static str, outcome: Outcome) {
+/// The labels of one call's events (its namespace and store kind), looked up
+/// once per claim: each event then hands the recorder a ready key. Without
+/// the `metrics` feature it is empty and every event compiles to nothing.
+#[derive(Clone)]
+pub(crate) struct Labels {
     #[cfg(feature = "metrics")]
-    metrics::counter!(
-        OUTCOMES,
-        "namespace" => namespace.to_owned(),
-        "store" => store,
-        "outcome" => outcome.label(),
-    )
-    .increment(1);
-    #[cfg(not(feature = "metrics"))]
-    let _ = (namespace, store, outcome);
+    keys: std::sync::Arc<keys::Keys>,
 }
 
-/// Records one claim round trip.
-#[inline]
-pub(crate) fn claim_duration(namespace: &str, store: &'static str, took: Duration) {
-    #[cfg(feature = "metrics")]
-    metrics::histogram!(CLAIM_DURATION, "namespace" => namespace.to_owned(), "store" => store)
-        .record(took.as_secs_f64());
-    #[cfg(not(feature = "metrics"))]
-    let _ = (namespace, store, took);
+impl Labels {
+    #[inline]
+    pub(crate) fn new(namespace: &str, store: &'static str) -> Self {
+        #[cfg(not(feature = "metrics"))]
+        let _ = (namespace, store);
+        Labels {
+            #[cfg(feature = "metrics")]
+            keys: keys::get(namespace, store),
+        }
+    }
+
+    /// Counts one `outcome`.
+    #[inline]
+    pub(crate) fn outcome(&self, outcome: Outcome) {
+        #[cfg(feature = "metrics")]
+        metrics::with_recorder(|r| {
+            r.register_counter(&self.keys.outcomes[outcome as usize], &keys::METADATA)
+                .increment(1)
+        });
+        #[cfg(not(feature = "metrics"))]
+        let _ = outcome;
+    }
+
+    /// Records one claim round trip.
+    #[inline]
+    pub(crate) fn claim_duration(&self, took: Duration) {
+        #[cfg(feature = "metrics")]
+        metrics::with_recorder(|r| {
+            r.register_histogram(&self.keys.claim, &keys::METADATA)
+                .record(took.as_secs_f64())
+        });
+        #[cfg(not(feature = "metrics"))]
+        let _ = took;
+    }
+
+    /// Records one completion (its retries included).
+    #[inline]
+    pub(crate) fn complete_duration(&self, took: Duration) {
+        #[cfg(feature = "metrics")]
+        metrics::with_recorder(|r| {
+            r.register_histogram(&self.keys.complete, &keys::METADATA)
+                .record(took.as_secs_f64())
+        });
+        #[cfg(not(feature = "metrics"))]
+        let _ = took;
+    }
 }
 
-/// Records one completion (its retries included).
-#[inline]
-pub(crate) fn complete_duration(namespace: &str, store: &'static str, took: Duration) {
-    #[cfg(feature = "metrics")]
-    metrics::histogram!(COMPLETE_DURATION, "namespace" => namespace.to_owned(), "store" => store)
-        .record(took.as_secs_f64());
-    #[cfg(not(feature = "metrics"))]
-    let _ = (namespace, store, took);
+impl std::fmt::Debug for Labels {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Labels").finish_non_exhaustive()
+    }
+}
+
+/// The metric keys (name and labels) of each namespace and store kind, built
+/// once: an event then hands the recorder a ready key, as the facade's
+/// macros do with constant labels, instead of building its labels anew. The
+/// recorder is still asked every time, so one installed later is used at once.
+#[cfg(feature = "metrics")]
+mod keys {
+    use std::collections::HashMap;
+    use std::sync::{Arc, OnceLock, RwLock};
+
+    use metrics::{Key, Label, Level, Metadata};
+
+    use super::{CLAIM_DURATION, COMPLETE_DURATION, OUTCOMES};
+
+    pub(super) static METADATA: Metadata<'static> =
+        Metadata::new("idem_runtime", Level::INFO, Some("idem_runtime::metrics"));
+
+    const OUTCOME_COUNT: usize = super::Outcome::StoreError as usize + 1;
+
+    pub(super) struct Keys {
+        pub(super) outcomes: [Key; OUTCOME_COUNT],
+        pub(super) claim: Key,
+        pub(super) complete: Key,
+    }
+
+    impl Keys {
+        fn new(namespace: &str, store: &'static str) -> Self {
+            let labels = |extra: Option<&'static str>| {
+                let mut labels = vec![
+                    Label::new("namespace", namespace.to_owned()),
+                    Label::new("store", store),
+                ];
+                labels.extend(extra.map(|outcome| Label::new("outcome", outcome)));
+                labels
+            };
+            Keys {
+                outcomes: super::Outcome::ALL
+                    .map(|outcome| Key::from_parts(OUTCOMES, labels(Some(outcome.label())))),
+                claim: Key::from_parts(CLAIM_DURATION, labels(None)),
+                complete: Key::from_parts(COMPLETE_DURATION, labels(None)),
+            }
+        }
+    }
+
+    type Hasher = foldhash::fast::RandomState;
+    type Map = HashMap<&'static str, HashMap<Box<str>, Arc<Keys>, Hasher>, Hasher>;
+
+    /// Namespaces are few (function paths, layer and consumer names), so
+    /// the map stays small; a poisoned lock is still a usable map.
+    static KEYS: OnceLock<RwLock<Map>> = OnceLock::new();
+
+    pub(super) fn get(namespace: &str, store: &'static str) -> Arc<Keys> {
+        let map = KEYS.get_or_init(Default::default);
+        let found = map
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(store)
+            .and_then(|by| by.get(namespace))
+            .cloned();
+        found.unwrap_or_else(|| {
+            let mut map = map.write().unwrap_or_else(|e| e.into_inner());
+            Arc::clone(
+                map.entry(store)
+                    .or_default()
+                    .entry(namespace.into())
+                    .or_insert_with(|| Arc::new(Keys::new(namespace, store))),
+            )
+        })
+    }
 }
 
 /// A timer that costs nothing without the `metrics` feature.

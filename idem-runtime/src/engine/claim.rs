@@ -169,9 +169,8 @@ pub(super) struct Waiter {
     /// Whether a running duplicate was seen: from then on this caller is waiting,
     /// and a transient store error is retried within the wait instead of ending it.
     waiting: bool,
-    /// The key (for its namespace) and the store's kind, the metrics' labels.
-    key: Key,
-    store: &'static str,
+    /// The metrics' labels (the key's namespace, the store's kind).
+    labels: metrics::Labels,
 }
 
 impl Waiter {
@@ -184,18 +183,17 @@ impl Waiter {
             },
             backoff: Duration::from_millis(2),
             waiting: false,
-            key: key.clone(),
-            store,
+            labels: metrics::Labels::new(key.namespace(), store),
         }
     }
 
     /// Records how long one claim round trip took.
     pub(super) fn timed(&self, timer: metrics::Timer) {
-        metrics::claim_duration(self.key.namespace(), self.store, timer.elapsed());
+        self.labels.claim_duration(timer.elapsed());
     }
 
     fn count(&self, outcome: Outcome) {
-        metrics::outcome(self.key.namespace(), self.store, outcome);
+        self.labels.outcome(outcome);
     }
 
     /// Sleeps before the next claim: the backoff (doubling to 100 ms), never past

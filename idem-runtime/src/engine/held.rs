@@ -38,6 +38,8 @@ pub struct Held {
     /// error, a refused takeover): a drop that releases again while that
     /// release is on the wire does not count it a second time.
     counted: bool,
+    /// The metrics' labels.
+    labels: metrics::Labels,
 }
 
 impl std::fmt::Debug for Held {
@@ -68,6 +70,7 @@ impl Held {
             let _ = watchdog.set(kept);
         }
         Held {
+            labels: metrics::Labels::new(key.namespace(), store.kind()),
             store,
             key,
             token,
@@ -197,19 +200,17 @@ impl Held {
             None => lease::Lazy::Start(self.lease),
         };
         let answer_early = store.answers_before_recorded();
-        let kind = store.kind();
         // Counted once however it ends: a caller that goes away while the
         // completion is on the wire (it goes on in the background) is
         // `cancelled`.
         let mut ending = Ending {
-            key: &self.key,
-            store: kind,
+            labels: &self.labels,
             outcome: Outcome::Cancelled,
         };
         let timer = metrics::Timer::start();
         let completion =
             lease::complete(store, key, token, watchdog, outcome, cap_duration(ttl)).await;
-        metrics::complete_duration(self.key.namespace(), kind, timer.elapsed());
+        self.labels.complete_duration(timer.elapsed());
         ending.outcome = match completion {
             Completion::Recorded => Outcome::Completed,
             Completion::Lost => Outcome::LeaseLost,
@@ -294,11 +295,7 @@ impl Held {
     /// gives up meanwhile (a timeout around the call) drops it, and the drop
     /// releases it again, so the release is never lost with the caller.
     pub(crate) async fn release_because(mut self, what: &'static str) {
-        metrics::outcome(
-            self.key.namespace(),
-            self.store.kind(),
-            Outcome::ReleasedAfterError,
-        );
+        self.labels.outcome(Outcome::ReleasedAfterError);
         self.counted = true;
         self.release_claim(what).await
     }
@@ -322,14 +319,13 @@ impl Held {
 /// How a completion ended, counted when it is dropped: at the end of
 /// [`Held::complete`], or with the caller's future if it goes away first.
 struct Ending<'a> {
-    key: &'a Key,
-    store: &'static str,
+    labels: &'a metrics::Labels,
     outcome: Outcome,
 }
 
 impl Drop for Ending<'_> {
     fn drop(&mut self) {
-        metrics::outcome(self.key.namespace(), self.store, self.outcome);
+        self.labels.outcome(self.outcome);
     }
 }
 
@@ -359,7 +355,7 @@ impl Drop for Held {
         drop(self.watchdog.take());
         let token = self.token;
         if !self.counted {
-            metrics::outcome(self.key.namespace(), self.store.kind(), Outcome::Cancelled);
+            self.labels.outcome(Outcome::Cancelled);
         }
         match self.store.release_now(self.key.as_str(), token) {
             Some(Ok(())) => tracing::debug!(token = token.0, "released after cancellation"),

@@ -31,8 +31,8 @@ pub struct HeldInTx {
     /// Whether the work withheld its outcome ([`withhold_outcome`](super::withhold_outcome)).
     withheld: std::sync::atomic::AtomicBool,
     span: tracing::Span,
-    /// The store's kind, for the metrics.
-    store: &'static str,
+    /// The metrics' labels.
+    labels: metrics::Labels,
     /// Whether how the claim ended is counted: one dropped before (the
     /// caller went away, its transaction with it) is counted `cancelled`.
     counted: bool,
@@ -85,23 +85,18 @@ impl HeldInTx {
         X: Send + ?Sized,
     {
         let (token, span) = (self.token, self.span.clone());
-        let key = &self.key;
+        let (key, labels) = (&self.key, &self.labels);
         let written = async {
             let timer = metrics::Timer::start();
             let written = store
                 .complete_in(tx, key.as_str(), token, outcome, cap_duration(ttl))
                 .await;
-            let (namespace, kind) = (key.namespace(), store.kind());
-            metrics::complete_duration(namespace, kind, timer.elapsed());
-            metrics::outcome(
-                namespace,
-                kind,
-                match &written {
-                    Ok(()) => Outcome::Completed,
-                    Err(Error::LeaseLost) => Outcome::LeaseLost,
-                    Err(_) => Outcome::StoreError,
-                },
-            );
+            labels.complete_duration(timer.elapsed());
+            labels.outcome(match &written {
+                Ok(()) => Outcome::Completed,
+                Err(Error::LeaseLost) => Outcome::LeaseLost,
+                Err(_) => Outcome::StoreError,
+            });
             match &written {
                 Ok(()) => tracing::debug!(token = token.0, "completed in the transaction"),
                 Err(err) => tracing::error!(
@@ -134,11 +129,7 @@ impl HeldInTx {
         X: Send + ?Sized,
     {
         let token = self.token;
-        metrics::outcome(
-            self.key.namespace(),
-            store.kind(),
-            Outcome::ReleasedAfterError,
-        );
+        self.labels.outcome(Outcome::ReleasedAfterError);
         self.counted = true;
         let span = self.span.clone();
         let key = &self.key;
@@ -159,7 +150,7 @@ impl HeldInTx {
 impl Drop for HeldInTx {
     fn drop(&mut self) {
         if !self.counted {
-            metrics::outcome(self.key.namespace(), self.store, Outcome::Cancelled);
+            self.labels.outcome(Outcome::Cancelled);
         }
     }
 }
@@ -269,12 +260,12 @@ where
             return Err(Error::TakenOver);
         }
         Claimed::Run((token, took_over)) => Claimed::Run(HeldInTx {
+            labels: metrics::Labels::new(key.namespace(), store.kind()),
             key,
             token,
             took_over,
             withheld: std::sync::atomic::AtomicBool::new(false),
             span,
-            store: store.kind(),
             counted: false,
         }),
         Claimed::Replay(outcome) => Claimed::Replay(outcome),
