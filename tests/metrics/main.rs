@@ -288,20 +288,19 @@ async fn drop_table(pool: &sqlx::PgPool, table: &str) {
         .unwrap();
 }
 
-/// A caller that gives up (a timeout around the call) while the release after
-/// its error is on the wire: the claim ended once, released after the error.
-/// The drop releases again (so the release is never lost), but the claim is
-/// not counted a second time as `cancelled` (CONTRACT §9.1: every claim won is
-/// counted once more by how it ended).
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_caller_that_gives_up_during_the_release_is_counted_once() {
-    snapshotter(); // installed before anything is recorded
-    let ns = unique("metrics_release_drop");
-    let (store, pool, table) = pg_store("metrics_rel").await;
-    let key = KeyBuilder::new(&ns).part("k").finish();
-    let storage_key = KeyBuilder::new(&ns).part("k").finish().unwrap();
-    // Another transaction holds the record's row while the body fails, so the
-    // release waits for it: the caller gives up meanwhile.
+/// A call on PostgreSQL whose body ends with `outcome` while another
+/// transaction holds the call's own record row: the release or completion
+/// that follows waits on the row, and the caller gives up (a timeout around
+/// the call) meanwhile. Then the row is let go, and `until` the record is as
+/// expected (within 30 s). Returns the store's pool and table, to drop.
+async fn give_up_on_a_locked_row(
+    ns: &str,
+    outcome: Result<u32, Error>,
+    until: fn(Option<idem_runtime::RecordState>) -> bool,
+) -> (sqlx::PgPool, String) {
+    let (store, pool, table) = pg_store("metrics_locked").await;
+    let key = KeyBuilder::new(ns).part("k").finish();
+    let storage_key = KeyBuilder::new(ns).part("k").finish().unwrap();
     let mut locker = pool.begin().await.unwrap();
     let locker_ref = &mut locker;
     let lock = format!("SELECT 1 FROM {table} WHERE key = $1 FOR UPDATE");
@@ -317,25 +316,41 @@ async fn a_caller_that_gives_up_during_the_release_is_counted_once() {
                 .fetch_one(&mut **locker_ref)
                 .await
                 .unwrap();
-            Err(Error::store("the provider failed"))
+            outcome
         },
     );
     assert!(
         tokio::time::timeout(Duration::from_millis(500), call)
             .await
             .is_err(),
-        "the release waits on the row, and the caller gives up"
+        "the call waits on the row, and the caller gives up"
     );
     locker.commit().await.unwrap();
-    // The releases (the one cut off, the drop's) go through.
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
-    while store.get(storage_key.as_str()).await.unwrap().is_some() {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "the claim is released"
-        );
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    while !until(
+        store
+            .get(storage_key.as_str())
+            .await
+            .unwrap()
+            .map(|r| r.state),
+    ) {
+        assert!(tokio::time::Instant::now() < deadline, "the record settles");
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
+    (pool, table)
+}
+
+/// A caller that gives up (a timeout around the call) while the release after
+/// its error is on the wire: the claim ended once, released after the error.
+/// The drop releases again (so the release is never lost), but the claim is
+/// not counted a second time as `cancelled` (CONTRACT §9.1: every claim won is
+/// counted once more by how it ended).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_caller_that_gives_up_during_the_release_is_counted_once() {
+    snapshotter(); // installed before anything is recorded
+    let ns = unique("metrics_release_drop");
+    let failed = Err(Error::store("the provider failed"));
+    let (pool, table) = give_up_on_a_locked_row(&ns, failed, |state| state.is_none()).await;
     assert_eq!(
         seen(&ns).outcomes,
         counts(&[
@@ -389,47 +404,8 @@ async fn a_tx_call_dropped_mid_body_is_counted_cancelled() {
 async fn a_caller_that_gives_up_during_the_completion_is_counted_once() {
     snapshotter(); // installed before anything is recorded
     let ns = unique("metrics_complete_drop");
-    let (store, pool, table) = pg_store("metrics_cmp").await;
-    let key = KeyBuilder::new(&ns).part("k").finish();
-    let storage_key = KeyBuilder::new(&ns).part("k").finish().unwrap();
-    let mut locker = pool.begin().await.unwrap();
-    let locker_ref = &mut locker;
-    let lock = format!("SELECT 1 FROM {table} WHERE key = $1 FOR UPDATE");
-    let call = execute(
-        store.handle(),
-        &OPTIONS,
-        key,
-        None,
-        Codec::<u32, Error>::release_errors(),
-        async {
-            sqlx::query(sqlx::AssertSqlSafe(lock.clone()))
-                .bind(storage_key.as_str())
-                .fetch_one(&mut **locker_ref)
-                .await
-                .unwrap();
-            Ok(5)
-        },
-    );
-    assert!(
-        tokio::time::timeout(Duration::from_millis(500), call)
-            .await
-            .is_err(),
-        "the completion waits on the row, and the caller gives up"
-    );
-    locker.commit().await.unwrap();
-    // The completion lands in the background.
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
-    loop {
-        let record = store.get(storage_key.as_str()).await.unwrap();
-        if record.is_some_and(|r| r.state == idem_runtime::RecordState::Completed) {
-            break;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "completed in the background"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    let completed = |state| state == Some(idem_runtime::RecordState::Completed);
+    let (pool, table) = give_up_on_a_locked_row(&ns, Ok(5), completed).await;
     let outcomes = seen(&ns).outcomes;
     let ended: u64 = outcomes
         .iter()

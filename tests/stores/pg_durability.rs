@@ -22,6 +22,23 @@ fn with_setting(url: &str, name: &str, value: &str) -> String {
     format!("{url}{sep}options=-c%20{name}%3D{value}")
 }
 
+/// One payment under `namespace`, counted in `runs` when it runs.
+async fn pay(store: &PostgresStore, namespace: &str, runs: &AtomicUsize) -> Result<u32, Error> {
+    let key = KeyBuilder::new(namespace).part("pay").finish();
+    execute(
+        store.handle(),
+        &OPTIONS,
+        key,
+        None,
+        Codec::release_errors(),
+        async {
+            runs.fetch_add(1, Ordering::SeqCst);
+            Ok(42)
+        },
+    )
+    .await
+}
+
 async fn setting(store: &PostgresStore, name: &str) -> String {
     sqlx::query_scalar(sqlx::AssertSqlSafe(format!("SHOW {name}")))
         .fetch_one(store.pool())
@@ -39,20 +56,7 @@ async fn synchronous_commit_from_the_url_reaches_the_stores_sessions() {
     let runs = AtomicUsize::new(0);
     let ns = unique("pg_sync_commit");
     for _ in 0..2 {
-        let key = KeyBuilder::new(&ns).part("pay").finish();
-        let out: Result<u32, Error> = execute(
-            store.handle(),
-            &OPTIONS,
-            key,
-            None,
-            Codec::release_errors(),
-            async {
-                runs.fetch_add(1, Ordering::SeqCst);
-                Ok(42)
-            },
-        )
-        .await;
-        assert_eq!(out.unwrap(), 42);
+        assert_eq!(pay(&store, &ns, &runs).await.unwrap(), 42);
     }
     assert_eq!(runs.load(Ordering::SeqCst), 1);
 }
@@ -99,22 +103,9 @@ async fn a_store_on_a_read_only_server_fails_the_claim_before_the_work() {
     let pool = sqlx::PgPool::connect(&url).await.unwrap();
     let store = PostgresStore::from_pool(pool);
     let runs = AtomicUsize::new(0);
-    let key = KeyBuilder::new(&unique("pg_read_only"))
-        .part("pay")
-        .finish();
-    let out: Result<u32, Error> = execute(
-        store.handle(),
-        &OPTIONS,
-        key,
-        None,
-        Codec::release_errors(),
-        async {
-            runs.fetch_add(1, Ordering::SeqCst);
-            Ok(1)
-        },
-    )
-    .await;
-    let err = out.unwrap_err();
+    let err = pay(&store, &unique("pg_read_only"), &runs)
+        .await
+        .unwrap_err();
     assert!(matches!(err, Error::Store(_)), "{err:?}");
     assert!(err.to_string().contains("read-only"), "{err}");
     assert_eq!(runs.load(Ordering::SeqCst), 0);

@@ -4,7 +4,7 @@
 mod support;
 
 use idem_runtime::testing::admin_conformance;
-use idem_runtime::{MemoryStore, PostgresStore, RedisStore, SqliteStore};
+use idem_runtime::{MemoryStore, RedisStore, SqliteStore};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn memory() {
@@ -22,19 +22,9 @@ async fn sqlite() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn postgres() {
-    let pool = sqlx::postgres::PgPoolOptions::new()
-        .max_connections(4)
-        .connect(&support::pg_url())
-        .await
-        .unwrap();
-    let table = support::unique("admin");
-    let store = PostgresStore::with_table(pool.clone(), &table).unwrap();
+    let (store, pool, table) = support::pg_table("admin").await;
     admin_conformance(&store).await;
-    let drop = format!("DROP TABLE {table}; DROP SEQUENCE {table}_token_seq");
-    sqlx::raw_sql(sqlx::AssertSqlSafe(drop))
-        .execute(&pool)
-        .await
-        .unwrap();
+    support::drop_pg_table(&pool, &table).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

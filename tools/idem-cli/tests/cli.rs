@@ -9,9 +9,7 @@ use std::time::Duration;
 
 use idem_runtime::key::KeyBuilder;
 use idem_runtime::store::admin::{Admin, Status};
-use idem_runtime::{
-    idempotent, Claim, ClaimRequest, Error, PostgresStore, RedisStore, SqliteStore, Store,
-};
+use idem_runtime::{idempotent, Claim, ClaimRequest, Error, RedisStore, SqliteStore, Store};
 use serde_json::Value;
 
 /// The namespace of [`create`] and [`charge`]: a `name`, so the CLI can be
@@ -358,22 +356,11 @@ async fn sqlite() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn postgres() {
-    let pool = sqlx::postgres::PgPoolOptions::new()
-        .max_connections(4)
-        .connect(&support::pg_url())
-        .await
-        .unwrap();
-    let table = support::unique("cli");
-    let store = PostgresStore::with_table(pool.clone(), &table).unwrap();
-    store.migrate().await.unwrap();
+    let (store, pool, table) = support::pg_table("cli").await;
     let s = args(&support::pg_url(), &["--table", &table]);
     scenario(&store, &s).await;
     purge_scenario(&store, &s).await;
-    let drop = format!("DROP TABLE {table}; DROP SEQUENCE {table}_token_seq");
-    sqlx::raw_sql(sqlx::AssertSqlSafe(drop))
-        .execute(&pool)
-        .await
-        .unwrap();
+    support::drop_pg_table(&pool, &table).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -4,9 +4,10 @@
 
 use std::time::{SystemTime, UNIX_EPOCH};
 
-/// The PostgreSQL the tests use: `IDEM_PG_URL`, or the local server.
+/// The PostgreSQL the tests use: `IDEM_POSTGRES_URL` (as in the workspace's
+/// other tests), or the local server.
 pub fn pg_url() -> String {
-    std::env::var("IDEM_PG_URL")
+    std::env::var("IDEM_POSTGRES_URL")
         .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".into())
 }
 
@@ -45,4 +46,27 @@ pub fn unique(what: &str) -> String {
         .unwrap_or(0);
     let salt = RandomState::new().hash_one(nanos) & 0xffff_ffff;
     format!("{what}_{nanos:x}_{salt:x}")
+}
+
+/// A PostgreSQL store on a table of its own (named after `what`), its pool
+/// and the table's name; [`drop_pg_table`] removes it.
+pub async fn pg_table(what: &str) -> (idem_runtime::PostgresStore, sqlx::PgPool, String) {
+    let pool = sqlx::postgres::PgPoolOptions::new()
+        .max_connections(4)
+        .connect(&pg_url())
+        .await
+        .unwrap();
+    let table = unique(what);
+    let store = idem_runtime::PostgresStore::with_table(pool.clone(), &table).unwrap();
+    store.migrate().await.unwrap();
+    (store, pool, table)
+}
+
+/// Drops a table [`pg_table`] made, and its token sequence.
+pub async fn drop_pg_table(pool: &sqlx::PgPool, table: &str) {
+    let drop = format!("DROP TABLE {table}; DROP SEQUENCE IF EXISTS {table}_token_seq");
+    sqlx::raw_sql(sqlx::AssertSqlSafe(drop))
+        .execute(pool)
+        .await
+        .unwrap();
 }
