@@ -169,6 +169,16 @@ struct ProtoDuration {
     nanos: i32,
 }
 
+/// The layer's answer to a retry of a reply it did not store: the first
+/// call was run, and is not run again.
+fn assert_not_stored(err: &Status) {
+    assert_eq!(
+        layer_error(err, Code::FailedPrecondition).0,
+        "RESPONSE_NOT_STORED"
+    );
+    assert!(replayed(err.metadata()));
+}
+
 /// The `ErrorInfo` reason of one of the layer's answers, checked against its
 /// code and message; and its `RetryInfo` delay, if any.
 fn layer_error(status: &Status, code: Code) -> (String, Option<Duration>) {
@@ -447,11 +457,7 @@ async fn a_reply_over_the_limit_is_answered_once_and_never_run_again() {
         .charge(call(Some("big"), charge(100)))
         .await
         .unwrap_err();
-    assert_eq!(
-        layer_error(&err, Code::FailedPrecondition).0,
-        "RESPONSE_NOT_STORED"
-    );
-    assert!(replayed(err.metadata()));
+    assert_not_stored(&err);
     assert_eq!(s.ledger.executions(), 1);
 }
 
@@ -655,11 +661,7 @@ async fn a_reply_without_any_grpc_status_is_recorded_as_done_and_never_run_again
         .charge(call(Some("k"), charge(500)))
         .await
         .unwrap_err();
-    assert_eq!(
-        layer_error(&err, Code::FailedPrecondition).0,
-        "RESPONSE_NOT_STORED"
-    );
-    assert!(replayed(err.metadata()));
+    assert_not_stored(&err);
     assert_eq!(
         runs.load(Ordering::SeqCst),
         1,
