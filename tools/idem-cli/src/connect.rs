@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use idem_runtime::store::admin::Admin;
 use idem_runtime::{Error, PostgresStore, RedisStore, SqliteStore};
-use sqlx::postgres::PgPoolOptions;
+use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 use sqlx::sqlite::{SqliteConnectOptions, SqlitePoolOptions};
 
 /// How long to wait for a store before giving up.
@@ -31,6 +31,9 @@ pub(crate) enum Failure {
 /// The URL schemes `--store` takes.
 pub(crate) const SCHEMES: &str =
     "sqlite://PATH, postgres://USER@HOST/DB, redis://HOST:PORT, redis-cluster://HOST:PORT,HOST:PORT";
+
+/// How long a PostgreSQL statement of the CLI waits for a row lock.
+const PG_LOCK_TIMEOUT: &str = "5s";
 
 /// Opens the store `options` name.
 pub(crate) async fn open(options: &Options<'_>) -> Result<Box<dyn Admin>, Failure> {
@@ -80,10 +83,19 @@ pub(crate) async fn open(options: &Options<'_>) -> Result<Box<dyn Admin>, Failur
             Box::new(store)
         }
         "postgres" | "postgresql" => {
+            // An operator's command waits for no one for long: a row another
+            // transaction holds (a running call's `tx =`) is an error after
+            // `lock_timeout`, not a hang.
+            let options = PgConnectOptions::from_str(url)
+                .map_err(|e| Failure::Usage(format!("{url}: {e}")))?
+                .options([
+                    ("lock_timeout", PG_LOCK_TIMEOUT),
+                    ("statement_timeout", "60s"),
+                ]);
             let pool = PgPoolOptions::new()
                 .max_connections(2)
                 .acquire_timeout(CONNECT_TIMEOUT)
-                .connect(url)
+                .connect_with(options)
                 .await
                 .map_err(|e| {
                     Failure::Store(Error::store(format!("cannot connect to {url}: {e}")))

@@ -586,3 +586,35 @@ async fn glob_characters_in_prefixes_and_namespaces_are_literal() {
         );
     }
 }
+
+/// A record whose row another transaction holds (a running `tx =` call, a
+/// stuck session): the CLI's fenced write gives up after its lock timeout
+/// with a store error (exit 4), changing nothing, instead of hanging; once
+/// the row is let go, the same command goes through.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_locked_row_is_a_store_error_not_a_hang() {
+    let (store, pool, table) = support::pg_table("cli_locked").await;
+    let runs = AtomicU32::new(0);
+    create(&store, 77, &runs).await.unwrap();
+    let s = args(&support::pg_url(), &["--table", &table]);
+    let mut holder = pool.begin().await.unwrap();
+    let lock = format!("SELECT 1 FROM {table} WHERE key = $1 FOR UPDATE");
+    sqlx::query(sqlx::AssertSqlSafe(lock))
+        .bind(key(77))
+        .fetch_one(&mut *holder)
+        .await
+        .unwrap();
+    let started = std::time::Instant::now();
+    let (code, out, err) = idem(&s, &["invalidate", &key(77), "--yes"]).await;
+    assert_eq!(code, 4, "{out} {err}");
+    assert!(err.contains("lock"), "{err}");
+    assert!(started.elapsed() < std::time::Duration::from_secs(30));
+    holder.commit().await.unwrap();
+    assert_eq!(create(&store, 77, &runs).await.unwrap(), 770);
+    assert_eq!(runs.load(Ordering::SeqCst), 1, "nothing changed: a replay");
+    let (code, out, err) = idem(&s, &["invalidate", &key(77), "--yes"]).await;
+    assert_eq!(code, 0, "{out} {err}");
+    create(&store, 77, &runs).await.unwrap();
+    assert_eq!(runs.load(Ordering::SeqCst), 2, "invalidated: it runs again");
+    support::drop_pg_table(&pool, &table).await;
+}
