@@ -173,10 +173,22 @@ where
     I: IntoIterator<Item = T>,
     T: Into<OsString> + Clone,
 {
-    args::Cli::try_parse_from(args).map_err(|e| {
+    let args: Vec<OsString> = args.into_iter().map(Into::into).collect();
+    args::Cli::try_parse_from(&args).map_err(|e| {
         let text = e.render().to_string();
         if e.use_stderr() {
             let _ = write!(err, "{text}");
+            // A script that asked for JSON gets its one document, usage errors too.
+            if args.iter().skip(1).any(|a| a == "--json") {
+                let first = text.lines().next().unwrap_or_default();
+                let message = first.trim_start_matches("error: ");
+                let document = serde_json::json!({ "error": {
+                    "exit": Exit::Usage.code(),
+                    "kind": Exit::Usage.kind(),
+                    "message": message,
+                }});
+                let _ = writeln!(out, "{document}");
+            }
             Exit::Usage
         } else {
             let _ = write!(out, "{text}");

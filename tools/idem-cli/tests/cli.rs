@@ -618,3 +618,18 @@ async fn a_locked_row_is_a_store_error_not_a_hang() {
     assert_eq!(runs.load(Ordering::SeqCst), 2, "invalidated: it runs again");
     support::drop_pg_table(&pool, &table).await;
 }
+
+/// `--json` promises one JSON document, usage errors included.
+#[tokio::test]
+async fn usage_errors_are_one_json_document_with_json() {
+    let (code, doc) = idem_json(&[], &["inspect", "--no-such-flag"]).await;
+    assert_eq!(code, 2);
+    assert_eq!(doc["error"]["kind"], "usage", "{doc}");
+    assert!(
+        doc["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("--no-such-flag"),
+        "{doc}"
+    );
+}
