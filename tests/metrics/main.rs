@@ -419,3 +419,74 @@ async fn a_caller_that_gives_up_during_the_completion_is_counted_once() {
     );
     drop_table(&pool, &table).await;
 }
+
+/// A message consumer's deduplicator is counted by the same engine: a first
+/// delivery claims and completes, a redelivery replays, a failed handler is
+/// released after its error — under the consumer's namespace.
+#[tokio::test]
+async fn a_deduplicator_is_counted_under_its_namespace() {
+    snapshotter(); // installed before anything is recorded
+    let consumer = unique("metrics_consumer");
+    let dedup = idem_runtime::message::Deduplicator::new(MemoryStore::new(), consumer.clone());
+    let ok = || async { Ok::<_, std::io::Error>(()) };
+    dedup.process("m-1", ok).await.unwrap();
+    dedup.process("m-1", ok).await.unwrap();
+    let failed = dedup
+        .process("m-2", || async {
+            Err::<(), _>(std::io::Error::other("down"))
+        })
+        .await;
+    assert!(failed.is_err());
+    assert_eq!(
+        seen(&format!("idem::message::{consumer}")).outcomes,
+        counts(&[
+            ("memory/claimed", 2),
+            ("memory/completed", 1),
+            ("memory/released_after_error", 1),
+            ("memory/replayed", 1),
+        ])
+    );
+}
+
+/// The HTTP layer is counted by the same engine, under its namespace: a
+/// first request claims and completes, its retry replays, a 500 (not stored)
+/// is released after its error.
+#[tokio::test]
+async fn the_http_layer_is_counted_under_its_namespace() {
+    snapshotter(); // installed before anything is recorded
+    let ns = unique("metrics_http");
+    let app = axum::Router::new()
+        .route("/ok", axum::routing::post(|| async { "done" }))
+        .route(
+            "/fail",
+            axum::routing::post(|| async { axum::http::StatusCode::INTERNAL_SERVER_ERROR }),
+        )
+        .layer(
+            idem_runtime::http::IdempotencyLayer::new(MemoryStore::new())
+                .global_scope()
+                .namespace(ns.clone()),
+        );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let base = format!("http://{}", listener.local_addr().unwrap());
+    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+    let client = reqwest::Client::new();
+    let post = |path: &str, key: &str| {
+        client
+            .post(format!("{base}{path}"))
+            .header("Idempotency-Key", key)
+            .send()
+    };
+    assert_eq!(post("/ok", "a").await.unwrap().status(), 200);
+    let retry = post("/ok", "a").await.unwrap();
+    assert_eq!(retry.headers()["idempotent-replayed"], "true");
+    assert_eq!(post("/fail", "b").await.unwrap().status(), 500);
+    assert_eq!(
+        seen(&ns).outcomes,
+        counts(&[
+            ("memory/claimed", 2),
+            ("memory/completed", 1),
+            ("memory/released_after_error", 1),
+            ("memory/replayed", 1),
+        ])
+    );
+}
