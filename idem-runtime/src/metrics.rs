@@ -200,8 +200,11 @@ mod keys {
 
     use super::{CLAIM_DURATION, COMPLETE_DURATION, OUTCOMES};
 
-    pub(super) static METADATA: Metadata<'static> =
-        Metadata::new("idem_runtime", Level::INFO, Some("idem_runtime::metrics"));
+    pub(super) static METADATA: Metadata<'static> = Metadata::new(
+        "idem_runtime::metrics",
+        Level::INFO,
+        Some("idem_runtime::metrics"),
+    );
 
     const OUTCOME_COUNT: usize = super::Outcome::StoreError as usize + 1;
 
@@ -234,7 +237,10 @@ mod keys {
     type Map = HashMap<&'static str, HashMap<Box<str>, Arc<Keys>, Hasher>, Hasher>;
 
     /// Namespaces are few (function paths, layer and consumer names), so
-    /// the map stays small; a poisoned lock is still a usable map.
+    /// the map stays small; a poisoned lock is still a usable map. It never
+    /// shrinks: a service that builds namespaces at run time (`execute` with
+    /// `KeyBuilder::new(dynamic)`) makes a label value of each, here as in
+    /// any recorder — keep namespaces a fixed set.
     static KEYS: OnceLock<RwLock<Map>> = OnceLock::new();
 
     pub(super) fn get(namespace: &str, store: &'static str) -> Arc<Keys> {
@@ -279,5 +285,20 @@ impl Timer {
         return self.started.elapsed();
         #[cfg(not(feature = "metrics"))]
         Duration::ZERO
+    }
+}
+
+#[cfg(all(test, feature = "metrics"))]
+mod tests {
+    use super::Outcome;
+
+    #[test]
+    fn every_outcome_is_at_its_own_index() {
+        for (i, outcome) in Outcome::ALL.iter().enumerate() {
+            assert_eq!(*outcome as usize, i, "{outcome:?}");
+        }
+        let labels: std::collections::BTreeSet<_> =
+            Outcome::ALL.iter().map(|o| o.label()).collect();
+        assert_eq!(labels.len(), Outcome::ALL.len());
     }
 }

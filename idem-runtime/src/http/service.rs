@@ -473,7 +473,7 @@ fn stores<T: Copy + std::fmt::Debug>(predicate: fn(T) -> bool, status: T) -> boo
         |_| {
             tracing::error!(
                 ?status,
-                "the store_status predicate panicked; the reply is stored"
+                "the store_status (or store_grpc_status) predicate panicked; the reply is stored"
             );
             true
         },

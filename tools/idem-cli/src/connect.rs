@@ -86,20 +86,24 @@ pub(crate) async fn open(options: &Options<'_>) -> Result<Box<dyn Admin>, Failur
             // An operator's command waits for no one for long: a row another
             // transaction holds (a running call's `tx =`) is an error after
             // `lock_timeout`, not a hang.
-            let options = PgConnectOptions::from_str(url)
-                .map_err(|e| Failure::Usage(format!("{url}: {e}")))?
-                .options([
-                    ("lock_timeout", PG_LOCK_TIMEOUT),
-                    ("statement_timeout", "60s"),
-                ]);
+            // Sent as startup options, which a connection pooler (PgBouncer,
+            // Neon) may refuse: then without them, as before.
+            let plain = PgConnectOptions::from_str(url)
+                .map_err(|e| Failure::Usage(format!("{url}: {e}")))?;
+            let timed = plain.clone().options([
+                ("lock_timeout", PG_LOCK_TIMEOUT),
+                ("statement_timeout", "60s"),
+            ]);
             let pool = PgPoolOptions::new()
                 .max_connections(2)
-                .acquire_timeout(CONNECT_TIMEOUT)
-                .connect_with(options)
-                .await
-                .map_err(|e| {
-                    Failure::Store(Error::store(format!("cannot connect to {url}: {e}")))
-                })?;
+                .acquire_timeout(CONNECT_TIMEOUT);
+            let pool = match pool.clone().connect_with(timed).await {
+                Err(e) if e.to_string().contains("unsupported startup parameter") => {
+                    pool.connect_with(plain).await
+                }
+                connected => connected,
+            }
+            .map_err(|e| Failure::Store(Error::store(format!("cannot connect to {url}: {e}"))))?;
             let store = PostgresStore::with_table(pool.clone(), table)
                 .map_err(|e| Failure::Usage(e.to_string()))?;
             // As for SQLite: the CLI creates no table (nor sequence).

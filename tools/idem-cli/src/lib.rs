@@ -180,8 +180,15 @@ where
             let _ = write!(err, "{text}");
             // A script that asked for JSON gets its one document, usage errors too.
             if args.iter().skip(1).any(|a| a == "--json") {
-                let first = text.lines().next().unwrap_or_default();
-                let message = first.trim_start_matches("error: ");
+                // clap's message up to its usage line, on one line (a
+                // missing argument is named on the lines after the first).
+                let message = text
+                    .lines()
+                    .take_while(|l| !l.trim().is_empty() && !l.starts_with("Usage:"))
+                    .map(str::trim)
+                    .collect::<Vec<_>>()
+                    .join(" ");
+                let message = message.trim_start_matches("error: ");
                 let document = serde_json::json!({ "error": {
                     "exit": Exit::Usage.code(),
                     "kind": Exit::Usage.kind(),

@@ -169,10 +169,18 @@ fn tagged<S: Serializer>(fields: &serde_json::Map<String, Value>, s: S) -> Resul
         };
     }
     if let Some(v) = one("$f32") {
-        let Some(x) = v.as_f64() else {
-            return Err(bad("$f32 takes a number".into()));
+        // Rounded once, from the decimal text, as the compiler rounds an
+        // `f32` literal (through `f64` a value near a midpoint can land one
+        // step off).
+        let text = match v {
+            Value::Number(n) => n.to_string(),
+            Value::String(text) => text.clone(),
+            _ => return Err(bad("$f32 takes a number".into())),
         };
-        return s.serialize_f32(x as f32);
+        let Ok(x) = text.parse::<f32>() else {
+            return Err(bad(format!("$f32: {text:?} is not a number")));
+        };
+        return s.serialize_f32(x);
     }
     if let Some(v) = one("$bytes") {
         let Some(bytes) = v.as_str().and_then(from_hex) else {
@@ -227,6 +235,13 @@ impl Serialize for Part<'_> {
                         "{n} is beyond 64-bit integers, where JSON cannot tell an integer \
                          (u128, i128) from a float: spell it {{\"$int\": \"{n}\"}}"
                     )))
+                }
+                // `-0` reads as the float -0.0, which the encoding folds to
+                // 0.0: not the key of the integer 0. Ambiguous, so refused.
+                (None, None, Some(f)) if f == 0.0 && f.is_sign_negative() => {
+                    Err(serde::ser::Error::custom(
+                        "-0 is ambiguous in JSON: write 0 for an integer zero, 0.0 for a float",
+                    ))
                 }
                 (None, None, Some(f)) => s.serialize_f64(f),
                 (None, None, None) => Err(serde::ser::Error::custom("a number out of range")),
@@ -363,6 +378,20 @@ mod tests {
             .finish()
             .unwrap();
         let got = resolve(&spec("n", r#"[{"$bytes": "dead"}, [{"$unit": null}]]"#)).unwrap();
+        assert_eq!(key(got), expected.as_str());
+    }
+
+    #[test]
+    fn a_negative_zero_is_refused_and_f32_rounds_once() {
+        let err = resolve(&spec("n", "[-0]")).unwrap_err();
+        assert!(err.contains("-0 is ambiguous"), "{err}");
+        // 16777217 is halfway between two f32s: straight to f32 it rounds to
+        // even (16777216), as `16777217f32` does.
+        let expected = KeyBuilder::new("n").part(&16_777_217f32).finish().unwrap();
+        let got = resolve(&spec("n", r#"[{"$f32": 16777217}]"#)).unwrap();
+        assert_eq!(key(got), expected.as_str());
+        let got = resolve(&spec("n", r#"[{"$f32": "0.1"}]"#)).unwrap();
+        let expected = KeyBuilder::new("n").part(&0.1f32).finish().unwrap();
         assert_eq!(key(got), expected.as_str());
     }
 

@@ -632,4 +632,9 @@ async fn usage_errors_are_one_json_document_with_json() {
             .contains("--no-such-flag"),
         "{doc}"
     );
+    // A missing argument is named (clap names it on a line of its own).
+    let (code, doc) = idem_json(&[], &["purge"]).await;
+    assert_eq!(code, 2);
+    let message = doc["error"]["message"].as_str().unwrap();
+    assert!(message.contains("--expired"), "{doc}");
 }
