@@ -45,8 +45,8 @@ pub async fn claim(
         namespace = key.namespace(),
         digest = %key.digest(),
     );
+    let mut waiter = Waiter::new(&options, &key, store.kind());
     let claimed = async {
-        let mut waiter = Waiter::new(&options, &key, store.kind());
         loop {
             let request = InFlight::send(&store, &key, fingerprint.copied(), options.lease);
             let timer = metrics::Timer::start();
@@ -70,6 +70,7 @@ pub async fn claim(
                 // Steps are kept for the call's ttl, and never less than its lease:
                 // a holder that dies keeps them at least until its claim lapses.
                 options.ttl.max(options.lease),
+                waiter.into_labels(),
             );
             if took_over && options.on_takeover == OnTakeover::Fail {
                 held.refuse_takeover().await;
@@ -185,6 +186,11 @@ impl Waiter {
             waiting: false,
             labels: metrics::Labels::new(key.namespace(), store),
         }
+    }
+
+    /// The metrics' labels, for the claim this waiter won.
+    pub(super) fn into_labels(self) -> metrics::Labels {
+        self.labels
     }
 
     /// Records how long one claim round trip took.

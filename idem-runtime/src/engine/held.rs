@@ -64,13 +64,14 @@ impl Held {
         took_over: bool,
         lease: Duration,
         keep: Duration,
+        labels: metrics::Labels,
     ) -> Self {
         let watchdog = OnceLock::new();
         if let Some(kept) = Watchdog::kept(Arc::clone(&store), key.clone(), token, lease) {
             let _ = watchdog.set(kept);
         }
         Held {
-            labels: metrics::Labels::new(key.namespace(), store.kind()),
+            labels,
             store,
             key,
             token,

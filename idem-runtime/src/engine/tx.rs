@@ -234,13 +234,13 @@ where
 {
     check_reentrant(&key)?;
     let options = options.bounded();
+    let mut waiter = Waiter::new(&options, &key, store.kind());
     let claimed = async {
         let request = ClaimRequest {
             key: key.as_str(),
             fingerprint,
             lease: options.lease,
         };
-        let mut waiter = Waiter::new(&options, &key, store.kind());
         loop {
             let timer = crate::metrics::Timer::start();
             let result = store.claim_in(tx, request).await;
@@ -260,7 +260,7 @@ where
             return Err(Error::TakenOver);
         }
         Claimed::Run((token, took_over)) => Claimed::Run(HeldInTx {
-            labels: metrics::Labels::new(key.namespace(), store.kind()),
+            labels: waiter.into_labels(),
             key,
             token,
             took_over,

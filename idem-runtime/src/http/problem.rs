@@ -211,14 +211,7 @@ impl Problem {
                 // Retry hints in whole milliseconds, at least 1 s as for HTTP:
                 // a zero pushback would invite a hot loop.
                 let retry = self.retry_after().map(|d| d.max(Duration::from_secs(1)));
-                // The same words, in a gRPC caller's terms.
-                let detail = detail
-                    .replace("Idempotency-Key header", "idempotency-key metadata entry")
-                    .replace(
-                        "the method, path, query or body",
-                        "the method or the message",
-                    );
-                grpc::response(self.grpc_code(), &reason, &detail, retry)
+                grpc::response(self.grpc_code(), &reason, detail, retry)
             }
         }
     }
@@ -249,21 +242,37 @@ impl Problem {
         response
     }
 
-    /// The detail for this problem when nothing more specific is known.
-    pub(crate) fn default_detail(self) -> String {
+    /// [`response`](Self::response) with the [default detail](Self::default_detail).
+    pub(crate) fn answer<B>(self, dialect: Dialect) -> Response<Body<B>> {
+        self.response(dialect, &self.default_detail(dialect))
+    }
+
+    /// The detail for this problem when nothing more specific is known, in
+    /// the caller's terms (a gRPC caller sends metadata and messages).
+    pub(crate) fn default_detail(self, dialect: Dialect) -> String {
+        let grpc = dialect == Dialect::Grpc;
         match self {
-            Problem::KeyMissing => {
-                "send a unique Idempotency-Key header (1 to 255 visible ASCII characters) \
-                 with this request, and the same one when retrying it"
-                    .into()
-            }
+            Problem::KeyMissing => format!(
+                "send a unique {} (1 to 255 visible ASCII characters) \
+                 with this request, and the same one when retrying it",
+                if grpc {
+                    "idempotency-key metadata entry"
+                } else {
+                    "Idempotency-Key header"
+                }
+            ),
             Problem::InProgress { retry_after } => format!(
                 "the first request with this key has not finished; retry after {} s to get its response",
                 retry_after.as_millis().div_ceil(1000).max(1)
             ),
-            Problem::KeyReused => "the method, path, query or body differ from the first \
-                 request that used this key; use a new key for a new request"
-                .into(),
+            Problem::KeyReused => format!(
+                "{} differ from the first request that used this key; use a new key for a new request",
+                if grpc {
+                    "the method or the message"
+                } else {
+                    "the method, path, query or body"
+                }
+            ),
             Problem::RequestTooLarge { limit } => {
                 format!("request bodies on this endpoint are limited to {limit} bytes")
             }

@@ -75,11 +75,7 @@ where
             (None, _) if !config.key_required => {
                 return ResponseFuture::passthrough(self.inner.call(request.map(Body::passthrough)))
             }
-            (None, _) => {
-                return ResponseFuture::ready(
-                    Problem::KeyMissing.response(dialect, &Problem::KeyMissing.default_detail()),
-                )
-            }
+            (None, _) => return ResponseFuture::ready(Problem::KeyMissing.answer(dialect)),
             (Some(_), Some(_)) => {
                 return ResponseFuture::ready(Problem::KeyMalformed.response(
                     dialect,
@@ -158,7 +154,7 @@ where
             Some(scope) => Some(scope),
             None => {
                 let problem = Problem::ScopeUnknown;
-                return Ok(problem.response(dialect, &problem.default_detail()));
+                return Ok(problem.answer(dialect));
             }
         },
         Scope::Global => None,
@@ -172,7 +168,7 @@ where
                 )
             });
             let problem = Problem::ScopeUnset;
-            return Ok(problem.response(dialect, &problem.default_detail()));
+            return Ok(problem.answer(dialect));
         }
     };
     let limit = config.max_request_body;
@@ -195,7 +191,7 @@ where
         drain_cap
     };
     if declared.is_some_and(|len| len > refuse_unread) {
-        return Ok(too_large.response(dialect, &too_large.default_detail()));
+        return Ok(too_large.answer(dialect));
     }
     let read = read_limited(Box::pin(body), limit, None)
         .await
@@ -204,12 +200,12 @@ where
         Ok(Read::Whole { data, trailers }) => (data, trailers),
         Ok(Read::TooLarge { rest, .. } | Read::Streamed { rest, .. }) => {
             drain(rest, drain_cap).await;
-            return Ok(too_large.response(dialect, &too_large.default_detail()));
+            return Ok(too_large.answer(dialect));
         }
         Err(err) => {
             tracing::debug!(error = %err, "request body could not be read");
             let problem = Problem::RequestUnreadable;
-            return Ok(problem.response(dialect, &problem.default_detail()));
+            return Ok(problem.answer(dialect));
         }
     };
 
@@ -217,7 +213,7 @@ where
     // read before the handler runs, and none of them could be told apart.
     if dialect == Dialect::Grpc && Framing::count(&data) > 1 {
         let problem = Problem::StreamingRequest;
-        return Ok(problem.response(dialect, &problem.default_detail()));
+        return Ok(problem.answer(dialect));
     }
 
     let fingerprint = FingerprintBuilder::new()
@@ -236,7 +232,7 @@ where
         Ok(key) => key,
         Err(err) => {
             tracing::error!(error = %err, "the key could not be built");
-            return Ok(Problem::Internal.response(dialect, &Problem::Internal.default_detail()));
+            return Ok(Problem::Internal.answer(dialect));
         }
     };
 
@@ -257,7 +253,7 @@ where
                 Err(err) => {
                     tracing::error!(error = %err, "the stored response could not be decoded");
                     let problem = Problem::StoredResponseCorrupt;
-                    problem.response(dialect, &problem.default_detail())
+                    problem.answer(dialect)
                 }
             })
         }
@@ -267,7 +263,7 @@ where
             if let Error::Store(_) = err {
                 tracing::warn!(error = %err, "the store failed at claim; request not processed");
             }
-            return Ok(problem.response(dialect, &problem.default_detail()));
+            return Ok(problem.answer(dialect));
         }
     };
 
@@ -371,14 +367,14 @@ where
                         Err(err @ (Error::NotReplicated { .. } | Error::Store(_))) => {
                             tracing::warn!(error = %err, "the response is not safely stored yet; answering 503");
                             let problem = Problem::NotReplicated;
-                            return Ok(problem.response(dialect, &problem.default_detail()));
+                            return Ok(problem.answer(dialect));
                         }
                         // Not stored (the claim is released, its steps kept): the
                         // handler diverged from a recorded attempt.
                         Err(err @ Error::StepMismatch { .. }) => {
                             tracing::error!(error = %err, "the handler's steps differ from the recorded ones; answering 500");
                             let problem = Problem::Internal;
-                            return Ok(problem.response(dialect, &problem.default_detail()));
+                            return Ok(problem.answer(dialect));
                         }
                         _ => {}
                     }
@@ -414,7 +410,7 @@ where
             tracing::error!(error = %err, "the response body failed; recorded as done without it");
             withhold(held, &config, head.status, Withheld::Failed).await;
             let problem = Problem::HandlerBodyFailed;
-            Ok(problem.response(dialect, &problem.default_detail()))
+            Ok(problem.answer(dialect))
         }
     }
 }

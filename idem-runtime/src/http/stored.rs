@@ -184,7 +184,7 @@ pub(crate) fn decode<B>(bytes: &[u8], dialect: Dialect) -> Result<Response<Body<
                 status: status.as_u16(),
                 why,
             };
-            problem.response(dialect, &problem.default_detail())
+            problem.answer(dialect)
         }
         (None, Some(body)) => {
             let trailers = match stored.trailers {
