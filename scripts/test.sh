@@ -90,6 +90,8 @@ ensure_kafka() {
         echo "kafka: building tansu $TANSU_VERSION (once)"
         CARGO_TARGET_DIR=/var/tmp/tansu-build cargo install tansu --version "$TANSU_VERSION" \
             --locked --features dynostore --quiet
+        # Kept only until it succeeds (a failed build resumes from it): GBs.
+        rm -rf /var/tmp/tansu-build
     fi
     mkdir -p /var/log
     nohup tansu broker --listener-url tcp://127.0.0.1:9092 --advertised-listener-url tcp://127.0.0.1:9092 \
@@ -97,6 +99,15 @@ ensure_kafka() {
     wait_for kafka port_open 9092
     echo "kafka (tansu): started"
 }
+
+# A cold run builds about 12 GB (the workspace three ways, a broker): say
+# early when the disk cannot hold it, rather than failing mid-build.
+log "disk"
+df -h . | tail -n 1
+free_kb=$(df -Pk . | awk 'NR == 2 { print $4 }')
+if [ "$free_kb" -lt $((12 * 1024 * 1024)) ]; then
+    echo "warning: under 12 GB free here; a cold run may fail with 'No space left on device'" >&2
+fi
 
 log "services"
 ensure_postgres
@@ -146,3 +157,4 @@ RUSTFLAGS="--cfg idem_loom" CARGO_TARGET_DIR=target/loom \
 # last binary may be a crate with no doc tests).
 awk '/^test result:/ { for (i = 1; i <= NF; i++) { if ($(i+1) ~ /^passed/) p += $i; if ($(i+1) ~ /^failed/) f += $i } }
      END { printf "\nsummary: %d passed, %d failed\n", p, f }' target/test-output.log
+echo "build dirs: $(du -sh target 2>/dev/null | cut -f1) in target/; $(df -h . | awk 'NR == 2 { print $4 }') left on the disk"
