@@ -60,16 +60,23 @@ pub enum Status {
     /// ttl, a released one whose steps are no longer kept): reads as absent;
     /// `purge_expired` removes it.
     Expired,
+    /// Stored, but not readable as an idem record (written by another
+    /// program, damaged, or of a newer format): [`Admin::list`] and
+    /// [`Admin::stats`] report it apart, with [`Entry::problem`] saying what
+    /// is wrong, instead of failing. An operator removes it with the store's
+    /// own tools; see docs/CONTRACT.md §5.3.
+    Corrupt,
 }
 
 impl Status {
     /// Every status, in the order they are reported.
-    pub const ALL: [Status; 5] = [
+    pub const ALL: [Status; 6] = [
         Status::Running,
         Status::Lapsed,
         Status::Completed,
         Status::Released,
         Status::Expired,
+        Status::Corrupt,
     ];
 
     /// The status as one lowercase word (`running`, `lapsed`, …).
@@ -80,6 +87,7 @@ impl Status {
             Status::Completed => "completed",
             Status::Released => "released",
             Status::Expired => "expired",
+            Status::Corrupt => "corrupt",
         }
     }
 
@@ -126,6 +134,8 @@ pub struct Entry {
     /// takeover: every retry is refused until the mark is forgotten or the
     /// call's ttl passes).
     pub takeover_mark: bool,
+    /// What is wrong with a [`Status::Corrupt`] record (`None` otherwise).
+    pub problem: Option<String>,
 }
 
 impl Entry {
@@ -150,6 +160,34 @@ impl Entry {
             expires_in,
             steps: kept.iter().filter(|s| s.at != TAKEOVER_MARK_AT).count() as u32,
             takeover_mark,
+            problem: None,
+        }
+    }
+
+    /// The entry of a record stored under `key` that cannot be read
+    /// ([`Status::Corrupt`]): `problem` says why; its token reads as 0 and
+    /// it has no fingerprint, outcome, time left or steps.
+    pub fn corrupt(key: String, problem: impl fmt::Display) -> Self {
+        Entry {
+            key,
+            status: Status::Corrupt,
+            token: FencingToken(0),
+            fingerprint: None,
+            outcome_len: None,
+            expires_in: Duration::ZERO,
+            steps: 0,
+            takeover_mark: false,
+            problem: Some(problem.to_string()),
+        }
+    }
+
+    /// `read`'s entry, or, when the record cannot be read
+    /// ([`Error::Codec`]), a [`Status::Corrupt`] entry for `key` saying why
+    /// (for store implementations of [`Admin::list`]); other errors pass.
+    pub fn or_corrupt(key: &str, read: Result<Entry, Error>) -> Result<Entry, Error> {
+        match read {
+            Err(Error::Codec(problem)) => Ok(Entry::corrupt(key.to_owned(), problem)),
+            read => read,
         }
     }
 
@@ -301,10 +339,13 @@ pub trait Admin: Store {
 
     /// Reads the records `query` asks for, at most `query.limit`: by key on
     /// the SQL and memory stores, in no promised order on Redis (which scans).
+    /// A record that cannot be read is listed as [`Status::Corrupt`] (unless
+    /// the query asks only for stuck records), not failing the list.
     async fn list(&self, query: &Query) -> Result<Vec<Entry>, Error>;
 
     /// How many records each namespace holds in each status, sorted by
-    /// namespace then status. On Redis this reads every record (a `SCAN` of
+    /// namespace then status; records that cannot be read are counted as
+    /// [`Status::Corrupt`]. On Redis this reads every record (a `SCAN` of
     /// every master, then one script per key): a cost in proportion to the store.
     async fn stats(&self) -> Result<Vec<Count>, Error>;
 

@@ -118,6 +118,10 @@ async fn find(store: &dyn Admin, io: &mut Io<'_>, args: &TargetArgs) -> Result<E
                 .await
                 .map_err(|e| io.store_error(&e))?;
             match <[Entry; 1]>::try_from(found) {
+                // As `inspect KEY` answers an unreadable record: exit 4.
+                Ok([entry]) if entry.status == Status::Corrupt => Err(io.store_error(
+                    &Error::codec(entry.problem.unwrap_or_else(|| "corrupt record".into())),
+                )),
                 Ok([entry]) => Ok(entry),
                 Err(found) if found.is_empty() => Err(io.fail(
                     Exit::NotFound,

@@ -67,6 +67,7 @@ pub(crate) fn entry_json(entry: &Entry) -> Value {
         "outcome_bytes": entry.outcome_len,
         "steps": entry.steps,
         "takeover_mark": entry.takeover_mark,
+        "problem": entry.problem,
     })
 }
 
@@ -87,6 +88,7 @@ fn left_text(entry: &Entry) -> String {
         Status::Released => format!("{} (steps kept)", human(entry.expires_in)),
         Status::Lapsed => "lapsed: the next call takes it over".into(),
         Status::Expired => "expired: reads as absent; purge removes it".into(),
+        Status::Corrupt => "-".into(),
         _ => human(entry.expires_in),
     }
 }
@@ -116,7 +118,9 @@ pub(crate) fn entry_human(entry: &Entry) -> String {
         ),
         ("steps", format!("{} kept{mark}", entry.steps)),
     ];
+    let problem = entry.problem.as_ref().map(|p| ("problem", p.clone()));
     rows.iter()
+        .chain(problem.as_ref())
         .map(|(name, value)| format!("{name:<12} {value}\n"))
         .collect()
 }
@@ -136,7 +140,7 @@ pub(crate) fn entries_human(entries: &[Entry]) -> String {
             e.status.to_string(),
             e.token.to_string(),
             match e.status {
-                Status::Lapsed | Status::Expired => "-".into(),
+                Status::Lapsed | Status::Expired | Status::Corrupt => "-".into(),
                 _ => human(e.expires_in),
             },
             steps_text(e),
@@ -144,17 +148,27 @@ pub(crate) fn entries_human(entries: &[Entry]) -> String {
             e.key.clone(),
         ]
     }));
-    table(&rows)
+    let mut text = table(&rows);
+    for e in entries {
+        if let Some(problem) = &e.problem {
+            text.push_str(&format!("{}: {problem}\n", e.key));
+        }
+    }
+    text
 }
 
-/// Counts as a table: a row per namespace, a column per status, totals last.
+/// How many statuses there are: a count per status.
+type Row = [u64; Status::ALL.len()];
+
+/// Counts as a table: a row per namespace, a column per status (`corrupt`
+/// only when there are any), totals last.
 pub(crate) fn stats(counts: &[Count]) -> (String, Value) {
-    let mut namespaces: Vec<(String, [u64; 5])> = Vec::new();
+    let mut namespaces: Vec<(String, Row)> = Vec::new();
     for count in counts {
         let at = match namespaces.iter().position(|(ns, _)| *ns == count.namespace) {
             Some(at) => at,
             None => {
-                namespaces.push((count.namespace.clone(), [0; 5]));
+                namespaces.push((count.namespace.clone(), Row::default()));
                 namespaces.len() - 1
             }
         };
@@ -162,13 +176,13 @@ pub(crate) fn stats(counts: &[Count]) -> (String, Value) {
             namespaces[at].1[column] += count.records;
         }
     }
-    let mut totals = [0u64; 5];
+    let mut totals = Row::default();
     for (_, row) in &namespaces {
         for (total, n) in totals.iter_mut().zip(row) {
             *total += n;
         }
     }
-    let as_json = |row: &[u64; 5]| {
+    let as_json = |row: &Row| {
         let mut object = serde_json::Map::new();
         for (status, n) in Status::ALL.iter().zip(row) {
             object.insert(status.as_str().into(), json!(n));
@@ -184,12 +198,20 @@ pub(crate) fn stats(counts: &[Count]) -> (String, Value) {
         }).collect::<Vec<_>>(),
         "total": Value::Object(as_json(&totals)),
     });
+    // The columns people see: every status but `corrupt` when none is.
+    let shown: Vec<usize> = (0..Status::ALL.len())
+        .filter(|&c| Status::ALL[c] != Status::Corrupt || totals[c] > 0)
+        .collect();
     let mut header = vec!["NAMESPACE".to_owned()];
-    header.extend(Status::ALL.iter().map(|s| s.as_str().to_uppercase()));
+    header.extend(
+        shown
+            .iter()
+            .map(|&c| Status::ALL[c].as_str().to_uppercase()),
+    );
     header.push("TOTAL".into());
-    let line = |name: &str, row: &[u64; 5]| {
+    let line = |name: &str, row: &Row| {
         let mut cells = vec![name.to_owned()];
-        cells.extend(row.iter().map(u64::to_string));
+        cells.extend(shown.iter().map(|&c| row[c].to_string()));
         cells.push(row.iter().sum::<u64>().to_string());
         cells
     };

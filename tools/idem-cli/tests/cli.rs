@@ -77,6 +77,68 @@ async fn idem_json(store_args: &[String], args: &[&str]) -> (i32, Value) {
     (code, doc)
 }
 
+/// A record the store holds but cannot read, under `corrupt`: `inspect` and
+/// `inspect --digest` fail (exit 4), while `list` and `stats` report it apart
+/// and go on with the other records.
+async fn corrupt_scenario(s: &[String], corrupt: &str) {
+    let (code, _, err) = idem(s, &["inspect", corrupt]).await;
+    assert_eq!(code, 4, "{err}");
+    assert!(err.contains("corrupt"), "{err}");
+    let digest = corrupt.rsplit(':').next().unwrap();
+    let (code, _, err) = idem(s, &["inspect", "--digest", digest]).await;
+    assert_eq!(code, 4, "{err}");
+    assert!(err.contains("corrupt"), "{err}");
+
+    let (code, doc) = idem_json(s, &["list", "--namespace", NS, "--limit", "1000"]).await;
+    assert_eq!(code, 0, "{doc}");
+    let records = doc["records"].as_array().unwrap();
+    let found = records
+        .iter()
+        .find(|r| r["key"] == corrupt)
+        .unwrap_or_else(|| panic!("the corrupt record listed: {doc}"));
+    assert_eq!(found["status"], "corrupt", "{doc}");
+    assert!(
+        found["problem"]
+            .as_str()
+            .is_some_and(|p| p.contains("corrupt")),
+        "{doc}"
+    );
+    assert!(
+        records.iter().any(|r| r["status"] != "corrupt"),
+        "the readable records listed beside it: {doc}"
+    );
+    let (code, out, err) = idem(s, &["list", "--namespace", NS, "--limit", "1000"]).await;
+    assert_eq!(code, 0, "{err}");
+    assert!(
+        out.contains(&format!("{corrupt}: ")),
+        "the problem, by its key: {out}"
+    );
+    let (code, doc) = idem_json(s, &["list", "--stuck", "--namespace", NS]).await;
+    assert_eq!(code, 0, "{doc}");
+    assert!(
+        doc["records"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|r| r["key"] != corrupt),
+        "a corrupt record is not stuck: {doc}"
+    );
+
+    let (code, doc) = idem_json(s, &["stats"]).await;
+    assert_eq!(code, 0, "{doc}");
+    let ns = doc["namespaces"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|n| n["namespace"] == NS)
+        .unwrap_or_else(|| panic!("{doc}"));
+    assert_eq!(ns["corrupt"], 1, "{doc}");
+    assert!(ns["records"].as_u64().unwrap() > 1, "{doc}");
+    let (code, out, err) = idem(s, &["stats"]).await;
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("CORRUPT"), "{out}");
+}
+
 /// Every command on one store, checked through the store and the next call.
 async fn scenario(store: &dyn Admin, store_args: &[String]) {
     let s = store_args;
@@ -335,16 +397,36 @@ async fn sqlite() {
     scenario(&store, &s).await;
     purge_scenario(&store, &s).await;
 
-    // A corrupt record is a store error (exit 4) that says so.
+    // A record it cannot read: a fingerprint of 2 bytes.
     let corrupt = key(500);
     sqlx::query("INSERT INTO orders_idem (key, state, token, fingerprint, outcome, expires_at, created_at, updated_at) VALUES (?1, 'completed', 1, x'0102', '{}', 99999999999999, 0, 0)")
         .bind(&corrupt)
         .execute(&pool)
         .await
         .unwrap();
-    let (code, _, err) = idem(&s, &["inspect", &corrupt]).await;
-    assert_eq!(code, 4, "{err}");
-    assert!(err.contains("corrupt"), "{err}");
+    corrupt_scenario(&s, &corrupt).await;
+    // Steps that are not JSON, kept: as corrupt.
+    let steps = key(501);
+    sqlx::query("INSERT INTO orders_idem (key, state, token, outcome, expires_at, created_at, updated_at, steps, steps_until) VALUES (?1, 'released', 2, NULL, 0, 0, 0, '[{not json', 99999999999999)")
+        .bind(&steps)
+        .execute(&pool)
+        .await
+        .unwrap();
+    let (code, doc) = idem_json(&s, &["list", "--namespace", NS, "--limit", "1000"]).await;
+    assert_eq!(code, 0, "{doc}");
+    let listed = doc["records"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|r| r["key"] == steps.as_str())
+        .cloned();
+    assert_eq!(
+        listed.map(|r| r["status"].clone()),
+        Some("corrupt".into()),
+        "{doc}"
+    );
+    let (_, doc) = idem_json(&s, &["stats"]).await;
+    assert_eq!(doc["total"]["corrupt"], 2, "{doc}");
 
     // A database that does not exist is not created.
     let missing = format!("sqlite://{}", dir.join("typo.db").display());
@@ -360,6 +442,16 @@ async fn postgres() {
     let s = args(&support::pg_url(), &["--table", &table]);
     scenario(&store, &s).await;
     purge_scenario(&store, &s).await;
+    // A record it cannot read: a fingerprint of 2 bytes.
+    let corrupt = key(500);
+    sqlx::query(sqlx::AssertSqlSafe(format!(
+        "INSERT INTO {table} (key, state, token, fingerprint, outcome, expires_at) VALUES ($1, 'completed', 1, '\\x0102', '{{}}', now() + interval '1 day')"
+    )))
+    .bind(&corrupt)
+    .execute(&pool)
+    .await
+    .unwrap();
+    corrupt_scenario(&s, &corrupt).await;
     support::drop_pg_table(&pool, &table).await;
 }
 
@@ -383,9 +475,7 @@ async fn redis() {
         .query_async(&mut conn)
         .await
         .unwrap();
-    let (code, _, err) = idem(&s, &["inspect", &corrupt]).await;
-    assert_eq!(code, 4, "{err}");
-    assert!(err.contains("corrupt"), "{err}");
+    corrupt_scenario(&s, &corrupt).await;
     let (code, doc) = idem_json(&s, &["purge", "--expired", "--yes"]).await;
     assert_eq!(
         (code, doc["purged"].as_u64()),

@@ -7,7 +7,8 @@ use crate::store::sql::admin::{sql_admin, AdminSql};
 impl PostgresStore {
     fn admin_sql(&self) -> AdminSql {
         let t = &self.sql.table;
-        let status = "CASE WHEN state = 'processing' THEN CASE WHEN expires_at > clock_timestamp() THEN 'running' ELSE 'lapsed' END
+        let status = "CASE WHEN octet_length(fingerprint) <> 32 THEN 'corrupt'
+                  WHEN state = 'processing' THEN CASE WHEN expires_at > clock_timestamp() THEN 'running' ELSE 'lapsed' END
                   WHEN state = 'completed' THEN CASE WHEN expires_at > clock_timestamp() THEN 'completed' ELSE 'expired' END
                   WHEN coalesce(steps_until > clock_timestamp(), false) THEN 'released' ELSE 'expired' END";
         let columns = format!(

@@ -241,8 +241,10 @@ impl RedisStore {
                     if namespace.is_some_and(|ns| !admin::in_namespace(key, ns)) {
                         continue;
                     }
-                    // Gone since the scan saw it: skipped.
-                    if let Some(entry) = self.inspect(key).await? {
+                    // Gone since the scan saw it: skipped. Unreadable:
+                    // reported apart.
+                    let read = self.inspect(key).await.transpose();
+                    if let Some(entry) = read.map(|r| Entry::or_corrupt(key, r)).transpose()? {
                         if !visit(entry) {
                             return Ok(());
                         }

@@ -50,6 +50,8 @@ macro_rules! sql_admin {
                         "a stored record has an unknown state {status:?} (corrupt record)"
                     ))
                 })?;
+                // The statement judged the row corrupt: the checks below say why.
+                let corrupt = status == $crate::store::admin::Status::Corrupt;
                 let fingerprint = fingerprint
                     .map(|bytes| {
                         bytes.try_into().map($crate::Digest).map_err(|_| {
@@ -63,6 +65,11 @@ macro_rules! sql_admin {
                     .map(|json| $crate::store::sql::parse_steps(&json))
                     .transpose()?
                     .unwrap_or_default();
+                if corrupt {
+                    return Err($crate::Error::codec(
+                        "the stored steps are not valid JSON (corrupt record)",
+                    ));
+                }
                 Ok($crate::store::admin::Entry::new(
                     key,
                     status,
@@ -120,7 +127,13 @@ macro_rules! sql_admin {
                     .fetch_all(&self.pool)
                     .await
                     .map_err($crate::store::sql::db_error)?;
-                rows.iter().map(Self::admin_entry).collect()
+                rows.iter()
+                    .map(|row| {
+                        use sqlx::Row as _;
+                        let key: String = row.try_get(0).map_err($crate::store::sql::db_error)?;
+                        $crate::store::admin::Entry::or_corrupt(&key, Self::admin_entry(row))
+                    })
+                    .collect()
             }
 
             async fn stats(&self) -> Result<Vec<$crate::store::admin::Count>, $crate::Error> {

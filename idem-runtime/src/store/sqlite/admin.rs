@@ -8,7 +8,9 @@ impl SqliteStore {
     fn admin_sql(&self) -> AdminSql {
         let t = &self.sql.table;
         let status = format!(
-            "CASE WHEN state = 'processing' THEN CASE WHEN expires_at > {NOW} THEN 'running' ELSE 'lapsed' END
+            "CASE WHEN length(fingerprint) <> 32
+                       OR (state <> 'completed' AND steps_until > {NOW} AND NOT json_valid(steps)) THEN 'corrupt'
+                  WHEN state = 'processing' THEN CASE WHEN expires_at > {NOW} THEN 'running' ELSE 'lapsed' END
                   WHEN state = 'completed' THEN CASE WHEN expires_at > {NOW} THEN 'completed' ELSE 'expired' END
                   WHEN coalesce(steps_until, 0) > {NOW} THEN 'released' ELSE 'expired' END"
         );
