@@ -139,6 +139,38 @@ async fn corrupt_scenario(s: &[String], corrupt: &str) {
     assert!(out.contains("CORRUPT"), "{out}");
 }
 
+/// After [`corrupt_scenario`], with more unreadable records: each is listed
+/// as `corrupt` with a problem holding one of `problems`, `stats` counts
+/// `total` corrupt records, and `list --stuck` lists none of them.
+async fn corrupt_listed(s: &[String], problems: &[&str], total: u64) {
+    let (code, doc) = idem_json(s, &["list", "--limit", "1000"]).await;
+    assert_eq!(code, 0, "{doc}");
+    let records = doc["records"].as_array().unwrap();
+    for problem in problems {
+        assert!(
+            records.iter().any(|r| r["status"] == "corrupt"
+                && r["problem"].as_str().is_some_and(|p| p.contains(problem))),
+            "a corrupt record whose problem says {problem:?}: {doc}"
+        );
+    }
+    let (code, doc) = idem_json(s, &["stats"]).await;
+    assert_eq!(
+        (code, doc["total"]["corrupt"].as_u64()),
+        (0, Some(total)),
+        "{doc}"
+    );
+    let (code, doc) = idem_json(s, &["list", "--stuck", "--limit", "1000"]).await;
+    assert_eq!(code, 0, "{doc}");
+    assert!(
+        doc["records"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|r| r["status"] == "lapsed"),
+        "{doc}"
+    );
+}
+
 /// Every command on one store, checked through the store and the next call.
 async fn scenario(store: &dyn Admin, store_args: &[String]) {
     let s = store_args;
@@ -405,28 +437,30 @@ async fn sqlite() {
         .await
         .unwrap();
     corrupt_scenario(&s, &corrupt).await;
-    // Steps that are not JSON, kept: as corrupt.
-    let steps = key(501);
-    sqlx::query("INSERT INTO orders_idem (key, state, token, outcome, expires_at, created_at, updated_at, steps, steps_until) VALUES (?1, 'released', 2, NULL, 0, 0, 0, '[{not json', 99999999999999)")
-        .bind(&steps)
-        .execute(&pool)
-        .await
-        .unwrap();
-    let (code, doc) = idem_json(&s, &["list", "--namespace", NS, "--limit", "1000"]).await;
-    assert_eq!(code, 0, "{doc}");
-    let listed = doc["records"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|r| r["key"] == steps.as_str())
-        .cloned();
-    assert_eq!(
-        listed.map(|r| r["status"].clone()),
-        Some("corrupt".into()),
-        "{doc}"
-    );
-    let (_, doc) = idem_json(&s, &["stats"]).await;
-    assert_eq!(doc["total"]["corrupt"], 2, "{doc}");
+    // More a foreign writer could leave: kept steps that are not JSON; a
+    // lapsed claim (never "stuck") and a TEXT value as fingerprints; a time
+    // that is not an integer; a key that is not UTF-8.
+    let digest = "0".repeat(64);
+    for insert in [
+        format!("INSERT INTO orders_idem (key, state, token, expires_at, created_at, updated_at, steps, steps_until) VALUES ('{}', 'released', 2, 0, 0, 0, '[{{not json', 99999999999999)", key(501)),
+        format!("INSERT INTO orders_idem (key, state, token, fingerprint, expires_at, created_at, updated_at) VALUES ('{}', 'processing', 3, x'0102', 0, 0, 0)", key(502)),
+        format!("INSERT INTO orders_idem (key, state, token, fingerprint, outcome, expires_at, created_at, updated_at) VALUES ('{}', 'completed', 4, '{}', '{{}}', 99999999999999, 0, 0)", key(503), "\u{e9}".repeat(16)),
+        format!("INSERT INTO orders_idem (key, state, token, outcome, expires_at, created_at, updated_at) VALUES ('{}', 'completed', 5, '{{}}', 99999999999999.5, 0, 0)", key(504)),
+        format!("INSERT INTO orders_idem (key, state, token, outcome, expires_at, created_at, updated_at) VALUES (CAST(x'ff' AS TEXT) || ':{digest}', 'completed', 6, '{{}}', 99999999999999, 0, 0)"),
+    ] {
+        sqlx::query(sqlx::AssertSqlSafe(insert)).execute(&pool).await.unwrap();
+    }
+    corrupt_listed(
+        &s,
+        &[
+            "steps are not JSON",
+            "fingerprint",
+            "not an integer",
+            "not UTF-8",
+        ],
+        6,
+    )
+    .await;
 
     // A database that does not exist is not created.
     let missing = format!("sqlite://{}", dir.join("typo.db").display());
@@ -452,6 +486,14 @@ async fn postgres() {
     .await
     .unwrap();
     corrupt_scenario(&s, &corrupt).await;
+    // A lapsed claim with a bad fingerprint (never "stuck"); an infinite time.
+    for insert in [
+        format!("INSERT INTO {table} (key, state, token, fingerprint, expires_at) VALUES ('{}', 'processing', 2, '\\x0102', now() - interval '1 hour')", key(502)),
+        format!("INSERT INTO {table} (key, state, token, outcome, expires_at) VALUES ('{}', 'completed', 3, '{{}}', 'infinity')", key(503)),
+    ] {
+        sqlx::query(sqlx::AssertSqlSafe(insert)).execute(&pool).await.unwrap();
+    }
+    corrupt_listed(&s, &["fingerprint", "infinite"], 3).await;
     support::drop_pg_table(&pool, &table).await;
 }
 
@@ -476,6 +518,16 @@ async fn redis() {
         .await
         .unwrap();
     corrupt_scenario(&s, &corrupt).await;
+    // A key that is not UTF-8 under the prefix: reported, not skipped.
+    let mut foreign = format!("{prefix}{NS}:").into_bytes();
+    foreign.push(0xff);
+    let _: () = redis::cmd("SET")
+        .arg(foreign)
+        .arg("x")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    corrupt_listed(&s, &["not UTF-8", "corrupt"], 2).await;
     let (code, doc) = idem_json(&s, &["purge", "--expired", "--yes"]).await;
     assert_eq!(
         (code, doc["purged"].as_u64()),

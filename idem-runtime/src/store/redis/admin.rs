@@ -232,10 +232,15 @@ impl RedisStore {
             loop {
                 let (next, keys) = self.scan_step(&master, cursor, &pattern).await?;
                 for redis_key in keys {
-                    let Some(key) = std::str::from_utf8(&redis_key)
-                        .ok()
-                        .and_then(|k| k.strip_prefix(&*self.prefix))
-                    else {
+                    let Some(key) = redis_key.strip_prefix(self.prefix.as_bytes()) else {
+                        continue;
+                    };
+                    let Ok(key) = std::str::from_utf8(key) else {
+                        // Not a key idem writes: reported, not skipped.
+                        let key = String::from_utf8_lossy(key).into_owned();
+                        if !visit(Entry::corrupt(key, "the stored key is not UTF-8")) {
+                            return Ok(());
+                        }
                         continue;
                     };
                     if namespace.is_some_and(|ns| !admin::in_namespace(key, ns)) {

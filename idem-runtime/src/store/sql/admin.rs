@@ -31,6 +31,7 @@ macro_rules! sql_admin {
             where
                 R: sqlx::Row,
                 for<'r> String: sqlx::Decode<'r, R::Database> + sqlx::Type<R::Database>,
+                for<'r> Vec<u8>: sqlx::Decode<'r, R::Database> + sqlx::Type<R::Database>,
                 for<'r> Option<String>: sqlx::Decode<'r, R::Database> + sqlx::Type<R::Database>,
                 for<'r> i64: sqlx::Decode<'r, R::Database> + sqlx::Type<R::Database>,
                 for<'r> Option<i64>: sqlx::Decode<'r, R::Database> + sqlx::Type<R::Database>,
@@ -38,20 +39,17 @@ macro_rules! sql_admin {
                 usize: sqlx::ColumnIndex<R>,
             {
                 use $crate::store::sql::db_error;
-                let key: String = row.try_get(0).map_err(db_error)?;
+                let key: Vec<u8> = row.try_get(0).map_err(db_error)?;
+                let key = String::from_utf8(key).map_err(|_| {
+                    $crate::Error::codec("the stored key is not UTF-8 (corrupt record)")
+                })?;
                 let status: String = row.try_get(1).map_err(db_error)?;
+                let status = Self::admin_status(&status)?;
                 let token: i64 = row.try_get(2).map_err(db_error)?;
                 let fingerprint: Option<Vec<u8>> = row.try_get(3).map_err(db_error)?;
                 let outcome_len: Option<i64> = row.try_get(4).map_err(db_error)?;
                 let remaining_ms: i64 = row.try_get(5).map_err(db_error)?;
                 let steps: Option<String> = row.try_get(6).map_err(db_error)?;
-                let status = $crate::store::admin::Status::parse(&status).ok_or_else(|| {
-                    $crate::Error::codec(format!(
-                        "a stored record has an unknown state {status:?} (corrupt record)"
-                    ))
-                })?;
-                // The statement judged the row corrupt: the checks below say why.
-                let corrupt = status == $crate::store::admin::Status::Corrupt;
                 let fingerprint = fingerprint
                     .map(|bytes| {
                         bytes.try_into().map($crate::Digest).map_err(|_| {
@@ -65,11 +63,6 @@ macro_rules! sql_admin {
                     .map(|json| $crate::store::sql::parse_steps(&json))
                     .transpose()?
                     .unwrap_or_default();
-                if corrupt {
-                    return Err($crate::Error::codec(
-                        "the stored steps are not valid JSON (corrupt record)",
-                    ));
-                }
                 Ok($crate::store::admin::Entry::new(
                     key,
                     status,
@@ -79,6 +72,19 @@ macro_rules! sql_admin {
                     $crate::store::sql::remaining(remaining_ms),
                     &steps,
                 ))
+            }
+
+            /// A statement's status word; `corrupt: why` is the row's
+            /// problem, as [`Error::Codec`]($crate::Error::Codec).
+            fn admin_status(word: &str) -> Result<$crate::store::admin::Status, $crate::Error> {
+                if let Some(why) = word.strip_prefix("corrupt: ") {
+                    return Err($crate::Error::codec(format!("{why} (corrupt record)")));
+                }
+                $crate::store::admin::Status::parse(word).ok_or_else(|| {
+                    $crate::Error::codec(format!(
+                        "a stored record has an unknown state {word:?} (corrupt record)"
+                    ))
+                })
             }
 
             /// Runs a fenced admin write: one row changed, else `LeaseLost`.
@@ -127,13 +133,20 @@ macro_rules! sql_admin {
                     .fetch_all(&self.pool)
                     .await
                     .map_err($crate::store::sql::db_error)?;
-                rows.iter()
-                    .map(|row| {
-                        use sqlx::Row as _;
-                        let key: String = row.try_get(0).map_err($crate::store::sql::db_error)?;
-                        $crate::store::admin::Entry::or_corrupt(&key, Self::admin_entry(row))
-                    })
-                    .collect()
+                let mut entries = Vec::with_capacity(rows.len());
+                for row in &rows {
+                    use sqlx::Row as _;
+                    let key: Vec<u8> = row.try_get(0).map_err($crate::store::sql::db_error)?;
+                    let key = String::from_utf8_lossy(&key);
+                    let entry =
+                        $crate::store::admin::Entry::or_corrupt(&key, Self::admin_entry(row))?;
+                    // The statement left out what SQL can judge corrupt;
+                    // Rust judges the rest (steps of the wrong shape).
+                    if !(query.stuck && entry.status == $crate::store::admin::Status::Corrupt) {
+                        entries.push(entry);
+                    }
+                }
+                Ok(entries)
             }
 
             async fn stats(&self) -> Result<Vec<$crate::store::admin::Count>, $crate::Error> {
@@ -144,25 +157,27 @@ macro_rules! sql_admin {
                     .fetch_all(&self.pool)
                     .await
                     .map_err(db_error)?;
-                let mut counts = rows
-                    .iter()
-                    .map(|row| {
-                        let status: String = row.try_get(1).map_err(db_error)?;
-                        let status = $crate::store::admin::Status::parse(&status).ok_or_else(|| {
-                            $crate::Error::codec(format!(
-                                "a stored record has an unknown state {status:?} (corrupt record)"
-                            ))
-                        })?;
-                        let records: i64 = row.try_get(2).map_err(db_error)?;
-                        Ok($crate::store::admin::Count::new(
-                            row.try_get(0).map_err(db_error)?,
-                            status,
-                            records.max(0) as u64,
-                        ))
+                // Rows of one namespace corrupt for different reasons (or
+                // with a namespace that is not UTF-8) count as one.
+                let mut counts = std::collections::BTreeMap::new();
+                for row in &rows {
+                    let namespace: Vec<u8> = row.try_get(0).map_err(db_error)?;
+                    let status: String = row.try_get(1).map_err(db_error)?;
+                    let records: i64 = row.try_get(2).map_err(db_error)?;
+                    let status =
+                        match (std::str::from_utf8(&namespace), Self::admin_status(&status)) {
+                            (Ok(_), Ok(status)) => status,
+                            _ => $crate::store::admin::Status::Corrupt,
+                        };
+                    let namespace = String::from_utf8_lossy(&namespace).into_owned();
+                    *counts.entry((namespace, status)).or_insert(0) += records.max(0) as u64;
+                }
+                Ok(counts
+                    .into_iter()
+                    .map(|((namespace, status), records)| {
+                        $crate::store::admin::Count::new(namespace, status, records)
                     })
-                    .collect::<Result<Vec<_>, $crate::Error>>()?;
-                counts.sort();
-                Ok(counts)
+                    .collect())
             }
 
             async fn invalidate(
@@ -170,7 +185,8 @@ macro_rules! sql_admin {
                 key: &str,
                 token: $crate::store::FencingToken,
             ) -> Result<(), $crate::Error> {
-                self.admin_fenced(self.admin_sql().invalidate, key, token).await
+                self.admin_fenced(self.admin_sql().invalidate, key, token)
+                    .await
             }
 
             async fn forget(
