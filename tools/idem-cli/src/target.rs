@@ -109,12 +109,13 @@ fn derive(namespace: &str, parts: &str, spec: &Spec<'_>) -> Result<Target, Strin
 ///
 /// What plain JSON cannot say is spelled as an object with one `$` field
 /// (see [`TAGS`]): `{"$some": v}`, `{"$set": [..]}`, `{"$map": [[k, v], ..]}`,
-/// `{"$int": "digits"}`, `{"$f32": x}`, `{"$bytes": "hex"}`, `{"$unit": null}`,
+/// `{"$int": "digits"}`, `{"$f32": x}`, `{"$f64": x}`, `{"$bytes": "hex"}`, `{"$unit": null}`,
 /// `{"$variant": "Name"}` and `{"$variant": "Name", "$value": v}`.
 struct Part<'a>(&'a Value);
 
 /// The typed spellings: an object whose fields all start with `$`.
-pub(crate) const TAGS: &str = "$some, $set, $map, $int, $f32, $bytes, $unit, $variant (+ $value)";
+pub(crate) const TAGS: &str =
+    "$some, $set, $map, $int, $f32, $f64, $bytes, $unit, $variant (+ $value)";
 
 /// The elements of a `{"$set": [..]}`: a type whose name ends in `Set`, so the
 /// canonical encoding sorts them as it sorts a `HashSet`'s or `BTreeSet`'s.
@@ -182,6 +183,23 @@ fn tagged<S: Serializer>(fields: &serde_json::Map<String, Value>, s: S) -> Resul
         };
         return s.serialize_f32(x);
     }
+    if let Some(v) = one("$f64") {
+        // A float JSON cannot say: whole and beyond 2^63 (read as an integer
+        // would be refused), NaN, infinities ("NaN", "inf", "-inf").
+        let text = match v {
+            Value::Number(n) => n.to_string(),
+            Value::String(text) => text.clone(),
+            _ => {
+                return Err(bad(
+                    "$f64 takes a number, or \"NaN\", \"inf\", \"-inf\"".into()
+                ))
+            }
+        };
+        let Ok(x) = text.parse::<f64>() else {
+            return Err(bad(format!("$f64: {text:?} is not a number")));
+        };
+        return s.serialize_f64(x);
+    }
     if let Some(v) = one("$bytes") {
         let Some(bytes) = v.as_str().and_then(from_hex) else {
             return Err(bad("$bytes takes hex digits, two a byte".into()));
@@ -233,7 +251,8 @@ impl Serialize for Part<'_> {
                 {
                     Err(serde::ser::Error::custom(format!(
                         "{n} is beyond 64-bit integers, where JSON cannot tell an integer \
-                         (u128, i128) from a float: spell it {{\"$int\": \"{n}\"}}"
+                         (u128, i128) from a float: spell it {{\"$int\": \"{n}\"}}, or a float \
+                         {{\"$f64\": {n}}}"
                     )))
                 }
                 // `-0` reads as the float -0.0, which the encoding folds to

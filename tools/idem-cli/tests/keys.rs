@@ -119,3 +119,261 @@ async fn a_map_with_integer_keys() {
     let (exit, doc) = inspect(&store, r#"[{"$map": [[1, 2]]}]"#).await;
     assert_eq!(exit, idem_cli::Exit::Ok, "{doc}");
 }
+
+// ---------------------------------------------------------------------------
+// Property: for any value of a request type holding every shape serde gives a
+// key part, its typed JSON spelling derives the key the macro stored.
+
+mod generated {
+    use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
+
+    use proptest::prelude::*;
+    use serde::{Serialize, Serializer};
+    use serde_json::{json, Map, Value};
+
+    /// Bytes serialized as bytes (what `serde_bytes` does).
+    #[derive(Debug, Clone)]
+    pub struct Blob(pub Vec<u8>);
+
+    impl Serialize for Blob {
+        fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+            s.serialize_bytes(&self.0)
+        }
+    }
+
+    #[derive(Debug, Clone, Serialize)]
+    pub enum Kind {
+        Plain,
+        Amount(i64),
+        Pair(u8, String),
+        Named { x: u16, note: Option<String> },
+    }
+
+    #[derive(Debug, Clone, Serialize)]
+    pub struct Inner {
+        pub flag: bool,
+        pub ratio: f64,
+    }
+
+    #[derive(Debug, Clone, Serialize)]
+    pub struct Req {
+        pub small: u8,
+        pub signed: i64,
+        pub big: u128,
+        pub neg_big: i128,
+        pub text: String,
+        pub ch: char,
+        pub maybe: Option<Option<String>>,
+        pub list: Vec<i32>,
+        pub tags: HashSet<String>,
+        pub ids: BTreeSet<i64>,
+        pub qty: HashMap<u32, String>,
+        pub named: BTreeMap<String, Option<u16>>,
+        pub ratio: f64,
+        pub wide: f64,
+        pub narrow: f32,
+        pub kind: Kind,
+        pub unit: (),
+        pub tuple: (u8, String),
+        pub inner: Inner,
+        pub blob: Blob,
+    }
+
+    /// Any `f64` but NaN and the infinities (`wide` has those).
+    fn finite() -> impl Strategy<Value = f64> {
+        prop_oneof![
+            proptest::num::f64::NORMAL | proptest::num::f64::SUBNORMAL | proptest::num::f64::ZERO,
+            (-1_000_000i64..1_000_000).prop_map(|n| n as f64),
+            (-1e22f64..1e22).prop_map(f64::trunc),
+        ]
+    }
+
+    fn kind() -> impl Strategy<Value = Kind> {
+        prop_oneof![
+            Just(Kind::Plain),
+            any::<i64>().prop_map(Kind::Amount),
+            (any::<u8>(), ".{0,3}").prop_map(|(a, s)| Kind::Pair(a, s)),
+            (any::<u16>(), proptest::option::of(".{0,3}"))
+                .prop_map(|(x, note)| Kind::Named { x, note }),
+        ]
+    }
+
+    pub fn req() -> impl Strategy<Value = Req> {
+        let numbers = (
+            any::<u8>(),
+            any::<i64>(),
+            prop_oneof![any::<u128>(), (0u128..1000)],
+            prop_oneof![any::<i128>(), (-1000i128..1000)],
+            finite(),
+            prop_oneof![
+                finite(),
+                Just(f64::NAN),
+                Just(f64::INFINITY),
+                Just(f64::NEG_INFINITY)
+            ],
+            prop_oneof![
+                proptest::num::f32::NORMAL
+                    | proptest::num::f32::SUBNORMAL
+                    | proptest::num::f32::ZERO,
+                Just(16_777_217.0f32)
+            ],
+        );
+        let texts = (
+            ".{0,6}",
+            any::<char>(),
+            proptest::option::of(proptest::option::of(".{0,4}")),
+            proptest::collection::vec(any::<i32>(), 0..4),
+            proptest::collection::hash_set(".{0,3}", 0..4),
+            proptest::collection::btree_set(any::<i64>(), 0..4),
+            proptest::collection::hash_map(any::<u32>(), ".{0,3}", 0..4),
+            // Keys that start with `$` are spelled as `$map` pairs.
+            proptest::collection::btree_map(
+                "[$a-z]{0,3}",
+                proptest::option::of(any::<u16>()),
+                0..4,
+            ),
+        );
+        let rest = (
+            kind(),
+            (any::<u8>(), ".{0,3}"),
+            (any::<bool>(), finite()),
+            proptest::collection::vec(any::<u8>(), 0..6),
+        );
+        (numbers, texts, rest).prop_map(
+            |(
+                (small, signed, big, neg_big, ratio, wide, narrow),
+                (text, ch, maybe, list, tags, ids, qty, named),
+                (kind, tuple, (flag, inner_ratio), blob),
+            )| Req {
+                small,
+                signed,
+                big,
+                neg_big,
+                text,
+                ch,
+                maybe,
+                list,
+                tags,
+                ids,
+                qty,
+                named,
+                ratio,
+                wide,
+                narrow,
+                kind,
+                unit: (),
+                tuple,
+                inner: Inner {
+                    flag,
+                    ratio: inner_ratio,
+                },
+                blob: Blob(blob),
+            },
+        )
+    }
+
+    /// An integer as JSON: a number within 64 bits, else `$int`.
+    fn int(n: i128) -> Value {
+        match i64::try_from(n) {
+            Ok(n) => json!(n),
+            Err(_) => json!({ "$int": n.to_string() }),
+        }
+    }
+
+    /// A float as plain JSON where JSON can say it (`-0.0` is keyed as
+    /// `0.0`, and JSON's `-0` is refused as ambiguous), else `$f64`.
+    fn float(x: f64) -> Value {
+        if x == 0.0 {
+            json!(0.0)
+        } else if x.is_finite() && !(x.fract() == 0.0 && x.abs() >= 9.2e18) {
+            json!(x)
+        } else {
+            json!({ "$f64": x.to_string() })
+        }
+    }
+
+    fn some_text(s: &Option<String>) -> Value {
+        s.as_ref().map_or(Value::Null, |s| json!({ "$some": s }))
+    }
+
+    /// The typed JSON spelling of `req`, as the README's table spells it.
+    pub fn spell(req: &Req) -> Value {
+        let maybe = match &req.maybe {
+            None => Value::Null,
+            Some(inner) => json!({ "$some": some_text(inner) }),
+        };
+        let named_values = |v: &Option<u16>| v.map_or(Value::Null, |v| json!({ "$some": v }));
+        let named = if req.named.keys().any(|k| k.starts_with('$')) {
+            let pairs: Vec<Value> = req
+                .named
+                .iter()
+                .map(|(k, v)| json!([k, named_values(v)]))
+                .collect();
+            json!({ "$map": pairs })
+        } else {
+            Value::Object(
+                req.named
+                    .iter()
+                    .map(|(k, v)| (k.clone(), named_values(v)))
+                    .collect::<Map<String, Value>>(),
+            )
+        };
+        let kind = match &req.kind {
+            Kind::Plain => json!({ "$variant": "Plain" }),
+            Kind::Amount(n) => json!({ "$variant": "Amount", "$value": n }),
+            Kind::Pair(a, s) => json!({ "$variant": "Pair", "$value": [a, s] }),
+            Kind::Named { x, note } => {
+                json!({ "$variant": "Named", "$value": { "x": x, "note": some_text(note) } })
+            }
+        };
+        let big = match u64::try_from(req.big) {
+            Ok(n) => json!(n),
+            Err(_) => json!({ "$int": req.big.to_string() }),
+        };
+        let hex: String = req.blob.0.iter().map(|b| format!("{b:02x}")).collect();
+        json!({
+            "small": req.small,
+            "signed": req.signed,
+            "big": big,
+            "neg_big": int(req.neg_big),
+            "text": req.text,
+            "ch": req.ch.to_string(),
+            "maybe": maybe,
+            "list": req.list,
+            "tags": { "$set": req.tags.iter().collect::<Vec<_>>() },
+            "ids": { "$set": req.ids.iter().rev().collect::<Vec<_>>() },
+            "qty": { "$map": req.qty.iter().map(|(k, v)| json!([k, v])).collect::<Vec<_>>() },
+            "named": named,
+            "ratio": float(req.ratio),
+            "wide": float(req.wide),
+            "narrow": { "$f32": req.narrow.to_string() },
+            "kind": kind,
+            "unit": { "$unit": null },
+            "tuple": [req.tuple.0, req.tuple.1],
+            "inner": { "flag": req.inner.flag, "ratio": float(req.inner.ratio) },
+            "blob": { "$bytes": hex },
+        })
+    }
+}
+
+#[idempotent(name = "cli::keys", key = (req.signed, req), store = store)]
+async fn by_generated(store: &dyn Store, req: generated::Req) -> Result<u32, Error> {
+    Ok(1)
+}
+
+proptest::proptest! {
+    #![proptest_config(proptest::prelude::ProptestConfig::with_cases(256))]
+
+    /// Any request, spelled: `inspect` finds the record the macro stored.
+    #[test]
+    fn any_request_spelled_finds_its_record(req in generated::req()) {
+        let rt = tokio::runtime::Builder::new_current_thread().build().unwrap();
+        let spelled = serde_json::json!([req.signed, generated::spell(&req)]).to_string();
+        let (exit, doc) = rt.block_on(async {
+            let store = MemoryStore::new();
+            by_generated(&store, req.clone()).await.unwrap();
+            inspect(&store, &spelled).await
+        });
+        proptest::prop_assert_eq!(exit, idem_cli::Exit::Ok, "{:?} spelled {}: {}", req, spelled, doc);
+    }
+}
