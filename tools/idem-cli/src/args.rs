@@ -21,6 +21,11 @@ pub(crate) struct Cli {
     /// The Redis key prefix (default `idem:`).
     #[arg(long, global = true, value_name = "PREFIX")]
     pub prefix: Option<String>,
+    /// PostgreSQL: how long a statement waits for a row another transaction
+    /// holds (a running call's `tx =`) before failing with nothing changed
+    /// (default 5s; 0s waits without limit).
+    #[arg(long, global = true, value_name = "DURATION")]
+    pub lock_timeout: Option<String>,
     /// Print one JSON document instead of a table.
     #[arg(long, global = true)]
     pub json: bool,

@@ -18,6 +18,8 @@ pub(crate) struct Options<'a> {
     pub url: &'a str,
     pub table: Option<&'a str>,
     pub prefix: Option<&'a str>,
+    /// PostgreSQL's `lock_timeout` (default [`PG_LOCK_TIMEOUT`]).
+    pub lock_timeout: Option<Duration>,
 }
 
 /// Why a store could not be opened.
@@ -32,8 +34,9 @@ pub(crate) enum Failure {
 pub(crate) const SCHEMES: &str =
     "sqlite://PATH, postgres://USER@HOST/DB, redis://HOST:PORT, redis-cluster://HOST:PORT,HOST:PORT";
 
-/// How long a PostgreSQL statement of the CLI waits for a row lock.
-const PG_LOCK_TIMEOUT: &str = "5s";
+/// How long a PostgreSQL statement of the CLI waits for a row lock unless
+/// `--lock-timeout` says otherwise.
+const PG_LOCK_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Opens the store `options` name.
 pub(crate) async fn open(options: &Options<'_>) -> Result<Box<dyn Admin>, Failure> {
@@ -48,6 +51,11 @@ pub(crate) async fn open(options: &Options<'_>) -> Result<Box<dyn Admin>, Failur
     if options.prefix.is_some() && sql {
         return Err(Failure::Usage(
             "--prefix applies to redis:// and redis-cluster:// stores".into(),
+        ));
+    }
+    if options.lock_timeout.is_some() && !matches!(scheme, "postgres" | "postgresql") {
+        return Err(Failure::Usage(
+            "--lock-timeout applies to postgres:// stores".into(),
         ));
     }
     let table = options
@@ -90,9 +98,21 @@ pub(crate) async fn open(options: &Options<'_>) -> Result<Box<dyn Admin>, Failur
             // Neon) may refuse: then without them, as before.
             let plain = PgConnectOptions::from_str(url)
                 .map_err(|e| Failure::Usage(format!("{url}: {e}")))?;
+            // A statement's own limit is a minute past the lock's (none
+            // when the lock wait has none).
+            let lock = options.lock_timeout.unwrap_or(PG_LOCK_TIMEOUT);
+            let statement = if lock.is_zero() {
+                Duration::ZERO
+            } else {
+                lock + Duration::from_secs(60)
+            };
+            let (lock, statement) = (
+                format!("{}ms", lock.as_millis()),
+                format!("{}ms", statement.as_millis()),
+            );
             let timed = plain.clone().options([
-                ("lock_timeout", PG_LOCK_TIMEOUT),
-                ("statement_timeout", "60s"),
+                ("lock_timeout", lock.as_str()),
+                ("statement_timeout", statement.as_str()),
             ]);
             let pool = PgPoolOptions::new()
                 .max_connections(2)

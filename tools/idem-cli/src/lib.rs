@@ -124,10 +124,18 @@ where
         );
         return report::failure(&cli, out, err, Exit::Usage, &message);
     };
+    let lock_timeout = match cli.lock_timeout.as_deref().map(duration::parse).transpose() {
+        Ok(timeout) => timeout,
+        Err(e) => {
+            let message = format!("--lock-timeout: {e}");
+            return report::failure(&cli, out, err, Exit::Usage, &message);
+        }
+    };
     let options = connect::Options {
         url,
         table: cli.table.as_deref(),
         prefix: cli.prefix.as_deref(),
+        lock_timeout,
     };
     let store = match connect::open(&options).await {
         Ok(store) => store,

@@ -751,6 +751,60 @@ async fn a_locked_row_is_a_store_error_not_a_hang() {
     support::drop_pg_table(&pool, &table).await;
 }
 
+/// `--lock-timeout` reaches the CLI's PostgreSQL sessions: with a long one,
+/// a command outwaits the default 5 s for a held row and succeeds once it is
+/// free; a bad duration, or the flag on another store, is a usage error.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_lock_timeout_is_the_operators_to_set() {
+    let (store, pool, table) = support::pg_table("cli_lock_timeout").await;
+    let runs = AtomicU32::new(0);
+    create(&store, 78, &runs).await.unwrap();
+    let s = args(&support::pg_url(), &["--table", &table]);
+    let mut holder = pool.begin().await.unwrap();
+    let lock = format!("SELECT 1 FROM {table} WHERE key = $1 FOR UPDATE");
+    sqlx::query(sqlx::AssertSqlSafe(lock))
+        .bind(key(78))
+        .fetch_one(&mut *holder)
+        .await
+        .unwrap();
+    let mut all = s.clone();
+    all.extend(["--lock-timeout", "10m", "invalidate", &key(78), "--yes"].map(String::from));
+    let waiter = tokio::spawn(async move {
+        let all: Vec<&str> = all.iter().map(String::as_str).collect();
+        idem(&[], &all).await
+    });
+    // Its statement is waiting for the row: then past the default limit.
+    let waiting = format!(
+        "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' AND query LIKE '%{table}%'"
+    );
+    loop {
+        let n: i64 = sqlx::query_scalar(sqlx::AssertSqlSafe(waiting.clone()))
+            .fetch_one(&pool)
+            .await
+            .unwrap();
+        if n > 0 {
+            break;
+        }
+        assert!(!waiter.is_finished(), "{:?}", waiter.await);
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    tokio::time::sleep(Duration::from_secs(6)).await;
+    assert!(!waiter.is_finished(), "gave up: {:?}", waiter.await);
+    holder.commit().await.unwrap();
+    let (code, out, err) = waiter.await.unwrap();
+    assert_eq!(code, 0, "{out} {err}");
+    create(&store, 78, &runs).await.unwrap();
+    assert_eq!(runs.load(Ordering::SeqCst), 2, "invalidated: it ran again");
+
+    let (code, _, err) = idem(&s, &["--lock-timeout", "soon", "stats"]).await;
+    assert_eq!(code, 2, "{err}");
+    assert!(err.contains("--lock-timeout"), "{err}");
+    let redis = args(&support::redis_url(), &[]);
+    let (code, _, err) = idem(&redis, &["--lock-timeout", "1s", "stats"]).await;
+    assert_eq!(code, 2, "{err}");
+    support::drop_pg_table(&pool, &table).await;
+}
+
 /// `--json` promises one JSON document, usage errors included.
 #[tokio::test]
 async fn usage_errors_are_one_json_document_with_json() {
