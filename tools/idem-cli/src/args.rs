@@ -23,7 +23,7 @@ pub(crate) struct Cli {
     pub prefix: Option<String>,
     /// PostgreSQL: how long a statement waits for a row another transaction
     /// holds (a running call's `tx =`) before failing with nothing changed
-    /// (default 5s; 0s waits without limit).
+    /// (default 5s; 0s waits without limit; at most 24d20h31m23s).
     #[arg(long, global = true, value_name = "DURATION")]
     pub lock_timeout: Option<String>,
     /// Print one JSON document instead of a table.

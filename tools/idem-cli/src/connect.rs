@@ -38,6 +38,25 @@ pub(crate) const SCHEMES: &str =
 /// `--lock-timeout` says otherwise.
 const PG_LOCK_TIMEOUT: Duration = Duration::from_secs(5);
 
+/// The longest wait PostgreSQL's `lock_timeout` and `statement_timeout` take
+/// (an `int` of milliseconds).
+const PG_MAX_TIMEOUT: Duration = Duration::from_millis(i32::MAX as u64);
+
+/// Parses `--lock-timeout`: a duration as the attribute writes them, or `0s`
+/// (also `0`, `0ms`) for no limit; at most PostgreSQL's 24d20h31m23s.
+pub(crate) fn lock_timeout(text: &str) -> Result<Duration, String> {
+    let timeout = match text {
+        "0" | "0s" | "0ms" => Duration::ZERO,
+        text => crate::duration::parse(text)?,
+    };
+    if timeout > PG_MAX_TIMEOUT {
+        return Err(format!(
+            "{text:?} is longer than PostgreSQL waits (at most 24d20h31m23s; 0s for no limit)"
+        ));
+    }
+    Ok(timeout)
+}
+
 /// Opens the store `options` name.
 pub(crate) async fn open(options: &Options<'_>) -> Result<Box<dyn Admin>, Failure> {
     let url = options.url;
@@ -104,7 +123,7 @@ pub(crate) async fn open(options: &Options<'_>) -> Result<Box<dyn Admin>, Failur
             let statement = if lock.is_zero() {
                 Duration::ZERO
             } else {
-                lock + Duration::from_secs(60)
+                (lock + Duration::from_secs(60)).min(PG_MAX_TIMEOUT)
             };
             let (lock, statement) = (
                 format!("{}ms", lock.as_millis()),
@@ -118,6 +137,17 @@ pub(crate) async fn open(options: &Options<'_>) -> Result<Box<dyn Admin>, Failur
                 .max_connections(2)
                 .acquire_timeout(CONNECT_TIMEOUT);
             let pool = match pool.clone().connect_with(timed).await {
+                // A limit the operator asked for is not dropped in silence.
+                Err(e)
+                    if e.to_string().contains("unsupported startup parameter")
+                        && options.lock_timeout.is_some() =>
+                {
+                    return Err(Failure::Store(Error::store(format!(
+                        "{url} refuses startup options (a connection pooler?), so --lock-timeout \
+                         cannot be applied; connect to the server itself, or leave the flag out \
+                         to wait without a limit: {e}"
+                    ))));
+                }
                 Err(e) if e.to_string().contains("unsupported startup parameter") => {
                     pool.connect_with(plain).await
                 }

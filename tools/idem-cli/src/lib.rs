@@ -124,7 +124,12 @@ where
         );
         return report::failure(&cli, out, err, Exit::Usage, &message);
     };
-    let lock_timeout = match cli.lock_timeout.as_deref().map(duration::parse).transpose() {
+    let lock_timeout = match cli
+        .lock_timeout
+        .as_deref()
+        .map(connect::lock_timeout)
+        .transpose()
+    {
         Ok(timeout) => timeout,
         Err(e) => {
             let message = format!("--lock-timeout: {e}");

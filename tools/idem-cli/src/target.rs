@@ -220,7 +220,8 @@ fn tagged<S: Serializer>(fields: &serde_json::Map<String, Value>, s: S) -> Resul
     }
     let names: Vec<&str> = fields.keys().map(String::as_str).collect();
     Err(bad(format!(
-        "{{{}}} is not a typed spelling",
+        "{{{}}} is not a typed spelling; a map or struct with keys that start with `$` is \
+         spelled {{\"$map\": [[\"$key\", value], ..]}}",
         names.join(", ")
     )))
 }

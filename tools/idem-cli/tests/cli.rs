@@ -796,9 +796,14 @@ async fn the_lock_timeout_is_the_operators_to_set() {
     create(&store, 78, &runs).await.unwrap();
     assert_eq!(runs.load(Ordering::SeqCst), 2, "invalidated: it ran again");
 
-    let (code, _, err) = idem(&s, &["--lock-timeout", "soon", "stats"]).await;
-    assert_eq!(code, 2, "{err}");
-    assert!(err.contains("--lock-timeout"), "{err}");
+    // No limit; beyond PostgreSQL's limit; not a duration.
+    let (code, _, err) = idem(&s, &["--lock-timeout", "0s", "stats"]).await;
+    assert_eq!(code, 0, "{err}");
+    for bad in ["30d", "soon"] {
+        let (code, _, err) = idem(&s, &["--lock-timeout", bad, "stats"]).await;
+        assert_eq!(code, 2, "{bad}: {err}");
+        assert!(err.contains("--lock-timeout"), "{err}");
+    }
     let redis = args(&support::redis_url(), &[]);
     let (code, _, err) = idem(&redis, &["--lock-timeout", "1s", "stats"]).await;
     assert_eq!(code, 2, "{err}");

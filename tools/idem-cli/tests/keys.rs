@@ -153,6 +153,9 @@ mod generated {
     pub struct Inner {
         pub flag: bool,
         pub ratio: f64,
+        /// A field whose name starts with `$`: the struct is spelled `$map`.
+        #[serde(rename = "$ref")]
+        pub reference: u8,
     }
 
     #[derive(Debug, Clone, Serialize)]
@@ -211,12 +214,7 @@ mod generated {
                 Just(f64::INFINITY),
                 Just(f64::NEG_INFINITY)
             ],
-            prop_oneof![
-                proptest::num::f32::NORMAL
-                    | proptest::num::f32::SUBNORMAL
-                    | proptest::num::f32::ZERO,
-                Just(16_777_217.0f32)
-            ],
+            proptest::num::f32::NORMAL | proptest::num::f32::SUBNORMAL | proptest::num::f32::ZERO,
         );
         let texts = (
             ".{0,6}",
@@ -226,9 +224,15 @@ mod generated {
             proptest::collection::hash_set(".{0,3}", 0..4),
             proptest::collection::btree_set(any::<i64>(), 0..4),
             proptest::collection::hash_map(any::<u32>(), ".{0,3}", 0..4),
-            // Keys that start with `$` are spelled as `$map` pairs.
+            // Keys that start with `$` (some a spelling's tag) are spelled
+            // as `$map` pairs.
             proptest::collection::btree_map(
-                "[$a-z]{0,3}",
+                prop_oneof![
+                    "[$a-z]{0,3}",
+                    Just("$some".to_owned()),
+                    Just("$variant".to_owned()),
+                    Just("$int".to_owned()),
+                ],
                 proptest::option::of(any::<u16>()),
                 0..4,
             ),
@@ -236,14 +240,14 @@ mod generated {
         let rest = (
             kind(),
             (any::<u8>(), ".{0,3}"),
-            (any::<bool>(), finite()),
+            (any::<bool>(), finite(), any::<u8>()),
             proptest::collection::vec(any::<u8>(), 0..6),
         );
         (numbers, texts, rest).prop_map(
             |(
                 (small, signed, big, neg_big, ratio, wide, narrow),
                 (text, ch, maybe, list, tags, ids, qty, named),
-                (kind, tuple, (flag, inner_ratio), blob),
+                (kind, tuple, (flag, inner_ratio, reference), blob),
             )| Req {
                 small,
                 signed,
@@ -266,6 +270,7 @@ mod generated {
                 inner: Inner {
                     flag,
                     ratio: inner_ratio,
+                    reference,
                 },
                 blob: Blob(blob),
             },
@@ -280,24 +285,44 @@ mod generated {
         }
     }
 
+    /// A `u128` as JSON: a number within 64 bits, else `$int`.
+    pub fn uint(n: u128) -> Value {
+        match u64::try_from(n) {
+            Ok(n) => json!(n),
+            Err(_) => json!({ "$int": n.to_string() }),
+        }
+    }
+
     /// A float as plain JSON where JSON can say it (`-0.0` is keyed as
-    /// `0.0`, and JSON's `-0` is refused as ambiguous), else `$f64`.
-    fn float(x: f64) -> Value {
+    /// `0.0`, and JSON's `-0` is refused as ambiguous), else `$f64`: as a
+    /// number where JSON has one, else as text.
+    pub fn float(x: f64) -> Value {
         if x == 0.0 {
             json!(0.0)
         } else if x.is_finite() && !(x.fract() == 0.0 && x.abs() >= 9.2e18) {
             json!(x)
+        } else if x.is_finite() {
+            json!({ "$f64": x })
         } else {
             json!({ "$f64": x.to_string() })
         }
+    }
+
+    /// The items in the reverse of the order they come.
+    fn reversed<T>(items: impl Iterator<Item = T>) -> Vec<T> {
+        let mut items: Vec<T> = items.collect();
+        items.reverse();
+        items
     }
 
     fn some_text(s: &Option<String>) -> Value {
         s.as_ref().map_or(Value::Null, |s| json!({ "$some": s }))
     }
 
-    /// The typed JSON spelling of `req`, as the README's table spells it.
-    pub fn spell(req: &Req) -> Value {
+    /// The typed JSON spelling of `req`, as the README's table spells it:
+    /// `$f32` as a number or as text (`f32_text`); sets and maps in the
+    /// reverse of the order the value iterates.
+    pub fn spell(req: &Req, f32_text: bool) -> Value {
         let maybe = match &req.maybe {
             None => Value::Null,
             Some(inner) => json!({ "$some": some_text(inner) }),
@@ -326,37 +351,41 @@ mod generated {
                 json!({ "$variant": "Named", "$value": { "x": x, "note": some_text(note) } })
             }
         };
-        let big = match u64::try_from(req.big) {
-            Ok(n) => json!(n),
-            Err(_) => json!({ "$int": req.big.to_string() }),
-        };
         let hex: String = req.blob.0.iter().map(|b| format!("{b:02x}")).collect();
         json!({
             "small": req.small,
             "signed": req.signed,
-            "big": big,
+            "big": uint(req.big),
             "neg_big": int(req.neg_big),
             "text": req.text,
             "ch": req.ch.to_string(),
             "maybe": maybe,
             "list": req.list,
-            "tags": { "$set": req.tags.iter().collect::<Vec<_>>() },
+            "tags": { "$set": reversed(req.tags.iter()) },
             "ids": { "$set": req.ids.iter().rev().collect::<Vec<_>>() },
-            "qty": { "$map": req.qty.iter().map(|(k, v)| json!([k, v])).collect::<Vec<_>>() },
+            "qty": { "$map": reversed(req.qty.iter().map(|(k, v)| json!([k, v]))) },
             "named": named,
             "ratio": float(req.ratio),
             "wide": float(req.wide),
-            "narrow": { "$f32": req.narrow.to_string() },
+            "narrow": if f32_text {
+                json!({ "$f32": req.narrow.to_string() })
+            } else {
+                json!({ "$f32": req.narrow })
+            },
             "kind": kind,
             "unit": { "$unit": null },
             "tuple": [req.tuple.0, req.tuple.1],
-            "inner": { "flag": req.inner.flag, "ratio": float(req.inner.ratio) },
+            "inner": { "$map": [
+                ["flag", req.inner.flag],
+                ["ratio", float(req.inner.ratio)],
+                ["$ref", req.inner.reference],
+            ] },
             "blob": { "$bytes": hex },
         })
     }
 }
 
-#[idempotent(name = "cli::keys", key = (req.signed, req), store = store)]
+#[idempotent(name = "cli::keys", key = (req.signed, req.big, req.ratio, req), store = store)]
 async fn by_generated(store: &dyn Store, req: generated::Req) -> Result<u32, Error> {
     Ok(1)
 }
@@ -366,9 +395,15 @@ proptest::proptest! {
 
     /// Any request, spelled: `inspect` finds the record the macro stored.
     #[test]
-    fn any_request_spelled_finds_its_record(req in generated::req()) {
+    fn any_request_spelled_finds_its_record(req in generated::req(), f32_text in proptest::bool::ANY) {
         let rt = tokio::runtime::Builder::new_current_thread().build().unwrap();
-        let spelled = serde_json::json!([req.signed, generated::spell(&req)]).to_string();
+        let spelled = serde_json::json!([
+            req.signed,
+            generated::uint(req.big),
+            generated::float(req.ratio),
+            generated::spell(&req, f32_text),
+        ])
+        .to_string();
         let (exit, doc) = rt.block_on(async {
             let store = MemoryStore::new();
             by_generated(&store, req.clone()).await.unwrap();
