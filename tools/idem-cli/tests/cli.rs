@@ -719,6 +719,23 @@ async fn glob_characters_in_prefixes_and_namespaces_are_literal() {
     }
 }
 
+/// A transaction holding `key`'s row in `table` (as a running `tx =` call
+/// does) until it commits.
+async fn hold_row(
+    pool: &sqlx::PgPool,
+    table: &str,
+    key: &str,
+) -> sqlx::Transaction<'static, sqlx::Postgres> {
+    let mut holder = pool.begin().await.unwrap();
+    let lock = format!("SELECT 1 FROM {table} WHERE key = $1 FOR UPDATE");
+    sqlx::query(sqlx::AssertSqlSafe(lock))
+        .bind(key.to_owned())
+        .fetch_one(&mut *holder)
+        .await
+        .unwrap();
+    holder
+}
+
 /// A record whose row another transaction holds (a running `tx =` call, a
 /// stuck session): the CLI's fenced write gives up after its lock timeout
 /// with a store error (exit 4), changing nothing, instead of hanging; once
@@ -729,13 +746,7 @@ async fn a_locked_row_is_a_store_error_not_a_hang() {
     let runs = AtomicU32::new(0);
     create(&store, 77, &runs).await.unwrap();
     let s = args(&support::pg_url(), &["--table", &table]);
-    let mut holder = pool.begin().await.unwrap();
-    let lock = format!("SELECT 1 FROM {table} WHERE key = $1 FOR UPDATE");
-    sqlx::query(sqlx::AssertSqlSafe(lock))
-        .bind(key(77))
-        .fetch_one(&mut *holder)
-        .await
-        .unwrap();
+    let holder = hold_row(&pool, &table, &key(77)).await;
     let started = std::time::Instant::now();
     let (code, out, err) = idem(&s, &["invalidate", &key(77), "--yes"]).await;
     assert_eq!(code, 4, "{out} {err}");
@@ -760,13 +771,7 @@ async fn the_lock_timeout_is_the_operators_to_set() {
     let runs = AtomicU32::new(0);
     create(&store, 78, &runs).await.unwrap();
     let s = args(&support::pg_url(), &["--table", &table]);
-    let mut holder = pool.begin().await.unwrap();
-    let lock = format!("SELECT 1 FROM {table} WHERE key = $1 FOR UPDATE");
-    sqlx::query(sqlx::AssertSqlSafe(lock))
-        .bind(key(78))
-        .fetch_one(&mut *holder)
-        .await
-        .unwrap();
+    let holder = hold_row(&pool, &table, &key(78)).await;
     let mut all = s.clone();
     all.extend(["--lock-timeout", "10m", "invalidate", &key(78), "--yes"].map(String::from));
     let waiter = tokio::spawn(async move {
