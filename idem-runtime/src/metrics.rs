@@ -160,10 +160,7 @@ impl Labels {
     #[inline]
     pub(crate) fn claim_duration(&self, took: Duration) {
         #[cfg(feature = "metrics")]
-        metrics::with_recorder(|r| {
-            r.register_histogram(&self.keys.claim, &keys::METADATA)
-                .record(took.as_secs_f64())
-        });
+        Self::record(&self.keys.claim, took);
         #[cfg(not(feature = "metrics"))]
         let _ = took;
     }
@@ -172,12 +169,19 @@ impl Labels {
     #[inline]
     pub(crate) fn complete_duration(&self, took: Duration) {
         #[cfg(feature = "metrics")]
-        metrics::with_recorder(|r| {
-            r.register_histogram(&self.keys.complete, &keys::METADATA)
-                .record(took.as_secs_f64())
-        });
+        Self::record(&self.keys.complete, took);
         #[cfg(not(feature = "metrics"))]
         let _ = took;
+    }
+
+    /// Records `took` in the histogram `key` names.
+    #[cfg(feature = "metrics")]
+    #[inline]
+    fn record(key: &metrics::Key, took: Duration) {
+        metrics::with_recorder(|r| {
+            r.register_histogram(key, &keys::METADATA)
+                .record(took.as_secs_f64())
+        });
     }
 }
 

@@ -668,22 +668,18 @@ async fn a_table_that_does_not_exist_is_not_created() {
 async fn glob_characters_in_prefixes_and_namespaces_are_literal() {
     for cluster in [false, true] {
         let prefix = format!("{}[*?]\\:", support::unique("idem_glob"));
-        let store = if cluster {
-            RedisStore::connect_cluster(&support::cluster_nodes()).await
-        } else {
-            RedisStore::connect(&support::redis_url()).await
-        }
-        .unwrap()
-        .with_prefix(&prefix);
+        let open = |prefix: String| async move {
+            if cluster {
+                RedisStore::connect_cluster(&support::cluster_nodes()).await
+            } else {
+                RedisStore::connect(&support::redis_url()).await
+            }
+            .unwrap()
+            .with_prefix(&prefix)
+        };
+        let store = open(prefix.clone()).await;
         // A sibling prefix the glob would match if `*`/`?`/`[..]` were live.
-        let sibling_prefix = prefix.replace("[*?]", "[*?]x");
-        let sibling = if cluster {
-            RedisStore::connect_cluster(&support::cluster_nodes()).await
-        } else {
-            RedisStore::connect(&support::redis_url()).await
-        }
-        .unwrap()
-        .with_prefix(&sibling_prefix);
+        let sibling = open(prefix.replace("[*?]", "[*?]x")).await;
         let ns = "<[u8] as m::T*>::f?";
         for i in 0..12u64 {
             let key = KeyBuilder::new(ns).part(&i).finish().unwrap();
